@@ -1,0 +1,389 @@
+//! The GPU context: adapter, device, queue, what they can do, and the pipeline cache.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::shader::ShaderVariant;
+
+/// How [`Context::with_options`] picks an adapter. Empty fields defer to wgpu's environment
+/// variables (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`) and then to wgpu's default.
+#[derive(Clone, Debug, Default)]
+pub struct ContextOptions {
+    /// Restrict the backends searched (e.g. `wgpu::Backends::GL`).
+    pub backends: Option<wgpu::Backends>,
+    /// Pick the first adapter whose name contains this substring (case-insensitive).
+    pub adapter_name: Option<String>,
+}
+
+/// The optional features seq-kernels uses when the adapter offers them.
+pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+    .union(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+
+/// A device and queue plus what the kernels need to know about them.
+///
+/// Cheap to clone (an `Arc`), `Send + Sync`, usable from many threads.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    /// Errors nobody captured in a scope (only installed when the crate owns the device).
+    uncaptured: Arc<Mutex<Vec<String>>>,
+    modules: Mutex<HashMap<(&'static str, String), wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+}
+
+/// What identifies a compiled pipeline: family, variant, entry point and override constants.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PipelineKey {
+    family: &'static str,
+    variant: String,
+    entry: &'static str,
+    constants: Vec<(String, u64)>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("adapter", &self.inner.info.name)
+            .field("backend", &self.inner.info.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// Opens the default adapter (honouring `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`), blocking.
+    pub fn new() -> Result<Self> {
+        Self::with_options(&ContextOptions::default())
+    }
+
+    /// Opens an adapter chosen by `options`, blocking.
+    pub fn with_options(options: &ContextOptions) -> Result<Self> {
+        pollster::block_on(Self::with_options_async(options))
+    }
+
+    /// Async form of [`Context::with_options`].
+    pub async fn with_options_async(options: &ContextOptions) -> Result<Self> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if let Some(backends) = options.backends {
+            desc.backends = backends;
+        }
+        let instance = wgpu::Instance::new(desc);
+        let adapter = match &options.adapter_name {
+            Some(wanted) => {
+                let wanted = wanted.to_lowercase();
+                let backends = options
+                    .backends
+                    .unwrap_or_else(|| wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()));
+                let adapters = instance.enumerate_adapters(backends).await;
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
+                    .ok_or_else(|| {
+                        Error::NoAdapter(format!(
+                            "no adapter name contains {wanted:?}; available: {names:?}"
+                        ))
+                    })?
+            }
+            None => wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
+                .await
+                .map_err(|e| Error::NoAdapter(e.to_string()))?,
+        };
+        let features = adapter.features() & OPTIONAL_FEATURES;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("seq-kernels"),
+                required_features: features,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Device(format!("request_device failed: {e}")))?;
+        let uncaptured: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = uncaptured.clone();
+        // wgpu's default handler panics; a library must not. Errors land here and surface
+        // from the next checked call instead.
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut v) = sink.lock() {
+                v.push(e.to_string());
+            }
+        }));
+        Ok(Self::assemble(device, queue, uncaptured))
+    }
+
+    /// Wraps a device and queue the application already owns. The crate uses only the features
+    /// and limits the device was created with; it leaves the device's error handler alone.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        Self::assemble(device, queue, Arc::default())
+    }
+
+    fn assemble(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        uncaptured: Arc<Mutex<Vec<String>>>,
+    ) -> Self {
+        let info = device.adapter_info();
+        Self {
+            inner: Arc::new(Inner {
+                device,
+                queue,
+                info,
+                uncaptured,
+                modules: Mutex::default(),
+                pipelines: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The wgpu device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.inner.device
+    }
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.inner.queue
+    }
+    /// The adapter's description (name, backend, driver, subgroup sizes).
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.inner.info
+    }
+    /// The features enabled on the device.
+    pub fn features(&self) -> wgpu::Features {
+        self.inner.device.features()
+    }
+    /// The limits of the device.
+    pub fn limits(&self) -> wgpu::Limits {
+        self.inner.device.limits()
+    }
+    /// Whether the device has native f16 in shaders.
+    pub fn has_f16(&self) -> bool {
+        self.features().contains(wgpu::Features::SHADER_F16)
+    }
+    /// Whether the device has subgroup operations.
+    pub fn has_subgroups(&self) -> bool {
+        self.features().contains(wgpu::Features::SUBGROUP)
+    }
+    /// Whether GPU timestamps can be written at compute-pass boundaries.
+    pub fn has_timestamps(&self) -> bool {
+        self.features().contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Blocks until all submitted work is done, then reports any device error nobody captured.
+    pub fn wait(&self) -> Result<()> {
+        self.inner
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        self.take_uncaptured()
+    }
+
+    /// Returns (and clears) the first error the device raised outside any error scope.
+    pub(crate) fn take_uncaptured(&self) -> Result<()> {
+        let mut errors = self.inner.uncaptured.lock().map_err(|_| poisoned())?;
+        let first = errors.drain(..).next();
+        match first {
+            Some(e) => Err(Error::Device(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` inside validation and out-of-memory error scopes and turns what they catch
+    /// into [`Error::Device`], so a bad call is an error rather than a panic.
+    pub fn checked<R>(&self, what: &str, f: impl FnOnce() -> R) -> Result<R> {
+        let device = &self.inner.device;
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let validation = pollster::block_on(validation.pop());
+        let oom = pollster::block_on(oom.pop());
+        match validation.or(oom) {
+            Some(e) => Err(Error::Device(format!("{what}: {e}"))),
+            None => Ok(out),
+        }
+    }
+
+    /// The compiled pipeline of a shader variant, built on first use and cached by
+    /// (family, variant, entry point, override constants).
+    pub fn pipeline(&self, v: &ShaderVariant) -> Result<Arc<wgpu::ComputePipeline>> {
+        let key = PipelineKey {
+            family: v.family,
+            variant: v.variant.clone(),
+            entry: v.entry,
+            constants: v
+                .constants
+                .iter()
+                .map(|(k, x)| (k.clone(), x.to_bits()))
+                .collect(),
+        };
+        if let Some(p) = self
+            .inner
+            .pipelines
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(&key)
+        {
+            return Ok(p.clone());
+        }
+        let module = self.module(v)?;
+        let constants: Vec<(&str, f64)> =
+            v.constants.iter().map(|(k, x)| (k.as_str(), *x)).collect();
+        let label = format!("{}/{}/{}", v.family, v.variant, v.entry);
+        let pipeline = self.checked(&format!("building pipeline {label}"), || {
+            self.inner
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&label),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(v.entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        // Every kernel writes its workgroup memory before reading it.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                })
+        })?;
+        let pipeline = Arc::new(pipeline);
+        self.inner
+            .pipelines
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+
+    fn module(&self, v: &ShaderVariant) -> Result<wgpu::ShaderModule> {
+        let key = (v.family, v.variant.clone());
+        if let Some(m) = self.inner.modules.lock().map_err(|_| poisoned())?.get(&key) {
+            return Ok(m.clone());
+        }
+        let label = format!("{}/{}", v.family, v.variant);
+        let module = self.checked(&format!("compiling shader {label}"), || {
+            self.inner
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(&label),
+                    source: wgpu::ShaderSource::Wgsl(v.source.as_str().into()),
+                })
+        })?;
+        self.inner
+            .modules
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(key, module.clone());
+        Ok(module)
+    }
+
+    /// A bind group for `pipeline`'s group 0 from (binding index, buffer range) pairs.
+    pub fn bind_group(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        buffers: &[(u32, wgpu::BufferBinding<'_>)],
+    ) -> Result<wgpu::BindGroup> {
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
+            .iter()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: *i,
+                resource: wgpu::BindingResource::Buffer(b.clone()),
+            })
+            .collect();
+        self.checked("creating a bind group", || {
+            self.inner
+                .device
+                .create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &layout,
+                    entries: &entries,
+                })
+        })
+    }
+
+    /// A uniform buffer holding `value` (padded to 16 bytes).
+    pub fn uniform<T: bytemuck::Pod>(&self, value: &T) -> Result<wgpu::Buffer> {
+        let mut bytes = bytemuck::bytes_of(value).to_vec();
+        bytes.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
+        self.buffer_from(&bytes, wgpu::BufferUsages::UNIFORM)
+    }
+
+    /// A scratch storage buffer of at least `bytes` bytes (rounded up to whole words).
+    pub fn scratch(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        let size = bytes.div_ceil(4).max(1) * 4;
+        let max = self.limits().max_buffer_size;
+        if size > max {
+            return Err(Error::LimitExceeded {
+                limit: "max_buffer_size",
+                needed: size,
+                max,
+            });
+        }
+        self.checked("allocating scratch memory", || {
+            self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("scratch"),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    fn buffer_from(&self, bytes: &[u8], usage: wgpu::BufferUsages) -> Result<wgpu::Buffer> {
+        let buffer = self.checked("allocating a buffer", || {
+            self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: bytes.len() as u64,
+                usage: usage | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        self.inner.queue.write_buffer(&buffer, 0, bytes);
+        Ok(buffer)
+    }
+
+    /// Submits `encoder` and waits for the GPU to finish it.
+    pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        let index = self.checked("submitting work", || {
+            self.inner.queue.submit([encoder.finish()])
+        })?;
+        self.inner
+            .device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        self.take_uncaptured()
+    }
+
+    /// A new command encoder on this device.
+    pub fn encoder(&self) -> wgpu::CommandEncoder {
+        self.inner
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Device("a thread panicked while holding the pipeline cache".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn context_is_send_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<super::Context>();
+    }
+}

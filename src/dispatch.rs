@@ -1,0 +1,216 @@
+//! Dispatch geometry and plans: folding large grids, splitting work that exceeds binding
+//! limits, and `Plan`, a recorded sequence of dispatches that any kernel can be encoded as.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::shader::ShaderVariant;
+
+/// One dispatch: a pipeline, its bind group and a folded grid.
+pub struct Step {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind_group: wgpu::BindGroup,
+    grid: [u32; 3],
+}
+
+impl Step {
+    /// A dispatch of `variant` over `workgroups` linear workgroups (folded into x, y, z) with
+    /// `bindings` as (binding index, buffer range) pairs of group 0.
+    pub fn new(
+        ctx: &Context,
+        variant: &ShaderVariant,
+        bindings: &[(u32, wgpu::BufferBinding<'_>)],
+        workgroups: u64,
+    ) -> Result<Self> {
+        let pipeline = ctx.pipeline(variant)?;
+        let bind_group = ctx.bind_group(&pipeline, bindings)?;
+        let grid = fold(
+            workgroups,
+            ctx.limits().max_compute_workgroups_per_dimension,
+        )?;
+        Ok(Self {
+            pipeline,
+            bind_group,
+            grid,
+        })
+    }
+}
+
+/// A kernel call ready to record: its dispatches in order, and the scratch buffers and
+/// parameters they use (kept alive as long as the plan). Record it as often as you like.
+#[derive(Default)]
+pub struct Plan {
+    steps: Vec<Step>,
+    keep: Vec<wgpu::Buffer>,
+}
+
+impl Plan {
+    /// Appends a dispatch.
+    pub fn push(&mut self, step: Step) {
+        self.steps.push(step);
+    }
+    /// Keeps a buffer (scratch, uniform parameters) alive as long as the plan.
+    pub fn keep(&mut self, buffer: wgpu::Buffer) {
+        self.keep.push(buffer);
+    }
+    /// Appends all of `other`.
+    pub fn extend(&mut self, other: Plan) {
+        self.steps.extend(other.steps);
+        self.keep.extend(other.keep);
+    }
+    /// Number of dispatches.
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+    /// Whether the plan has no dispatches.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+    /// Records the dispatches into an open compute pass (wgpu orders them).
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        for s in &self.steps {
+            if s.grid[0] == 0 {
+                continue;
+            }
+            pass.set_pipeline(&s.pipeline);
+            pass.set_bind_group(0, &s.bind_group, &[]);
+            pass.dispatch_workgroups(s.grid[0], s.grid[1], s.grid[2]);
+        }
+    }
+    /// Records the dispatches into `encoder` in a compute pass of their own; no submit.
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder) {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("seq-kernels"),
+            timestamp_writes: None,
+        });
+        self.record(&mut pass);
+    }
+    /// Encodes, submits and waits.
+    pub fn run(&self, ctx: &Context) -> Result<()> {
+        let mut encoder = ctx.encoder();
+        self.encode(&mut encoder);
+        ctx.submit_and_wait(encoder)
+    }
+}
+
+/// Folds `workgroups` linear workgroups into an (x, y, z) grid with each dimension at most
+/// `max_per_dim`. Shaders recover the linear index with `linear_workgroup` (shaders/grid.wgsl)
+/// and return early when it is past the end (the grid may hold up to x-1 extra workgroups).
+pub fn fold(workgroups: u64, max_per_dim: u32) -> Result<[u32; 3]> {
+    let max = max_per_dim.max(1) as u64;
+    if workgroups == 0 {
+        return Ok([0, 1, 1]);
+    }
+    let x = workgroups.min(max);
+    let y = workgroups.div_ceil(x).min(max);
+    let z = workgroups.div_ceil(x * y);
+    if z > max {
+        return Err(Error::LimitExceeded {
+            limit: "max_compute_workgroups_per_dimension (cubed)",
+            needed: workgroups,
+            max: max * max * max,
+        });
+    }
+    Ok([x as u32, y as u32, z as u32])
+}
+
+/// Splits `rows` rows of `row_elems` elements into consecutive row ranges such that every
+/// tensor of those rows (elements of at most `max_elem_bytes` bytes) fits in one binding of
+/// `max_binding` bytes and starts at a byte offset that is a multiple of `offset_align` (the
+/// device's `min_storage_buffer_offset_alignment`) for any element size.
+pub fn binding_chunks(
+    rows: u64,
+    row_elems: u64,
+    max_elem_bytes: u64,
+    max_binding: u64,
+    offset_align: u64,
+) -> Result<Vec<Range<u64>>> {
+    let row_bytes = row_elems * max_elem_bytes;
+    if row_bytes > max_binding {
+        return Err(Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            needed: row_bytes,
+            max: max_binding,
+        });
+    }
+    if rows * row_bytes <= max_binding {
+        return Ok(vec![0..rows]);
+    }
+    // Rows per chunk must keep every chunk start aligned whatever the element size:
+    // rows * row_elems must be a multiple of the alignment.
+    let step = offset_align / gcd(row_elems, offset_align);
+    let per_chunk = (max_binding / row_bytes) / step * step;
+    if per_chunk == 0 {
+        return Err(Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            needed: step * row_bytes,
+            max: max_binding,
+        });
+    }
+    Ok((0..rows)
+        .step_by(per_chunk as usize)
+        .map(|r| r..(r + per_chunk).min(rows))
+        .collect())
+}
+
+/// The byte range `offset .. offset + size` of a buffer as a binding (size rounded up to a
+/// whole word: f16 and byte tensors may end mid-word).
+pub fn sub_binding(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BufferBinding<'_> {
+    wgpu::BufferBinding {
+        buffer,
+        offset,
+        size: std::num::NonZeroU64::new(size.div_ceil(4) * 4),
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fold_covers_exactly_enough_workgroups() {
+        for &(n, max) in &[
+            (1u64, 65535u32),
+            (65535, 65535),
+            (65536, 65535),
+            (70000, 65535),
+            (10, 3),
+            (28, 3),
+        ] {
+            let [x, y, z] = fold(n, max).unwrap();
+            let cap = x as u64 * y as u64 * z as u64;
+            assert!(x <= max && y <= max && z <= max, "{n} {max}: {x} {y} {z}");
+            assert!(cap >= n && cap - n < x as u64, "{n} {max}: {x} {y} {z}");
+        }
+        assert!(matches!(fold(28, 3), Err(Error::LimitExceeded { .. })));
+    }
+
+    #[test]
+    fn chunks_are_aligned_and_fit() {
+        let chunks = binding_chunks(1000, 3, 4, 1024, 256).unwrap();
+        assert_eq!(chunks.first().unwrap().start, 0);
+        assert_eq!(chunks.last().unwrap().end, 1000);
+        for w in chunks.windows(2) {
+            assert_eq!(w[0].end, w[1].start);
+        }
+        for c in &chunks {
+            assert_eq!((c.start * 3) % 256, 0);
+            assert!((c.end - c.start) * 12 <= 1024);
+        }
+        assert!(matches!(
+            binding_chunks(1, 512, 4, 1024, 256),
+            Err(Error::LimitExceeded { .. })
+        ));
+        assert_eq!(binding_chunks(3, 1, 4, 1024, 256).unwrap(), vec![0..3]);
+    }
+}

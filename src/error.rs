@@ -1,0 +1,58 @@
+//! The crate's one error type. Every message says what to change.
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in seq-kernels.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No GPU adapter could be found or opened.
+    #[error(
+        "no GPU adapter found ({0}). Install a Vulkan driver; on Debian/Ubuntu without a GPU, \
+         `apt-get install mesa-vulkan-drivers` provides the lavapipe software device. \
+         WGPU_BACKEND=vulkan|gl|metal|dx12 and WGPU_ADAPTER_NAME=<substring> choose among adapters."
+    )]
+    NoAdapter(String),
+    /// A tensor has the wrong shape, or shapes do not agree.
+    #[error("shape error: {0}")]
+    Shape(String),
+    /// A tensor has the wrong element type.
+    #[error("dtype error: {0}")]
+    Dtype(String),
+    /// An option has a value outside its domain (temperature <= 0, ...).
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
+    /// The adapter lacks a feature this call needs.
+    #[error("unsupported: the adapter lacks {feature}; {hint}")]
+    Unsupported {
+        /// The wgpu feature (or capability) that is missing.
+        feature: &'static str,
+        /// What the caller can do instead.
+        hint: String,
+    },
+    /// A device limit would be exceeded.
+    #[error(
+        "limit exceeded: {limit} needs {needed} but the device allows {max}; \
+         split the input into smaller calls or use an adapter with a larger {limit}"
+    )]
+    LimitExceeded {
+        /// The wgpu limit's name, e.g. `max_storage_buffer_binding_size`.
+        limit: &'static str,
+        /// What this call needs.
+        needed: u64,
+        /// What the device allows.
+        max: u64,
+    },
+    /// The device reported an error: lost, out of memory, or a validation failure.
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+impl Error {
+    pub(crate) fn shape(msg: impl Into<String>) -> Self {
+        Error::Shape(msg.into())
+    }
+    pub(crate) fn option(msg: impl Into<String>) -> Self {
+        Error::InvalidOption(msg.into())
+    }
+}

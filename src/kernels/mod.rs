@@ -1,0 +1,15 @@
+//! The kernel families: options, validation, pipeline selection, planning and encoding.
+//! One module per family; each lists its shader variants for the naga translation test.
+
+pub mod copy;
+pub mod softmax;
+
+use crate::shader::ShaderVariant;
+
+/// Every shader variant the crate can select on any adapter.
+pub fn all_shader_variants() -> Vec<ShaderVariant> {
+    let mut v = crate::convert::shader_variants();
+    v.extend(copy::shader_variants());
+    v.extend(softmax::shader_variants());
+    v
+}

@@ -1,0 +1,33 @@
+//! # seq-kernels
+//!
+//! GPU compute kernels for sequence models, written in WGSL and run through wgpu on Vulkan,
+//! Metal, DX12 and GL, each with a CPU f64 reference twin that validates it.
+//!
+//! ```no_run
+//! use seq_kernels::{Context, SoftmaxOptions};
+//! let ctx = Context::new()?; // default adapter; honours WGPU_BACKEND / WGPU_ADAPTER_NAME
+//! let x = ctx.upload(&[3.0f32, 1.0, 4.0], [1, 3])?;
+//! let y = ctx.softmax(&x, &SoftmaxOptions::default())?;
+//! assert_eq!(y.download()?.len(), 3);
+//! # Ok::<(), seq_kernels::Error>(())
+//! ```
+//!
+//! Applications that own a `wgpu::Device` wrap it with [`Context::from_device`] and record
+//! kernels into their own encoders ([`Softmax::encode`]).
+
+pub mod context;
+pub mod convert;
+pub mod dispatch;
+pub mod error;
+pub mod kernels;
+pub mod profile;
+pub mod reference;
+pub mod shader;
+pub mod tensor;
+
+pub use context::{Context, ContextOptions};
+pub use dispatch::Plan;
+pub use error::{Error, Result};
+pub use kernels::softmax::{Softmax, SoftmaxOptions};
+pub use profile::Timing;
+pub use tensor::{DType, Element, GpuTensor};

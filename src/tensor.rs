@@ -1,0 +1,336 @@
+//! `GpuTensor`: a storage buffer with a shape and an element type; upload and download.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+/// Element types a tensor can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// IEEE half, 2 bytes, packed two per 32-bit word in the buffer.
+    F16,
+    /// 32-bit unsigned integer.
+    U32,
+    /// 32-bit signed integer.
+    I32,
+    /// Byte (booleans in masks: nonzero = true), packed four per word.
+    U8,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 => 2,
+            DType::U8 => 1,
+            _ => 4,
+        }
+    }
+    /// Lower-case name, as in numpy.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::U32 => "u32",
+            DType::I32 => "i32",
+            DType::U8 => "u8",
+        }
+    }
+}
+
+/// A host type that can live in a [`GpuTensor`].
+pub trait Element: bytemuck::Pod + Send + Sync + 'static {
+    /// The matching [`DType`].
+    const DTYPE: DType;
+}
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl Element for half::f16 {
+    const DTYPE: DType = DType::F16;
+}
+impl Element for u32 {
+    const DTYPE: DType = DType::U32;
+}
+impl Element for i32 {
+    const DTYPE: DType = DType::I32;
+}
+impl Element for u8 {
+    const DTYPE: DType = DType::U8;
+}
+
+/// A contiguous (C-order) tensor in a GPU storage buffer.
+///
+/// Cloning shares the buffer. Buffers are padded to whole 32-bit words.
+pub struct GpuTensor<T: Element> {
+    ctx: Context,
+    buffer: Arc<wgpu::Buffer>,
+    shape: Vec<usize>,
+    _elem: PhantomData<T>,
+}
+
+impl<T: Element> Clone for GpuTensor<T> {
+    fn clone(&self) -> Self {
+        Self {
+            ctx: self.ctx.clone(),
+            buffer: self.buffer.clone(),
+            shape: self.shape.clone(),
+            _elem: PhantomData,
+        }
+    }
+}
+
+impl<T: Element> std::fmt::Debug for GpuTensor<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuTensor<{}>{:?}", T::DTYPE.name(), self.shape)
+    }
+}
+
+/// Number of elements of a shape.
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Bytes of a buffer holding `n` elements of `dtype`, padded to a whole word (at least one).
+pub(crate) fn padded_bytes(n: usize, dtype: DType) -> u64 {
+    ((n * dtype.size()).div_ceil(4).max(1) * 4) as u64
+}
+
+impl Context {
+    /// Uploads `data` as a tensor of `shape` (C order).
+    pub fn upload<T: Element>(
+        &self,
+        data: &[T],
+        shape: impl Into<Vec<usize>>,
+    ) -> Result<GpuTensor<T>> {
+        let shape = shape.into();
+        if numel(&shape) != data.len() {
+            return Err(Error::shape(format!(
+                "upload: shape {shape:?} holds {} elements but {} were given",
+                numel(&shape),
+                data.len()
+            )));
+        }
+        let t = self.zeros::<T>(shape)?;
+        let mut bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
+        bytes.resize(t.buffer.size() as usize, 0);
+        self.queue().write_buffer(&t.buffer, 0, &bytes);
+        Ok(t)
+    }
+
+    /// Uploads booleans as a byte mask (true = 1).
+    pub fn upload_mask(
+        &self,
+        mask: &[bool],
+        shape: impl Into<Vec<usize>>,
+    ) -> Result<GpuTensor<u8>> {
+        let bytes: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
+        self.upload(&bytes, shape)
+    }
+
+    /// A zero-filled tensor of `shape`.
+    pub fn zeros<T: Element>(&self, shape: impl Into<Vec<usize>>) -> Result<GpuTensor<T>> {
+        let shape = shape.into();
+        if shape.is_empty() || numel(&shape) == 0 {
+            return Err(Error::shape(format!(
+                "tensor shape {shape:?} is empty; every dimension must be at least 1"
+            )));
+        }
+        let size = padded_bytes(numel(&shape), T::DTYPE);
+        let max = self.limits().max_buffer_size;
+        if size > max {
+            return Err(Error::LimitExceeded {
+                limit: "max_buffer_size",
+                needed: size,
+                max,
+            });
+        }
+        let buffer = self.checked("allocating a tensor", || {
+            self.device().create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(GpuTensor {
+            ctx: self.clone(),
+            buffer: Arc::new(buffer),
+            shape,
+            _elem: PhantomData,
+        })
+    }
+}
+
+impl<T: Element> GpuTensor<T> {
+    /// Wraps a buffer the application owns (it needs `STORAGE`, plus `COPY_SRC` to download).
+    pub fn from_buffer(
+        ctx: &Context,
+        buffer: wgpu::Buffer,
+        shape: impl Into<Vec<usize>>,
+    ) -> Result<Self> {
+        let shape = shape.into();
+        if shape.is_empty() || numel(&shape) == 0 {
+            return Err(Error::shape(format!("tensor shape {shape:?} is empty")));
+        }
+        let need = (numel(&shape) * T::DTYPE.size()) as u64;
+        if buffer.size() < need {
+            return Err(Error::shape(format!(
+                "buffer of {} bytes is too small for {shape:?} {} ({need} bytes)",
+                buffer.size(),
+                T::DTYPE.name()
+            )));
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::option("buffer needs BufferUsages::STORAGE"));
+        }
+        Ok(Self {
+            ctx: ctx.clone(),
+            buffer: Arc::new(buffer),
+            shape,
+            _elem: PhantomData,
+        })
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        numel(&self.shape)
+    }
+    /// Never true: tensors have at least one element.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    /// The buffer.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    /// The context the tensor lives in.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+    /// Bytes of data (without padding).
+    pub fn bytes(&self) -> u64 {
+        (self.len() * T::DTYPE.size()) as u64
+    }
+    /// The same buffer viewed with another shape of the same number of elements.
+    pub fn reshape(&self, shape: impl Into<Vec<usize>>) -> Result<Self> {
+        let shape = shape.into();
+        if numel(&shape) != self.len() {
+            return Err(Error::shape(format!(
+                "cannot reshape {:?} ({} elements) to {shape:?}",
+                self.shape,
+                self.len()
+            )));
+        }
+        Ok(Self {
+            shape,
+            ..self.clone()
+        })
+    }
+
+    /// Copies the tensor back to the host, blocking.
+    pub fn download(&self) -> Result<Vec<T>> {
+        let staging = self.stage_readback()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.ctx.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Device("readback callback never ran".into()))?
+            .map_err(|e| Error::Device(format!("mapping the readback buffer failed: {e}")))?;
+        self.read_mapped(&staging)
+    }
+
+    /// Copies the tensor back to the host without blocking the calling thread; the future
+    /// drives the device with non-blocking polls until the copy is mapped.
+    pub async fn download_async(&self) -> Result<Vec<T>> {
+        let staging = self.stage_readback()?;
+        let slot: Arc<Mutex<Option<Result<(), wgpu::BufferAsyncError>>>> = Arc::default();
+        let sink = slot.clone();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            if let Ok(mut s) = sink.lock() {
+                *s = Some(r);
+            }
+        });
+        MapFuture {
+            ctx: &self.ctx,
+            slot,
+        }
+        .await?;
+        self.read_mapped(&staging)
+    }
+
+    fn stage_readback(&self) -> Result<wgpu::Buffer> {
+        let size = self.buffer.size();
+        let staging = self.ctx.checked("allocating a readback buffer", || {
+            self.ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        let mut encoder = self.ctx.encoder();
+        encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
+        self.ctx.checked("copying for readback", || {
+            self.ctx.queue().submit([encoder.finish()])
+        })?;
+        Ok(staging)
+    }
+
+    fn read_mapped(&self, staging: &wgpu::Buffer) -> Result<Vec<T>> {
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Device(format!("reading the readback buffer failed: {e}")))?;
+        let n = self.len() * T::DTYPE.size();
+        // The mapped bytes are not necessarily aligned for T; copy through a Vec<T>.
+        let mut out = vec![T::zeroed(); self.len()];
+        bytemuck::cast_slice_mut::<T, u8>(&mut out).copy_from_slice(&view[..n]);
+        Ok(out)
+    }
+
+    /// The whole buffer as a binding.
+    pub fn binding(&self) -> wgpu::BufferBinding<'_> {
+        self.buffer.as_entire_buffer_binding()
+    }
+}
+
+struct MapFuture<'a> {
+    ctx: &'a Context,
+    slot: Arc<Mutex<Option<Result<(), wgpu::BufferAsyncError>>>>,
+}
+
+impl Future for MapFuture<'_> {
+    type Output = Result<()>;
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        if let Err(e) = self.ctx.device().poll(wgpu::PollType::Poll) {
+            return Poll::Ready(Err(Error::Device(format!(
+                "polling the device failed: {e}"
+            ))));
+        }
+        let done = self.slot.lock().ok().and_then(|mut s| s.take());
+        match done {
+            Some(Ok(())) => Poll::Ready(Ok(())),
+            Some(Err(e)) => Poll::Ready(Err(Error::Device(format!("mapping failed: {e}")))),
+            None => {
+                // Native wgpu only fires map callbacks from a poll; ask to be polled again.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+}

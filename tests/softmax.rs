@@ -1,0 +1,471 @@
+//! Softmax family on the GPU against the f64 reference, the properties of spec section 1,
+//! f16 storage, and bad input.
+
+mod common;
+
+use common::{gpu, random, random_mask};
+use half::f16;
+use proptest::prelude::*;
+use seq_kernels::reference::softmax as reference;
+use seq_kernels::{Context, Error, SoftmaxOptions};
+
+/// Runs the GPU kernel (f32 storage) and returns its output.
+fn run(
+    ctx: &Context,
+    x: &[f32],
+    shape: &[usize],
+    mask: Option<&[bool]>,
+    opts: &SoftmaxOptions,
+) -> Vec<f32> {
+    let xt = ctx.upload(x, shape.to_vec()).unwrap();
+    let y = match mask {
+        Some(m) => ctx.softmax_masked(&xt, &ctx.upload_mask(m, shape.to_vec()).unwrap(), opts),
+        None => ctx.softmax(&xt, opts),
+    };
+    y.unwrap().download().unwrap()
+}
+
+/// Largest error per row relative to the row's largest reference magnitude; -inf must match
+/// exactly.
+fn max_row_error(got: &[f32], want: &[f64], n: usize) -> f64 {
+    let mut worst = 0.0f64;
+    for (g, w) in got.chunks(n).zip(want.chunks(n)) {
+        let scale = w
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, |a, v| a.max(v.abs()))
+            .max(1e-30);
+        for (&a, &b) in g.iter().zip(w) {
+            if b.is_infinite() {
+                assert_eq!(a as f64, b, "expected {b}, got {a}");
+            } else {
+                assert!(a.is_finite(), "got {a} where {b} was expected");
+                worst = worst.max((a as f64 - b).abs() / scale);
+            }
+        }
+    }
+    worst
+}
+
+/// Compares GPU and reference. Tolerance (spec section 0): 1e-6 of the row scale for
+/// softmax. Log-softmax values are differences of O(|x|) numbers, so their error is bounded
+/// by f32 rounding of the logits themselves: 1e-6 of the row's largest magnitude as well.
+fn check(ctx: &Context, shape: &[usize], mask: Option<&[bool]>, opts: &SoftmaxOptions, seed: u64) {
+    let n: usize = shape.iter().product();
+    let x = random(n, seed, -8.0, 8.0);
+    let got = run(ctx, &x, shape, mask, opts);
+    let want = reference::softmax(&x, shape, mask, opts).unwrap();
+    let err = max_row_error(&got, &want, *shape.last().unwrap());
+    assert!(
+        err <= 1e-6,
+        "shape {shape:?} {opts:?} mask={}: relative error {err:e}",
+        mask.is_some()
+    );
+}
+
+#[test]
+fn matches_reference_on_awkward_shapes() {
+    let Some(ctx) = gpu() else { return };
+    let opts = SoftmaxOptions::default();
+    for &n in &[1usize, 2, 3, 31, 127, 1000, 4097, 65537, 1 << 20] {
+        for &rows in &[1usize, 3, 70000] {
+            // 70000 rows only where the tensor stays small enough for a CPU device.
+            if rows * n > 70000 * 127 {
+                continue;
+            }
+            check(ctx, &[rows, n], None, &opts, (n * 31 + rows) as u64);
+        }
+    }
+}
+
+#[test]
+fn more_rows_than_one_grid_dimension_holds() {
+    let Some(ctx) = gpu() else { return };
+    // 65535 * 64 + 3 rows of one-invocation rows, and 65537 rows of workgroup rows: both
+    // need the grid folded into y.
+    check(
+        ctx,
+        &[65535 * 64 + 3, 3],
+        None,
+        &SoftmaxOptions::default(),
+        5,
+    );
+    check(
+        ctx,
+        &[65537, 40],
+        None,
+        &SoftmaxOptions {
+            log: true,
+            ..Default::default()
+        },
+        6,
+    );
+}
+
+#[test]
+fn every_option_matches_reference() {
+    let Some(ctx) = gpu() else { return };
+    let variants = [
+        SoftmaxOptions {
+            log: true,
+            ..Default::default()
+        },
+        SoftmaxOptions {
+            temperature: 0.37,
+            ..Default::default()
+        },
+        SoftmaxOptions {
+            scale: -2.5,
+            ..Default::default()
+        },
+        SoftmaxOptions {
+            causal: true,
+            ..Default::default()
+        },
+        SoftmaxOptions {
+            causal: true,
+            log: true,
+            softmax_plus: true,
+            ..Default::default()
+        },
+        SoftmaxOptions {
+            softmax_plus: true,
+            temperature: 2.0,
+            ..Default::default()
+        },
+    ];
+    // Thread rows, workgroup rows, long rows; causal with m < n, m == n and m > n.
+    let shapes: [&[usize]; 6] = [
+        &[2, 5, 7],
+        &[3, 7, 5],
+        &[1, 33, 33],
+        &[4, 257],
+        &[2, 3, 5000],
+        &[1, 2, 70001],
+    ];
+    for (i, opts) in variants.iter().enumerate() {
+        for (k, shape) in shapes.iter().enumerate() {
+            let len: usize = shape.iter().product();
+            let seed = (i * 10 + k) as u64;
+            check(ctx, shape, None, opts, seed);
+            let mask = random_mask(len, seed + 100, 0.7);
+            check(ctx, shape, Some(&mask), opts, seed);
+        }
+    }
+}
+
+#[test]
+fn f16_storage_matches_reference() {
+    let Some(ctx) = gpu() else { return };
+    for (shape, opts) in [
+        (vec![3usize, 5], SoftmaxOptions::default()),
+        (
+            vec![5, 999],
+            SoftmaxOptions {
+                log: true,
+                ..Default::default()
+            },
+        ),
+        (
+            vec![2, 3, 4097],
+            SoftmaxOptions {
+                causal: true,
+                ..Default::default()
+            },
+        ),
+        (vec![1, 70001], SoftmaxOptions::default()),
+    ] {
+        let n: usize = shape.iter().product();
+        let x: Vec<f16> = random(n, 9, -4.0, 4.0)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let xt = ctx.upload(&x, shape.clone()).unwrap();
+        let got: Vec<f32> = ctx
+            .softmax(&xt, &opts)
+            .unwrap()
+            .download()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let want = reference::softmax(&xf, &shape, None, &opts).unwrap();
+        // f16 storage (spec section 0): 2e-3 relative, the f16 rounding of the output.
+        let err = max_row_error(&got, &want, *shape.last().unwrap());
+        assert!(
+            err <= 2e-3,
+            "f16 {shape:?} {opts:?}: relative error {err:e}"
+        );
+    }
+}
+
+#[test]
+fn known_values() {
+    let Some(ctx) = gpu() else { return };
+    let d = SoftmaxOptions::default();
+    // softmax(log x) = x / sum x
+    let y = run(ctx, &[3f32.ln(), 1f32.ln(), 4f32.ln()], &[3], None, &d);
+    for (a, b) in y.iter().zip([0.375f32, 0.125, 0.5]) {
+        assert!((a - b).abs() <= 1e-6, "{y:?}");
+    }
+    // Large gaps are exact.
+    assert_eq!(run(ctx, &[1234.0, 0.0], &[2], None, &d), vec![1.0, 0.0]);
+    // Values up to 1e3: max 1000, denominator 1.3678794.
+    let y = run(ctx, &[3.0, 1.0, -2.0, 1000.0, 999.0], &[1, 5], None, &d);
+    let denom = 1.3678794f64;
+    assert!((y[3] as f64 - 1.0 / denom).abs() <= 1e-6, "{y:?}");
+    assert!((y[4] as f64 - (-1f64).exp() / denom).abs() <= 1e-6, "{y:?}");
+    assert_eq!(&y[..3], &[0.0, 0.0, 0.0]);
+    // +-1e4 stays finite.
+    let y = run(ctx, &[1e4, -1e4, 9999.0], &[3], None, &d);
+    assert!(
+        y.iter().all(|v| v.is_finite()) && (y.iter().sum::<f32>() - 1.0).abs() <= 1e-6,
+        "{y:?}"
+    );
+}
+
+#[test]
+fn masking_edge_cases() {
+    let Some(ctx) = gpu() else { return };
+    let x = [0.3f32, -1.0, 2.0, 0.5];
+    // Fully masked row: zeros; log-softmax: -inf everywhere.
+    let none = [false; 4];
+    assert_eq!(
+        run(ctx, &x, &[4], Some(&none), &SoftmaxOptions::default()),
+        vec![0.0; 4]
+    );
+    let log = SoftmaxOptions {
+        log: true,
+        ..Default::default()
+    };
+    assert!(run(ctx, &x, &[4], Some(&none), &log)
+        .iter()
+        .all(|&v| v == f32::NEG_INFINITY));
+    // A single valid entry: one-hot, log 0 there.
+    let one = [false, false, true, false];
+    assert_eq!(
+        run(ctx, &x, &[4], Some(&one), &SoftmaxOptions::default()),
+        vec![0.0, 0.0, 1.0, 0.0]
+    );
+    let l = run(ctx, &x, &[4], Some(&one), &log);
+    assert_eq!(l[2], 0.0);
+    assert!(l[0] == f32::NEG_INFINITY && l[3] == f32::NEG_INFINITY);
+    // Causal with more queries than keys: the first m - n rows see nothing.
+    let y = run(
+        ctx,
+        &random(5 * 3, 1, -1.0, 1.0),
+        &[5, 3],
+        None,
+        &SoftmaxOptions {
+            causal: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(&y[..6], &[0.0; 6]);
+    assert_eq!(&y[6..9], &[1.0, 0.0, 0.0]);
+    // The same on the long-row path.
+    let n = 70001;
+    let mut m = vec![false; n];
+    let y = run(
+        ctx,
+        &random(n, 2, -1.0, 1.0),
+        &[1, n],
+        Some(&m),
+        &SoftmaxOptions::default(),
+    );
+    assert!(y.iter().all(|&v| v == 0.0));
+    m[n - 1] = true;
+    let y = run(
+        ctx,
+        &random(n, 2, -1.0, 1.0),
+        &[1, n],
+        Some(&m),
+        &SoftmaxOptions::default(),
+    );
+    assert_eq!(y[n - 1], 1.0);
+    assert!(y[..n - 1].iter().all(|&v| v == 0.0));
+}
+
+#[test]
+fn softmax_plus_scaling_factor() {
+    let Some(ctx) = gpu() else { return };
+    // Two entries differing by d: p0 / p1 = exp(f d), f = log(max(l, 16)) / log(512).
+    for (l, f) in [(2usize, 0.4444444f64), (512, 1.0), (4096, 1.3333333)] {
+        let mut x = vec![0.0f32; l];
+        x[0] = 1.0;
+        let y = run(
+            ctx,
+            &x,
+            &[1, l],
+            None,
+            &SoftmaxOptions {
+                softmax_plus: true,
+                ..Default::default()
+            },
+        );
+        let got = (y[0] as f64 / y[1] as f64).ln();
+        assert!(
+            (got - f).abs() <= 1e-5,
+            "l = {l}: factor {got}, expected {f}"
+        );
+    }
+}
+
+#[test]
+fn small_temperature_gives_one_hot() {
+    let Some(ctx) = gpu() else { return };
+    let x = random(1000, 3, -1.0, 1.0);
+    let argmax = x
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0;
+    let y = run(
+        ctx,
+        &x,
+        &[1000],
+        None,
+        &SoftmaxOptions {
+            temperature: 1e-6,
+            ..Default::default()
+        },
+    );
+    for (i, v) in y.iter().enumerate() {
+        assert_eq!(*v, if i == argmax { 1.0 } else { 0.0 }, "index {i}");
+    }
+}
+
+#[test]
+fn bad_input_is_an_error() {
+    let Some(ctx) = gpu() else { return };
+    let x = ctx.upload(&[1.0f32; 6], [2, 3]).unwrap();
+    let bad_t = |t: f32| {
+        ctx.softmax(
+            &x,
+            &SoftmaxOptions {
+                temperature: t,
+                ..Default::default()
+            },
+        )
+    };
+    assert!(matches!(bad_t(0.0), Err(Error::InvalidOption(_))));
+    assert!(matches!(bad_t(-1.0), Err(Error::InvalidOption(_))));
+    assert!(matches!(bad_t(f32::NAN), Err(Error::InvalidOption(_))));
+    // Zero-size tensors cannot be made.
+    assert!(matches!(
+        ctx.upload::<f32>(&[], [0, 3]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        ctx.upload(&[1.0f32; 5], [2, 3]),
+        Err(Error::Shape(_))
+    ));
+    // Mask of another shape.
+    let mask = ctx.upload_mask(&[true; 6], [3, 2]).unwrap();
+    assert!(matches!(
+        ctx.softmax_masked(&x, &mask, &SoftmaxOptions::default()),
+        Err(Error::Shape(_))
+    ));
+    // Output of another shape, and in place.
+    let k = seq_kernels::Softmax::new(ctx, &SoftmaxOptions::default()).unwrap();
+    let mut enc = ctx.encoder();
+    assert!(matches!(
+        k.encode(&mut enc, &x, &ctx.zeros::<f32>([3, 2]).unwrap()),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        k.encode(&mut enc, &x, &x),
+        Err(Error::InvalidOption(_))
+    ));
+    // Wrong dtype.
+    let xi = ctx.upload(&[1i32; 6], [2, 3]).unwrap();
+    assert!(matches!(
+        ctx.softmax(&xi, &SoftmaxOptions::default()),
+        Err(Error::Dtype(_))
+    ));
+    // Causal needs a matrix.
+    let v = ctx.upload(&[1.0f32; 3], [3]).unwrap();
+    assert!(matches!(
+        ctx.softmax(
+            &v,
+            &SoftmaxOptions {
+                causal: true,
+                ..Default::default()
+            }
+        ),
+        Err(Error::Shape(_))
+    ));
+}
+
+#[test]
+fn embedding_records_into_the_callers_encoder() {
+    let Some(ctx) = gpu() else { return };
+    // A context wrapping the same device, as an application would build it.
+    let app = Context::from_device(ctx.device().clone(), ctx.queue().clone());
+    let x = app.upload(&random(3 * 50, 4, -2.0, 2.0), [3, 50]).unwrap();
+    let y = app.zeros::<f32>([3, 50]).unwrap();
+    let k = seq_kernels::Softmax::new(&app, &SoftmaxOptions::default()).unwrap();
+    let mut encoder = app.device().create_command_encoder(&Default::default());
+    k.encode(&mut encoder, &x, &y).unwrap();
+    app.queue().submit([encoder.finish()]);
+    let got = pollster::block_on(y.download_async()).unwrap();
+    let want = reference::softmax(
+        &x.download().unwrap(),
+        &[3, 50],
+        None,
+        &SoftmaxOptions::default(),
+    )
+    .unwrap();
+    assert!(max_row_error(&got, &want, 50) <= 1e-6);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sums_to_one_and_shift_invariant(
+        x in prop::collection::vec(-50.0f32..50.0, 1..600),
+        c in -100.0f32..100.0,
+    ) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let n = x.len();
+        let d = SoftmaxOptions::default();
+        let y = run(ctx, &x, &[n], None, &d);
+        let sum: f64 = y.iter().map(|&v| v as f64).sum();
+        // n * eps of f32, plus one rounding of the division.
+        prop_assert!((sum - 1.0).abs() <= (n as f64 + 1.0) * f32::EPSILON as f64, "sum {}", sum);
+        // Adding a constant changes nothing beyond the rounding of x + c itself.
+        let shifted: Vec<f32> = x.iter().map(|v| v + c).collect();
+        let ys = run(ctx, &shifted, &[n], None, &d);
+        let want = reference::softmax(&shifted, &[n], None, &d).unwrap();
+        prop_assert!(max_row_error(&ys, &want, n) <= 1e-6);
+        let want_unshifted = reference::softmax(&x, &[n], None, &d).unwrap();
+        for (a, b) in want.iter().zip(&want_unshifted) {
+            // The f32 sum x + c moves each logit by at most half an ulp of |x| + |c| <= 150.
+            prop_assert!((a - b).abs() <= 150.0 * f32::EPSILON as f64 * b.max(1e-30) + 1e-12);
+        }
+    }
+
+    #[test]
+    fn log_softmax_is_log_of_softmax(
+        x in prop::collection::vec(-20.0f32..20.0, 1..300),
+        keep in prop::collection::vec(any::<bool>(), 300),
+    ) {
+        let Some(ctx) = gpu() else { return Ok(()) };
+        let n = x.len();
+        let mask = &keep[..n];
+        let y = run(ctx, &x, &[n], Some(mask), &SoftmaxOptions::default());
+        let l = run(ctx, &x, &[n], Some(mask), &SoftmaxOptions { log: true, ..Default::default() });
+        for j in 0..n {
+            if mask[j] {
+                // |log y - l| <= relative error of y (1e-6 of the row scale over y) + f32 rounding.
+                prop_assert!((l[j] - y[j].ln()).abs() <= 2e-5 * (1.0 + l[j].abs()), "{} vs {}", l[j], y[j].ln());
+            } else {
+                prop_assert_eq!(l[j], f32::NEG_INFINITY);
+                prop_assert_eq!(y[j], 0.0);
+            }
+        }
+    }
+}
