@@ -28,6 +28,9 @@ pub mod tensor;
 pub use context::{Context, ContextOptions};
 pub use dispatch::Plan;
 pub use error::{Error, Result};
+pub use kernels::rope::{
+    Positions, Rope, RopeLayout, RopeOptions, RopeScaling, RopeStyle, RopeTarget, RopeView,
+};
 pub use kernels::softmax::{Softmax, SoftmaxOptions};
 pub use profile::Timing;
 pub use tensor::{DType, Element, GpuTensor};

@@ -2,6 +2,7 @@
 //! One module per family; each lists its shader variants for the naga translation test.
 
 pub mod copy;
+pub mod rope;
 pub mod softmax;
 
 use crate::shader::ShaderVariant;
@@ -10,6 +11,7 @@ use crate::shader::ShaderVariant;
 pub fn all_shader_variants() -> Vec<ShaderVariant> {
     let mut v = crate::convert::shader_variants();
     v.extend(copy::shader_variants());
+    v.extend(rope::shader_variants());
     v.extend(softmax::shader_variants());
     v
 }
