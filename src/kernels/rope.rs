@@ -923,11 +923,16 @@ impl Rope {
                 max: u32::MAX as u64,
             });
         }
-        let flags = (interleaved as u32) * FLAG_INTERLEAVED
-            | (bhsd as u32) * FLAG_BHSD
-            | (in_place as u32) * FLAG_IN_PLACE
-            | (per_row as u32) * FLAG_PER_ROW
-            | (rows.per_batch as u32) * FLAG_BATCH_POSITIONS;
+        let flags = [
+            (interleaved, FLAG_INTERLEAVED),
+            (bhsd, FLAG_BHSD),
+            (in_place, FLAG_IN_PLACE),
+            (per_row, FLAG_PER_ROW),
+            (rows.per_batch, FLAG_BATCH_POSITIONS),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |acc, (_, f)| acc | f);
         let params = ctx.uniform(&Params {
             q: qp,
             k: kp,
