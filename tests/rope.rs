@@ -359,7 +359,7 @@ fn gpu_matches_reference_over_shapes() {
                 // Rotate styles, layouts, partial dims and in/out of place across the cases.
                 let style = [RopeStyle::Half, RopeStyle::Interleaved][case as usize % 2];
                 let layout = [RopeLayout::Bshd, RopeLayout::Bhsd][(case as usize / 2) % 2];
-                let rotary_dim = (case % 3 == 0 && d > 2).then(|| (d / 2) & !1);
+                let rotary_dim = (case % 3 == 0 && d > 2).then_some((d / 2) & !1);
                 let opts = RopeOptions {
                     style,
                     layout,

@@ -265,13 +265,9 @@ impl RopeScaling {
                 low_freq_factor: lo,
                 high_freq_factor: hi,
                 ..
-            } => {
-                if !(*lo > 0.0 && hi > lo && hi.is_finite()) {
-                    return Err(Error::option(format!(
-                        "rope scaling llama3 needs 0 < low_freq_factor < high_freq_factor, got {lo}, {hi}"
-                    )));
-                }
-            }
+            } if !(*lo > 0.0 && hi > lo && hi.is_finite()) => return Err(Error::option(format!(
+                "rope scaling llama3 needs 0 < low_freq_factor < high_freq_factor, got {lo}, {hi}"
+            ))),
             _ => {}
         }
         Ok(())
@@ -621,7 +617,7 @@ impl RopeView {
                     self.strides, self.shape
                 )));
             }
-            extent = stride * (n - 1) + extent;
+            extent += stride * (n - 1);
         }
         Ok(())
     }
