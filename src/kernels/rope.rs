@@ -265,9 +265,11 @@ impl RopeScaling {
                 low_freq_factor: lo,
                 high_freq_factor: hi,
                 ..
-            } if !(*lo > 0.0 && hi > lo && hi.is_finite()) => return Err(Error::option(format!(
+            } if !(*lo > 0.0 && hi > lo && hi.is_finite()) => {
+                return Err(Error::option(format!(
                 "rope scaling llama3 needs 0 < low_freq_factor < high_freq_factor, got {lo}, {hi}"
-            ))),
+            )))
+            }
             _ => {}
         }
         Ok(())
