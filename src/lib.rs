@@ -33,3 +33,8 @@ pub use error::{Error, Result};
 pub use kernels::softmax::{Softmax, SoftmaxOptions};
 pub use profile::Timing;
 pub use tensor::{DType, Element, GpuTensor};
+
+/// The README's examples compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -57,6 +57,24 @@ fn matches_reference_on_awkward_shapes() {
 }
 
 #[test]
+fn rows_longer_than_two_to_the_24() {
+    let Some(ctx) = gpu() else { return };
+    // 4097 tiles per row; masked so the counts pass and softmax_plus run too.
+    let n = (1 << 24) + 3;
+    let mask = random_mask(n, 8, 0.9);
+    check(
+        ctx,
+        &[1, n],
+        Some(&mask),
+        &SoftmaxOptions {
+            softmax_plus: true,
+            ..Default::default()
+        },
+        8,
+    );
+}
+
+#[test]
 fn more_rows_than_one_grid_dimension_holds() {
     let Some(ctx) = gpu() else { return };
     // 65535 * 64 + 3 rows of one-invocation rows, and 65537 rows of workgroup rows: both
