@@ -15,6 +15,8 @@
 //! Applications that own a `wgpu::Device` wrap it with [`Context::from_device`] and record
 //! kernels into their own encoders ([`Softmax::encode`]).
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod context;
 pub mod convert;
 pub mod dispatch;
@@ -34,3 +36,8 @@ pub use kernels::rope::{
 pub use kernels::softmax::{Softmax, SoftmaxOptions};
 pub use profile::Timing;
 pub use tensor::{DType, Element, GpuTensor};
+
+/// The README's examples compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
