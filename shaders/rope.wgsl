@@ -55,7 +55,7 @@ struct Params {
     r: u32,         // rotary features (even, <= d)
     units: u32,     // units per row
     flags: u32,
-    _pad0: u32,
+    table_off: u32, // first table pair of this dispatch (batch chunks with [b, s] positions)
     _pad1: u32,
     _pad2: u32,
 }
@@ -199,12 +199,13 @@ fn rope(
     }
     let sbase = t.src_off + batch * t.src_sb + a1 * t.src_s1 + a2 * t.src_s2;
     let dbase = t.dst_off + batch * t.dst_sb + a1 * t.dst_s1 + a2 * t.dst_s2;
+    // `batch` counts from this dispatch's first batch, and so does `table_off`.
     var prow = tok;
     if (has(FLAG_BATCH_POSITIONS)) {
         prow = batch * p.seq + tok;
     }
     let half_r = p.r / 2u;
-    let tbase = prow * half_r;
+    let tbase = p.table_off + prow * half_r;
 
     if (STORAGE == F32) {
         if (u < half_r) {

@@ -1048,3 +1048,122 @@ fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
     assert!(msg.contains("mscale"), "{msg}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// ---------------------------------------------------------------- binding limits
+
+/// A context on the default adapter whose storage bindings are limited to `max` bytes.
+fn small_binding_context(max: u64) -> Context {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
+        &instance, None,
+    ))
+    .unwrap();
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_features: adapter.features() & seq_kernels::context::OPTIONAL_FEATURES,
+        required_limits: wgpu::Limits {
+            max_storage_buffer_binding_size: max,
+            ..adapter.limits()
+        },
+        ..Default::default()
+    }))
+    .unwrap();
+    Context::from_device(device, queue)
+}
+
+#[test]
+fn gpu_splits_bindings_past_the_device_limit() {
+    let Some(_) = gpu() else { return };
+    let ctx = &small_binding_context(4096);
+    // Fused QKV rows of (hq + 2 hkv) d = 60 f32 (240 bytes) per token, 5 tokens per batch:
+    // 1200 bytes per batch, so a 4096-byte binding holds 3 batches. Chunk starts (3600 bytes,
+    // k at +144, table rows of 3 pairs) are not multiples of the offset alignment, so the
+    // aligned-down bindings need element and table offsets.
+    let (b, s, hq, hkv, d) = (7, 5, 3, 1, 12);
+    let row = (hq + 2 * hkv) * d;
+    let host = random(b * s * row, 40, -1.0, 1.0);
+    let pos: Vec<i64> = (0..(b * s) as i64).map(|i| (i * 131) % 4000).collect();
+    let pos = Positions::new(&pos, [b, s]).unwrap();
+    let opts = RopeOptions {
+        style: RopeStyle::Interleaved,
+        rotary_dim: Some(6),
+        ..Default::default()
+    };
+    let gather = |v: &[f32], off: usize, h: usize| -> Vec<f64> {
+        (0..b * s)
+            .flat_map(|t| v[t * row + off..t * row + off + h * d].to_vec())
+            .map(|e| e as f64)
+            .collect()
+    };
+    let want_q = reference::rope(&gather(&host, 0, hq), [b, s, hq, d], Some(&pos), &opts).unwrap();
+    let want_k = reference::rope(
+        &gather(&host, hq * d, hkv),
+        [b, s, hkv, d],
+        Some(&pos),
+        &opts,
+    )
+    .unwrap();
+    let qkv = ctx.upload(&host, [b, s, row]).unwrap();
+    let plan = Rope::new(ctx, &opts)
+        .unwrap()
+        .plan(
+            &RopeTarget::in_place_view(&qkv, RopeView::strided([b, s, hq, d], 0, row)),
+            Some(&RopeTarget::in_place_view(
+                &qkv,
+                RopeView::strided([b, s, hkv, d], hq * d, row),
+            )),
+            Some(&pos),
+        )
+        .unwrap();
+    assert!(
+        plan.len() >= 3,
+        "expected several dispatches, got {}",
+        plan.len()
+    );
+    plan.run(ctx).unwrap();
+    let got = qkv.download().unwrap();
+    let as_f32 = |v: Vec<f64>| -> Vec<f32> { v.into_iter().map(|x| x as f32).collect() };
+    // Spec section 0: 1e-6 of the row scale.
+    let eq = max_row_error(&as_f32(gather(&got, 0, hq)), &want_q, d);
+    let ek = max_row_error(&as_f32(gather(&got, hq * d, hkv)), &want_k, d);
+    assert!(eq <= 1e-6 && ek <= 1e-6, "q error {eq:e}, k error {ek:e}");
+    for t in 0..b * s {
+        let v = t * row + (hq + hkv) * d..(t + 1) * row;
+        assert_eq!(got[v.clone()], host[v], "v part changed");
+    }
+
+    // bf16 out of place, dense, split the same way.
+    let (b, s, h, d) = (9, 4, 3, 32);
+    let xb: Vec<bf16> = random(b * s * h * d, 41, -1.0, 1.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let x = ctx.upload(&xb, [b, s, h, d]).unwrap();
+    let y = ctx.zeros::<bf16>([b, s, h, d]).unwrap();
+    let plan = Rope::new(ctx, &opts)
+        .unwrap()
+        .plan(&RopeTarget::new(&x, &y).unwrap(), None, None)
+        .unwrap();
+    assert!(
+        plan.len() >= 2,
+        "expected several dispatches, got {}",
+        plan.len()
+    );
+    plan.run(ctx).unwrap();
+    let xf: Vec<f64> = xb.iter().map(|v| v.to_f64()).collect();
+    let want = reference::rope(&xf, [b, s, h, d], None, &opts).unwrap();
+    let got: Vec<f32> = y.download().unwrap().iter().map(|v| v.to_f32()).collect();
+    // bf16: half an ulp, 2^-8 of the row scale (see gpu_bf16_storage_matches_reference).
+    let err = max_row_error(&got, &want, d);
+    assert!(err <= 4e-3, "bf16 split: error {err:e}");
+
+    // One batch larger than a binding: a clear error naming the limit.
+    let big = ctx.zeros::<f32>([1, 40, 2, 16]).unwrap();
+    assert!(matches!(
+        ctx.rope_in_place(&big, None, &opts),
+        Err(Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            ..
+        })
+    ));
+}

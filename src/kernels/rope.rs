@@ -33,7 +33,7 @@ use std::f64::consts::PI;
 use std::str::FromStr;
 
 use crate::context::Context;
-use crate::dispatch::{Plan, Step};
+use crate::dispatch::{sub_binding as sub, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::{DType, Element, GpuTensor};
@@ -729,7 +729,8 @@ struct Params {
     r: u32,
     units: u32,
     flags: u32,
-    _pad: [u32; 3],
+    table_off: u32,
+    _pad: [u32; 2],
 }
 
 /// A RoPE kernel with fixed options; the pipeline is compiled on first use and cached in the
@@ -867,60 +868,6 @@ impl Rope {
             (true, false, true) => r / 2 + pass / 2,
             (true, false, false) => r / 4 + pass / 2,
         };
-        let limits = ctx.limits();
-        let max_binding = limits.max_storage_buffer_binding_size;
-        let mut buffers: Vec<&wgpu::Buffer> = vec![];
-        for t in &targets {
-            buffers.push(t.src.buffer());
-            buffers.push(t.dst.buffer());
-        }
-        let table_bytes = (table.len() * 8) as u64;
-        for size in buffers
-            .iter()
-            .map(|b| b.size())
-            .chain(std::iter::once(table_bytes))
-        {
-            if size > max_binding {
-                return Err(Error::LimitExceeded {
-                    limit: "max_storage_buffer_binding_size",
-                    needed: size,
-                    max: max_binding,
-                });
-            }
-        }
-        let target_params = |t: &RopeTarget<'_, T>| -> Result<TargetParams> {
-            let (tb, ts, th, _) = split(&t.src_view);
-            let u = |x: usize| -> Result<u32> {
-                u32::try_from(x).map_err(|_| Error::LimitExceeded {
-                    limit: "u32 element indices",
-                    needed: x as u64,
-                    max: u32::MAX as u64,
-                })
-            };
-            let st = |s: [usize; 3]| -> Result<[u32; 3]> { Ok([u(s[0])?, u(s[1])?, u(s[2])?]) };
-            Ok(TargetParams {
-                rows: u(tb * ts * th)?,
-                heads: u(th)?,
-                src_off: u(t.src_view.offset)?,
-                src_strides: st(t.src_view.strides)?,
-                dst_off: u(t.dst_view.offset)?,
-                dst_strides: st(t.dst_view.strides)?,
-                _pad: [0; 2],
-            })
-        };
-        let qp = target_params(q)?;
-        let kp = match k {
-            Some(k) => target_params(k)?,
-            None => TargetParams::default(),
-        };
-        let invocations = (qp.rows as u64 + kp.rows as u64) * units as u64;
-        if invocations > u32::MAX as u64 {
-            return Err(Error::LimitExceeded {
-                limit: "invocations per rope dispatch (u32 indices)",
-                needed: invocations,
-                max: u32::MAX as u64,
-            });
-        }
         let flags = [
             (interleaved, FLAG_INTERLEAVED),
             (bhsd, FLAG_BHSD),
@@ -931,39 +878,163 @@ impl Rope {
         .iter()
         .filter(|(on, _)| *on)
         .fold(0, |acc, (_, f)| acc | f);
-        let params = ctx.uniform(&Params {
-            q: qp,
-            k: kp,
-            seq: s as u32,
-            d: d as u32,
-            r: r as u32,
-            units: units as u32,
-            flags,
-            _pad: [0; 3],
-        })?;
+
+        // Bindings larger than the device allows are split along the batch axis: each chunk of
+        // batches binds the byte ranges its rows touch (aligned down) and gets its own dispatch.
+        let limits = ctx.limits();
+        // Element indices inside a binding are u32: stay below 2^31 bytes.
+        let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31);
+        let align = (limits.min_storage_buffer_offset_alignment as u64).max(16);
+        let esize = T::DTYPE.size() as u64;
+        let hr = (r / 2) as u64;
+        let table_bytes = (table.len() * 8) as u64;
+        // (aligned start, size) in bytes of what batches b0..b1 of a view touch.
+        let view_range = |v: &RopeView, b0: usize, b1: usize| -> (u64, u64) {
+            let lo = (v.offset + b0 * v.strides[0]) as u64 * esize;
+            let last = v.offset
+                + (b1 - 1) * v.strides[0]
+                + (v.shape[1] - 1) * v.strides[1]
+                + (v.shape[2] - 1) * v.strides[2]
+                + v.shape[3];
+            let start = lo / align * align;
+            (start, last as u64 * esize - start)
+        };
+        let table_range = |b0: usize, b1: usize| -> (u64, u64) {
+            if !rows.per_batch {
+                return (0, table_bytes);
+            }
+            let lo = (b0 * s) as u64 * hr * 8;
+            let start = lo / align * align;
+            ((start), (b1 * s) as u64 * hr * 8 - start)
+        };
+        let need = |b0: usize, b1: usize| -> u64 {
+            targets
+                .iter()
+                .flat_map(|t| {
+                    [
+                        view_range(&t.src_view, b0, b1).1,
+                        view_range(&t.dst_view, b0, b1).1,
+                    ]
+                })
+                .chain(std::iter::once(table_range(b0, b1).1))
+                .max()
+                .unwrap_or(0)
+        };
+        let mut chunks = Vec::new();
+        let mut b0 = 0;
+        while b0 < b {
+            let one = need(b0, b0 + 1);
+            if one > max_binding {
+                return Err(Error::LimitExceeded {
+                    limit: "max_storage_buffer_binding_size",
+                    needed: one,
+                    max: max_binding,
+                });
+            }
+            // The largest b1 whose bindings fit (need grows with b1).
+            let (mut lo, mut hi) = (b0 + 1, b);
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if need(b0, mid) <= max_binding {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            chunks.push((b0, lo));
+            b0 = lo;
+        }
+
         let table_buf = ctx.scratch(table_bytes)?;
         ctx.queue()
             .write_buffer(&table_buf, 0, bytemuck::cast_slice(&table));
-        let (k_src, k_dst) = match k {
-            Some(k) => (k.src.buffer(), k.dst.buffer()),
-            None => (q.src.buffer(), q.dst.buffer()),
+        let u = |x: u64| -> Result<u32> {
+            u32::try_from(x).map_err(|_| Error::LimitExceeded {
+                limit: "u32 element indices",
+                needed: x,
+                max: u32::MAX as u64,
+            })
         };
+        let variant = variant(T::DTYPE);
         let mut plan = Plan::default();
-        plan.push(Step::new(
-            ctx,
-            &variant(T::DTYPE),
-            &[
-                (0, q.src.binding()),
-                (1, q.dst.binding()),
-                (2, k_src.as_entire_buffer_binding()),
-                (3, k_dst.as_entire_buffer_binding()),
-                (4, table_buf.as_entire_buffer_binding()),
-                (5, params.as_entire_buffer_binding()),
-            ],
-            invocations.div_ceil(WG as u64),
-        )?);
+        for (b0, b1) in chunks {
+            // Per target: parameters relative to its bindings, and the bindings' byte ranges.
+            let bound = |t: &RopeTarget<'_, T>| -> Result<(TargetParams, (u64, u64), (u64, u64))> {
+                let (_, ts, th, _) = split(&t.src_view);
+                let src = view_range(&t.src_view, b0, b1);
+                let dst = view_range(&t.dst_view, b0, b1);
+                let st = |s: [usize; 3]| -> Result<[u32; 3]> {
+                    Ok([u(s[0] as u64)?, u(s[1] as u64)?, u(s[2] as u64)?])
+                };
+                let first = |v: &RopeView| (v.offset + b0 * v.strides[0]) as u64;
+                Ok((
+                    TargetParams {
+                        rows: u(((b1 - b0) * ts * th) as u64)?,
+                        heads: u(th as u64)?,
+                        src_off: u(first(&t.src_view) - src.0 / esize)?,
+                        src_strides: st(t.src_view.strides)?,
+                        dst_off: u(first(&t.dst_view) - dst.0 / esize)?,
+                        dst_strides: st(t.dst_view.strides)?,
+                        _pad: [0; 2],
+                    },
+                    src,
+                    dst,
+                ))
+            };
+            let (qp, q_src, q_dst) = bound(q)?;
+            let (kp, k_src, k_dst, k_bufs) = match k {
+                Some(k) => {
+                    let (kp, ks, kd) = bound(k)?;
+                    (kp, ks, kd, (k.src.buffer(), k.dst.buffer()))
+                }
+                None => (
+                    TargetParams::default(),
+                    q_src,
+                    q_dst,
+                    (q.src.buffer(), q.dst.buffer()),
+                ),
+            };
+            let invocations = (qp.rows as u64 + kp.rows as u64) * units as u64;
+            if invocations > u32::MAX as u64 {
+                return Err(Error::LimitExceeded {
+                    limit: "invocations per rope dispatch (u32 indices)",
+                    needed: invocations,
+                    max: u32::MAX as u64,
+                });
+            }
+            let table_at = table_range(b0, b1);
+            let table_off = if rows.per_batch {
+                ((b0 * s) as u64 * hr * 8 - table_at.0) / 8
+            } else {
+                0
+            };
+            let params = ctx.uniform(&Params {
+                q: qp,
+                k: kp,
+                seq: s as u32,
+                d: d as u32,
+                r: r as u32,
+                units: units as u32,
+                flags,
+                table_off: u(table_off)?,
+                _pad: [0; 2],
+            })?;
+            plan.push(Step::new(
+                ctx,
+                &variant,
+                &[
+                    (0, sub(q.src.buffer(), q_src.0, q_src.1)),
+                    (1, sub(q.dst.buffer(), q_dst.0, q_dst.1)),
+                    (2, sub(k_bufs.0, k_src.0, k_src.1)),
+                    (3, sub(k_bufs.1, k_dst.0, k_dst.1)),
+                    (4, sub(&table_buf, table_at.0, table_at.1)),
+                    (5, params.as_entire_buffer_binding()),
+                ],
+                invocations.div_ceil(WG as u64),
+            )?);
+            plan.keep(params);
+        }
         plan.keep(table_buf);
-        plan.keep(params);
         Ok(plan)
     }
 }
