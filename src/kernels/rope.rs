@@ -17,6 +17,10 @@
 //! `[b, s]` positions (0.5 MiB for s = 1024, r = 128: small next to the tensors it rotates, but
 //! built and uploaded on every [`Rope::plan`]; keep the plan to reuse it).
 //!
+//! **Limits.** One dispatch rotates q and k together. Where a tensor is larger than the
+//! device's `max_storage_buffer_binding_size`, the call is split along the batch axis into
+//! dispatches whose bindings fit; a single batch that does not fit is `LimitExceeded`.
+//!
 //! ```no_run
 //! use seq_kernels::{Context, Positions, RopeOptions};
 //! let ctx = Context::new()?;
@@ -39,6 +43,9 @@ use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::{DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/rope.wgsl");
+
+/// (aligned start, size) of a binding in bytes.
+type ByteRange = (u64, u64);
 const WG: u32 = 256;
 
 const FLAG_INTERLEAVED: u32 = 1;
@@ -959,7 +966,7 @@ impl Rope {
         let mut plan = Plan::default();
         for (b0, b1) in chunks {
             // Per target: parameters relative to its bindings, and the bindings' byte ranges.
-            let bound = |t: &RopeTarget<'_, T>| -> Result<(TargetParams, (u64, u64), (u64, u64))> {
+            let bound = |t: &RopeTarget<'_, T>| -> Result<(TargetParams, ByteRange, ByteRange)> {
                 let (_, ts, th, _) = split(&t.src_view);
                 let src = view_range(&t.src_view, b0, b1);
                 let dst = view_range(&t.dst_view, b0, b1);
