@@ -2,4 +2,5 @@
 //! kernels are tested against these.
 
 pub mod copy;
+pub mod gibbs;
 pub mod softmax;
