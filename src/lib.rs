@@ -15,6 +15,8 @@
 //! Applications that own a `wgpu::Device` wrap it with [`Context::from_device`] and record
 //! kernels into their own encoders ([`Softmax::encode`]).
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod context;
 pub mod convert;
 pub mod dispatch;

@@ -6,7 +6,7 @@ mod common;
 use common::{gpu, random, random_mask};
 use half::f16;
 use proptest::prelude::*;
-use seq_kernels::reference::softmax as reference;
+use seq_kernels::reference::{row_error, softmax as reference};
 use seq_kernels::{Context, Error, SoftmaxOptions};
 
 /// Runs the GPU kernel (f32 storage) and returns its output.
@@ -25,28 +25,6 @@ fn run(
     y.unwrap().download().unwrap()
 }
 
-/// Largest error per row relative to the row's largest reference magnitude; -inf must match
-/// exactly.
-fn max_row_error(got: &[f32], want: &[f64], n: usize) -> f64 {
-    let mut worst = 0.0f64;
-    for (g, w) in got.chunks(n).zip(want.chunks(n)) {
-        let scale = w
-            .iter()
-            .filter(|v| v.is_finite())
-            .fold(0.0f64, |a, v| a.max(v.abs()))
-            .max(1e-30);
-        for (&a, &b) in g.iter().zip(w) {
-            if b.is_infinite() {
-                assert_eq!(a as f64, b, "expected {b}, got {a}");
-            } else {
-                assert!(a.is_finite(), "got {a} where {b} was expected");
-                worst = worst.max((a as f64 - b).abs() / scale);
-            }
-        }
-    }
-    worst
-}
-
 /// Compares GPU and reference. Tolerance (spec section 0): 1e-6 of the row scale for
 /// softmax. Log-softmax values are differences of O(|x|) numbers, so their error is bounded
 /// by f32 rounding of the logits themselves: 1e-6 of the row's largest magnitude as well.
@@ -55,7 +33,7 @@ fn check(ctx: &Context, shape: &[usize], mask: Option<&[bool]>, opts: &SoftmaxOp
     let x = random(n, seed, -8.0, 8.0);
     let got = run(ctx, &x, shape, mask, opts);
     let want = reference::softmax(&x, shape, mask, opts).unwrap();
-    let err = max_row_error(&got, &want, *shape.last().unwrap());
+    let err = row_error(&got, &want, *shape.last().unwrap());
     assert!(
         err <= 1e-6,
         "shape {shape:?} {opts:?} mask={}: relative error {err:e}",
@@ -192,7 +170,7 @@ fn f16_storage_matches_reference() {
         let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
         let want = reference::softmax(&xf, &shape, None, &opts).unwrap();
         // f16 storage (spec section 0): 2e-3 relative, the f16 rounding of the output.
-        let err = max_row_error(&got, &want, *shape.last().unwrap());
+        let err = row_error(&got, &want, *shape.last().unwrap());
         assert!(
             err <= 2e-3,
             "f16 {shape:?} {opts:?}: relative error {err:e}"
@@ -418,7 +396,7 @@ fn embedding_records_into_the_callers_encoder() {
         &SoftmaxOptions::default(),
     )
     .unwrap();
-    assert!(max_row_error(&got, &want, 50) <= 1e-6);
+    assert!(row_error(&got, &want, 50) <= 1e-6);
 }
 
 proptest! {
@@ -440,7 +418,7 @@ proptest! {
         let shifted: Vec<f32> = x.iter().map(|v| v + c).collect();
         let ys = run(ctx, &shifted, &[n], None, &d);
         let want = reference::softmax(&shifted, &[n], None, &d).unwrap();
-        prop_assert!(max_row_error(&ys, &want, n) <= 1e-6);
+        prop_assert!(row_error(&ys, &want, n) <= 1e-6);
         let want_unshifted = reference::softmax(&x, &[n], None, &d).unwrap();
         for (a, b) in want.iter().zip(&want_unshifted) {
             // The f32 sum x + c moves each logit by at most half an ulp of |x| + |c| <= 150.

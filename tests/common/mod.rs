@@ -27,18 +27,8 @@ pub fn gpu() -> Option<&'static Context> {
     ctx.as_ref()
 }
 
-/// Deterministic pseudo-random values in [lo, hi) (xorshift; fixed seed per call site).
-pub fn random(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
+/// Deterministic pseudo-random values in [lo, hi).
+pub use seq_kernels::reference::random_values as random;
 
 /// Deterministic pseudo-random booleans with probability `p` of true.
 pub fn random_mask(n: usize, seed: u64, p: f32) -> Vec<bool> {

@@ -1,0 +1,453 @@
+//! The `seqk` command line: adapter info, verification against the CPU reference,
+//! benchmarks, and running any kernel on .npy files (spec section 6).
+//!
+//! Each kernel family has a file here with its `verify` cases, `bench` cases and `run`
+//! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check or a device error,
+//! 2 bad input (unknown names, wrong dtypes or shapes, bad options).
+
+mod npy;
+mod report;
+mod softmax;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{Context, ContextOptions, Error};
+pub use npy::{Array, Data};
+use report::{Baseline, BenchRow, Check};
+
+#[derive(Parser)]
+#[command(
+    name = "seqk",
+    version,
+    about = "GPU kernels for sequence models, checked against a CPU reference"
+)]
+struct Cli {
+    /// Graphics backend (default: WGPU_BACKEND, else wgpu's choice).
+    #[arg(long, global = true, value_enum)]
+    backend: Option<Backend>,
+    /// Use the first adapter whose name contains this substring (default: WGPU_ADAPTER_NAME).
+    #[arg(long, global = true)]
+    adapter: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    Vulkan,
+    Gl,
+    Metal,
+    Dx12,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Adapter, backend, features and limits.
+    Info {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every kernel against the CPU reference: a pass/fail table.
+    Verify {
+        #[arg(long)]
+        json: bool,
+        /// Fewer, smaller cases.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// GPU time, GB/s or FLOP/s, and the ratio to the copy kernel's bandwidth.
+    Bench {
+        /// Kernel families to run (default: all).
+        kernels: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        /// Smaller sizes.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Run one kernel on .npy inputs and write .npy outputs.
+    Run(RunArgs),
+    /// Constrained text generation by Gibbs sampling.
+    Generate {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel name: softmax, rope, attention, flash, gibbs, sample.
+    kernel: String,
+    /// An input, NAME=FILE.npy (repeatable).
+    #[arg(long = "in", value_name = "NAME=FILE")]
+    inputs: Vec<String>,
+    /// The main output file (.npy).
+    #[arg(long)]
+    out: PathBuf,
+    /// A secondary output, NAME=FILE.npy (e.g. lse=lse.npy).
+    #[arg(long, value_name = "NAME=FILE")]
+    out2: Vec<String>,
+    /// An option, KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Run the CPU reference instead of the GPU.
+    #[arg(long)]
+    cpu: bool,
+}
+
+/// What went wrong in a command, and which exit code it earns.
+#[derive(Debug)]
+pub enum CliError {
+    /// Bad input from the user: exit code 2.
+    Usage(String),
+    /// A failure of the device or the machine: exit code 1.
+    Failure(String),
+}
+
+impl From<Error> for CliError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Shape(_) | Error::Dtype(_) | Error::InvalidOption(_) => {
+                CliError::Usage(e.to_string())
+            }
+            _ => CliError::Failure(e.to_string()),
+        }
+    }
+}
+
+fn usage(msg: impl Into<String>) -> CliError {
+    CliError::Usage(msg.into())
+}
+
+/// A kernel family's entries in `verify` and `bench`.
+struct Family {
+    name: &'static str,
+    verify: fn(&Context, bool) -> Result<Vec<Check>, Error>,
+    bench: fn(&Context, bool, &Baseline) -> Result<Vec<BenchRow>, Error>,
+}
+
+const FAMILIES: &[Family] = &[Family {
+    name: "softmax",
+    verify: softmax::verify,
+    bench: softmax::bench,
+}];
+
+/// Kernels of the CLI contract whose families have not landed yet.
+const NOT_YET: &[&str] = &["rope", "attention", "flash", "gibbs", "sample"];
+
+/// Entry point of the `seqk` binary; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let options = ContextOptions {
+        backends: cli.backend.map(|b| match b {
+            Backend::Vulkan => wgpu::Backends::VULKAN,
+            Backend::Gl => wgpu::Backends::GL,
+            Backend::Metal => wgpu::Backends::METAL,
+            Backend::Dx12 => wgpu::Backends::DX12,
+        }),
+        adapter_name: cli.adapter.clone(),
+    };
+    let result = match cli.command {
+        None => open(&options).and_then(|ctx| {
+            let code = verify(&ctx, false, false)?;
+            println!();
+            bench(&ctx, &[], false, true)?;
+            Ok(code)
+        }),
+        Some(Command::Info { json }) => open(&options).and_then(|ctx| info(&ctx, json)),
+        Some(Command::Verify { json, quick }) => {
+            open(&options).and_then(|ctx| verify(&ctx, json, quick))
+        }
+        Some(Command::Bench {
+            kernels,
+            json,
+            quick,
+        }) => open(&options).and_then(|ctx| bench(&ctx, &kernels, json, quick)),
+        Some(Command::Run(args)) => run(&options, args),
+        Some(Command::Generate { .. }) => Err(usage("generate: not yet implemented")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(CliError::Usage(msg)) => {
+            eprintln!("seqk: {msg}");
+            2
+        }
+        Err(CliError::Failure(msg)) => {
+            eprintln!("seqk: {msg}");
+            1
+        }
+    }
+}
+
+fn open(options: &ContextOptions) -> Result<Context, CliError> {
+    Context::with_options(options).map_err(|e| CliError::Failure(e.to_string()))
+}
+
+fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
+    let i = ctx.adapter_info();
+    let l = ctx.limits();
+    let named = [
+        ("SHADER_F16", wgpu::Features::SHADER_F16),
+        ("SUBGROUP", wgpu::Features::SUBGROUP),
+        ("TIMESTAMP_QUERY", wgpu::Features::TIMESTAMP_QUERY),
+        (
+            "TIMESTAMP_QUERY_INSIDE_ENCODERS",
+            wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        ),
+        (
+            "TIMESTAMP_QUERY_INSIDE_PASSES",
+            wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+        ),
+    ];
+    let features: Vec<String> = named
+        .iter()
+        .filter(|(_, f)| ctx.features().contains(*f))
+        .map(|(n, _)| n.to_string())
+        .collect();
+    let limits = [
+        (
+            "max_storage_buffer_binding_size",
+            l.max_storage_buffer_binding_size,
+        ),
+        ("max_buffer_size", l.max_buffer_size),
+        (
+            "max_compute_workgroups_per_dimension",
+            l.max_compute_workgroups_per_dimension as u64,
+        ),
+        (
+            "max_compute_invocations_per_workgroup",
+            l.max_compute_invocations_per_workgroup as u64,
+        ),
+        (
+            "max_compute_workgroup_storage_size",
+            l.max_compute_workgroup_storage_size as u64,
+        ),
+        (
+            "min_storage_buffer_offset_alignment",
+            l.min_storage_buffer_offset_alignment as u64,
+        ),
+    ];
+    if json {
+        let v = serde_json::json!({
+            "adapter": i.name, "backend": format!("{:?}", i.backend), "driver": i.driver,
+            "driver_info": i.driver_info, "device_type": format!("{:?}", i.device_type),
+            "subgroup_min_size": i.subgroup_min_size, "subgroup_max_size": i.subgroup_max_size,
+            "features": features,
+            "limits": limits.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+        });
+        println!("{v:#}");
+    } else {
+        println!("adapter   {} ({:?})", i.name, i.device_type);
+        println!("backend   {:?}", i.backend);
+        println!("driver    {} {}", i.driver, i.driver_info);
+        println!(
+            "subgroups {}..{} lanes",
+            i.subgroup_min_size, i.subgroup_max_size
+        );
+        println!(
+            "features  {}",
+            if features.is_empty() {
+                "none of the optional ones".into()
+            } else {
+                features.join(", ")
+            }
+        );
+        for (k, v) in limits {
+            println!("  {k:<40} {v}");
+        }
+    }
+    Ok(0)
+}
+
+fn verify(ctx: &Context, json: bool, quick: bool) -> Result<i32, CliError> {
+    let mut checks = Vec::new();
+    for f in FAMILIES {
+        checks.extend((f.verify)(ctx, quick)?);
+    }
+    report::print_checks(ctx, &checks, json);
+    Ok(if checks.iter().all(|c| c.passed()) {
+        0
+    } else {
+        1
+    })
+}
+
+fn bench(ctx: &Context, kernels: &[String], json: bool, quick: bool) -> Result<i32, CliError> {
+    for k in kernels {
+        if !FAMILIES.iter().any(|f| f.name == k) {
+            return Err(if NOT_YET.contains(&k.as_str()) {
+                usage(format!("bench {k}: not yet implemented"))
+            } else {
+                usage(format!("bench: unknown kernel {k:?}; known: {}", names()))
+            });
+        }
+    }
+    let baseline = report::copy_baseline(ctx, quick)?;
+    let mut rows = vec![baseline.row()];
+    for f in FAMILIES
+        .iter()
+        .filter(|f| kernels.is_empty() || kernels.iter().any(|k| k == f.name))
+    {
+        rows.extend((f.bench)(ctx, quick, &baseline)?);
+    }
+    report::print_bench(ctx, &rows, json);
+    Ok(0)
+}
+
+fn names() -> String {
+    FAMILIES
+        .iter()
+        .map(|f| f.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
+    let mut io = RunIo::parse(&args, options)?;
+    match args.kernel.as_str() {
+        "softmax" => softmax::run(&mut io)?,
+        k if NOT_YET.contains(&k) => return Err(usage(format!("run {k}: not yet implemented"))),
+        k => {
+            return Err(usage(format!(
+                "run: unknown kernel {k:?}; known: {}",
+                names()
+            )))
+        }
+    }
+    io.finish()?;
+    Ok(0)
+}
+
+/// Inputs, options and outputs of `seqk run`, with checks that every given name was used.
+pub struct RunIo {
+    inputs: BTreeMap<String, Array>,
+    sets: BTreeMap<String, String>,
+    used_sets: Vec<String>,
+    out: PathBuf,
+    out2: BTreeMap<String, PathBuf>,
+    /// Run the CPU reference instead of the GPU.
+    pub cpu: bool,
+    options: ContextOptions,
+}
+
+impl RunIo {
+    fn parse(args: &RunArgs, options: &ContextOptions) -> Result<Self, CliError> {
+        let pair = |s: &String, what: &str| -> Result<(String, String), CliError> {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .ok_or_else(|| usage(format!("{what} expects NAME=VALUE, got {s:?}")))
+        };
+        let mut inputs = BTreeMap::new();
+        for s in &args.inputs {
+            let (name, file) = pair(s, "--in")?;
+            let array = npy::read(&PathBuf::from(&file))
+                .map_err(|e| usage(format!("input {name}: {e}")))?;
+            inputs.insert(name, array);
+        }
+        let sets = args
+            .sets
+            .iter()
+            .map(|s| pair(s, "--set"))
+            .collect::<Result<_, _>>()?;
+        let out2 = args
+            .out2
+            .iter()
+            .map(|s| pair(s, "--out2").map(|(k, v)| (k, PathBuf::from(v))))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            inputs,
+            sets,
+            used_sets: Vec::new(),
+            out: args.out.clone(),
+            out2,
+            cpu: args.cpu,
+            options: options.clone(),
+        })
+    }
+
+    /// Takes an input by name; `None` if it was not given.
+    pub fn input(&mut self, name: &str) -> Option<Array> {
+        self.inputs.remove(name)
+    }
+
+    /// Takes a required input.
+    pub fn required(&mut self, name: &str, expected: &str) -> Result<Array, CliError> {
+        self.input(name).ok_or_else(|| {
+            usage(format!(
+                "missing input {name} (expected {expected}); give --in {name}=FILE.npy"
+            ))
+        })
+    }
+
+    /// An option's value, or `default` when not set.
+    pub fn set<T: FromStr>(&mut self, key: &str, default: T) -> Result<T, CliError> {
+        Ok(self.set_opt(key)?.unwrap_or(default))
+    }
+
+    /// An option's value, if set.
+    pub fn set_opt<T: FromStr>(&mut self, key: &str) -> Result<Option<T>, CliError> {
+        self.used_sets.push(key.to_string());
+        match self.sets.get(key) {
+            None => Ok(None),
+            Some(v) => v.trim().parse().map(Some).map_err(|_| {
+                usage(format!(
+                    "--set {key}={v}: cannot parse {v:?} as {}",
+                    std::any::type_name::<T>()
+                ))
+            }),
+        }
+    }
+
+    /// The GPU context (opened on first use; `--cpu` never needs one).
+    pub fn context(&self) -> Result<Context, CliError> {
+        open(&self.options)
+    }
+
+    /// Writes the main output.
+    pub fn write_out(&self, array: &Array) -> Result<(), CliError> {
+        npy::write(&self.out, array)
+            .map_err(|e| CliError::Failure(format!("writing {}: {e}", self.out.display())))
+    }
+
+    /// Whether a secondary output was asked for.
+    pub fn wants_out2(&self, name: &str) -> bool {
+        self.out2.contains_key(name)
+    }
+
+    /// Writes a secondary output if it was asked for.
+    pub fn write_out2(&mut self, name: &str, array: &Array) -> Result<(), CliError> {
+        if let Some(path) = self.out2.remove(name) {
+            npy::write(&path, array)
+                .map_err(|e| CliError::Failure(format!("writing {}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Fails on inputs, options or outputs the kernel did not take (likely typos). Handlers
+    /// call it after reading their inputs and options, before computing anything.
+    pub fn check_unused(&self) -> Result<(), CliError> {
+        if let Some(name) = self.inputs.keys().next() {
+            return Err(usage(format!("unknown input {name:?} for this kernel")));
+        }
+        if let Some(key) = self.sets.keys().find(|k| !self.used_sets.contains(k)) {
+            return Err(usage(format!(
+                "unknown option --set {key}=... for this kernel"
+            )));
+        }
+        Ok(())
+    }
+
+    fn finish(&self) -> Result<(), CliError> {
+        self.check_unused()?;
+        if let Some(name) = self.out2.keys().next() {
+            return Err(usage(format!(
+                "unknown secondary output {name:?} for this kernel"
+            )));
+        }
+        Ok(())
+    }
+}

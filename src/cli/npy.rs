@@ -1,0 +1,116 @@
+//! .npy input and output for `seqk run` (C order only).
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::Path;
+
+use half::f16;
+use npyz::WriterBuilder;
+
+/// Element data of an .npy array.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    /// float32
+    F32(Vec<f32>),
+    /// float16
+    F16(Vec<f16>),
+    /// int32
+    I32(Vec<i32>),
+    /// int64
+    I64(Vec<i64>),
+    /// bool
+    Bool(Vec<bool>),
+    /// uint8
+    U8(Vec<u8>),
+}
+
+/// An .npy array: shape and data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Array {
+    /// Shape (C order).
+    pub shape: Vec<usize>,
+    /// Elements.
+    pub data: Data,
+}
+
+impl Data {
+    /// numpy's name of the dtype.
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            Data::F32(_) => "float32",
+            Data::F16(_) => "float16",
+            Data::I32(_) => "int32",
+            Data::I64(_) => "int64",
+            Data::Bool(_) => "bool",
+            Data::U8(_) => "uint8",
+        }
+    }
+}
+
+/// Reads a C-order .npy file of f32, f16, i32, i64, bool or u8.
+pub fn read(path: &Path) -> Result<Array, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let npy = npyz::NpyFile::new(BufReader::new(file))
+        .map_err(|e| format!("{} is not an .npy file: {e}", path.display()))?;
+    if npy.order() != npyz::Order::C {
+        return Err(format!(
+            "{} is in Fortran order; save it C-contiguous (np.ascontiguousarray)",
+            path.display()
+        ));
+    }
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let dtype = npy.dtype();
+    let npyz::DType::Plain(ts) = &dtype else {
+        return Err(format!(
+            "{}: structured dtypes are not supported",
+            path.display()
+        ));
+    };
+    let kind = (ts.type_char(), ts.size_field());
+    let bad = |e: std::io::Error| format!("reading {}: {e}", path.display());
+    use npyz::TypeChar::*;
+    let data = match kind {
+        (Float, 4) => Data::F32(npy.into_vec().map_err(bad)?),
+        (Float, 2) => Data::F16(npy.into_vec().map_err(bad)?),
+        (Int, 4) => Data::I32(npy.into_vec().map_err(bad)?),
+        (Int, 8) => Data::I64(npy.into_vec().map_err(bad)?),
+        (Bool, 1) => Data::Bool(npy.into_vec().map_err(bad)?),
+        (Uint, 1) => Data::U8(npy.into_vec().map_err(bad)?),
+        _ => {
+            return Err(format!(
+                "{} has dtype {ts}; use float32, float16, int32, int64, bool or uint8",
+                path.display()
+            ))
+        }
+    };
+    Ok(Array { shape, data })
+}
+
+/// Writes an array as .npy (C order).
+pub fn write(path: &Path, array: &Array) -> Result<(), String> {
+    let file = File::create(path).map_err(|e| e.to_string())?;
+    let shape: Vec<u64> = array.shape.iter().map(|&d| d as u64).collect();
+    let w = BufWriter::new(file);
+    fn put<T: npyz::AutoSerialize + Copy>(
+        w: BufWriter<File>,
+        shape: &[u64],
+        v: &[T],
+    ) -> std::io::Result<()> {
+        let mut writer = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(shape)
+            .writer(w)
+            .begin_nd()?;
+        writer.extend(v.iter().copied())?;
+        writer.finish()
+    }
+    match &array.data {
+        Data::F32(v) => put(w, &shape, v),
+        Data::F16(v) => put(w, &shape, v),
+        Data::I32(v) => put(w, &shape, v),
+        Data::I64(v) => put(w, &shape, v),
+        Data::Bool(v) => put(w, &shape, v),
+        Data::U8(v) => put(w, &shape, v),
+    }
+    .map_err(|e| e.to_string())
+}

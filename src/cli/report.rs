@@ -1,0 +1,203 @@
+//! What `verify` and `bench` print: check rows, benchmark rows, and the copy-kernel baseline
+//! that every memory-bound figure is divided by.
+
+use crate::profile::{time_passes, Timing};
+use crate::{Context, Error};
+
+/// One verification: a kernel case, its error against the reference and the tolerance.
+pub struct Check {
+    pub kernel: &'static str,
+    pub case: String,
+    pub error: f64,
+    pub tolerance: f64,
+}
+
+impl Check {
+    pub fn passed(&self) -> bool {
+        self.error <= self.tolerance
+    }
+}
+
+/// One benchmark result.
+pub struct BenchRow {
+    pub kernel: &'static str,
+    pub case: String,
+    pub timing: Timing,
+    /// Bytes read plus written per call (memory-bound kernels).
+    pub bytes: Option<f64>,
+    /// Floating-point operations per call (compute-bound kernels).
+    pub flops: Option<f64>,
+    /// GB/s of the copy kernel in the same run.
+    pub copy_gbps: f64,
+}
+
+impl BenchRow {
+    pub fn gbps(&self) -> Option<f64> {
+        self.bytes
+            .map(|b| b / self.timing.best().as_secs_f64() / 1e9)
+    }
+    pub fn copy_ratio(&self) -> Option<f64> {
+        self.gbps().map(|g| g / self.copy_gbps)
+    }
+    pub fn tflops(&self) -> Option<f64> {
+        self.flops
+            .map(|f| f / self.timing.best().as_secs_f64() / 1e12)
+    }
+}
+
+/// Samples after warm-up; the median is reported.
+pub const SAMPLES: usize = 10;
+pub const WARMUP: usize = 2;
+
+/// The copy kernel's bandwidth in this run.
+pub struct Baseline {
+    pub gbps: f64,
+    timing: Timing,
+    bytes: u64,
+}
+
+impl Baseline {
+    /// The baseline as a benchmark row of its own.
+    pub fn row(&self) -> BenchRow {
+        BenchRow {
+            kernel: "copy",
+            case: format!("vec4 {} MiB", self.bytes >> 20),
+            timing: self.timing,
+            bytes: Some(2.0 * self.bytes as f64),
+            flops: None,
+            copy_gbps: self.gbps,
+        }
+    }
+
+    /// A memory-bound row moving `bytes` per call.
+    pub fn memory(
+        &self,
+        kernel: &'static str,
+        case: String,
+        timing: Timing,
+        bytes: f64,
+    ) -> BenchRow {
+        BenchRow {
+            kernel,
+            case,
+            timing,
+            bytes: Some(bytes),
+            flops: None,
+            copy_gbps: self.gbps,
+        }
+    }
+}
+
+/// Measures the vec4 copy over a buffer well beyond any cache (256 MiB; 32 MiB with quick).
+pub fn copy_baseline(ctx: &Context, quick: bool) -> Result<Baseline, Error> {
+    let bytes: u64 = if quick { 32 << 20 } else { 256 << 20 };
+    let src = ctx.scratch(bytes)?;
+    let dst = ctx.scratch(bytes)?;
+    let plan = crate::kernels::copy::plan(ctx, &src, &dst, bytes)?;
+    let timing = time_passes(ctx, WARMUP, SAMPLES, iterations(bytes), |pass| {
+        plan.record(pass)
+    })?;
+    let gbps = 2.0 * bytes as f64 / timing.best().as_secs_f64() / 1e9;
+    Ok(Baseline {
+        gbps,
+        timing,
+        bytes,
+    })
+}
+
+/// Calls per timed submit: enough to amortise launch costs on small inputs.
+pub fn iterations(bytes: u64) -> usize {
+    ((64u64 << 20) / bytes.max(1)).clamp(1, 64) as usize
+}
+
+fn adapter_line(ctx: &Context) -> String {
+    let i = ctx.adapter_info();
+    format!(
+        "{} ({:?}, {} {})",
+        i.name, i.backend, i.driver, i.driver_info
+    )
+}
+
+pub fn print_checks(ctx: &Context, checks: &[Check], json: bool) {
+    if json {
+        let rows: Vec<_> = checks
+            .iter()
+            .map(|c| {
+                serde_json::json!({"kernel": c.kernel, "case": c.case, "error": finite(c.error),
+                    "tolerance": c.tolerance, "passed": c.passed()})
+            })
+            .collect();
+        println!(
+            "{:#}",
+            serde_json::json!({"adapter": adapter_line(ctx), "checks": rows})
+        );
+        return;
+    }
+    println!("seqk verify on {}", adapter_line(ctx));
+    println!(
+        "{:<10} {:<52} {:>10} {:>9}  result",
+        "kernel", "case", "error", "tolerance"
+    );
+    for c in checks {
+        println!(
+            "{:<10} {:<52} {:>10.2e} {:>9.0e}  {}",
+            c.kernel,
+            c.case,
+            c.error,
+            c.tolerance,
+            if c.passed() { "pass" } else { "FAIL" }
+        );
+    }
+    let failed = checks.iter().filter(|c| !c.passed()).count();
+    println!("{} checks, {} failed", checks.len(), failed);
+}
+
+pub fn print_bench(ctx: &Context, rows: &[BenchRow], json: bool) {
+    if json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({"kernel": r.kernel, "case": r.case,
+                    "gpu_ms": r.timing.gpu.map(|d| d.as_secs_f64() * 1e3),
+                    "wall_ms": r.timing.wall.as_secs_f64() * 1e3, "clock": r.timing.clock(),
+                    "gbps": r.gbps(), "copy_ratio": r.copy_ratio(), "tflops": r.tflops()})
+            })
+            .collect();
+        println!(
+            "{:#}",
+            serde_json::json!({"adapter": adapter_line(ctx), "results": out})
+        );
+        return;
+    }
+    println!("seqk bench on {}", adapter_line(ctx));
+    if !ctx.has_timestamps() {
+        println!(
+            "(no TIMESTAMP_QUERY on this adapter: times are wall clock, submit to completion)"
+        );
+    }
+    println!(
+        "{:<10} {:<36} {:>10} {:>5} {:>9} {:>7} {:>9}",
+        "kernel", "case", "time ms", "clock", "GB/s", "x copy", "TFLOP/s"
+    );
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+    for r in rows {
+        println!(
+            "{:<10} {:<36} {:>10.3} {:>5} {:>9} {:>7} {:>9}",
+            r.kernel,
+            r.case,
+            r.timing.best().as_secs_f64() * 1e3,
+            r.timing.clock(),
+            opt(r.gbps(), 1),
+            opt(r.copy_ratio(), 2),
+            opt(r.tflops(), 3)
+        );
+    }
+}
+
+fn finite(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        serde_json::json!(v)
+    } else {
+        serde_json::json!("inf")
+    }
+}

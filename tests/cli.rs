@@ -1,0 +1,183 @@
+//! The `seqk` binary: `run` against `--cpu` on .npy files, exit codes and one-line errors for
+//! bad input, and `verify` / `info` as JSON.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use npyz::WriterBuilder;
+
+fn seqk(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_seqk"))
+        .args(args)
+        .output()
+        .expect("seqk did not start")
+}
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("seqk-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn save<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T], order: npyz::Order) {
+    let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .order(order)
+        .writer(f)
+        .begin_nd()
+        .unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+}
+
+fn load_f32(path: &Path) -> (Vec<u64>, Vec<f32>) {
+    let npy = npyz::NpyFile::new(std::fs::File::open(path).unwrap()).unwrap();
+    let shape = npy.shape().to_vec();
+    (shape, npy.into_vec().unwrap())
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr)
+        .lines()
+        .filter(|l| l.starts_with("seqk:"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn run_softmax_matches_cpu_reference() {
+    let Some(_) = common::gpu() else { return };
+    let d = dir();
+    let x = common::random(4 * 37, 11, -5.0, 5.0);
+    let mask: Vec<bool> = common::random_mask(4 * 37, 12, 0.8);
+    save(&d.join("x.npy"), &[4, 37], &x, npyz::Order::C);
+    save(&d.join("m.npy"), &[4, 37], &mask, npyz::Order::C);
+    let (xs, ms) = (
+        format!("x={}", d.join("x.npy").display()),
+        format!("mask={}", d.join("m.npy").display()),
+    );
+    let (gpu, cpu) = (d.join("gpu.npy"), d.join("cpu.npy"));
+    let sets = [
+        "--set",
+        "temperature=0.8",
+        "--set",
+        "log=true",
+        "--set",
+        "causal=true",
+    ];
+    for (out, extra) in [(&gpu, None), (&cpu, Some("--cpu"))] {
+        let mut args = vec![
+            "run",
+            "softmax",
+            "--in",
+            &xs,
+            "--in",
+            &ms,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(sets);
+        args.extend(extra);
+        let o = seqk(&args);
+        assert!(o.status.success(), "seqk {args:?} failed: {}", stderr(&o));
+    }
+    let (shape_g, g) = load_f32(&gpu);
+    let (shape_c, c) = load_f32(&cpu);
+    assert_eq!(shape_g, vec![4, 37]);
+    assert_eq!(shape_c, vec![4, 37]);
+    let want: Vec<f64> = c.iter().map(|&v| v as f64).collect();
+    // Log-softmax: 1e-6 of the row scale (spec section 0), plus the f32 rounding of the
+    // reference output that --cpu writes.
+    let err = seq_kernels::reference::row_error(&g, &want, 37);
+    assert!(err <= 2e-6, "GPU vs --cpu: {err:e}");
+    assert!(
+        g.iter().any(|v| *v == f32::NEG_INFINITY),
+        "masked entries should be -inf"
+    );
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line() {
+    let d = dir();
+    save(&d.join("x.npy"), &[2, 3], &[1.0f32; 6], npyz::Order::C);
+    save(
+        &d.join("xf.npy"),
+        &[2, 3],
+        &[1.0f32; 6],
+        npyz::Order::Fortran,
+    );
+    save(&d.join("xd.npy"), &[2, 3], &[1.0f64; 6], npyz::Order::C);
+    save(&d.join("m.npy"), &[3, 2], &[true; 6], npyz::Order::C);
+    let p = |f: &str| d.join(f).display().to_string();
+    let out = p("out.npy");
+    let input = |name: &str, file: &str| vec!["--in".to_string(), format!("{name}={}", p(file))];
+    let set = |kv: &str| vec!["--set".to_string(), kv.to_string()];
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (input("x", "xf.npy"), "Fortran order"),
+        (input("x", "xd.npy"), "dtype"),
+        (
+            [input("x", "x.npy"), input("mask", "m.npy")].concat(),
+            "input mask has shape",
+        ),
+        (
+            [input("x", "x.npy"), set("temperature=0")].concat(),
+            "temperature",
+        ),
+        (
+            [input("x", "x.npy"), set("tempreature=2")].concat(),
+            "unknown option",
+        ),
+        (input("y", "x.npy"), "missing input x"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["run", "softmax", "--cpu", "--out", &out];
+        args.extend(extra.iter().map(|s| s.as_str()));
+        let o = seqk(&args);
+        let msg = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {msg}");
+        assert_eq!(msg.lines().count(), 1, "{args:?}: {msg}");
+        assert!(
+            msg.contains(expected),
+            "{args:?}: {msg:?} should mention {expected:?}"
+        );
+    }
+    for (kernel, expected) in [
+        ("attention", "not yet implemented"),
+        ("nope", "unknown kernel"),
+    ] {
+        let o = seqk(&["run", kernel, "--out", &out]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(stderr(&o).contains(expected), "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn verify_and_info_as_json() {
+    let Some(_) = common::gpu() else { return };
+    let o = seqk(&["verify", "--quick", "--json"]);
+    assert!(
+        o.status.success(),
+        "verify failed: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("verify --json is JSON");
+    let checks = v["checks"].as_array().unwrap();
+    assert!(
+        checks.len() >= 5 && checks.iter().all(|c| c["passed"] == true),
+        "{v:#}"
+    );
+    let o = seqk(&["info", "--json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("info --json is JSON");
+    assert!(
+        v["limits"]["max_storage_buffer_binding_size"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}
