@@ -921,3 +921,191 @@ fn bad_input_is_an_error() {
     assert!(ctx.mh_step(&mh, 10, &MhOptions::default()).is_ok());
     assert!(ctx.mh_step(&mh, 5, &MhOptions::default()).is_err());
 }
+
+// ------------------------------------------------------------------------------- CLI
+
+#[cfg(feature = "cli")]
+mod cli {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use npyz::WriterBuilder;
+
+    fn save<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
+        let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(shape)
+            .writer(f)
+            .begin_nd()
+            .unwrap();
+        w.extend(data.iter().copied()).unwrap();
+        w.finish().unwrap();
+    }
+
+    fn load_i32(path: &Path) -> (Vec<u64>, Vec<i32>) {
+        let npy = npyz::NpyFile::new(std::fs::File::open(path).unwrap()).unwrap();
+        (npy.shape().to_vec(), npy.into_vec().unwrap())
+    }
+
+    fn seqk(args: &[String]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_seqk"))
+            .args(args)
+            .output()
+            .expect("seqk did not start")
+    }
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("seqk-gibbs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// `seqk run gibbs` and `seqk run sample` on the GPU equal their `--cpu` runs exactly on
+    /// these small fixed cases (the same cases the library tests pin), and bad input exits 2.
+    #[test]
+    fn run_gibbs_and_sample_match_cpu() {
+        let Some(_) = gpu() else { return };
+        let d = dir();
+        let p = |f: &str| d.join(f).display().to_string();
+        let (b, l, v) = (6usize, 7usize, 5usize);
+        save(
+            &d.join("u.npy"),
+            &[l as u64, v as u64],
+            &random(l * v, 1, -1.0, 1.0),
+        );
+        save(
+            &d.join("w.npy"),
+            &[v as u64, v as u64],
+            &random(v * v, 2, -1.0, 1.0),
+        );
+        let init: Vec<i32> = random_tokens(b * l, v, 3)
+            .iter()
+            .map(|&t| t as i32)
+            .collect();
+        save(&d.join("x.npy"), &[b as u64, l as u64], &init);
+        let clamp: Vec<bool> = (0..l).map(|i| i == 2).collect();
+        save(&d.join("c.npy"), &[l as u64], &clamp);
+        let mut outs = Vec::new();
+        for cpu in [false, true] {
+            let (o, best) = (p(&format!("o{cpu}.npy")), p(&format!("b{cpu}.npy")));
+            let mut args: Vec<String> = [
+                "run",
+                "gibbs",
+                "--in",
+                &format!("unary={}", p("u.npy")),
+                "--in",
+                &format!("pairwise={}", p("w.npy")),
+                "--in",
+                &format!("init={}", p("x.npy")),
+                "--in",
+                &format!("clamp={}", p("c.npy")),
+                "--out",
+                &o,
+                "--out2",
+                &format!("best={best}"),
+                "--set",
+                "sweeps=5",
+                "--set",
+                "temperature=2",
+                "--set",
+                "anneal_to=0.1",
+                "--set",
+                "seed=9",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if cpu {
+                args.push("--cpu".into());
+            }
+            let out = seqk(&args);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (shape, t) = load_i32(Path::new(&o));
+            assert_eq!(shape, vec![b as u64, l as u64]);
+            for c in 0..b {
+                assert_eq!(t[c * l + 2], init[c * l + 2], "clamped site changed");
+            }
+            outs.push((t, load_i32(Path::new(&best)).1));
+        }
+        assert_eq!(outs[0], outs[1], "GPU and --cpu differ");
+
+        save(&d.join("lg.npy"), &[50, 30], &random(50 * 30, 4, -3.0, 3.0));
+        let mut samples = Vec::new();
+        for cpu in [false, true] {
+            let o = p(&format!("s{cpu}.npy"));
+            let mut args: Vec<String> = [
+                "run",
+                "sample",
+                "--in",
+                &format!("logits={}", p("lg.npy")),
+                "--out",
+                &o,
+                "--set",
+                "top_k=10",
+                "--set",
+                "top_p=0.9",
+                "--set",
+                "seed=4",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if cpu {
+                args.push("--cpu".into());
+            }
+            let out = seqk(&args);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            samples.push(load_i32(Path::new(&o)));
+        }
+        assert_eq!(samples[0].0, vec![50]);
+        assert_eq!(samples[0], samples[1], "GPU and --cpu samples differ");
+
+        // Bad input: token outside the vocabulary, wrong pairwise shape, T < 0.
+        save(&d.join("bad.npy"), &[1, l as u64], &vec![v as i32; l]);
+        for (extra, expect) in [
+            (
+                vec![
+                    format!("init={}", p("bad.npy")),
+                    format!("pairwise={}", p("w.npy")),
+                ],
+                "vocabulary",
+            ),
+            (
+                vec![
+                    format!("init={}", p("x.npy")),
+                    format!("pairwise={}", p("u.npy")),
+                ],
+                "pairwise",
+            ),
+        ] {
+            let mut args: Vec<String> = vec![
+                "run".into(),
+                "gibbs".into(),
+                "--cpu".into(),
+                "--out".into(),
+                p("z.npy"),
+                "--in".into(),
+                format!("unary={}", p("u.npy")),
+            ];
+            for e in extra {
+                args.push("--in".into());
+                args.push(e);
+            }
+            let out = seqk(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{err}");
+            assert!(err.contains(expect), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
