@@ -323,7 +323,7 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
         k if NOT_YET.contains(&k) => return Err(usage(format!("run {k}: not yet implemented"))),
         k => {
             return Err(usage(format!(
-                "run: unknown kernel {k:?}; known: {}",
+                "run: unknown kernel {k:?}; known: {}, sample",
                 names()
             )))
         }
