@@ -2,6 +2,7 @@
 //! agreement of GPU and CPU chains, chi-square tests against exact marginals (with a negative
 //! control), clamping, T = 0, annealing and best tracking, determinism, logits sampling, the
 //! MH step and bad input.
+#![allow(clippy::needless_range_loop)]
 
 mod common;
 

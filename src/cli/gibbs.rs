@@ -63,6 +63,9 @@ impl Uploaded {
     }
 }
 
+/// Best tokens and scores, when tracked.
+type HostBest = Option<(Vec<u32>, Vec<f32>)>;
+
 /// Runs the GPU sampler; returns final tokens and (best tokens, best scores) if tracked.
 fn run_gpu(
     ctx: &Context,
@@ -71,7 +74,7 @@ fn run_gpu(
     shape: [usize; 2],
     clamp: Option<(&[bool], &[usize])>,
     opts: &GibbsOptions,
-) -> Result<(Vec<u32>, Option<(Vec<u32>, Vec<f32>)>), Error> {
+) -> Result<(Vec<u32>, HostBest), Error> {
     let up = Uploaded::new(ctx, m)?;
     let init = ctx.upload(init, shape)?;
     let clamp = clamp

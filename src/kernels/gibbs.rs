@@ -342,6 +342,7 @@ fn max_binding(ctx: &Context) -> u64 {
 /// Splits `rows` rows of at most `row_bytes` bytes per tensor into chunks that fit one
 /// binding; chunk starts are multiples of the offset alignment in rows, so every per-row
 /// tensor (bytes, words, rows of V words) starts aligned.
+#[allow(clippy::single_range_in_vec_init)]
 fn row_chunks(ctx: &Context, rows: u64, row_bytes: u64) -> Result<Vec<Range<u64>>> {
     let max = max_binding(ctx);
     if rows * row_bytes <= max {
