@@ -5,6 +5,7 @@
 //! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check or a device error,
 //! 2 bad input (unknown names, wrong dtypes or shapes, bad options).
 
+mod gibbs;
 mod npy;
 mod report;
 mod softmax;
@@ -130,14 +131,21 @@ struct Family {
     bench: fn(&Context, bool, &Baseline) -> Result<Vec<BenchRow>, Error>,
 }
 
-const FAMILIES: &[Family] = &[Family {
-    name: "softmax",
-    verify: softmax::verify,
-    bench: softmax::bench,
-}];
+const FAMILIES: &[Family] = &[
+    Family {
+        name: "softmax",
+        verify: softmax::verify,
+        bench: softmax::bench,
+    },
+    Family {
+        name: "gibbs",
+        verify: gibbs::verify,
+        bench: gibbs::bench,
+    },
+];
 
 /// Kernels of the CLI contract whose families have not landed yet.
-const NOT_YET: &[&str] = &["rope", "attention", "flash", "gibbs", "sample"];
+const NOT_YET: &[&str] = &["rope", "attention", "flash"];
 
 /// Entry point of the `seqk` binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -310,10 +318,12 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
     let mut io = RunIo::parse(&args, options)?;
     match args.kernel.as_str() {
         "softmax" => softmax::run(&mut io)?,
+        "gibbs" => gibbs::run(&mut io)?,
+        "sample" => gibbs::run_sample(&mut io)?,
         k if NOT_YET.contains(&k) => return Err(usage(format!("run {k}: not yet implemented"))),
         k => {
             return Err(usage(format!(
-                "run: unknown kernel {k:?}; known: {}",
+                "run: unknown kernel {k:?}; known: {}, sample",
                 names()
             )))
         }

@@ -2,6 +2,7 @@
 //! One module per family; each lists its shader variants for the naga translation test.
 
 pub mod copy;
+pub mod gibbs;
 pub mod softmax;
 
 use crate::shader::ShaderVariant;
@@ -11,5 +12,6 @@ pub fn all_shader_variants() -> Vec<ShaderVariant> {
     let mut v = crate::convert::shader_variants();
     v.extend(copy::shader_variants());
     v.extend(softmax::shader_variants());
+    v.extend(gibbs::shader_variants());
     v
 }

@@ -2,6 +2,7 @@
 //! kernels are tested against these.
 
 pub mod copy;
+pub mod gibbs;
 pub mod softmax;
 
 /// How far `got` is from the reference `want`, row by row: the largest absolute difference
