@@ -30,6 +30,10 @@ pub mod tensor;
 pub use context::{Context, ContextOptions};
 pub use dispatch::Plan;
 pub use error::{Error, Result};
+pub use kernels::gibbs::{
+    BestState, ChainModel, Gibbs, GibbsOptions, GibbsOutput, Metropolis, MhOptions, MhTensors,
+    Pairwise, SampleOptions, Sampler,
+};
 pub use kernels::rope::{
     Positions, Rope, RopeLayout, RopeOptions, RopeScaling, RopeStyle, RopeTarget, RopeView,
 };

@@ -5,6 +5,7 @@
 //! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check or a device error,
 //! 2 bad input (unknown names, wrong dtypes or shapes, bad options).
 
+mod gibbs;
 mod npy;
 mod report;
 mod rope;
@@ -142,10 +143,15 @@ const FAMILIES: &[Family] = &[
         verify: rope::verify,
         bench: rope::bench,
     },
+    Family {
+        name: "gibbs",
+        verify: gibbs::verify,
+        bench: gibbs::bench,
+    },
 ];
 
 /// Kernels of the CLI contract whose families have not landed yet.
-const NOT_YET: &[&str] = &["attention", "flash", "gibbs", "sample"];
+const NOT_YET: &[&str] = &["attention", "flash"];
 
 /// Entry point of the `seqk` binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -319,10 +325,12 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
     match args.kernel.as_str() {
         "softmax" => softmax::run(&mut io)?,
         "rope" => rope::run(&mut io)?,
+        "gibbs" => gibbs::run(&mut io)?,
+        "sample" => gibbs::run_sample(&mut io)?,
         k if NOT_YET.contains(&k) => return Err(usage(format!("run {k}: not yet implemented"))),
         k => {
             return Err(usage(format!(
-                "run: unknown kernel {k:?}; known: {}",
+                "run: unknown kernel {k:?}; known: {}, sample",
                 names()
             )))
         }

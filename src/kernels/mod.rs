@@ -2,6 +2,7 @@
 //! One module per family; each lists its shader variants for the naga translation test.
 
 pub mod copy;
+pub mod gibbs;
 pub mod rope;
 pub mod softmax;
 
@@ -13,5 +14,6 @@ pub fn all_shader_variants() -> Vec<ShaderVariant> {
     v.extend(copy::shader_variants());
     v.extend(rope::shader_variants());
     v.extend(softmax::shader_variants());
+    v.extend(gibbs::shader_variants());
     v
 }

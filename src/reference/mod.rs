@@ -2,6 +2,7 @@
 //! kernels are tested against these.
 
 pub mod copy;
+pub mod gibbs;
 pub mod rope;
 pub mod softmax;
 

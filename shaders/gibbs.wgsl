@@ -1,0 +1,410 @@
+// Gibbs family: chromatic (red-black) Gibbs sweeps over a chain model, best-state tracking,
+// sampling from given logits with temperature / top-k / top-p, a Metropolis-Hastings accept
+// step, and a Philox test entry point.
+//
+// Chain model: p(x) ∝ exp((sum_i u[i, x_i] + sum_{i>=1} W[x_{i-1}, x_i]) / T). W is dense
+// [V, V] (rank = 0) or factorised W = A B^T with A, B [V, rank].
+// A draw is argmax_v (e_v + T g_v) with e_v the site's energy and g_v Gumbel noise, which is
+// argmax_v (e_v / T + g_v) for T > 0 and the plain argmax (ICM) at T = 0. Ties go to the
+// lowest v.
+//
+// Prepended by the host: shaders/grid.wgsl, shaders/philox.wgsl and one of
+// shaders/reduce_subgroup.wgsl or shaders/reduce_shared.wgsl (`Lanes`, `reduce_max_sum`).
+// No infinities: maxima start at a finite sentinel with "no index yet" = NONE.
+
+override WG: u32 = 64u;
+
+struct Params {
+    chains: u32,        // chains (or logits rows) in this binding chunk
+    len: u32,           // L
+    vocab: u32,         // V
+    rank: u32,          // 0: dense W; else the rank of A B^T
+    parity: u32,        // colour of this half-sweep: sites i with i % 2 == parity
+    sites: u32,         // sites of that colour: (L - parity + 1) / 2
+    sweep: u32,         // Philox counter word 3 (sweep index, or sampling / MH step)
+    chain_offset: u32,  // global index of this chunk's first chain
+    seed_lo: u32,
+    seed_hi: u32,
+    temperature: f32,
+    flags: u32,         // FLAG_*
+    top_k: u32,         // sampling: 0 = off
+    top_p: f32,         // sampling: 1 = off
+    _pad0: u32,
+    _pad1: u32,
+}
+
+const FLAG_UNARY_PER_CHAIN: u32 = 1u;
+const FLAG_CLAMP: u32 = 2u;
+const FLAG_CLAMP_PER_CHAIN: u32 = 4u;
+const FLAG_BEST_INIT: u32 = 8u;
+const SENTINEL: f32 = -3.0e38;
+const NONE: u32 = 0xffffffffu;
+// Candidate index of a lane without the maximum, for the min-index reduction (as -index).
+const NO_CANDIDATE: f32 = -16777216.0;
+
+@group(0) @binding(0) var<storage, read> unary: array<f32>;        // [L, V] or [b, L, V]; logits [b, V]
+@group(0) @binding(1) var<storage, read> pair_a: array<f32>;       // W [V, V] or A [V, r]
+@group(0) @binding(2) var<storage, read> pair_b: array<f32>;       // B [V, r] (dense: unused)
+@group(0) @binding(3) var<storage, read_write> tokens: array<u32>; // [b, L]; samples [b]
+@group(0) @binding(4) var<storage, read> clamp_mask: array<u32>;   // [L] or [b, L] bytes, 4 per word
+@group(0) @binding(5) var<uniform> p: Params;
+@group(0) @binding(6) var<storage, read_write> best_tokens: array<u32>; // [b, L]
+@group(0) @binding(7) var<storage, read_write> best_score: array<f32>;  // [b]
+@group(0) @binding(8) var<storage, read> proposal: array<u32>;          // MH: y [b, L]
+@group(0) @binding(9) var<storage, read_write> score_x: array<f32>;     // MH: score(x) [b]
+@group(0) @binding(10) var<storage, read> score_y: array<f32>;          // MH: score(y) [b]
+@group(0) @binding(11) var<storage, read> log_q_fwd: array<f32>;        // MH: log q(y <- x) [b]
+@group(0) @binding(12) var<storage, read> log_q_back: array<f32>;       // MH: log q(x <- y) [b]
+@group(0) @binding(13) var<storage, read_write> accepted: array<u32>;   // MH: 1 = accepted [b]
+
+fn has(flag: u32) -> bool {
+    return (p.flags & flag) != 0u;
+}
+
+// W[a, v].
+fn pair(a: u32, v: u32) -> f32 {
+    if (p.rank == 0u) {
+        return pair_a[a * p.vocab + v];
+    }
+    var s = 0.0;
+    for (var k = 0u; k < p.rank; k++) {
+        s += pair_a[a * p.rank + k] * pair_b[v * p.rank + k];
+    }
+    return s;
+}
+
+fn unary_base(c: u32, i: u32) -> u32 {
+    if (has(FLAG_UNARY_PER_CHAIN)) {
+        return (c * p.len + i) * p.vocab;
+    }
+    return i * p.vocab;
+}
+
+fn is_clamped(c: u32, i: u32) -> bool {
+    if (!has(FLAG_CLAMP)) {
+        return false;
+    }
+    var e = i;
+    if (has(FLAG_CLAMP_PER_CHAIN)) {
+        e = c * p.len + i;
+    }
+    return ((clamp_mask[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu) != 0u;
+}
+
+// A neighbour's token, kept inside the vocabulary so a bad token can never read out of bounds
+// (the host rejects such tokens before a run).
+fn token_at(e: u32) -> u32 {
+    return min(tokens[e], p.vocab - 1u);
+}
+
+// Energy of token v at site i of chain c given its neighbours.
+fn site_energy(ub: u32, i: u32, v: u32, left: u32, right: u32) -> f32 {
+    var e = unary[ub + v];
+    if (i > 0u) {
+        e += pair(left, v);
+    }
+    if (i + 1u < p.len) {
+        e += pair(v, right);
+    }
+    return e;
+}
+
+struct Site {
+    chain: u32,  // local chain index
+    i: u32,      // site
+    ub: u32,     // unary row base
+    left: u32,   // token at i - 1 (or 0)
+    right: u32,  // token at i + 1 (or 0)
+}
+
+fn site_of(unit: u32) -> Site {
+    let c = unit / p.sites;
+    let i = 2u * (unit % p.sites) + p.parity;
+    let row = c * p.len;
+    var left = 0u;
+    var right = 0u;
+    if (i > 0u) {
+        left = token_at(row + i - 1u);
+    }
+    if (i + 1u < p.len) {
+        right = token_at(row + i + 1u);
+    }
+    return Site(c, i, unary_base(c, i), left, right);
+}
+
+fn key() -> vec2<u32> {
+    return vec2<u32>(p.seed_lo, p.seed_hi);
+}
+
+// Running argmax of (z, v), v visited in increasing order per lane: strict > keeps the lowest v.
+struct Best {
+    z: f32,
+    v: u32,
+}
+
+fn offer(b: Best, z: f32, v: u32) -> Best {
+    if (b.v == NONE || z > b.z) {
+        return Best(z, v);
+    }
+    return b;
+}
+
+// Scores the four tokens 4q .. 4q + 3 of a site (those below V) into the running argmax.
+fn offer_block(b0: Best, s: Site, q: u32) -> Best {
+    var b = b0;
+    var r = vec4<u32>(0u);
+    if (p.temperature > 0.0) {
+        r = philox4x32_10(vec4<u32>(q, s.i, p.chain_offset + s.chain, p.sweep), key());
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let v = 4u * q + j;
+        if (v < p.vocab) {
+            var z = site_energy(s.ub, s.i, v, s.left, s.right);
+            if (p.temperature > 0.0) {
+                z += p.temperature * gumbel(r[j]);
+            }
+            b = offer(b, z, v);
+        }
+    }
+    return b;
+}
+
+// ---- small V: one invocation per site of the current colour ----
+@compute @workgroup_size(WG)
+fn sweep_thread(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let unit = linear_workgroup(wid, nwg) * WG + lid;
+    if (unit >= p.chains * p.sites) {
+        return;
+    }
+    let s = site_of(unit);
+    if (is_clamped(s.chain, s.i)) {
+        return;
+    }
+    var b = Best(SENTINEL, NONE);
+    for (var q = 0u; 4u * q < p.vocab; q++) {
+        b = offer_block(b, s, q);
+    }
+    tokens[s.chain * p.len + s.i] = b.v;
+}
+
+// Workgroup argmax of (z, v) with ties to the lowest v: the maximum, then the lowest index
+// among the lanes holding it. Call in uniform control flow.
+fn workgroup_argmax(b: Best, lanes: Lanes) -> u32 {
+    let m = reduce_max_sum(vec2<f32>(b.z, 0.0), lanes).x;
+    var cand = NO_CANDIDATE;
+    if (b.v != NONE && b.z == m) {
+        cand = -f32(b.v);
+    }
+    return u32(-reduce_max_sum(vec2<f32>(cand, 0.0), lanes).x);
+}
+
+// ---- large V: one workgroup per site, tokens in blocks of 4 (one Philox call) per lane ----
+@compute @workgroup_size(WG)
+fn sweep_group(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    lanes: Lanes,
+) {
+    let unit = linear_workgroup(wid, nwg);
+    if (unit >= p.chains * p.sites) {
+        return;
+    }
+    let s = site_of(unit);
+    var b = Best(SENTINEL, NONE);
+    for (var q = lanes.lid; 4u * q < p.vocab; q += WG) {
+        b = offer_block(b, s, q);
+    }
+    let v = workgroup_argmax(b, lanes);
+    // Clamped sites are still reduced (uniform control flow), just not written.
+    if (lanes.lid == 0u && !is_clamped(s.chain, s.i)) {
+        tokens[s.chain * p.len + s.i] = v;
+    }
+}
+
+// ---- score of each chain's state; keeps the best state seen (FLAG_BEST_INIT: take it) ----
+@compute @workgroup_size(WG)
+fn chain_score(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = linear_workgroup(wid, nwg) * WG + lid;
+    if (c >= p.chains) {
+        return;
+    }
+    let row = c * p.len;
+    var s = 0.0;
+    var prev = 0u;
+    for (var i = 0u; i < p.len; i++) {
+        let x = token_at(row + i);
+        s += unary[unary_base(c, i) + x];
+        if (i > 0u) {
+            s += pair(prev, x);
+        }
+        prev = x;
+    }
+    if (has(FLAG_BEST_INIT) || s > best_score[c]) {
+        best_score[c] = s;
+        for (var i = 0u; i < p.len; i++) {
+            best_tokens[row + i] = tokens[row + i];
+        }
+    }
+}
+
+// ---- sampling from given logits [b, V]: temperature, then top-k, then top-p ----
+
+// Order-preserving map of a finite f32 to u32.
+fn order_key(x: f32) -> u32 {
+    let u = bitcast<u32>(x);
+    if ((u & 0x80000000u) != 0u) {
+        return ~u;
+    }
+    return u | 0x80000000u;
+}
+
+@compute @workgroup_size(WG)
+fn sample_logits(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    lanes: Lanes,
+) {
+    let lid = lanes.lid;
+    let row = linear_workgroup(wid, nwg);
+    if (row >= p.chains) {
+        return;
+    }
+    let base = row * p.vocab;
+    let t = p.temperature;
+    var zmax = SENTINEL;
+    for (var v = lid; v < p.vocab; v += WG) {
+        zmax = max(zmax, unary[base + v]);
+    }
+    zmax = reduce_max_sum(vec2<f32>(zmax, 0.0), lanes).x;
+    // Smallest order key kept; built bit by bit from the top (the largest threshold whose
+    // kept set is still big enough), so ties at the threshold are all kept.
+    var kmin = 0u;
+    if (t > 0.0 && p.top_k > 0u && p.top_k < p.vocab) {
+        var k = 0u;
+        for (var bit = 31i; bit >= 0i; bit--) {
+            let cand = k | (1u << u32(bit));
+            var n = 0.0;
+            for (var v = lid; v < p.vocab; v += WG) {
+                if (order_key(unary[base + v]) >= cand) {
+                    n += 1.0;
+                }
+            }
+            if (reduce_max_sum(vec2<f32>(0.0, n), lanes).y >= f32(p.top_k)) {
+                k = cand;
+            }
+        }
+        kmin = k;
+    }
+    if (t > 0.0 && p.top_p < 1.0) {
+        var total = 0.0;
+        for (var v = lid; v < p.vocab; v += WG) {
+            let z = unary[base + v];
+            if (order_key(z) >= kmin) {
+                total += exp((z - zmax) / t);
+            }
+        }
+        let goal = p.top_p * reduce_max_sum(vec2<f32>(0.0, total), lanes).y;
+        var k = 0u;
+        for (var bit = 31i; bit >= 0i; bit--) {
+            let cand = k | (1u << u32(bit));
+            let lo = max(cand, kmin);
+            var mass = 0.0;
+            for (var v = lid; v < p.vocab; v += WG) {
+                let z = unary[base + v];
+                if (order_key(z) >= lo) {
+                    mass += exp((z - zmax) / t);
+                }
+            }
+            if (reduce_max_sum(vec2<f32>(0.0, mass), lanes).y >= goal) {
+                k = cand;
+            }
+        }
+        kmin = max(kmin, k);
+    }
+    var b = Best(SENTINEL, NONE);
+    for (var q = lid; 4u * q < p.vocab; q += WG) {
+        var r = vec4<u32>(0u);
+        if (t > 0.0) {
+            r = philox4x32_10(vec4<u32>(q, 0u, p.chain_offset + row, p.sweep), key());
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let v = 4u * q + j;
+            if (v < p.vocab) {
+                let z = unary[base + v];
+                if (order_key(z) >= kmin) {
+                    var y = z;
+                    if (t > 0.0) {
+                        y += t * gumbel(r[j]);
+                    }
+                    b = offer(b, y, v);
+                }
+            }
+        }
+    }
+    let v = workgroup_argmax(b, lanes);
+    if (lid == 0u) {
+        tokens[row] = v;
+    }
+}
+
+// ---- Metropolis-Hastings accept step, one invocation per chain ----
+// Accept y over x with probability min(1, exp((score(y) - score(x)) / T + log q(x <- y)
+// - log q(y <- x))); T = 0 accepts iff score(y) >= score(x). U from Philox counter
+// (0, 0xffffffff, chain, step), word 0.
+@compute @workgroup_size(WG)
+fn mh_accept(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = linear_workgroup(wid, nwg) * WG + lid;
+    if (c >= p.chains) {
+        return;
+    }
+    let sx = score_x[c];
+    let sy = score_y[c];
+    var ok = sy >= sx;
+    if (p.temperature > 0.0) {
+        let delta = (sy - sx) / p.temperature + log_q_back[c] - log_q_fwd[c];
+        let r = philox4x32_10(vec4<u32>(0u, 0xffffffffu, p.chain_offset + c, p.sweep), key());
+        // log U < delta, with -log U > 0 always finite.
+        ok = delta >= 0.0 || -neg_log_uniform(r.x) < delta;
+    }
+    if (ok) {
+        score_x[c] = sy;
+        let row = c * p.len;
+        for (var i = 0u; i < p.len; i++) {
+            tokens[row + i] = proposal[row + i];
+        }
+    }
+    accepted[c] = select(0u, 1u, ok);
+}
+
+// ---- known-answer test of the WGSL Philox: tokens holds (ctr, key) as 6 words per case ----
+@compute @workgroup_size(WG)
+fn philox_test(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let n = linear_workgroup(wid, nwg) * WG + lid;
+    if (n >= p.chains) {
+        return;
+    }
+    let a = 6u * n;
+    let out = philox4x32_10(
+        vec4<u32>(tokens[a], tokens[a + 1u], tokens[a + 2u], tokens[a + 3u]),
+        vec2<u32>(tokens[a + 4u], tokens[a + 5u]),
+    );
+    for (var j = 0u; j < 4u; j++) {
+        best_tokens[4u * n + j] = out[j];
+    }
+}

@@ -1,0 +1,1019 @@
+//! Gibbs family: chromatic (red-black) Gibbs sampling over a chain model, with clamped sites,
+//! constant or geometrically annealed temperature (0 = iterated conditional modes) and
+//! best-state tracking; sampling from given logits with temperature, top-k and top-p; a
+//! batched Metropolis-Hastings accept step. Every draw comes from Philox-4x32-10 with the
+//! counter layout of spec section 5, so the CPU reference (`reference::gibbs`) follows the
+//! same stream site by site.
+//!
+//! Chain model: `p(x) ∝ exp((sum_i u[i, x_i] + sum_{i>=1} W[x_{i-1}, x_i]) / T)`, u [L, V] or
+//! [b, L, V], W dense [V, V] or factorised `W = A B^T` with A, B [V, r] (vocabularies of 32K+).
+//! A sweep updates all even sites in parallel, then all odd sites. Up to V = 64 one invocation
+//! updates one site; larger vocabularies take one workgroup per site with a workgroup argmax.
+//!
+//! ```no_run
+//! use seq_kernels::{ChainModel, Context, GibbsOptions, Pairwise};
+//! let ctx = Context::new()?;
+//! let (b, l, v) = (256, 8, 5);
+//! let unary = ctx.upload(&vec![0.0f32; l * v], [l, v])?;
+//! let w = ctx.upload(&vec![0.5f32; v * v], [v, v])?;
+//! let init = ctx.upload(&vec![0u32; b * l], [b, l])?;
+//! let model = ChainModel { unary: &unary, pairwise: Pairwise::Dense(&w) };
+//! let opts = GibbsOptions { sweeps: 50, temperature: 2.0, anneal_to: Some(0.1),
+//!                           track_best: true, ..Default::default() };
+//! let out = ctx.gibbs(&model, &init, None, &opts)?;
+//! let tokens: Vec<u32> = out.tokens.download()?;
+//! let (best_tokens, best_scores) = out.best.unwrap();
+//! # Ok::<(), seq_kernels::Error>(())
+//! ```
+
+use std::ops::Range;
+
+use crate::context::Context;
+use crate::dispatch::{sub_binding as sub, Plan, Step};
+use crate::error::{Error, Result};
+use crate::shader::{compose, ShaderVariant, GRID_WGSL};
+use crate::tensor::{DType, Element, GpuTensor};
+
+const SOURCE: &str = include_str!("../../shaders/gibbs.wgsl");
+/// The Philox-4x32-10 snippet (WGSL), shared by every kernel that draws random numbers.
+pub const PHILOX_WGSL: &str = include_str!("../../shaders/philox.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
+const REDUCE_SHARED: &str = include_str!("../../shaders/reduce_shared.wgsl");
+
+/// Largest vocabulary: token indices pass through f32 in the workgroup argmax.
+pub const MAX_VOCAB: usize = 1 << 24;
+/// Vocabularies up to this size take one invocation per site.
+const THREAD_MAX_VOCAB: usize = 64;
+const THREAD_WG: u32 = 64;
+const GROUP_WGS: [u32; 3] = [64, 128, 256];
+
+const FLAG_UNARY_PER_CHAIN: u32 = 1;
+const FLAG_CLAMP: u32 = 2;
+const FLAG_CLAMP_PER_CHAIN: u32 = 4;
+const FLAG_BEST_INIT: u32 = 8;
+
+/// Options of a Gibbs run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GibbsOptions {
+    /// Number of sweeps (each: even sites, then odd sites). Default 100.
+    pub sweeps: u32,
+    /// Temperature of the first sweep; 0 means argmax (iterated conditional modes). Default 1.
+    pub temperature: f32,
+    /// Anneal geometrically from `temperature` to this over the sweeps (both must be > 0).
+    pub anneal_to: Option<f32>,
+    /// Philox key (low and high words).
+    pub seed: u64,
+    /// Philox sweep index of the first sweep, to continue a run without reusing draws.
+    pub first_sweep: u32,
+    /// Keep each chain's best-scoring state (initial state included) and its score
+    /// (used by [`Context::gibbs`] and the reference; [`Gibbs::plan`] takes the buffers).
+    pub track_best: bool,
+}
+
+impl Default for GibbsOptions {
+    fn default() -> Self {
+        Self {
+            sweeps: 100,
+            temperature: 1.0,
+            anneal_to: None,
+            seed: 0,
+            first_sweep: 0,
+            track_best: false,
+        }
+    }
+}
+
+impl GibbsOptions {
+    /// Checks the options' values.
+    pub fn validate(&self) -> Result<()> {
+        let t = self.temperature;
+        if !(t >= 0.0 && t.is_finite()) {
+            return Err(Error::option(format!(
+                "gibbs temperature must be finite and >= 0 (0 = argmax), got {t}"
+            )));
+        }
+        if let Some(t1) = self.anneal_to {
+            if !(t > 0.0 && t1 > 0.0 && t1.is_finite()) {
+                return Err(Error::option(format!(
+                    "gibbs annealing goes geometrically from temperature to anneal_to, both must \
+                     be finite and > 0, got {t} -> {t1}; for a final argmax run a T = 0 pass after"
+                )));
+            }
+        }
+        if self.first_sweep.checked_add(self.sweeps).is_none() {
+            return Err(Error::option("gibbs first_sweep + sweeps must fit in u32"));
+        }
+        Ok(())
+    }
+
+    /// The temperature of sweep `s` (0-based within this run): constant, or
+    /// `T0 (T1 / T0)^(s / (sweeps - 1))`. GPU and reference use this same f32 value.
+    pub fn temperature_at(&self, s: u32) -> f32 {
+        match self.anneal_to {
+            Some(t1) if self.sweeps > 1 => {
+                let t0 = self.temperature as f64;
+                let f = s as f64 / (self.sweeps - 1) as f64;
+                (t0 * (t1 as f64 / t0).powf(f)) as f32
+            }
+            _ => self.temperature,
+        }
+    }
+}
+
+/// Sizes of a chain-model call, checked once for the GPU and the CPU reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainShape {
+    /// Number of chains b.
+    pub chains: usize,
+    /// Sequence length L.
+    pub len: usize,
+    /// Vocabulary V.
+    pub vocab: usize,
+    /// 0 for dense W, else the rank r of W = A B^T.
+    pub rank: usize,
+    /// Unary is [b, L, V] rather than [L, V].
+    pub unary_per_chain: bool,
+    /// `Some(per_chain)` when a clamp mask is given ([b, L] when per_chain, else [L]).
+    pub clamp: Option<bool>,
+}
+
+/// Checks the shapes of unary, pairwise (one [V, V] or two [V, r]), tokens [b, L] and the
+/// optional clamp mask against each other.
+pub fn chain_shape(
+    unary: &[usize],
+    pairwise: &[&[usize]],
+    tokens: &[usize],
+    clamp: Option<&[usize]>,
+) -> Result<ChainShape> {
+    let &[b, l] = tokens else {
+        return Err(Error::shape(format!(
+            "gibbs tokens must be [chains, L], got {tokens:?}"
+        )));
+    };
+    if b == 0 || l == 0 {
+        return Err(Error::shape(format!(
+            "gibbs tokens {tokens:?} need at least one chain and one site"
+        )));
+    }
+    let (per_chain, ul, v) = match *unary {
+        [ul, v] => (false, ul, v),
+        [ub, ul, v] if ub == b => (true, ul, v),
+        _ => {
+            return Err(Error::shape(format!(
+                "gibbs unary must be [L, V] or [chains, L, V] = [{b}, {l}, V], got {unary:?}"
+            )))
+        }
+    };
+    if ul != l {
+        return Err(Error::shape(format!(
+            "gibbs unary {unary:?} has L = {ul} but tokens {tokens:?} have L = {l}"
+        )));
+    }
+    if v == 0 {
+        return Err(Error::shape(format!(
+            "gibbs vocabulary size V must be >= 1, unary is {unary:?}"
+        )));
+    }
+    if v > MAX_VOCAB {
+        return Err(Error::shape(format!(
+            "gibbs vocabulary size V = {v} exceeds the supported {MAX_VOCAB}"
+        )));
+    }
+    let rank = match pairwise {
+        [w] if *w == [v, v] => 0,
+        [a, bb] if a.len() == 2 && a == bb && a[0] == v && a[1] >= 1 => a[1],
+        _ => {
+            return Err(Error::shape(format!(
+                "gibbs pairwise must be W [{v}, {v}] or A, B [{v}, r] (r >= 1), got {pairwise:?}"
+            )))
+        }
+    };
+    let clamp = match clamp {
+        None => None,
+        Some(c) if c == [l] => Some(false),
+        Some(c) if c == [b, l] => Some(true),
+        Some(c) => {
+            return Err(Error::shape(format!(
+                "gibbs clamp mask must be [{l}] or [{b}, {l}], got {c:?}"
+            )))
+        }
+    };
+    Ok(ChainShape {
+        chains: b,
+        len: l,
+        vocab: v,
+        rank,
+        unary_per_chain: per_chain,
+        clamp,
+    })
+}
+
+/// Checks that every token is below `vocab` (i32 tokens are passed as their bits, so a
+/// negative token is caught too).
+pub fn check_tokens(tokens: &[u32], vocab: usize, what: &str) -> Result<()> {
+    if let Some((i, &t)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab)
+    {
+        return Err(Error::option(format!(
+            "{what}: token {} at flat index {i} is outside the vocabulary 0..{vocab}",
+            t as i32
+        )));
+    }
+    Ok(())
+}
+
+fn token_dtype<T: Element>(what: &str) -> Result<()> {
+    match T::DTYPE {
+        DType::U32 | DType::I32 => Ok(()),
+        d => Err(Error::Dtype(format!(
+            "{what} tokens must be u32 or i32, got {}",
+            d.name()
+        ))),
+    }
+}
+
+/// Pairwise potentials on the GPU.
+#[derive(Clone, Copy, Debug)]
+pub enum Pairwise<'a> {
+    /// Dense W [V, V] (row = previous token, column = next token).
+    Dense(&'a GpuTensor<f32>),
+    /// W = A B^T with A, B [V, r].
+    Factored {
+        /// A [V, r]: the previous token's factor.
+        a: &'a GpuTensor<f32>,
+        /// B [V, r]: the next token's factor.
+        b: &'a GpuTensor<f32>,
+    },
+}
+
+/// A chain model on the GPU: unary [L, V] or [b, L, V] and pairwise potentials.
+#[derive(Clone, Copy, Debug)]
+pub struct ChainModel<'a> {
+    /// u [L, V] (shared by all chains) or [b, L, V].
+    pub unary: &'a GpuTensor<f32>,
+    /// W.
+    pub pairwise: Pairwise<'a>,
+}
+
+impl ChainModel<'_> {
+    fn pair_shapes(&self) -> Vec<&[usize]> {
+        match self.pairwise {
+            Pairwise::Dense(w) => vec![w.shape()],
+            Pairwise::Factored { a, b } => vec![a.shape(), b.shape()],
+        }
+    }
+}
+
+/// A best state on the GPU: tokens [b, L] and scores [b].
+pub type BestState<'a, T> = (&'a GpuTensor<T>, &'a GpuTensor<f32>);
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    chains: u32,
+    len: u32,
+    vocab: u32,
+    rank: u32,
+    parity: u32,
+    sites: u32,
+    sweep: u32,
+    chain_offset: u32,
+    seed_lo: u32,
+    seed_hi: u32,
+    temperature: f32,
+    flags: u32,
+    top_k: u32,
+    top_p: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+fn variant(subgroups: bool, entry: &'static str, wg: u32) -> ShaderVariant {
+    let reduce = if subgroups {
+        REDUCE_SUBGROUP
+    } else {
+        REDUCE_SHARED
+    };
+    ShaderVariant {
+        family: "gibbs",
+        variant: if subgroups { "subgroup" } else { "shared" }.into(),
+        source: compose(&[GRID_WGSL, PHILOX_WGSL, reduce, SOURCE]),
+        entry,
+        constants: vec![("WG".into(), wg as f64)],
+    }
+}
+
+/// Every shader variant of the family (for the naga translation test).
+pub fn shader_variants() -> Vec<ShaderVariant> {
+    let mut out = Vec::new();
+    for subgroups in [false, true] {
+        for entry in ["sweep_thread", "chain_score", "mh_accept", "philox_test"] {
+            out.push(variant(subgroups, entry, THREAD_WG));
+        }
+        for wg in GROUP_WGS {
+            out.push(variant(subgroups, "sweep_group", wg));
+            out.push(variant(subgroups, "sample_logits", wg));
+        }
+    }
+    out
+}
+
+fn group_wg(ctx: &Context, work: usize) -> u32 {
+    let l = ctx.limits();
+    let max = l
+        .max_compute_invocations_per_workgroup
+        .min(l.max_compute_workgroup_size_x);
+    let want = (work.next_power_of_two() as u32).clamp(64, 256);
+    GROUP_WGS
+        .into_iter()
+        .filter(|&w| w <= want && w <= max)
+        .max()
+        .unwrap_or(64)
+}
+
+/// Largest binding the kernels use (indices stay below 2^31 elements; 4 bytes spare for
+/// the rounding of byte masks up to whole words).
+fn max_binding(ctx: &Context) -> u64 {
+    ctx.limits().max_storage_buffer_binding_size.min(1 << 31) - 4
+}
+
+/// Splits `rows` rows of at most `row_bytes` bytes per tensor into chunks that fit one
+/// binding; chunk starts are multiples of the offset alignment in rows, so every per-row
+/// tensor (bytes, words, rows of V words) starts aligned.
+#[allow(clippy::single_range_in_vec_init)]
+fn row_chunks(ctx: &Context, rows: u64, row_bytes: u64) -> Result<Vec<Range<u64>>> {
+    let max = max_binding(ctx);
+    if rows * row_bytes <= max {
+        return Ok(vec![0..rows]);
+    }
+    let align = ctx.limits().min_storage_buffer_offset_alignment.max(4) as u64;
+    let per = (max / row_bytes) / align * align;
+    if per == 0 {
+        return Err(Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            needed: align * row_bytes,
+            max,
+        });
+    }
+    Ok((0..rows)
+        .step_by(per as usize)
+        .map(|r| r..(r + per).min(rows))
+        .collect())
+}
+
+fn check_fits(ctx: &Context, bytes: u64, what: &str) -> Result<()> {
+    let max = max_binding(ctx);
+    if bytes > max {
+        return Err(Error::LimitExceeded {
+            limit: if what.is_empty() {
+                "max_storage_buffer_binding_size"
+            } else {
+                "max_storage_buffer_binding_size (use a factorised W = A B^T for large V)"
+            },
+            needed: bytes,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn seed_words(seed: u64) -> (u32, u32) {
+    (seed as u32, (seed >> 32) as u32)
+}
+
+/// A Gibbs sampler with fixed options; pipelines are compiled on first use and cached in the
+/// context. Tokens are updated in place.
+///
+/// ```no_run
+/// # use seq_kernels::{ChainModel, Context, Gibbs, GibbsOptions, Pairwise};
+/// # let ctx = Context::new()?;
+/// # let unary = ctx.upload(&vec![0.0f32; 8 * 5], [8, 5])?;
+/// # let w = ctx.upload(&vec![0.5f32; 25], [5, 5])?;
+/// let tokens = ctx.zeros::<u32>([64, 8])?;
+/// let model = ChainModel { unary: &unary, pairwise: Pairwise::Dense(&w) };
+/// let k = Gibbs::new(&ctx, &GibbsOptions { sweeps: 10, ..Default::default() })?;
+/// let mut encoder = ctx.device().create_command_encoder(&Default::default());
+/// k.encode(&mut encoder, &model, &tokens, None, None)?;
+/// ctx.queue().submit([encoder.finish()]);
+/// # Ok::<(), seq_kernels::Error>(())
+/// ```
+pub struct Gibbs {
+    ctx: Context,
+    opts: GibbsOptions,
+}
+
+impl Gibbs {
+    /// Validates the options.
+    pub fn new(ctx: &Context, opts: &GibbsOptions) -> Result<Self> {
+        opts.validate()?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            opts: opts.clone(),
+        })
+    }
+
+    /// Records the sweeps into `encoder` (no submit). Tokens must be below V (checked by
+    /// [`Context::gibbs`]; here an out-of-range neighbour is read as V - 1, never out of
+    /// bounds).
+    pub fn encode<T: Element>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        model: &ChainModel<'_>,
+        tokens: &GpuTensor<T>,
+        clamp: Option<&GpuTensor<u8>>,
+        best: Option<BestState<'_, T>>,
+    ) -> Result<()> {
+        self.plan(model, tokens, clamp, best)?.encode(encoder);
+        Ok(())
+    }
+
+    /// The dispatches of one run (sweeps x 2 colours, plus scoring when `best` is given).
+    /// `best` receives each chain's best state and score, the initial state included.
+    pub fn plan<T: Element>(
+        &self,
+        model: &ChainModel<'_>,
+        tokens: &GpuTensor<T>,
+        clamp: Option<&GpuTensor<u8>>,
+        best: Option<BestState<'_, T>>,
+    ) -> Result<Plan> {
+        let ctx = &self.ctx;
+        token_dtype::<T>("gibbs")?;
+        let s = chain_shape(
+            model.unary.shape(),
+            &model.pair_shapes(),
+            tokens.shape(),
+            clamp.map(|c| c.shape()),
+        )?;
+        if let Some((bt, bs)) = best {
+            if bt.shape() != tokens.shape() || bs.shape() != [s.chains] {
+                return Err(Error::shape(format!(
+                    "gibbs best state must be tokens {:?} and scores [{}], got {:?} and {:?}",
+                    tokens.shape(),
+                    s.chains,
+                    bt.shape(),
+                    bs.shape()
+                )));
+            }
+            if bt.buffer() == tokens.buffer() {
+                return Err(Error::option(
+                    "gibbs best tokens must be a different tensor from the chain tokens",
+                ));
+            }
+        }
+        let (b, l, v, r) = (s.chains as u64, s.len as u64, s.vocab as u64, s.rank as u64);
+        // Tensors shared by all chains must fit one binding.
+        if !s.unary_per_chain {
+            check_fits(ctx, l * v * 4, "")?;
+        }
+        if r == 0 {
+            check_fits(ctx, v * v * 4, "dense W")?;
+        } else {
+            check_fits(ctx, v * r * 4, "")?;
+        }
+        let row_bytes = if s.unary_per_chain { l * v * 4 } else { l * 4 };
+        let chunks = row_chunks(ctx, b, row_bytes)?;
+
+        let mut plan = Plan::default();
+        let dummy = ctx.scratch(16)?;
+        let subgroups = ctx.has_subgroups();
+        let (pa, pb) = match model.pairwise {
+            Pairwise::Dense(w) => (w.binding(), dummy.as_entire_buffer_binding()),
+            Pairwise::Factored { a, b } => (a.binding(), b.binding()),
+        };
+        let (seed_lo, seed_hi) = seed_words(self.opts.seed);
+        let mut flags = 0;
+        if s.unary_per_chain {
+            flags |= FLAG_UNARY_PER_CHAIN;
+        }
+        match s.clamp {
+            Some(true) => flags |= FLAG_CLAMP | FLAG_CLAMP_PER_CHAIN,
+            Some(false) => flags |= FLAG_CLAMP,
+            None => {}
+        }
+        let base = Params {
+            len: l as u32,
+            vocab: v as u32,
+            rank: r as u32,
+            seed_lo,
+            seed_hi,
+            flags,
+            top_p: 1.0,
+            ..Default::default()
+        };
+        let group = s.vocab > THREAD_MAX_VOCAB;
+        let wg = group_wg(ctx, s.vocab.div_ceil(16));
+        let sweep_v = if group {
+            variant(subgroups, "sweep_group", wg)
+        } else {
+            variant(subgroups, "sweep_thread", THREAD_WG)
+        };
+        let score_v = variant(subgroups, "chain_score", THREAD_WG);
+
+        let dispatch = |plan: &mut Plan, p: Params, score: bool| -> Result<()> {
+            for rows in &chunks {
+                let n = rows.end - rows.start;
+                let params = ctx.uniform(&Params {
+                    chains: n as u32,
+                    chain_offset: rows.start as u32,
+                    ..p
+                })?;
+                let u_b = if s.unary_per_chain {
+                    sub(model.unary.buffer(), rows.start * l * v * 4, n * l * v * 4)
+                } else {
+                    model.unary.binding()
+                };
+                let t_b = sub(tokens.buffer(), rows.start * l * 4, n * l * 4);
+                let c_b = match (clamp, s.clamp) {
+                    (Some(c), Some(true)) => sub(c.buffer(), rows.start * l, n * l),
+                    (Some(c), _) => c.binding(),
+                    _ => dummy.as_entire_buffer_binding(),
+                };
+                let p_b = params.as_entire_buffer_binding();
+                if let (true, Some((bt, bs))) = (score, best) {
+                    let bindings = [
+                        (0, u_b),
+                        (1, pa.clone()),
+                        (2, pb.clone()),
+                        (3, t_b),
+                        (5, p_b),
+                        (6, sub(bt.buffer(), rows.start * l * 4, n * l * 4)),
+                        (7, sub(bs.buffer(), rows.start * 4, n * 4)),
+                    ];
+                    plan.push(Step::new(
+                        ctx,
+                        &score_v,
+                        &bindings,
+                        n.div_ceil(THREAD_WG as u64),
+                    )?);
+                } else {
+                    let units = n * p.sites as u64;
+                    let bindings = [
+                        (0, u_b),
+                        (1, pa.clone()),
+                        (2, pb.clone()),
+                        (3, t_b),
+                        (4, c_b),
+                        (5, p_b),
+                    ];
+                    let groups = if group {
+                        units
+                    } else {
+                        units.div_ceil(THREAD_WG as u64)
+                    };
+                    plan.push(Step::new(ctx, &sweep_v, &bindings, groups)?);
+                }
+                plan.keep(params);
+            }
+            Ok(())
+        };
+
+        if best.is_some() {
+            dispatch(
+                &mut plan,
+                Params {
+                    flags: flags | FLAG_BEST_INIT,
+                    ..base
+                },
+                true,
+            )?;
+        }
+        for sweep in 0..self.opts.sweeps {
+            let temperature = self.opts.temperature_at(sweep);
+            for parity in 0..2u32 {
+                let sites = (l as u32 + 1 - parity) / 2;
+                if sites == 0 {
+                    continue;
+                }
+                let p = Params {
+                    parity,
+                    sites,
+                    sweep: self.opts.first_sweep + sweep,
+                    temperature,
+                    ..base
+                };
+                dispatch(&mut plan, p, false)?;
+            }
+            if best.is_some() {
+                dispatch(&mut plan, base, true)?;
+            }
+        }
+        plan.keep(dummy);
+        Ok(plan)
+    }
+}
+
+/// Result of [`Context::gibbs`].
+pub struct GibbsOutput<T: Element> {
+    /// Final states [b, L].
+    pub tokens: GpuTensor<T>,
+    /// With `track_best`: each chain's best state [b, L] and its score [b].
+    pub best: Option<(GpuTensor<T>, GpuTensor<f32>)>,
+}
+
+/// Options of sampling from logits: temperature, then top-k, then top-p.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleOptions {
+    /// Temperature; 0 = greedy argmax (top-k / top-p then change nothing). Default 1.
+    pub temperature: f32,
+    /// Keep the k largest logits (all ties of the k-th kept); 0 = off.
+    pub top_k: usize,
+    /// Keep the smallest set of largest logits whose probability reaches p (after top-k;
+    /// ties at the threshold all kept); 1 = off.
+    pub top_p: f32,
+    /// Philox key.
+    pub seed: u64,
+    /// Philox counter word 3, to draw afresh at every generation step.
+    pub step: u32,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            step: 0,
+        }
+    }
+}
+
+impl SampleOptions {
+    /// Checks the options' values.
+    pub fn validate(&self) -> Result<()> {
+        let t = self.temperature;
+        if !(t >= 0.0 && t.is_finite()) {
+            return Err(Error::option(format!(
+                "sampling temperature must be finite and >= 0 (0 = greedy), got {t}"
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::option(format!(
+                "top_p must be in (0, 1] (1 = off), got {}",
+                self.top_p
+            )));
+        }
+        if self.top_k > u32::MAX as usize {
+            return Err(Error::option("top_k must fit in u32"));
+        }
+        Ok(())
+    }
+}
+
+/// Checks logits [b, V] and returns (b, V).
+pub fn logits_shape(shape: &[usize]) -> Result<(usize, usize)> {
+    match *shape {
+        [b, v] if b > 0 && v > 0 && v <= MAX_VOCAB => Ok((b, v)),
+        _ => Err(Error::shape(format!(
+            "logits must be [rows, V] with rows >= 1 and 1 <= V <= {MAX_VOCAB}, got {shape:?}"
+        ))),
+    }
+}
+
+/// Draws one token per row of logits [b, V].
+pub struct Sampler {
+    ctx: Context,
+    opts: SampleOptions,
+}
+
+impl Sampler {
+    /// Validates the options.
+    pub fn new(ctx: &Context, opts: &SampleOptions) -> Result<Self> {
+        opts.validate()?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            opts: opts.clone(),
+        })
+    }
+
+    /// Records the draw of `out` [b] from `logits` [b, V] into `encoder`.
+    pub fn encode<T: Element>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        logits: &GpuTensor<f32>,
+        out: &GpuTensor<T>,
+    ) -> Result<()> {
+        self.plan(logits, out)?.encode(encoder);
+        Ok(())
+    }
+
+    /// The dispatches of one draw.
+    pub fn plan<T: Element>(&self, logits: &GpuTensor<f32>, out: &GpuTensor<T>) -> Result<Plan> {
+        let ctx = &self.ctx;
+        token_dtype::<T>("sampled")?;
+        let (b, v) = logits_shape(logits.shape())?;
+        if out.shape() != [b] {
+            return Err(Error::shape(format!(
+                "sampled tokens must be [{b}] for logits {:?}, got {:?}",
+                logits.shape(),
+                out.shape()
+            )));
+        }
+        let (seed_lo, seed_hi) = seed_words(self.opts.seed);
+        let wg = group_wg(ctx, v.div_ceil(4));
+        let sv = variant(ctx.has_subgroups(), "sample_logits", wg);
+        let mut plan = Plan::default();
+        for rows in row_chunks(ctx, b as u64, v as u64 * 4)? {
+            let n = rows.end - rows.start;
+            let params = ctx.uniform(&Params {
+                chains: n as u32,
+                vocab: v as u32,
+                sweep: self.opts.step,
+                chain_offset: rows.start as u32,
+                seed_lo,
+                seed_hi,
+                temperature: self.opts.temperature,
+                top_k: self.opts.top_k as u32,
+                top_p: self.opts.top_p,
+                ..Default::default()
+            })?;
+            let bindings = [
+                (
+                    0,
+                    sub(logits.buffer(), rows.start * v as u64 * 4, n * v as u64 * 4),
+                ),
+                (3, sub(out.buffer(), rows.start * 4, n * 4)),
+                (5, params.as_entire_buffer_binding()),
+            ];
+            plan.push(Step::new(ctx, &sv, &bindings, n)?);
+            plan.keep(params);
+        }
+        Ok(plan)
+    }
+}
+
+/// Options of the Metropolis-Hastings accept step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MhOptions {
+    /// Divides the score difference; 0 accepts iff score(y) >= score(x). Default 1.
+    pub temperature: f32,
+    /// Philox key.
+    pub seed: u64,
+    /// Philox counter word 3 (the MH step index).
+    pub step: u32,
+}
+
+impl Default for MhOptions {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            seed: 0,
+            step: 0,
+        }
+    }
+}
+
+impl MhOptions {
+    /// Checks the options' values.
+    pub fn validate(&self) -> Result<()> {
+        let t = self.temperature;
+        if !(t >= 0.0 && t.is_finite()) {
+            return Err(Error::option(format!(
+                "MH temperature must be finite and >= 0, got {t}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The tensors of a batched MH step: states x are replaced by proposals y where accepted,
+/// and `score_x` by `score_y`; `accepted` gets 1 or 0 per chain.
+pub struct MhTensors<'a, T: Element> {
+    /// Current states x [b, L] (updated).
+    pub x: &'a GpuTensor<T>,
+    /// Proposals y [b, L].
+    pub y: &'a GpuTensor<T>,
+    /// score(x) [b] (updated).
+    pub score_x: &'a GpuTensor<f32>,
+    /// score(y) [b].
+    pub score_y: &'a GpuTensor<f32>,
+    /// log q(y <- x) [b].
+    pub log_q_fwd: &'a GpuTensor<f32>,
+    /// log q(x <- y) [b].
+    pub log_q_back: &'a GpuTensor<f32>,
+    /// 1 where y was accepted [b].
+    pub accepted: &'a GpuTensor<u32>,
+}
+
+/// Checks the MH shapes: x, y [b, L]; the rest [b]. Returns (b, L).
+pub fn mh_shape(x: &[usize], y: &[usize], per_chain: &[&[usize]]) -> Result<(usize, usize)> {
+    let &[b, l] = x else {
+        return Err(Error::shape(format!(
+            "MH states must be [chains, L], got {x:?}"
+        )));
+    };
+    if y != x {
+        return Err(Error::shape(format!(
+            "MH proposals {y:?} must have the states' shape {x:?}"
+        )));
+    }
+    for s in per_chain {
+        if *s != [b] {
+            return Err(Error::shape(format!(
+                "MH scores, proposal log-probabilities and flags must be [{b}], got {s:?}"
+            )));
+        }
+    }
+    Ok((b, l))
+}
+
+/// The batched Metropolis-Hastings accept step.
+pub struct Metropolis {
+    ctx: Context,
+    opts: MhOptions,
+}
+
+impl Metropolis {
+    /// Validates the options.
+    pub fn new(ctx: &Context, opts: &MhOptions) -> Result<Self> {
+        opts.validate()?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            opts: opts.clone(),
+        })
+    }
+
+    /// Records the step into `encoder`.
+    pub fn encode<T: Element>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        t: &MhTensors<'_, T>,
+    ) -> Result<()> {
+        self.plan(t)?.encode(encoder);
+        Ok(())
+    }
+
+    /// The dispatch of one step.
+    pub fn plan<T: Element>(&self, t: &MhTensors<'_, T>) -> Result<Plan> {
+        let ctx = &self.ctx;
+        token_dtype::<T>("MH")?;
+        let (b, l) = mh_shape(
+            t.x.shape(),
+            t.y.shape(),
+            &[
+                t.score_x.shape(),
+                t.score_y.shape(),
+                t.log_q_fwd.shape(),
+                t.log_q_back.shape(),
+                t.accepted.shape(),
+            ],
+        )?;
+        if t.x.buffer() == t.y.buffer() {
+            return Err(Error::option(
+                "MH states and proposals must be different tensors",
+            ));
+        }
+        let written = [t.score_x.buffer(), t.accepted.buffer()];
+        let read = [
+            t.score_y.buffer(),
+            t.log_q_fwd.buffer(),
+            t.log_q_back.buffer(),
+        ];
+        if written[0] == written[1] || written.iter().any(|w| read.contains(w)) {
+            return Err(Error::option(
+                "MH score_x and accepted are written, so they must be tensors of their own \
+                 (not shared with each other or with score_y / log_q_fwd / log_q_back)",
+            ));
+        }
+        check_fits(ctx, (b * l * 4) as u64, "")?;
+        let (seed_lo, seed_hi) = seed_words(self.opts.seed);
+        let params = ctx.uniform(&Params {
+            chains: b as u32,
+            len: l as u32,
+            sweep: self.opts.step,
+            seed_lo,
+            seed_hi,
+            temperature: self.opts.temperature,
+            top_p: 1.0,
+            ..Default::default()
+        })?;
+        let bindings = [
+            (3, t.x.binding()),
+            (5, params.as_entire_buffer_binding()),
+            (8, t.y.binding()),
+            (9, t.score_x.binding()),
+            (10, t.score_y.binding()),
+            (11, t.log_q_fwd.binding()),
+            (12, t.log_q_back.binding()),
+            (13, t.accepted.binding()),
+        ];
+        let v = variant(ctx.has_subgroups(), "mh_accept", THREAD_WG);
+        let mut plan = Plan::default();
+        plan.push(Step::new(
+            ctx,
+            &v,
+            &bindings,
+            (b as u64).div_ceil(THREAD_WG as u64),
+        )?);
+        plan.keep(params);
+        Ok(plan)
+    }
+}
+
+/// Runs the WGSL Philox-4x32-10 on (counter, key) pairs (for known-answer tests).
+pub fn philox_gpu(ctx: &Context, cases: &[([u32; 4], [u32; 2])]) -> Result<Vec<[u32; 4]>> {
+    if cases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let words: Vec<u32> = cases
+        .iter()
+        .flat_map(|(c, k)| c.iter().chain(k.iter()).copied())
+        .collect();
+    let input = ctx.upload(&words, [words.len()])?;
+    let out = ctx.zeros::<u32>([cases.len() * 4])?;
+    let params = ctx.uniform(&Params {
+        chains: cases.len() as u32,
+        ..Default::default()
+    })?;
+    let v = variant(ctx.has_subgroups(), "philox_test", THREAD_WG);
+    let mut plan = Plan::default();
+    plan.push(Step::new(
+        ctx,
+        &v,
+        &[
+            (3, input.binding()),
+            (5, params.as_entire_buffer_binding()),
+            (6, out.binding()),
+        ],
+        (cases.len() as u64).div_ceil(THREAD_WG as u64),
+    )?);
+    plan.keep(params);
+    plan.run(ctx)?;
+    Ok(out
+        .download()?
+        .chunks(4)
+        .map(|c| [c[0], c[1], c[2], c[3]])
+        .collect())
+}
+
+fn download_bits<T: Element>(t: &GpuTensor<T>) -> Result<Vec<u32>> {
+    Ok(bytemuck::cast_slice::<T, u32>(&t.download()?).to_vec())
+}
+
+impl Context {
+    /// Runs `opts.sweeps` Gibbs sweeps from `init` [b, L] (checked: every token below V) and
+    /// returns the final states, plus the best states and scores with `opts.track_best`.
+    pub fn gibbs<T: Element>(
+        &self,
+        model: &ChainModel<'_>,
+        init: &GpuTensor<T>,
+        clamp: Option<&GpuTensor<u8>>,
+        opts: &GibbsOptions,
+    ) -> Result<GibbsOutput<T>> {
+        token_dtype::<T>("gibbs")?;
+        let s = chain_shape(
+            model.unary.shape(),
+            &model.pair_shapes(),
+            init.shape(),
+            clamp.map(|c| c.shape()),
+        )?;
+        check_tokens(&download_bits(init)?, s.vocab, "gibbs initial state")?;
+        let tokens = self.zeros::<T>(init.shape().to_vec())?;
+        let best = if opts.track_best {
+            Some((
+                self.zeros::<T>(init.shape().to_vec())?,
+                self.zeros::<f32>([s.chains])?,
+            ))
+        } else {
+            None
+        };
+        let plan = Gibbs::new(self, opts)?.plan(
+            model,
+            &tokens,
+            clamp,
+            best.as_ref().map(|(t, s)| (t, s)),
+        )?;
+        let mut encoder = self.encoder();
+        encoder.copy_buffer_to_buffer(init.buffer(), 0, tokens.buffer(), 0, init.buffer().size());
+        plan.encode(&mut encoder);
+        self.submit_and_wait(encoder)?;
+        Ok(GibbsOutput { tokens, best })
+    }
+
+    /// Draws one token per row of `logits` [b, V] (temperature, top-k, top-p).
+    pub fn sample_logits(
+        &self,
+        logits: &GpuTensor<f32>,
+        opts: &SampleOptions,
+    ) -> Result<GpuTensor<u32>> {
+        let (b, _) = logits_shape(logits.shape())?;
+        let out = self.zeros::<u32>([b])?;
+        Sampler::new(self, opts)?.plan(logits, &out)?.run(self)?;
+        Ok(out)
+    }
+
+    /// One batched Metropolis-Hastings accept step (in place); proposals are checked to be
+    /// below `vocab`.
+    pub fn mh_step<T: Element>(
+        &self,
+        t: &MhTensors<'_, T>,
+        vocab: usize,
+        opts: &MhOptions,
+    ) -> Result<()> {
+        token_dtype::<T>("MH")?;
+        check_tokens(&download_bits(t.y)?, vocab, "MH proposals")?;
+        Metropolis::new(self, opts)?.plan(t)?.run(self)
+    }
+}

@@ -1,0 +1,1115 @@
+//! Gibbs family on the GPU against the f64 reference: Philox known answers, site-by-site
+//! agreement of GPU and CPU chains, chi-square tests against exact marginals (with a negative
+//! control), clamping, T = 0, annealing and best tracking, determinism, logits sampling, the
+//! MH step and bad input.
+#![allow(clippy::needless_range_loop)]
+
+mod common;
+
+use common::{gpu, random};
+use seq_kernels::kernels::gibbs::{chain_shape, philox_gpu};
+use seq_kernels::reference::gibbs::{self as reference, HostModel, HostPairwise};
+use seq_kernels::{
+    ChainModel, Context, Element, Error, GibbsOptions, GpuTensor, MhOptions, MhTensors, Pairwise,
+    SampleOptions,
+};
+
+const KNOWN: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
+    (
+        [0; 4],
+        [0; 2],
+        [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8],
+    ),
+    (
+        [u32::MAX; 4],
+        [u32::MAX; 2],
+        [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd],
+    ),
+    (
+        [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+        [0xa4093822, 0x299f31d0],
+        [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1],
+    ),
+];
+
+/// Deterministic pseudo-random u32 (xorshift).
+fn random_u32(n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 32) as u32
+        })
+        .collect()
+}
+
+fn random_tokens(n: usize, v: usize, seed: u64) -> Vec<u32> {
+    random_u32(n, seed)
+        .into_iter()
+        .map(|r| r % v as u32)
+        .collect()
+}
+
+/// A host model and its GPU twin.
+struct Model {
+    host: HostModel,
+    unary: GpuTensor<f32>,
+    pa: GpuTensor<f32>,
+    pb: Option<GpuTensor<f32>>,
+}
+
+impl Model {
+    /// Unary [L, V] (or [b, L, V] with `per_chain`), W dense (rank 0) or A B^T of `rank`.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ctx: &Context,
+        per_chain: Option<usize>,
+        l: usize,
+        v: usize,
+        rank: usize,
+        unary_scale: f32,
+        pair_scale: f32,
+        seed: u64,
+    ) -> Self {
+        let unary_shape: Vec<usize> = match per_chain {
+            Some(b) => vec![b, l, v],
+            None => vec![l, v],
+        };
+        let n: usize = unary_shape.iter().product();
+        let unary = random(n, seed, -unary_scale, unary_scale);
+        let pairwise = if rank == 0 {
+            HostPairwise::Dense(random(v * v, seed + 1, -pair_scale, pair_scale))
+        } else {
+            HostPairwise::Factored {
+                a: random(v * rank, seed + 2, -pair_scale, pair_scale),
+                b: random(v * rank, seed + 3, -pair_scale, pair_scale),
+                rank,
+            }
+        };
+        let (pa, pb) = match &pairwise {
+            HostPairwise::Dense(w) => (ctx.upload(w, [v, v]).unwrap(), None),
+            HostPairwise::Factored { a, b, rank } => (
+                ctx.upload(a, [v, *rank]).unwrap(),
+                Some(ctx.upload(b, [v, *rank]).unwrap()),
+            ),
+        };
+        Self {
+            unary: ctx.upload(&unary, unary_shape.clone()).unwrap(),
+            host: HostModel {
+                unary,
+                unary_shape,
+                pairwise,
+            },
+            pa,
+            pb,
+        }
+    }
+
+    fn gpu(&self) -> ChainModel<'_> {
+        ChainModel {
+            unary: &self.unary,
+            pairwise: match &self.pb {
+                None => Pairwise::Dense(&self.pa),
+                Some(b) => Pairwise::Factored { a: &self.pa, b },
+            },
+        }
+    }
+}
+
+type Best = Option<(Vec<u32>, Vec<f32>)>;
+
+/// Runs the GPU sampler from `init` [b, L] and downloads states (and best states).
+fn run_gpu<T: Element>(
+    ctx: &Context,
+    m: &Model,
+    init: &[T],
+    shape: [usize; 2],
+    clamp: Option<(&[bool], &[usize])>,
+    opts: &GibbsOptions,
+) -> (Vec<u32>, Best) {
+    let init = ctx.upload(init, shape).unwrap();
+    let clamp = clamp.map(|(c, s)| ctx.upload_mask(c, s.to_vec()).unwrap());
+    let out = ctx.gibbs(&m.gpu(), &init, clamp.as_ref(), opts).unwrap();
+    let bits = |t: &GpuTensor<T>| bytemuck::cast_slice::<T, u32>(&t.download().unwrap()).to_vec();
+    let best = out
+        .best
+        .as_ref()
+        .map(|(t, s)| (bits(t), s.download().unwrap()));
+    (bits(&out.tokens), best)
+}
+
+fn agreement(a: &[u32], b: &[u32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
+}
+
+// ------------------------------------------------------------------------------- Philox
+
+#[test]
+fn philox_known_answers_on_the_cpu() {
+    for (ctr, key, want) in KNOWN {
+        assert_eq!(
+            reference::philox4x32_10(ctr, key),
+            want,
+            "ctr {ctr:x?} key {key:x?}"
+        );
+    }
+}
+
+#[test]
+fn philox_known_answers_on_the_gpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut cases: Vec<([u32; 4], [u32; 2])> = KNOWN.iter().map(|(c, k, _)| (*c, *k)).collect();
+    // Random counters and keys too, against the CPU (exercises every carry of the 16-bit limbs).
+    let r = random_u32(6 * 200, 17);
+    cases.extend(
+        r.chunks(6)
+            .map(|w| ([w[0], w[1], w[2], w[3]], [w[4], w[5]])),
+    );
+    let got = philox_gpu(ctx, &cases).unwrap();
+    for (i, (c, k)) in cases.iter().enumerate() {
+        assert_eq!(
+            got[i],
+            reference::philox4x32_10(*c, *k),
+            "case {i}: ctr {c:x?} key {k:x?}"
+        );
+    }
+    for (i, (_, _, want)) in KNOWN.iter().enumerate() {
+        assert_eq!(got[i], *want);
+    }
+}
+
+// ----------------------------------------------------------------- GPU vs CPU, site by site
+
+/// Runs GPU and CPU chains from the same start; f32 vs f64 energies may flip a near-tie, so
+/// at least 99.9% of final sites must agree (spec section 5).
+fn check_agreement(ctx: &Context, m: &Model, b: usize, opts: &GibbsOptions, seed: u64) {
+    let s = &m.host.unary_shape;
+    let (l, v) = (s[s.len() - 2], s[s.len() - 1]);
+    let init = random_tokens(b * l, v, seed);
+    let (got, _) = run_gpu(ctx, m, &init, [b, l], None, opts);
+    let mut want = init.clone();
+    reference::gibbs(&m.host, &mut want, &[b, l], None, opts).unwrap();
+    let a = agreement(&got, &want);
+    assert!(a >= 0.999, "b={b} L={l} V={v} {opts:?}: agreement {a}");
+    // Something must have happened: the chains moved away from their start.
+    assert!(agreement(&got, &init) < 1.0 || v == 1, "chains never moved");
+}
+
+#[test]
+fn gpu_chains_follow_the_reference_dense() {
+    let Some(ctx) = gpu() else { return };
+    let opts = GibbsOptions {
+        sweeps: 4,
+        seed: 0x1234_5678_9abc,
+        ..Default::default()
+    };
+    // One invocation per site (V <= 64): odd L, L = 1, V = 1..64.
+    for &(b, l, v) in &[
+        (37usize, 7usize, 5usize),
+        (3, 1, 3),
+        (5, 2, 1),
+        (9, 10, 64),
+        (4, 3, 2),
+    ] {
+        let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, (b * l * v) as u64);
+        check_agreement(ctx, &m, b, &opts, 1);
+    }
+    // One workgroup per site (V > 64), every workgroup size.
+    for &(b, l, v) in &[(3usize, 5usize, 65usize), (2, 4, 1000), (2, 3, 4099)] {
+        let m = Model::new(ctx, None, l, v, 0, 2.0, 2.0, v as u64);
+        check_agreement(ctx, &m, b, &opts, 2);
+    }
+    // Per-chain unary, annealing, a later first sweep.
+    let m = Model::new(ctx, Some(11), 6, 7, 0, 1.0, 1.0, 99);
+    let anneal = GibbsOptions {
+        sweeps: 6,
+        temperature: 3.0,
+        anneal_to: Some(0.2),
+        first_sweep: 40,
+        seed: 7,
+        ..Default::default()
+    };
+    check_agreement(ctx, &m, 11, &anneal, 3);
+    let m = Model::new(ctx, Some(3), 5, 300, 0, 1.0, 1.0, 98);
+    check_agreement(ctx, &m, 3, &anneal, 4);
+}
+
+#[test]
+fn gpu_chains_follow_the_reference_factorised_and_i32() {
+    let Some(ctx) = gpu() else { return };
+    let opts = GibbsOptions {
+        sweeps: 3,
+        seed: 5,
+        ..Default::default()
+    };
+    let m = Model::new(ctx, None, 6, 9, 3, 1.0, 1.0, 11);
+    check_agreement(ctx, &m, 20, &opts, 5);
+    // Large vocabulary through the factorised path.
+    let m = Model::new(ctx, None, 4, 5000, 8, 1.0, 0.5, 12);
+    check_agreement(ctx, &m, 2, &opts, 6);
+    // i32 tokens give the same chains as u32 ones.
+    let m = Model::new(ctx, None, 5, 6, 0, 1.0, 1.0, 13);
+    let init = random_tokens(8 * 5, 6, 14);
+    let init_i: Vec<i32> = init.iter().map(|&t| t as i32).collect();
+    let (a, _) = run_gpu(ctx, &m, &init, [8, 5], None, &opts);
+    let (b, _) = run_gpu(ctx, &m, &init_i, [8, 5], None, &opts);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn more_chains_than_one_grid_dimension_holds() {
+    let Some(ctx) = gpu() else { return };
+    // 70000 chains x 1 site of one colour with V = 65: 70000 workgroups per half-sweep,
+    // folded into y. Checked against the reference on every chain.
+    let (b, l, v) = (70000usize, 2usize, 65usize);
+    let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, 21);
+    let opts = GibbsOptions {
+        sweeps: 1,
+        seed: 3,
+        ..Default::default()
+    };
+    check_agreement(ctx, &m, b, &opts, 22);
+}
+
+// ------------------------------------------------------------------------- statistics
+
+/// Upper tail of the chi-square distribution with k degrees of freedom at x: Q(k/2, x/2),
+/// the regularised upper incomplete gamma function (series below a + 1, continued fraction
+/// above).
+fn chi2_sf(x: f64, k: usize) -> f64 {
+    let a = k as f64 / 2.0;
+    let x = x / 2.0;
+    if x <= 0.0 {
+        return 1.0;
+    }
+    let ln_gamma_a = ln_gamma(a);
+    if x < a + 1.0 {
+        let (mut term, mut sum, mut n) = (1.0 / a, 1.0 / a, a);
+        for _ in 0..1000 {
+            n += 1.0;
+            term *= x / n;
+            sum += term;
+            if term < sum * 1e-15 {
+                break;
+            }
+        }
+        1.0 - sum * (-x + a * x.ln() - ln_gamma_a).exp()
+    } else {
+        // Lentz's method for the continued fraction of Q.
+        let tiny = 1e-300;
+        let mut b = x + 1.0 - a;
+        let mut c = 1.0 / tiny;
+        let mut d = 1.0 / b;
+        let mut h = d;
+        for i in 1..1000 {
+            let an = -(i as f64) * (i as f64 - a);
+            b += 2.0;
+            d = an * d + b;
+            if d.abs() < tiny {
+                d = tiny;
+            }
+            c = b + an / c;
+            if c.abs() < tiny {
+                c = tiny;
+            }
+            d = 1.0 / d;
+            let del = d * c;
+            h *= del;
+            if (del - 1.0).abs() < 1e-15 {
+                break;
+            }
+        }
+        (-x + a * x.ln() - ln_gamma_a).exp() * h
+    }
+}
+
+/// ln Γ(a) (Lanczos, g = 7).
+fn ln_gamma(a: f64) -> f64 {
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    let x = a - 1.0;
+    let mut s = C[0];
+    for (i, c) in C.iter().enumerate().skip(1) {
+        s += c / (x + i as f64);
+    }
+    let t = x + 7.5;
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + s.ln()
+}
+
+/// Chi-square p-value of observed counts against probabilities (cells with an expected count
+/// below 5 are pooled into one, the usual validity condition of the test).
+fn chi2_pvalue(counts: &[usize], probs: &[f64]) -> f64 {
+    let n: usize = counts.iter().sum();
+    let (mut stat, mut cells) = (0.0, 0usize);
+    let (mut pool_o, mut pool_e) = (0.0, 0.0);
+    for (&o, &p) in counts.iter().zip(probs) {
+        let e = p * n as f64;
+        if e < 5.0 {
+            pool_o += o as f64;
+            pool_e += e;
+        } else {
+            stat += (o as f64 - e).powi(2) / e;
+            cells += 1;
+        }
+    }
+    if pool_e > 0.0 {
+        if pool_e >= 1.0 {
+            stat += (pool_o - pool_e).powi(2) / pool_e;
+            cells += 1;
+        } else {
+            assert!(pool_o <= 3.0, "{pool_o} draws in cells expecting {pool_e}");
+        }
+    }
+    chi2_sf(stat, cells.max(2) - 1)
+}
+
+/// The smallest p-value over every site and adjacent pair of final states [C, L] against the
+/// exact marginals.
+fn min_pvalue(
+    states: &[u32],
+    l: usize,
+    v: usize,
+    single: &[Vec<f64>],
+    pairs: &[Vec<Vec<f64>>],
+) -> f64 {
+    let c = states.len() / l;
+    let mut worst = 1.0f64;
+    for i in 0..l {
+        let mut counts = vec![0usize; v];
+        for k in 0..c {
+            counts[states[k * l + i] as usize] += 1;
+        }
+        worst = worst.min(chi2_pvalue(&counts, &single[i]));
+    }
+    for i in 0..l - 1 {
+        let mut counts = vec![0usize; v * v];
+        for k in 0..c {
+            counts[states[k * l + i] as usize * v + states[k * l + i + 1] as usize] += 1;
+        }
+        let probs: Vec<f64> = pairs[i].iter().flatten().copied().collect();
+        worst = worst.min(chi2_pvalue(&counts, &probs));
+    }
+    worst
+}
+
+#[test]
+fn chi2_helper_is_sane() {
+    // Known quantiles: chi2(1) at 3.841 -> 0.05; chi2(4) at 18.467 -> 0.001; chi2(8) at
+    // 2.733 -> 0.95.
+    assert!((chi2_sf(3.841_458_8, 1) - 0.05).abs() < 1e-6);
+    assert!((chi2_sf(18.466_827, 4) - 0.001).abs() < 1e-7);
+    assert!((chi2_sf(2.732_637, 8) - 0.95).abs() < 1e-5);
+}
+
+/// Final states of C independent chains (random starts, own Philox streams) pass per-site
+/// and adjacent-pair chi-square tests against forward-backward marginals at p = 1e-4 (fixed
+/// seeds: deterministic, not flaky); FFBS samples pass the same test; the synchronous sampler
+/// (all sites at once) fails it.
+#[test]
+fn final_states_match_exact_marginals() {
+    let Some(ctx) = gpu() else { return };
+    let (c, l, v, t) = (4000usize, 5usize, 3usize, 1.0);
+    // Strong couplings, so that a sampler of the wrong distribution is visibly wrong.
+    let m = Model::new(ctx, None, l, v, 0, 1.0, 2.5, 31);
+    let (single, pairs) = reference::marginals(&m.host, 0, l, t).unwrap();
+    for row in &single {
+        assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+    let opts = GibbsOptions {
+        sweeps: 60,
+        temperature: t as f32,
+        seed: 2024,
+        ..Default::default()
+    };
+    let init = random_tokens(c * l, v, 32);
+    let (gpu_states, _) = run_gpu(ctx, &m, &init, [c, l], None, &opts);
+    let p_gpu = min_pvalue(&gpu_states, l, v, &single, &pairs);
+    assert!(
+        p_gpu > 1e-4,
+        "chromatic GPU sampler rejected: p = {p_gpu:e}"
+    );
+
+    let exact = reference::ffbs(&m.host, 0, l, t, c, 77);
+    let p_ffbs = min_pvalue(&exact, l, v, &single, &pairs);
+    assert!(p_ffbs > 1e-4, "FFBS rejected: p = {p_ffbs:e}");
+
+    let mut sync = init.clone();
+    reference::gibbs_synchronous(&m.host, &mut sync, &[c, l], &opts).unwrap();
+    let p_sync = min_pvalue(&sync, l, v, &single, &pairs);
+    assert!(
+        p_sync < 1e-4,
+        "synchronous sampler NOT rejected: p = {p_sync:e}"
+    );
+    eprintln!("chi-square min p: gpu {p_gpu:.3e}, ffbs {p_ffbs:.3e}, synchronous {p_sync:.3e}");
+}
+
+// -------------------------------------------------------------- clamp, T = 0, best, annealing
+
+#[test]
+fn clamped_sites_never_change() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (16usize, 9usize, 70usize);
+    for (per_chain, vv) in [(false, 5usize), (true, 5), (false, v), (true, v)] {
+        let m = Model::new(ctx, None, l, vv, 0, 1.0, 1.0, 41);
+        let init = random_tokens(b * l, vv, 42);
+        let (mask, shape): (Vec<bool>, Vec<usize>) = if per_chain {
+            (common::random_mask(b * l, 43, 0.4), vec![b, l])
+        } else {
+            (common::random_mask(l, 44, 0.4), vec![l])
+        };
+        let opts = GibbsOptions {
+            sweeps: 5,
+            temperature: 5.0,
+            seed: 9,
+            ..Default::default()
+        };
+        let (got, _) = run_gpu(ctx, &m, &init, [b, l], Some((&mask, &shape)), &opts);
+        let mut moved = 0;
+        for k in 0..b * l {
+            let fixed = if per_chain { mask[k] } else { mask[k % l] };
+            if fixed {
+                assert_eq!(got[k], init[k], "clamped site {k} changed (V={vv})");
+            } else if got[k] != init[k] {
+                moved += 1;
+            }
+        }
+        assert!(moved > 0, "no free site moved");
+        let mut want = init.clone();
+        reference::gibbs(&m.host, &mut want, &[b, l], Some((&mask, &shape)), &opts).unwrap();
+        assert!(agreement(&got, &want) >= 0.999);
+    }
+}
+
+/// At T = 0 (ICM) the sweeps stop at a state where no single-site change raises the score.
+/// Tolerance: the GPU compares f32 sums of O(1) terms, so an improvement below 1e-4 is
+/// rounding, not a missed move.
+#[test]
+fn zero_temperature_reaches_a_local_maximum() {
+    let Some(ctx) = gpu() else { return };
+    for &(b, l, v) in &[(32usize, 12usize, 6usize), (4, 8, 200)] {
+        let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, 51 + v as u64);
+        let init = random_tokens(b * l, v, 52);
+        let opts = GibbsOptions {
+            sweeps: 30,
+            temperature: 0.0,
+            ..Default::default()
+        };
+        let (got, _) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+        for c in 0..b {
+            let row = &got[c * l..(c + 1) * l];
+            let s = m.host.score(0, row);
+            for i in 0..l {
+                for x in 0..v as u32 {
+                    let mut alt = row.to_vec();
+                    alt[i] = x;
+                    let gain = m.host.score(0, &alt) - s;
+                    assert!(
+                        gain <= 1e-4,
+                        "chain {c} site {i} token {x} improves by {gain}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Annealing with best tracking: the best state's score is its true score (f32 tolerance
+/// 1e-4 on sums of O(1) terms), never below the final or the initial state's, and equals the
+/// reference's best score on agreeing chains.
+#[test]
+fn annealing_tracks_the_best_state() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (64usize, 10usize, 8usize);
+    let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, 61);
+    let init = random_tokens(b * l, v, 62);
+    let opts = GibbsOptions {
+        sweeps: 25,
+        temperature: 2.0,
+        anneal_to: Some(0.05),
+        seed: 63,
+        track_best: true,
+        ..Default::default()
+    };
+    let (got, best) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+    let (bt, bs) = best.unwrap();
+    let mut want = init.clone();
+    let host_best = reference::gibbs(&m.host, &mut want, &[b, l], None, &opts)
+        .unwrap()
+        .unwrap();
+    assert!(agreement(&got, &want) >= 0.999);
+    let mut improved = 0;
+    for c in 0..b {
+        let r = c * l..(c + 1) * l;
+        let true_score = m.host.score(0, &bt[r.clone()]);
+        assert!(
+            (bs[c] as f64 - true_score).abs() < 1e-4,
+            "chain {c}: {} vs {true_score}",
+            bs[c]
+        );
+        assert!(true_score >= m.host.score(0, &got[r.clone()]) - 1e-4);
+        let s0 = m.host.score(0, &init[r.clone()]);
+        assert!(true_score >= s0 - 1e-4);
+        improved += (true_score > s0 + 1e-3) as usize;
+        if got[r.clone()] == want[r.clone()] {
+            assert!((host_best.scores[c] - true_score).abs() < 1e-4);
+        }
+    }
+    assert!(
+        improved > b / 2,
+        "annealing improved only {improved} of {b} chains"
+    );
+}
+
+/// Same seed, same output: two GPU runs are identical and equal the CPU reference exactly
+/// (so the Vulkan and GL runs of this test produce the same tokens). The hash is printed
+/// for comparison across backends.
+#[test]
+fn same_seed_same_output() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (24usize, 9usize, 7usize);
+    let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, 71);
+    let init = random_tokens(b * l, v, 72);
+    let opts = GibbsOptions {
+        sweeps: 8,
+        seed: 0xdead_beef_0bad_cafe,
+        ..Default::default()
+    };
+    let (a, _) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+    let (a2, _) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+    assert_eq!(a, a2, "two runs with the same seed differ");
+    let mut want = init.clone();
+    reference::gibbs(&m.host, &mut want, &[b, l], None, &opts).unwrap();
+    assert_eq!(a, want, "GPU differs from the CPU reference");
+    let hash = a.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| {
+        (h ^ t as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    eprintln!("gibbs determinism hash: {hash:016x}");
+    // The value both the Vulkan and the GL runs produced (and the CPU reference): a change
+    // here means the random stream or the sampler changed.
+    assert_eq!(hash, 0xc795_bcce_0682_1828);
+    let other = GibbsOptions { seed: 1, ..opts };
+    let (c, _) = run_gpu(ctx, &m, &init, [b, l], None, &other);
+    assert_ne!(a, c, "a different seed gave the same chains");
+}
+
+// ------------------------------------------------------------------------ logits sampling
+
+#[test]
+fn sampling_follows_the_reference() {
+    let Some(ctx) = gpu() else { return };
+    let opts = [
+        SampleOptions::default(),
+        SampleOptions {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        SampleOptions {
+            top_k: 5,
+            seed: 3,
+            ..Default::default()
+        },
+        SampleOptions {
+            top_p: 0.8,
+            temperature: 0.7,
+            step: 9,
+            ..Default::default()
+        },
+        SampleOptions {
+            top_k: 20,
+            top_p: 0.5,
+            temperature: 1.5,
+            seed: 11,
+            ..Default::default()
+        },
+    ];
+    for &(b, v) in &[(300usize, 37usize), (6, 5000), (2000, 1)] {
+        let logits = random(b * v, v as u64, -4.0, 4.0);
+        let t = ctx.upload(&logits, [b, v]).unwrap();
+        for o in &opts {
+            let got = ctx.sample_logits(&t, o).unwrap().download().unwrap();
+            let want = reference::sample_logits(&logits, &[b, v], o).unwrap();
+            let a = agreement(&got, &want);
+            assert!(a >= 0.999, "b={b} V={v} {o:?}: agreement {a}");
+            for (r, &x) in got.iter().enumerate() {
+                assert!(reference::kept_tokens(&logits[r * v..(r + 1) * v], o)[x as usize]);
+            }
+        }
+    }
+}
+
+/// Many rows holding the same logits (independent draws: the row is in the counter) follow
+/// the truncated, renormalised softmax: chi-square at p = 1e-4, fixed seed.
+#[test]
+fn sampling_frequencies_match_the_truncated_softmax() {
+    let Some(ctx) = gpu() else { return };
+    let v = 12;
+    let row = random(v, 81, -2.0, 2.0);
+    let b = 20000;
+    let logits: Vec<f32> = (0..b).flat_map(|_| row.iter().copied()).collect();
+    let t = ctx.upload(&logits, [b, v]).unwrap();
+    for o in [
+        SampleOptions {
+            temperature: 0.8,
+            seed: 5,
+            ..Default::default()
+        },
+        SampleOptions {
+            top_k: 6,
+            top_p: 0.7,
+            seed: 6,
+            ..Default::default()
+        },
+    ] {
+        let kept = reference::kept_tokens(&row, &o);
+        let w: Vec<f64> = row
+            .iter()
+            .zip(&kept)
+            .map(|(&z, &k)| {
+                if k {
+                    (z as f64 / o.temperature as f64).exp()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let total: f64 = w.iter().sum();
+        let probs: Vec<f64> = w.iter().map(|x| x / total).collect();
+        let got = ctx.sample_logits(&t, &o).unwrap().download().unwrap();
+        let mut counts = vec![0usize; v];
+        for x in got {
+            counts[x as usize] += 1;
+        }
+        let p = chi2_pvalue(&counts, &probs);
+        assert!(
+            p > 1e-4,
+            "{o:?}: p = {p:e}, counts {counts:?}, probs {probs:?}"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------------- MH step
+
+#[test]
+fn mh_step_follows_the_reference_and_accepts_at_the_right_rate() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l) = (20000usize, 3usize);
+    let x = random_tokens(b * l, 50, 91);
+    let y = random_tokens(b * l, 50, 92);
+    // Half the chains: delta = -1 (accept with prob e^-1); the rest random.
+    let sx = random(b, 93, -3.0, 3.0);
+    let sy: Vec<f32> = (0..b)
+        .map(|c| {
+            if c % 2 == 0 {
+                sx[c] - 0.5
+            } else {
+                sx[c] + random(1, c as u64, -2.0, 2.0)[0]
+            }
+        })
+        .collect();
+    let qf: Vec<f32> = (0..b)
+        .map(|c| if c % 2 == 0 { 0.25 } else { 0.1 })
+        .collect();
+    let qb: Vec<f32> = (0..b)
+        .map(|c| if c % 2 == 0 { -0.25 } else { -0.3 })
+        .collect();
+    let o = MhOptions {
+        seed: 12,
+        step: 3,
+        ..Default::default()
+    };
+    let xt = ctx.upload(&x, [b, l]).unwrap();
+    let yt = ctx.upload(&y, [b, l]).unwrap();
+    let sxt = ctx.upload(&sx, [b]).unwrap();
+    let acc = ctx.zeros::<u32>([b]).unwrap();
+    let tensors = MhTensors {
+        x: &xt,
+        y: &yt,
+        score_x: &sxt,
+        score_y: &ctx.upload(&sy, [b]).unwrap(),
+        log_q_fwd: &ctx.upload(&qf, [b]).unwrap(),
+        log_q_back: &ctx.upload(&qb, [b]).unwrap(),
+        accepted: &acc,
+    };
+    ctx.mh_step(&tensors, 50, &o).unwrap();
+    let mut hx = x.clone();
+    let mut hsx = sx.clone();
+    let want = reference::mh_step(&mut hx, &y, &[b, l], &mut hsx, &sy, &qf, &qb, &o).unwrap();
+    let got: Vec<bool> = acc.download().unwrap().iter().map(|&a| a == 1).collect();
+    let same = got.iter().zip(&want).filter(|(a, b)| a == b).count();
+    assert!(same as f64 >= 0.999 * b as f64, "{same} of {b} agree");
+    let gx = xt.download().unwrap();
+    let gsx = sxt.download().unwrap();
+    for c in 0..b {
+        let r = c * l..(c + 1) * l;
+        let expect: &[u32] = if got[c] { &y[r.clone()] } else { &x[r.clone()] };
+        assert_eq!(&gx[r], expect, "chain {c}");
+        assert_eq!(gsx[c], if got[c] { sy[c] } else { sx[c] });
+        if got[c] == want[c] {
+            assert_eq!(&gx[c * l..(c + 1) * l], &hx[c * l..(c + 1) * l]);
+            assert_eq!(gsx[c], hsx[c]);
+        }
+    }
+    // Acceptance rate of the delta = -1 half: e^-1 = 0.3679; 10000 draws give a standard
+    // deviation of 0.0048, so 5 sigma is 0.024.
+    let rate = (0..b).step_by(2).filter(|&c| got[c]).count() as f64 / (b / 2) as f64;
+    assert!(
+        (rate - (-1.0f64).exp()).abs() < 0.024,
+        "acceptance rate {rate}"
+    );
+}
+
+// ------------------------------------------------------------------------------ bad input
+
+#[test]
+fn bad_input_is_an_error() {
+    // Shape checks shared by GPU and reference need no adapter.
+    assert!(matches!(
+        chain_shape(&[4, 0], &[&[0, 0]], &[2, 4], None),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        chain_shape(&[4, 3], &[&[3, 3]], &[2, 5], None),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        chain_shape(&[3, 4, 3], &[&[3, 3]], &[2, 4], None),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        chain_shape(&[4, 3], &[&[3, 4]], &[2, 4], None),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        chain_shape(&[4, 3], &[&[3, 2], &[3, 3]], &[2, 4], None),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        chain_shape(&[4, 3], &[&[3, 3]], &[2, 4], Some(&[3])),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        chain_shape(&[4, 3], &[&[3, 3]], &[8], None),
+        Err(Error::Shape(_))
+    ));
+    assert!(chain_shape(&[2, 4, 3], &[&[3, 2], &[3, 2]], &[2, 4], Some(&[2, 4])).is_ok());
+    let bad_t = GibbsOptions {
+        temperature: -1.0,
+        ..Default::default()
+    };
+    assert!(matches!(bad_t.validate(), Err(Error::InvalidOption(_))));
+    let bad_anneal = GibbsOptions {
+        temperature: 0.0,
+        anneal_to: Some(0.1),
+        ..Default::default()
+    };
+    assert!(bad_anneal.validate().is_err());
+    let host = HostModel {
+        unary: vec![0.0; 6],
+        unary_shape: vec![2, 3],
+        pairwise: HostPairwise::Dense(vec![0.0; 9]),
+    };
+    let mut toks = vec![0u32, 3];
+    assert!(matches!(
+        reference::gibbs(&host, &mut toks, &[1, 2], None, &GibbsOptions::default()),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(SampleOptions {
+        top_p: 0.0,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
+    assert!(SampleOptions {
+        temperature: f32::NAN,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
+    assert!(MhOptions {
+        temperature: -0.5,
+        ..Default::default()
+    }
+    .validate()
+    .is_err());
+
+    let Some(ctx) = gpu() else { return };
+    let m = Model::new(ctx, None, 4, 3, 0, 1.0, 1.0, 101);
+    let opts = GibbsOptions::default();
+    // Token >= V, negative i32 token.
+    let t = ctx.upload(&[0u32, 1, 2, 3, 0, 0, 0, 0], [2, 4]).unwrap();
+    let e = ctx
+        .gibbs(&m.gpu(), &t, None, &opts)
+        .err()
+        .expect("token 3 with V = 3");
+    assert!(e.to_string().contains("vocabulary"), "{e}");
+    let t = ctx.upload(&[0i32, 1, 2, -1, 0, 0, 0, 0], [2, 4]).unwrap();
+    assert!(ctx.gibbs(&m.gpu(), &t, None, &opts).is_err());
+    // Shapes that do not match.
+    let t = ctx.upload(&[0u32; 10], [2, 5]).unwrap();
+    assert!(matches!(
+        ctx.gibbs(&m.gpu(), &t, None, &opts),
+        Err(Error::Shape(_))
+    ));
+    let t = ctx.upload(&[0u32; 8], [2, 4]).unwrap();
+    let c = ctx.upload_mask(&[true; 3], [3]).unwrap();
+    assert!(matches!(
+        ctx.gibbs(&m.gpu(), &t, Some(&c), &opts),
+        Err(Error::Shape(_))
+    ));
+    // Wrong dtype of tokens, negative temperature.
+    let f = ctx.upload(&[0.0f32; 8], [2, 4]).unwrap();
+    assert!(matches!(
+        ctx.gibbs(&m.gpu(), &f, None, &opts),
+        Err(Error::Dtype(_))
+    ));
+    assert!(matches!(
+        ctx.gibbs(&m.gpu(), &t, None, &bad_t),
+        Err(Error::InvalidOption(_))
+    ));
+    // Sampling: wrong output shape, bad top_p.
+    let logits = ctx.upload(&[0.0f32; 6], [2, 3]).unwrap();
+    let out = ctx.zeros::<u32>([3]).unwrap();
+    assert!(matches!(
+        seq_kernels::Sampler::new(ctx, &SampleOptions::default())
+            .unwrap()
+            .plan(&logits, &out),
+        Err(Error::Shape(_))
+    ));
+    assert!(ctx
+        .sample_logits(
+            &logits,
+            &SampleOptions {
+                top_p: 1.5,
+                ..Default::default()
+            }
+        )
+        .is_err());
+    // MH: score shape mismatch; proposal outside the vocabulary.
+    let x = ctx.upload(&[0u32; 4], [2, 2]).unwrap();
+    let y = ctx.upload(&[0u32, 1, 2, 9], [2, 2]).unwrap();
+    let one = ctx.upload(&[0.0f32], [1]).unwrap();
+    let two = || ctx.upload(&[0.0f32; 2], [2]).unwrap();
+    let (sx, sy, qf, qb) = (two(), two(), two(), two());
+    let acc = ctx.zeros::<u32>([2]).unwrap();
+    let mut mh = MhTensors {
+        x: &x,
+        y: &y,
+        score_x: &sx,
+        score_y: &one,
+        log_q_fwd: &qf,
+        log_q_back: &qb,
+        accepted: &acc,
+    };
+    assert!(matches!(
+        ctx.mh_step(&mh, 10, &MhOptions::default()),
+        Err(Error::Shape(_))
+    ));
+    mh.score_y = &sx;
+    assert!(matches!(
+        ctx.mh_step(&mh, 10, &MhOptions::default()),
+        Err(Error::InvalidOption(_))
+    ));
+    mh.score_y = &sy;
+    assert!(ctx.mh_step(&mh, 10, &MhOptions::default()).is_ok());
+    assert!(ctx.mh_step(&mh, 5, &MhOptions::default()).is_err());
+}
+
+// ------------------------------------------------------------------------------- CLI
+
+#[cfg(feature = "cli")]
+mod cli {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    use npyz::WriterBuilder;
+
+    fn save<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
+        let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(shape)
+            .writer(f)
+            .begin_nd()
+            .unwrap();
+        w.extend(data.iter().copied()).unwrap();
+        w.finish().unwrap();
+    }
+
+    fn load_i32(path: &Path) -> (Vec<u64>, Vec<i32>) {
+        let npy = npyz::NpyFile::new(std::fs::File::open(path).unwrap()).unwrap();
+        (npy.shape().to_vec(), npy.into_vec().unwrap())
+    }
+
+    fn seqk(args: &[String]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_seqk"))
+            .args(args)
+            .output()
+            .expect("seqk did not start")
+    }
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("seqk-gibbs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// `seqk run gibbs` and `seqk run sample` on the GPU equal their `--cpu` runs exactly on
+    /// these small fixed cases (the same cases the library tests pin), and bad input exits 2.
+    #[test]
+    fn run_gibbs_and_sample_match_cpu() {
+        let Some(_) = gpu() else { return };
+        let d = dir();
+        let p = |f: &str| d.join(f).display().to_string();
+        let (b, l, v) = (6usize, 7usize, 5usize);
+        save(
+            &d.join("u.npy"),
+            &[l as u64, v as u64],
+            &random(l * v, 1, -1.0, 1.0),
+        );
+        save(
+            &d.join("w.npy"),
+            &[v as u64, v as u64],
+            &random(v * v, 2, -1.0, 1.0),
+        );
+        let init: Vec<i32> = random_tokens(b * l, v, 3)
+            .iter()
+            .map(|&t| t as i32)
+            .collect();
+        save(&d.join("x.npy"), &[b as u64, l as u64], &init);
+        let clamp: Vec<bool> = (0..l).map(|i| i == 2).collect();
+        save(&d.join("c.npy"), &[l as u64], &clamp);
+        let mut outs = Vec::new();
+        for cpu in [false, true] {
+            let (o, best) = (p(&format!("o{cpu}.npy")), p(&format!("b{cpu}.npy")));
+            let mut args: Vec<String> = [
+                "run",
+                "gibbs",
+                "--in",
+                &format!("unary={}", p("u.npy")),
+                "--in",
+                &format!("pairwise={}", p("w.npy")),
+                "--in",
+                &format!("init={}", p("x.npy")),
+                "--in",
+                &format!("clamp={}", p("c.npy")),
+                "--out",
+                &o,
+                "--out2",
+                &format!("best={best}"),
+                "--set",
+                "sweeps=5",
+                "--set",
+                "temperature=2",
+                "--set",
+                "anneal_to=0.1",
+                "--set",
+                "seed=9",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if cpu {
+                args.push("--cpu".into());
+            }
+            let out = seqk(&args);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let (shape, t) = load_i32(Path::new(&o));
+            assert_eq!(shape, vec![b as u64, l as u64]);
+            for c in 0..b {
+                assert_eq!(t[c * l + 2], init[c * l + 2], "clamped site changed");
+            }
+            outs.push((t, load_i32(Path::new(&best)).1));
+        }
+        assert_eq!(outs[0], outs[1], "GPU and --cpu differ");
+
+        save(&d.join("lg.npy"), &[50, 30], &random(50 * 30, 4, -3.0, 3.0));
+        let mut samples = Vec::new();
+        for cpu in [false, true] {
+            let o = p(&format!("s{cpu}.npy"));
+            let mut args: Vec<String> = [
+                "run",
+                "sample",
+                "--in",
+                &format!("logits={}", p("lg.npy")),
+                "--out",
+                &o,
+                "--set",
+                "top_k=10",
+                "--set",
+                "top_p=0.9",
+                "--set",
+                "seed=4",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if cpu {
+                args.push("--cpu".into());
+            }
+            let out = seqk(&args);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            samples.push(load_i32(Path::new(&o)));
+        }
+        assert_eq!(samples[0].0, vec![50]);
+        assert_eq!(samples[0], samples[1], "GPU and --cpu samples differ");
+
+        // Bad input: token outside the vocabulary, wrong pairwise shape, T < 0.
+        save(&d.join("bad.npy"), &[1, l as u64], &vec![v as i32; l]);
+        for (extra, expect) in [
+            (
+                vec![
+                    format!("init={}", p("bad.npy")),
+                    format!("pairwise={}", p("w.npy")),
+                ],
+                "vocabulary",
+            ),
+            (
+                vec![
+                    format!("init={}", p("x.npy")),
+                    format!("pairwise={}", p("u.npy")),
+                ],
+                "pairwise",
+            ),
+        ] {
+            let mut args: Vec<String> = vec![
+                "run".into(),
+                "gibbs".into(),
+                "--cpu".into(),
+                "--out".into(),
+                p("z.npy"),
+                "--in".into(),
+                format!("unary={}", p("u.npy")),
+            ];
+            for e in extra {
+                args.push("--in".into());
+                args.push(e);
+            }
+            let out = seqk(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{err}");
+            assert!(err.contains(expect), "{err}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
