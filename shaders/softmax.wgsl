@@ -184,7 +184,34 @@ fn softmax_thread_row(
 }
 
 // ---- long rows: (1) valid counts when softmax_plus meets a mask, (2) per-tile (m, s, c),
-// (3) merge tiles per row, (4) normalise per tile ----
+// (3) merge tiles per row, (4) normalise per tile. Loops stay short (tile_len / WG per
+// invocation, tiles / WG per row): some drivers bound loop trip counts (llvmpipe at 65535). ----
+
+// Valid entries per tile (into partials.z), then per row: every loop stays short, whatever n.
+@compute @workgroup_size(WG)
+fn tile_counts(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    lanes: Lanes,
+) {
+    let g = linear_workgroup(wid, nwg);
+    if (g >= p.rows * p.tiles) {
+        return;
+    }
+    let r = g / p.tiles;
+    let j0 = (g % p.tiles) * p.tile_len;
+    let j1 = min(j0 + p.tile_len, p.n);
+    var c = 0.0;
+    for (var j = j0 + lanes.lid; j < j1; j += WG) {
+        if (is_valid(r, j)) {
+            c += 1.0;
+        }
+    }
+    let total = reduce_max_sum(vec2<f32>(0.0, c), lanes).y;
+    if (lanes.lid == 0u) {
+        partials[g] = vec4<f32>(0.0, 0.0, total, 0.0);
+    }
+}
 
 @compute @workgroup_size(WG)
 fn row_counts(
@@ -192,19 +219,16 @@ fn row_counts(
     @builtin(num_workgroups) nwg: vec3<u32>,
     lanes: Lanes,
 ) {
-    let lid = lanes.lid;
     let r = linear_workgroup(wid, nwg);
     if (r >= p.rows) {
         return;
     }
     var c = 0.0;
-    for (var j = lid; j < p.n; j += WG) {
-        if (is_valid(r, j)) {
-            c += 1.0;
-        }
+    for (var t = lanes.lid; t < p.tiles; t += WG) {
+        c += partials[r * p.tiles + t].z;
     }
     let total = reduce_max_sum(vec2<f32>(0.0, c), lanes).y;
-    if (lid == 0u) {
+    if (lanes.lid == 0u) {
         counts[r] = total;
     }
 }

@@ -34,6 +34,14 @@ pub use kernels::gibbs::{
     BestState, ChainModel, Gibbs, GibbsOptions, GibbsOutput, Metropolis, MhOptions, MhTensors,
     Pairwise, SampleOptions, Sampler,
 };
+pub use kernels::rope::{
+    Positions, Rope, RopeLayout, RopeOptions, RopeScaling, RopeStyle, RopeTarget, RopeView,
+};
 pub use kernels::softmax::{Softmax, SoftmaxOptions};
 pub use profile::Timing;
 pub use tensor::{DType, Element, GpuTensor};
+
+/// The README's examples compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -22,13 +22,15 @@ pub enum DType {
     I32,
     /// Byte (booleans in masks: nonzero = true), packed four per word.
     U8,
+    /// bfloat16, 2 bytes, packed two per 32-bit word in the buffer.
+    BF16,
 }
 
 impl DType {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            DType::F16 => 2,
+            DType::F16 | DType::BF16 => 2,
             DType::U8 => 1,
             _ => 4,
         }
@@ -41,6 +43,7 @@ impl DType {
             DType::U32 => "u32",
             DType::I32 => "i32",
             DType::U8 => "u8",
+            DType::BF16 => "bf16",
         }
     }
 }
@@ -55,6 +58,9 @@ impl Element for f32 {
 }
 impl Element for half::f16 {
     const DTYPE: DType = DType::F16;
+}
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::BF16;
 }
 impl Element for u32 {
     const DTYPE: DType = DType::U32;

@@ -16,8 +16,9 @@ fn seqk(args: &[&str]) -> Output {
         .expect("seqk did not start")
 }
 
-fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("seqk-cli-test-{}", std::process::id()));
+/// A scratch directory of this test alone (tests run in parallel).
+fn dir(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("seqk-cli-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -52,7 +53,7 @@ fn stderr(o: &Output) -> String {
 #[test]
 fn run_softmax_matches_cpu_reference() {
     let Some(_) = common::gpu() else { return };
-    let d = dir();
+    let d = dir("run");
     let x = common::random(4 * 37, 11, -5.0, 5.0);
     let mask: Vec<bool> = common::random_mask(4 * 37, 12, 0.8);
     save(&d.join("x.npy"), &[4, 37], &x, npyz::Order::C);
@@ -103,7 +104,7 @@ fn run_softmax_matches_cpu_reference() {
 
 #[test]
 fn bad_input_exits_2_with_one_line() {
-    let d = dir();
+    let d = dir("bad-input");
     save(&d.join("x.npy"), &[2, 3], &[1.0f32; 6], npyz::Order::C);
     save(
         &d.join("xf.npy"),

@@ -57,6 +57,48 @@ fn matches_reference_on_awkward_shapes() {
 }
 
 #[test]
+fn rows_longer_than_two_to_the_24() {
+    let Some(ctx) = gpu() else { return };
+    // 4097 tiles per row; masked so the counts pass and softmax_plus run too.
+    let n = (1 << 24) + 3;
+    let mask = random_mask(n, 8, 0.9);
+    check(
+        ctx,
+        &[1, n],
+        Some(&mask),
+        &SoftmaxOptions {
+            softmax_plus: true,
+            ..Default::default()
+        },
+        8,
+    );
+}
+
+#[test]
+fn inputs_larger_than_one_binding_are_split() {
+    let Some(ctx) = gpu() else { return };
+    // Past max_storage_buffer_binding_size (128 MiB on lavapipe; capped at 160 MiB of data
+    // elsewhere, where it may fit in one binding): the rows are split across dispatches at
+    // aligned offsets. Causal and masked, so the chunk's first-row offset matters too.
+    let limit = ctx.limits().max_storage_buffer_binding_size.min(160 << 20) as usize;
+    let (m, n) = (7usize, 1000usize);
+    let rows = (limit / 4 / n + 64).next_multiple_of(m);
+    let shape = [rows / m, m, n];
+    let mask = random_mask(rows * n, 10, 0.8);
+    check(
+        ctx,
+        &shape,
+        Some(&mask),
+        &SoftmaxOptions {
+            causal: true,
+            log: true,
+            ..Default::default()
+        },
+        10,
+    );
+}
+
+#[test]
 fn more_rows_than_one_grid_dimension_holds() {
     let Some(ctx) = gpu() else { return };
     // 65535 * 64 + 3 rows of one-invocation rows, and 65537 rows of workgroup rows: both

@@ -9,6 +9,7 @@ mod generate;
 mod gibbs;
 mod npy;
 mod report;
+mod rope;
 mod softmax;
 
 use std::collections::BTreeMap;
@@ -136,6 +137,11 @@ const FAMILIES: &[Family] = &[
         bench: softmax::bench,
     },
     Family {
+        name: "rope",
+        verify: rope::verify,
+        bench: rope::bench,
+    },
+    Family {
         name: "gibbs",
         verify: gibbs::verify,
         bench: gibbs::bench,
@@ -143,7 +149,7 @@ const FAMILIES: &[Family] = &[
 ];
 
 /// Kernels of the CLI contract whose families have not landed yet.
-const NOT_YET: &[&str] = &["rope", "attention", "flash"];
+const NOT_YET: &[&str] = &["attention", "flash"];
 
 /// Entry point of the `seqk` binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -316,6 +322,7 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
     let mut io = RunIo::parse(&args, options)?;
     match args.kernel.as_str() {
         "softmax" => softmax::run(&mut io)?,
+        "rope" => rope::run(&mut io)?,
         "gibbs" => gibbs::run(&mut io)?,
         "sample" => gibbs::run_sample(&mut io)?,
         k if NOT_YET.contains(&k) => return Err(usage(format!("run {k}: not yet implemented"))),

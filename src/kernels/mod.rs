@@ -3,6 +3,7 @@
 
 pub mod copy;
 pub mod gibbs;
+pub mod rope;
 pub mod softmax;
 
 use crate::shader::ShaderVariant;
@@ -11,6 +12,7 @@ use crate::shader::ShaderVariant;
 pub fn all_shader_variants() -> Vec<ShaderVariant> {
     let mut v = crate::convert::shader_variants();
     v.extend(copy::shader_variants());
+    v.extend(rope::shader_variants());
     v.extend(softmax::shader_variants());
     v.extend(gibbs::shader_variants());
     v

@@ -210,7 +210,13 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
                 out.push(variant(dtype, subgroups, items, "softmax_row", 256));
                 out.push(variant(dtype, subgroups, items, "softmax_thread_row", 64));
             }
-            for entry in ["row_counts", "tile_partials", "row_merge", "tile_normalize"] {
+            for entry in [
+                "tile_counts",
+                "row_counts",
+                "tile_partials",
+                "row_merge",
+                "tile_normalize",
+            ] {
                 out.push(variant(dtype, subgroups, 1, entry, LONG_WG));
             }
         }
@@ -433,8 +439,14 @@ impl Softmax {
                     if masked && o.softmax_plus {
                         plan.push(Step::new(
                             ctx,
+                            &v("tile_counts"),
+                            &[(2, m_b.clone()), (3, p_b.clone()), (5, q_b.clone())],
+                            count * tiles,
+                        )?);
+                        plan.push(Step::new(
+                            ctx,
                             &v("row_counts"),
-                            &[(2, m_b.clone()), (3, p_b.clone()), (4, c_b.clone())],
+                            &[(3, p_b.clone()), (4, c_b.clone()), (5, q_b.clone())],
                             count,
                         )?);
                     }

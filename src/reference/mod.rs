@@ -3,6 +3,7 @@
 
 pub mod copy;
 pub mod gibbs;
+pub mod rope;
 pub mod softmax;
 
 /// How far `got` is from the reference `want`, row by row: the largest absolute difference

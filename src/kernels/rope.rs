@@ -1,0 +1,1092 @@
+//! RoPE family: rotary position embedding (spec section 2).
+//!
+//! Styles `half` (GPT-NeoX / HF Llama, default) and `interleaved` (RoFormer / GPT-J); partial
+//! `rotary_dim` (features past it pass through bit-identical); layouts `bshd` and `bhsd` with any
+//! row strides, so q and k can be views into a fused QKV buffer; positions from an offset (KV
+//! cache) or an explicit list of shape `[s]` or `[b, s]`; the inverse rotation (backward pass);
+//! q and k with different head counts (GQA) in one dispatch; in place or out of place; the
+//! scalings `linear`, `ntk`, `dynamic`, `yarn` and `llama3`. Storage f32, f16 or bf16 (both
+//! packed two per 32-bit word and converted in the shader, so they need no device feature and
+//! run on every backend); arithmetic f32.
+//!
+//! **Angles.** WGSL's f32 `sin`/`cos` are only accurate on [-pi, pi], and `p * theta` in f32 has
+//! lost most of its fraction by p ~ 2^20. So the host computes, for every distinct position row
+//! of the call and every frequency, `cos` and `sin` of `p * theta'_i` in f64 (exact reduction),
+//! folds in yarn's `mscale` and the inverse's sign, and uploads a table of `rows * r/2` f32
+//! pairs: `s * r/2 * 8` bytes with an offset or `[s]` positions, `b * s * r/2 * 8` bytes with
+//! `[b, s]` positions (0.5 MiB for s = 1024, r = 128: small next to the tensors it rotates, but
+//! built and uploaded on every [`Rope::plan`]; keep the plan to reuse it).
+//!
+//! **Limits.** One dispatch rotates q and k together. Where a tensor is larger than the
+//! device's `max_storage_buffer_binding_size`, the call is split along the batch axis into
+//! dispatches whose bindings fit; a single batch that does not fit is `LimitExceeded`.
+//!
+//! ```no_run
+//! use seq_kernels::{Context, Positions, RopeOptions};
+//! let ctx = Context::new()?;
+//! let (b, s, h, d) = (1, 3, 2, 4);
+//! let q = ctx.upload(&vec![1.0f32; b * s * h * d], [b, s, h, d])?;
+//! // Tokens at positions 7, 8, 9 (say, after 7 cached tokens).
+//! let y = ctx.rope(&q, None, &RopeOptions { offset: 7, ..Default::default() })?;
+//! // The same with an explicit positions list, in place.
+//! ctx.rope_in_place(&q, Some(&Positions::new(vec![7i64, 8, 9], [3])?), &RopeOptions::default())?;
+//! # Ok::<(), seq_kernels::Error>(())
+//! ```
+
+use std::f64::consts::PI;
+use std::str::FromStr;
+
+use crate::context::Context;
+use crate::dispatch::{sub_binding as sub, Plan, Step};
+use crate::error::{Error, Result};
+use crate::shader::{compose, ShaderVariant, GRID_WGSL};
+use crate::tensor::{DType, Element, GpuTensor};
+
+const SOURCE: &str = include_str!("../../shaders/rope.wgsl");
+
+/// (aligned start, size) of a binding in bytes.
+type ByteRange = (u64, u64);
+const WG: u32 = 256;
+
+const FLAG_INTERLEAVED: u32 = 1;
+const FLAG_BHSD: u32 = 2;
+const FLAG_IN_PLACE: u32 = 4;
+const FLAG_PER_ROW: u32 = 8;
+const FLAG_BATCH_POSITIONS: u32 = 16;
+
+/// Largest position (and `offset + s - 1`): positions must fit in an i32.
+pub const MAX_POSITION: i64 = i32::MAX as i64;
+
+/// Which features form a rotation pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs `(i, i + r/2)`: GPT-NeoX, Hugging Face Llama (`rotate_half`).
+    #[default]
+    Half,
+    /// Pairs `(2i, 2i + 1)`: RoFormer, GPT-J.
+    Interleaved,
+}
+
+impl FromStr for RopeStyle {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "half" | "neox" => Ok(Self::Half),
+            "interleaved" | "gptj" => Ok(Self::Interleaved),
+            _ => Err(Error::option(format!(
+                "unknown rope style {s:?}; expected half or interleaved"
+            ))),
+        }
+    }
+}
+
+/// Axis order of a rotated tensor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// `[batch, seq, heads, d]`.
+    #[default]
+    Bshd,
+    /// `[batch, heads, seq, d]`.
+    Bhsd,
+}
+
+impl FromStr for RopeLayout {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bshd" => Ok(Self::Bshd),
+            "bhsd" => Ok(Self::Bhsd),
+            _ => Err(Error::option(format!(
+                "unknown rope layout {s:?}; expected bshd or bhsd"
+            ))),
+        }
+    }
+}
+
+/// How the frequencies `theta_i = base^(-2i/r)` are rescaled for long contexts.
+/// `factor` is s, `original_max` is L (the model's original maximum positions).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    #[default]
+    None,
+    /// Position interpolation: `theta_i / factor`.
+    Linear {
+        /// s > 0.
+        factor: f64,
+    },
+    /// NTK-aware: `base' = base * factor^(r/(r-2))`.
+    Ntk {
+        /// s > 0.
+        factor: f64,
+    },
+    /// Dynamic NTK: `base' = base * ((s l / L) - (s - 1))^(r/(r-2))`, `l = max(current_len, L)`.
+    Dynamic {
+        /// s > 0.
+        factor: f64,
+        /// L.
+        original_max: usize,
+        /// The current sequence length; `None`: the largest position of the call plus one.
+        current_len: Option<usize>,
+    },
+    /// YaRN: a ramp between interpolation and extrapolation per frequency, and cos and sin
+    /// multiplied by `mscale` (default `0.1 ln(s) + 1`, as Hugging Face does).
+    Yarn {
+        /// s > 0.
+        factor: f64,
+        /// L.
+        original_max: usize,
+        /// Default 32.
+        beta_fast: f64,
+        /// Default 1.
+        beta_slow: f64,
+        /// Multiplier of cos and sin; `None`: `0.1 ln(s) + 1`.
+        mscale: Option<f64>,
+    },
+    /// Llama 3.1: keep high frequencies, interpolate low ones, blend in between.
+    Llama3 {
+        /// s (default 8).
+        factor: f64,
+        /// L (default 8192).
+        original_max: usize,
+        /// Default 1.
+        low_freq_factor: f64,
+        /// Default 4.
+        high_freq_factor: f64,
+    },
+}
+
+impl RopeScaling {
+    /// A scaling by name (`none`, `linear`, `ntk`, `dynamic`, `yarn`, `llama3`) with the spec's
+    /// defaults for every parameter but `factor` and `original_max`, which `linear`, `ntk`,
+    /// `dynamic` and `yarn` need (`dynamic` and `yarn` also need `original_max`); `llama3`
+    /// defaults them to 8 and 8192. Unknown names and missing values are errors.
+    pub fn named(name: &str, factor: Option<f64>, original_max: Option<usize>) -> Result<Self> {
+        let need_factor = || {
+            factor
+                .ok_or_else(|| Error::option(format!("rope scaling {name} needs a factor (s > 0)")))
+        };
+        let need_max = || {
+            original_max.ok_or_else(|| {
+                Error::option(format!(
+                    "rope scaling {name} needs original_max (the model's original maximum positions L)"
+                ))
+            })
+        };
+        let s = match name {
+            "none" => Self::None,
+            "linear" => Self::Linear {
+                factor: need_factor()?,
+            },
+            "ntk" => Self::Ntk {
+                factor: need_factor()?,
+            },
+            "dynamic" => Self::Dynamic {
+                factor: need_factor()?,
+                original_max: need_max()?,
+                current_len: None,
+            },
+            "yarn" => Self::Yarn {
+                factor: need_factor()?,
+                original_max: need_max()?,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: None,
+            },
+            "llama3" => Self::Llama3 {
+                factor: factor.unwrap_or(8.0),
+                original_max: original_max.unwrap_or(8192),
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+            },
+            _ => {
+                return Err(Error::option(format!(
+                    "unknown rope scaling {name:?}; expected none, linear, ntk, dynamic, yarn or llama3"
+                )))
+            }
+        };
+        s.validate(4)?;
+        Ok(s)
+    }
+
+    /// The name used by [`RopeScaling::named`].
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Linear { .. } => "linear",
+            Self::Ntk { .. } => "ntk",
+            Self::Dynamic { .. } => "dynamic",
+            Self::Yarn { .. } => "yarn",
+            Self::Llama3 { .. } => "llama3",
+        }
+    }
+
+    fn validate(&self, r: usize) -> Result<()> {
+        let name = self.name();
+        let factor = match self {
+            Self::None => return Ok(()),
+            Self::Linear { factor }
+            | Self::Ntk { factor }
+            | Self::Dynamic { factor, .. }
+            | Self::Yarn { factor, .. }
+            | Self::Llama3 { factor, .. } => *factor,
+        };
+        if !(factor > 0.0 && factor.is_finite()) {
+            return Err(Error::option(format!(
+                "rope scaling {name}: factor must be finite and > 0, got {factor}"
+            )));
+        }
+        match self {
+            Self::Ntk { .. } | Self::Dynamic { .. } if r <= 2 => {
+                return Err(Error::option(format!(
+                    "rope scaling {name} needs rotary_dim > 2 (its exponent is r/(r-2)), got {r}"
+                )))
+            }
+            Self::Dynamic { original_max, .. }
+            | Self::Yarn { original_max, .. }
+            | Self::Llama3 { original_max, .. }
+                if *original_max == 0 =>
+            {
+                return Err(Error::option(format!(
+                    "rope scaling {name}: original_max must be at least 1"
+                )))
+            }
+            Self::Yarn {
+                beta_fast,
+                beta_slow,
+                mscale,
+                ..
+            } => {
+                if !(*beta_slow > 0.0 && beta_fast > beta_slow && beta_fast.is_finite()) {
+                    return Err(Error::option(format!(
+                        "rope scaling yarn needs 0 < beta_slow < beta_fast, got {beta_slow}, {beta_fast}"
+                    )));
+                }
+                if mscale.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
+                    return Err(Error::option(format!(
+                        "rope scaling yarn: mscale must be finite and > 0, got {mscale:?}"
+                    )));
+                }
+            }
+            Self::Llama3 {
+                low_freq_factor: lo,
+                high_freq_factor: hi,
+                ..
+            } if !(*lo > 0.0 && hi > lo && hi.is_finite()) => {
+                return Err(Error::option(format!(
+                "rope scaling llama3 needs 0 < low_freq_factor < high_freq_factor, got {lo}, {hi}"
+            )))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Options of the RoPE family.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeOptions {
+    /// Pairing of features (default [`RopeStyle::Half`]).
+    pub style: RopeStyle,
+    /// Axis order (default [`RopeLayout::Bshd`]).
+    pub layout: RopeLayout,
+    /// Rotated features r (even, <= d); `None`: all d. Features r..d pass through.
+    pub rotary_dim: Option<usize>,
+    /// Frequency base (default 10000).
+    pub base: f64,
+    /// Without explicit positions, token t of the sequence sits at `offset + t`.
+    pub offset: u64,
+    /// Rotate by -theta: the backward pass (the transpose). For every scaling but yarn this is
+    /// the exact inverse; yarn's `mscale` multiplies in both directions, as its gradient does,
+    /// so there `inverse(rope(x)) = mscale^2 x`.
+    pub inverse: bool,
+    /// Frequency scaling (default none).
+    pub scaling: RopeScaling,
+}
+
+impl Default for RopeOptions {
+    fn default() -> Self {
+        Self {
+            style: RopeStyle::Half,
+            layout: RopeLayout::Bshd,
+            rotary_dim: None,
+            base: 10000.0,
+            offset: 0,
+            inverse: false,
+            scaling: RopeScaling::None,
+        }
+    }
+}
+
+impl RopeOptions {
+    /// Checks the options for head dim `d` and returns the rotary dim r.
+    pub fn validate(&self, d: usize) -> Result<usize> {
+        let r = self.rotary_dim.unwrap_or(d);
+        if r == 0 || r % 2 != 0 || r > d {
+            return Err(Error::option(format!(
+                "rope rotary_dim must be even, at least 2 and at most d = {d}, got {r}"
+            )));
+        }
+        if !(self.base > 0.0 && self.base.is_finite()) {
+            return Err(Error::option(format!(
+                "rope base must be finite and > 0, got {}",
+                self.base
+            )));
+        }
+        if matches!(self.scaling, RopeScaling::Yarn { .. }) && self.base <= 1.0 {
+            return Err(Error::option(format!(
+                "rope scaling yarn needs base > 1 (it divides by ln(base)), got {}",
+                self.base
+            )));
+        }
+        if self.offset > MAX_POSITION as u64 {
+            return Err(Error::option(format!(
+                "rope offset {} does not fit in an i32 position",
+                self.offset
+            )));
+        }
+        self.scaling.validate(r)?;
+        Ok(r)
+    }
+
+    /// The scaled frequencies `theta'_i`, `i = 0 .. r/2`, and the cos/sin multiplier
+    /// (yarn's mscale, else 1). `current_len` is the sequence length dynamic scaling uses
+    /// when its own `current_len` is unset.
+    pub fn frequencies(&self, r: usize, current_len: usize) -> Result<(Vec<f64>, f64)> {
+        self.scaling.validate(r)?;
+        let rf = r as f64;
+        let plain = |base: f64| -> Vec<f64> {
+            (0..r / 2)
+                .map(|i| base.powf(-2.0 * i as f64 / rf))
+                .collect()
+        };
+        let out = match &self.scaling {
+            RopeScaling::None => (plain(self.base), 1.0),
+            RopeScaling::Linear { factor } => {
+                (plain(self.base).iter().map(|t| t / factor).collect(), 1.0)
+            }
+            RopeScaling::Ntk { factor } => (plain(self.base * factor.powf(rf / (rf - 2.0))), 1.0),
+            RopeScaling::Dynamic {
+                factor,
+                original_max,
+                current_len: given,
+            } => {
+                let big_l = *original_max as f64;
+                let l = (given.unwrap_or(current_len) as f64).max(big_l);
+                let base = self.base * (factor * l / big_l - (factor - 1.0)).powf(rf / (rf - 2.0));
+                (plain(base), 1.0)
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max,
+                beta_fast,
+                beta_slow,
+                mscale,
+            } => {
+                let (lo, hi) = yarn_range(r, self.base, *original_max, *beta_fast, *beta_slow);
+                let theta = plain(self.base)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let ramp = ((i as f64 - lo) / (hi - lo)).clamp(0.0, 1.0);
+                        t * (1.0 - ramp) + (t / factor) * ramp
+                    })
+                    .collect();
+                (theta, mscale.unwrap_or(0.1 * factor.ln() + 1.0))
+            }
+            RopeScaling::Llama3 {
+                factor,
+                original_max,
+                low_freq_factor: low,
+                high_freq_factor: high,
+            } => {
+                let big_l = *original_max as f64;
+                let theta = plain(self.base)
+                    .iter()
+                    .map(|&t| {
+                        let w = 2.0 * PI / t;
+                        if w < big_l / high {
+                            t
+                        } else if w > big_l / low {
+                            t / factor
+                        } else {
+                            let k = (big_l / w - low) / (high - low);
+                            (1.0 - k) * t / factor + k * t
+                        }
+                    })
+                    .collect();
+                (theta, 1.0)
+            }
+        };
+        Ok(out)
+    }
+}
+
+/// YaRN's correction range (lo, hi) over the frequency index.
+pub fn yarn_range(
+    r: usize,
+    base: f64,
+    original_max: usize,
+    beta_fast: f64,
+    beta_slow: f64,
+) -> (f64, f64) {
+    let rf = r as f64;
+    let corr = |x: f64| rf * (original_max as f64 / (2.0 * PI * x)).ln() / (2.0 * base.ln());
+    let lo = corr(beta_fast).floor().max(0.0);
+    let mut hi = corr(beta_slow).ceil().min(rf - 1.0);
+    if lo == hi {
+        hi += 0.001;
+    }
+    (lo, hi)
+}
+
+/// Explicit positions of shape `[s]` (shared by every batch) or `[b, s]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Positions {
+    values: Vec<i64>,
+    shape: Vec<usize>,
+}
+
+impl Positions {
+    /// Positions (i32 or i64 values) of `shape` `[s]` or `[b, s]`.
+    pub fn new<V: Into<i64> + Copy>(
+        values: impl AsRef<[V]>,
+        shape: impl Into<Vec<usize>>,
+    ) -> Result<Self> {
+        let values: Vec<i64> = values.as_ref().iter().map(|&v| v.into()).collect();
+        let shape = shape.into();
+        if shape.is_empty() || shape.len() > 2 || shape.iter().product::<usize>() != values.len() {
+            return Err(Error::shape(format!(
+                "rope positions must have shape [s] or [b, s] matching their {} values, got {shape:?}",
+                values.len()
+            )));
+        }
+        Ok(Self { values, shape })
+    }
+    /// The values.
+    pub fn values(&self) -> &[i64] {
+        &self.values
+    }
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+/// The positions of a call: one row per distinct (batch, token) the table needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PositionRows {
+    /// Position of each row: `[s]` rows, or `[b * s]` rows (batch-major) when `per_batch`.
+    pub positions: Vec<u64>,
+    /// Whether rows differ per batch.
+    pub per_batch: bool,
+}
+
+impl PositionRows {
+    /// The position of token `t` of batch `b`.
+    pub fn get(&self, b: usize, t: usize, s: usize) -> u64 {
+        if self.per_batch {
+            self.positions[b * s + t]
+        } else {
+            self.positions[t]
+        }
+    }
+}
+
+/// Checks positions against `b` batches of `s` tokens (or, without them, the offset).
+pub fn position_rows(
+    opts: &RopeOptions,
+    b: usize,
+    s: usize,
+    positions: Option<&Positions>,
+) -> Result<PositionRows> {
+    let Some(pos) = positions else {
+        if opts.offset + s as u64 - 1 > MAX_POSITION as u64 {
+            return Err(Error::option(format!(
+                "rope offset {} + {s} tokens passes the largest position {MAX_POSITION}",
+                opts.offset
+            )));
+        }
+        return Ok(PositionRows {
+            positions: (0..s as u64).map(|t| opts.offset + t).collect(),
+            per_batch: false,
+        });
+    };
+    let per_batch = match pos.shape() {
+        [n] if *n == s => false,
+        [nb, n] if *nb == b && *n == s => true,
+        other => {
+            return Err(Error::shape(format!(
+                "rope positions have shape {other:?}; expected [{s}] or [{b}, {s}]"
+            )))
+        }
+    };
+    if let Some(bad) = pos
+        .values()
+        .iter()
+        .find(|&&v| !(0..=MAX_POSITION).contains(&v))
+    {
+        return Err(Error::option(format!(
+            "rope position {bad} is out of range; positions must be in 0..={MAX_POSITION}"
+        )));
+    }
+    Ok(PositionRows {
+        positions: pos.values().iter().map(|&v| v as u64).collect(),
+        per_batch,
+    })
+}
+
+/// The (cos, sin) table the kernel reads: `rows * r/2` pairs, mscale and the inverse's sign
+/// folded in, computed in f64 and rounded once to f32.
+pub fn cos_sin_table(opts: &RopeOptions, r: usize, rows: &PositionRows) -> Result<Vec<[f32; 2]>> {
+    let current = rows.positions.iter().max().map_or(1, |&m| m as usize + 1);
+    let (theta, mscale) = opts.frequencies(r, current)?;
+    let sign = if opts.inverse { -1.0 } else { 1.0 };
+    let mut out = Vec::with_capacity(rows.positions.len() * theta.len());
+    for &p in &rows.positions {
+        for &t in &theta {
+            // f64 sin/cos reduce their argument exactly; p * t is exact to ~2^-53 relative.
+            let (s, c) = (p as f64 * t).sin_cos();
+            out.push([(c * mscale) as f32, (sign * s * mscale) as f32]);
+        }
+    }
+    Ok(out)
+}
+
+/// Where a `[4]`-axis tensor (`[b, s, h, d]` or `[b, h, s, d]` per the layout) lies in a buffer:
+/// element offset of its first feature and the strides (in elements) of the first three axes.
+/// The feature axis is contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RopeView {
+    /// Logical shape in the layout's axis order.
+    pub shape: [usize; 4],
+    /// Element offset of element [0, 0, 0, 0].
+    pub offset: usize,
+    /// Strides of axes 0, 1, 2 in elements.
+    pub strides: [usize; 3],
+}
+
+impl RopeView {
+    /// A densely packed tensor.
+    pub fn contiguous(shape: [usize; 4]) -> Self {
+        let [_, a1, a2, d] = shape;
+        Self {
+            shape,
+            offset: 0,
+            strides: [a1 * a2 * d, a2 * d, d],
+        }
+    }
+    /// Rows of axis 1 `row_stride` elements apart (axis 2 packed inside a row), starting at
+    /// `offset`. For q of a fused `[b, s, (hq + 2 hkv) d]` QKV buffer in bshd: shape
+    /// `[b, s, hq, d]`, offset 0, row stride `(hq + 2 hkv) d`; k: offset `hq d`.
+    pub fn strided(shape: [usize; 4], offset: usize, row_stride: usize) -> Self {
+        Self {
+            shape,
+            offset,
+            strides: [shape[1] * row_stride, row_stride, shape[3]],
+        }
+    }
+
+    /// One past the largest element index.
+    fn end(&self) -> usize {
+        self.offset
+            + (0..3)
+                .map(|a| (self.shape[a] - 1) * self.strides[a])
+                .sum::<usize>()
+            + self.shape[3]
+    }
+
+    fn check(&self, what: &str, len: usize) -> Result<()> {
+        if self.shape.contains(&0) {
+            return Err(Error::shape(format!(
+                "rope {what}: shape {:?} has a zero axis",
+                self.shape
+            )));
+        }
+        if self.end() > len {
+            return Err(Error::shape(format!(
+                "rope {what}: view {:?} (offset {}, strides {:?}) reaches element {} of a tensor of {len}",
+                self.shape,
+                self.offset,
+                self.strides,
+                self.end()
+            )));
+        }
+        // No two rows overlap: sorted by stride, each axis steps past everything below it.
+        let mut axes: Vec<(usize, usize)> = (0..3)
+            .filter(|&a| self.shape[a] > 1)
+            .map(|a| (self.strides[a], self.shape[a]))
+            .collect();
+        axes.sort();
+        let mut extent = self.shape[3];
+        for (stride, n) in axes {
+            if stride < extent {
+                return Err(Error::shape(format!(
+                    "rope {what}: strides {:?} make rows of shape {:?} overlap",
+                    self.strides, self.shape
+                )));
+            }
+            extent += stride * (n - 1);
+        }
+        Ok(())
+    }
+}
+
+/// One tensor to rotate: source and destination (the same tensor and view: in place).
+pub struct RopeTarget<'a, T: Element> {
+    /// Read from.
+    pub src: &'a GpuTensor<T>,
+    /// Where `src` lies in its buffer.
+    pub src_view: RopeView,
+    /// Written to.
+    pub dst: &'a GpuTensor<T>,
+    /// Where the result goes.
+    pub dst_view: RopeView,
+}
+
+impl<'a, T: Element> RopeTarget<'a, T> {
+    /// `dst = rope(src)`, both dense 4-D tensors of the same shape.
+    pub fn new(src: &'a GpuTensor<T>, dst: &'a GpuTensor<T>) -> Result<Self> {
+        let shape = dense_shape(src.shape())?;
+        Ok(Self {
+            src,
+            src_view: RopeView::contiguous(shape),
+            dst,
+            dst_view: RopeView::contiguous(dense_shape(dst.shape())?),
+        })
+    }
+    /// `x = rope(x)` on a dense 4-D tensor.
+    pub fn in_place(x: &'a GpuTensor<T>) -> Result<Self> {
+        Self::new(x, x)
+    }
+    /// `x = rope(x)` on a view of `x` (e.g. q or k inside a fused QKV buffer).
+    pub fn in_place_view(x: &'a GpuTensor<T>, view: RopeView) -> Self {
+        Self {
+            src: x,
+            src_view: view,
+            dst: x,
+            dst_view: view,
+        }
+    }
+    fn in_place_flag(&self) -> bool {
+        self.src.buffer() == self.dst.buffer() && self.src_view == self.dst_view
+    }
+}
+
+fn dense_shape(shape: &[usize]) -> Result<[usize; 4]> {
+    shape.try_into().map_err(|_| {
+        Error::shape(format!(
+            "rope takes 4-D tensors ([b, s, h, d] or [b, h, s, d]), got shape {shape:?}"
+        ))
+    })
+}
+
+/// Storage code of the shader (`STORAGE` constant).
+fn storage_code(dtype: DType) -> Option<u32> {
+    match dtype {
+        DType::F32 => Some(0),
+        DType::F16 => Some(1),
+        DType::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+fn variant(dtype: DType) -> ShaderVariant {
+    let code = storage_code(dtype).unwrap_or(0);
+    ShaderVariant {
+        family: "rope",
+        variant: dtype.name().to_string(),
+        source: compose(&[
+            &format!("const STORAGE: u32 = {code}u;\n"),
+            GRID_WGSL,
+            SOURCE,
+        ]),
+        entry: "rope",
+        constants: vec![("WG".into(), WG as f64)],
+    }
+}
+
+/// Every shader variant of the family (for the naga translation test).
+pub fn shader_variants() -> Vec<ShaderVariant> {
+    [DType::F32, DType::F16, DType::BF16]
+        .into_iter()
+        .map(variant)
+        .collect()
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct TargetParams {
+    rows: u32,
+    heads: u32,
+    src_off: u32,
+    src_strides: [u32; 3],
+    dst_off: u32,
+    dst_strides: [u32; 3],
+    _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    q: TargetParams,
+    k: TargetParams,
+    seq: u32,
+    d: u32,
+    r: u32,
+    units: u32,
+    flags: u32,
+    table_off: u32,
+    _pad: [u32; 2],
+}
+
+/// A RoPE kernel with fixed options; the pipeline is compiled on first use and cached in the
+/// context.
+///
+/// Fused q and k (GQA) in place, recorded into your own encoder:
+/// ```no_run
+/// # use seq_kernels::{Context, Rope, RopeOptions, RopeTarget};
+/// # let ctx = Context::new()?;
+/// let (b, s, hq, hkv, d) = (2, 16, 8, 2, 64);
+/// let q = ctx.zeros::<f32>([b, s, hq, d])?;
+/// let k = ctx.zeros::<f32>([b, s, hkv, d])?;
+/// let rope = Rope::new(&ctx, &RopeOptions { offset: 100, ..Default::default() })?;
+/// let mut encoder = ctx.device().create_command_encoder(&Default::default());
+/// rope.encode(&mut encoder, &RopeTarget::in_place(&q)?, Some(&RopeTarget::in_place(&k)?), None)?;
+/// ctx.queue().submit([encoder.finish()]);
+/// # Ok::<(), seq_kernels::Error>(())
+/// ```
+pub struct Rope {
+    ctx: Context,
+    opts: RopeOptions,
+}
+
+impl Rope {
+    /// Checks the options that do not depend on shapes.
+    pub fn new(ctx: &Context, opts: &RopeOptions) -> Result<Self> {
+        opts.validate(opts.rotary_dim.unwrap_or(usize::MAX - 1))?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            opts: opts.clone(),
+        })
+    }
+
+    /// The options.
+    pub fn options(&self) -> &RopeOptions {
+        &self.opts
+    }
+
+    /// Records the rotation of `q` (and `k`, in the same dispatch) into `encoder`; no submit.
+    pub fn encode<T: Element>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        q: &RopeTarget<'_, T>,
+        k: Option<&RopeTarget<'_, T>>,
+        positions: Option<&Positions>,
+    ) -> Result<()> {
+        self.plan(q, k, positions)?.encode(encoder);
+        Ok(())
+    }
+
+    /// The dispatch of one call (with its cos/sin table), to record as often as needed.
+    ///
+    /// q and k must agree on batch, sequence and head dim; their head counts may differ. Either
+    /// both are in place (destination = source, same view) or both write to buffers neither
+    /// reads. q and k must not overlap each other (not checked).
+    pub fn plan<T: Element>(
+        &self,
+        q: &RopeTarget<'_, T>,
+        k: Option<&RopeTarget<'_, T>>,
+        positions: Option<&Positions>,
+    ) -> Result<Plan> {
+        let ctx = &self.ctx;
+        if storage_code(T::DTYPE).is_none() {
+            return Err(Error::Dtype(format!(
+                "rope takes f32, f16 or bf16 tensors, got {}",
+                T::DTYPE.name()
+            )));
+        }
+        let targets: Vec<&RopeTarget<'_, T>> = std::iter::once(q).chain(k).collect();
+        let bhsd = self.opts.layout == RopeLayout::Bhsd;
+        let split = |v: &RopeView| {
+            let [b, a1, a2, d] = v.shape;
+            if bhsd {
+                (b, a2, a1, d)
+            } else {
+                (b, a1, a2, d)
+            }
+        };
+        let (b, s, _, d) = split(&q.src_view);
+        let r = self.opts.validate(d)?;
+        for (i, t) in targets.iter().enumerate() {
+            let name = ["q", "k"][i];
+            t.src_view.check(&format!("{name} source"), t.src.len())?;
+            t.dst_view
+                .check(&format!("{name} destination"), t.dst.len())?;
+            if t.src_view.shape != t.dst_view.shape {
+                return Err(Error::shape(format!(
+                    "rope {name}: destination shape {:?} must equal the source shape {:?}",
+                    t.dst_view.shape, t.src_view.shape
+                )));
+            }
+            let (tb, ts, _, td) = split(&t.src_view);
+            if (tb, ts, td) != (b, s, d) {
+                return Err(Error::shape(format!(
+                    "rope: k {:?} and q {:?} must agree on batch, sequence and head dim",
+                    t.src_view.shape, q.src_view.shape
+                )));
+            }
+        }
+        let in_place = q.in_place_flag();
+        for t in &targets {
+            let aliased = targets.iter().any(|o| o.src.buffer() == t.dst.buffer());
+            if t.in_place_flag() != in_place || (!in_place && aliased) {
+                return Err(Error::option(
+                    "rope: either every target is in place (destination = source tensor and view) \
+                     or every destination is a buffer no source reads",
+                ));
+            }
+        }
+        let packed = T::DTYPE.size() == 2;
+        if packed {
+            for t in &targets {
+                for v in [&t.src_view, &t.dst_view] {
+                    if d % 2 != 0 || v.offset % 2 != 0 || v.strides.iter().any(|s| s % 2 != 0) {
+                        return Err(Error::shape(format!(
+                            "rope with {} storage needs rows on whole 32-bit words: even d, offset \
+                             and strides; got d = {d}, offset {}, strides {:?}",
+                            T::DTYPE.name(),
+                            v.offset,
+                            v.strides
+                        )));
+                    }
+                }
+            }
+        }
+        let rows = position_rows(&self.opts, b, s, positions)?;
+        let table = cos_sin_table(&self.opts, r, &rows)?;
+
+        let interleaved = self.opts.style == RopeStyle::Interleaved;
+        let per_row = packed && !interleaved && r % 4 != 0;
+        let pass = if in_place { 0 } else { d - r };
+        let units = match (packed, per_row, interleaved) {
+            (false, _, _) => r / 2 + pass,
+            (true, true, _) => 1,
+            (true, false, true) => r / 2 + pass / 2,
+            (true, false, false) => r / 4 + pass / 2,
+        };
+        let flags = [
+            (interleaved, FLAG_INTERLEAVED),
+            (bhsd, FLAG_BHSD),
+            (in_place, FLAG_IN_PLACE),
+            (per_row, FLAG_PER_ROW),
+            (rows.per_batch, FLAG_BATCH_POSITIONS),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |acc, (_, f)| acc | f);
+
+        // Bindings larger than the device allows are split along the batch axis: each chunk of
+        // batches binds the byte ranges its rows touch (aligned down) and gets its own dispatch.
+        let limits = ctx.limits();
+        // Element indices inside a binding are u32: stay below 2^31 bytes.
+        let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31);
+        let align = (limits.min_storage_buffer_offset_alignment as u64).max(16);
+        let esize = T::DTYPE.size() as u64;
+        let hr = (r / 2) as u64;
+        let table_bytes = (table.len() * 8) as u64;
+        // (aligned start, size) in bytes of what batches b0..b1 of a view touch.
+        let view_range = |v: &RopeView, b0: usize, b1: usize| -> (u64, u64) {
+            let lo = (v.offset + b0 * v.strides[0]) as u64 * esize;
+            let last = v.offset
+                + (b1 - 1) * v.strides[0]
+                + (v.shape[1] - 1) * v.strides[1]
+                + (v.shape[2] - 1) * v.strides[2]
+                + v.shape[3];
+            let start = lo / align * align;
+            (start, last as u64 * esize - start)
+        };
+        let table_range = |b0: usize, b1: usize| -> (u64, u64) {
+            if !rows.per_batch {
+                return (0, table_bytes);
+            }
+            let lo = (b0 * s) as u64 * hr * 8;
+            let start = lo / align * align;
+            ((start), (b1 * s) as u64 * hr * 8 - start)
+        };
+        let need = |b0: usize, b1: usize| -> u64 {
+            targets
+                .iter()
+                .flat_map(|t| {
+                    [
+                        view_range(&t.src_view, b0, b1).1,
+                        view_range(&t.dst_view, b0, b1).1,
+                    ]
+                })
+                .chain(std::iter::once(table_range(b0, b1).1))
+                .max()
+                .unwrap_or(0)
+        };
+        let mut chunks = Vec::new();
+        let mut b0 = 0;
+        while b0 < b {
+            let one = need(b0, b0 + 1);
+            if one > max_binding {
+                return Err(Error::LimitExceeded {
+                    limit: "max_storage_buffer_binding_size",
+                    needed: one,
+                    max: max_binding,
+                });
+            }
+            // The largest b1 whose bindings fit (need grows with b1).
+            let (mut lo, mut hi) = (b0 + 1, b);
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if need(b0, mid) <= max_binding {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            chunks.push((b0, lo));
+            b0 = lo;
+        }
+
+        let table_buf = ctx.scratch(table_bytes)?;
+        ctx.queue()
+            .write_buffer(&table_buf, 0, bytemuck::cast_slice(&table));
+        let u = |x: u64| -> Result<u32> {
+            u32::try_from(x).map_err(|_| Error::LimitExceeded {
+                limit: "u32 element indices",
+                needed: x,
+                max: u32::MAX as u64,
+            })
+        };
+        let variant = variant(T::DTYPE);
+        let mut plan = Plan::default();
+        for (b0, b1) in chunks {
+            // Per target: parameters relative to its bindings, and the bindings' byte ranges.
+            let bound = |t: &RopeTarget<'_, T>| -> Result<(TargetParams, ByteRange, ByteRange)> {
+                let (_, ts, th, _) = split(&t.src_view);
+                let src = view_range(&t.src_view, b0, b1);
+                let dst = view_range(&t.dst_view, b0, b1);
+                let st = |s: [usize; 3]| -> Result<[u32; 3]> {
+                    Ok([u(s[0] as u64)?, u(s[1] as u64)?, u(s[2] as u64)?])
+                };
+                let first = |v: &RopeView| (v.offset + b0 * v.strides[0]) as u64;
+                Ok((
+                    TargetParams {
+                        rows: u(((b1 - b0) * ts * th) as u64)?,
+                        heads: u(th as u64)?,
+                        src_off: u(first(&t.src_view) - src.0 / esize)?,
+                        src_strides: st(t.src_view.strides)?,
+                        dst_off: u(first(&t.dst_view) - dst.0 / esize)?,
+                        dst_strides: st(t.dst_view.strides)?,
+                        _pad: [0; 2],
+                    },
+                    src,
+                    dst,
+                ))
+            };
+            let (qp, q_src, q_dst) = bound(q)?;
+            let (kp, k_src, k_dst, k_bufs) = match k {
+                Some(k) => {
+                    let (kp, ks, kd) = bound(k)?;
+                    (kp, ks, kd, (k.src.buffer(), k.dst.buffer()))
+                }
+                None => (
+                    TargetParams::default(),
+                    q_src,
+                    q_dst,
+                    (q.src.buffer(), q.dst.buffer()),
+                ),
+            };
+            let invocations = (qp.rows as u64 + kp.rows as u64) * units as u64;
+            if invocations > u32::MAX as u64 {
+                return Err(Error::LimitExceeded {
+                    limit: "invocations per rope dispatch (u32 indices)",
+                    needed: invocations,
+                    max: u32::MAX as u64,
+                });
+            }
+            let table_at = table_range(b0, b1);
+            let table_off = if rows.per_batch {
+                ((b0 * s) as u64 * hr * 8 - table_at.0) / 8
+            } else {
+                0
+            };
+            let params = ctx.uniform(&Params {
+                q: qp,
+                k: kp,
+                seq: s as u32,
+                d: d as u32,
+                r: r as u32,
+                units: units as u32,
+                flags,
+                table_off: u(table_off)?,
+                _pad: [0; 2],
+            })?;
+            plan.push(Step::new(
+                ctx,
+                &variant,
+                &[
+                    (0, sub(q.src.buffer(), q_src.0, q_src.1)),
+                    (1, sub(q.dst.buffer(), q_dst.0, q_dst.1)),
+                    (2, sub(k_bufs.0, k_src.0, k_src.1)),
+                    (3, sub(k_bufs.1, k_dst.0, k_dst.1)),
+                    (4, sub(&table_buf, table_at.0, table_at.1)),
+                    (5, params.as_entire_buffer_binding()),
+                ],
+                invocations.div_ceil(WG as u64),
+            )?);
+            plan.keep(params);
+        }
+        plan.keep(table_buf);
+        Ok(plan)
+    }
+}
+
+impl Context {
+    /// `rope(x)` of a dense 4-D tensor into a new tensor.
+    pub fn rope<T: Element>(
+        &self,
+        x: &GpuTensor<T>,
+        positions: Option<&Positions>,
+        opts: &RopeOptions,
+    ) -> Result<GpuTensor<T>> {
+        let y = self.zeros::<T>(x.shape().to_vec())?;
+        Rope::new(self, opts)?
+            .plan(&RopeTarget::new(x, &y)?, None, positions)?
+            .run(self)?;
+        Ok(y)
+    }
+
+    /// `x = rope(x)` of a dense 4-D tensor.
+    pub fn rope_in_place<T: Element>(
+        &self,
+        x: &GpuTensor<T>,
+        positions: Option<&Positions>,
+        opts: &RopeOptions,
+    ) -> Result<()> {
+        Rope::new(self, opts)?
+            .plan(&RopeTarget::in_place(x)?, None, positions)?
+            .run(self)
+    }
+
+    /// `q = rope(q)`, `k = rope(k)` in one dispatch (head counts may differ).
+    pub fn rope_qk_in_place<T: Element>(
+        &self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        positions: Option<&Positions>,
+        opts: &RopeOptions,
+    ) -> Result<()> {
+        Rope::new(self, opts)?
+            .plan(
+                &RopeTarget::in_place(q)?,
+                Some(&RopeTarget::in_place(k)?),
+                positions,
+            )?
+            .run(self)
+    }
+}

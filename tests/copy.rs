@@ -1,0 +1,44 @@
+//! The vec4 copy kernel against its reference (the identity), including a buffer larger than
+//! one storage binding, and its errors.
+
+mod common;
+
+use common::gpu;
+use seq_kernels::reference::copy as reference;
+use seq_kernels::Error;
+
+#[test]
+fn copies_exactly() {
+    let Some(ctx) = gpu() else { return };
+    for n in [4usize, 12, 4 * 257, 4 * 65537] {
+        let x = common::random(n, n as u64, -1e3, 1e3);
+        let y = ctx
+            .copy(&ctx.upload(&x, [n]).unwrap())
+            .unwrap()
+            .download()
+            .unwrap();
+        assert_eq!(y, reference::copy(&x), "n = {n}");
+    }
+}
+
+#[test]
+fn copies_more_than_one_binding_holds() {
+    let Some(ctx) = gpu() else { return };
+    // Just past the binding limit (or 160 MiB where the limit is larger): several dispatches.
+    let limit = ctx.limits().max_storage_buffer_binding_size.min(160 << 20);
+    let n = (limit as usize / 4 + 1024).next_multiple_of(4);
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let y = ctx
+        .copy(&ctx.upload(&x, [n]).unwrap())
+        .unwrap()
+        .download()
+        .unwrap();
+    assert!(y == x, "copy of {n} floats differs");
+}
+
+#[test]
+fn rejects_sizes_that_are_not_whole_vec4s() {
+    let Some(ctx) = gpu() else { return };
+    let x = ctx.upload(&[1.0f32; 6], [6]).unwrap();
+    assert!(matches!(ctx.copy(&x), Err(Error::Shape(_))));
+}

@@ -1,0 +1,1169 @@
+//! RoPE family: the spec's check values, the properties of spec section 2 on the f64
+//! reference and on the GPU, GPU against the reference over styles, layouts, rotary dims,
+//! positions, scalings and storage types, fused q/k and QKV views, and bad input.
+
+mod common;
+
+use common::{gpu, random};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use seq_kernels::kernels::rope::{yarn_range, MAX_POSITION};
+use seq_kernels::reference::rope as reference;
+use seq_kernels::{
+    Context, Element, Error, GpuTensor, Positions, Rope, RopeLayout, RopeOptions, RopeScaling,
+    RopeStyle, RopeTarget, RopeView,
+};
+
+fn f64s(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// Largest error per row of `d` relative to the row's largest reference magnitude.
+fn max_row_error(got: &[f32], want: &[f64], d: usize) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0.0f64;
+    for (g, w) in got.chunks(d).zip(want.chunks(d)) {
+        let scale = w.iter().fold(0.0f64, |a, v| a.max(v.abs())).max(1e-30);
+        for (&a, &b) in g.iter().zip(w) {
+            assert!(a.is_finite(), "got {a} where {b} was expected");
+            worst = worst.max((a as f64 - b).abs() / scale);
+        }
+    }
+    worst
+}
+
+/// GPU rope of a dense f32 tensor, out of place.
+fn gpu_rope(
+    ctx: &Context,
+    x: &[f32],
+    shape: [usize; 4],
+    pos: Option<&Positions>,
+    opts: &RopeOptions,
+) -> Vec<f32> {
+    let xt = ctx.upload(x, shape).unwrap();
+    ctx.rope(&xt, pos, opts).unwrap().download().unwrap()
+}
+
+/// GPU rope of a dense f32 tensor, in place.
+fn gpu_rope_in_place(
+    ctx: &Context,
+    x: &[f32],
+    shape: [usize; 4],
+    pos: Option<&Positions>,
+    opts: &RopeOptions,
+) -> Vec<f32> {
+    let xt = ctx.upload(x, shape).unwrap();
+    ctx.rope_in_place(&xt, pos, opts).unwrap();
+    xt.download().unwrap()
+}
+
+// ---------------------------------------------------------------- check values (spec 2)
+
+/// Equal to `want` printed with 5 significant digits (half a unit of the last digit).
+fn assert_5_digits(got: f64, want: f64, what: &str) {
+    let unit = 10f64.powf(want.abs().log10().floor() - 4.0);
+    assert!(
+        (got - want).abs() <= 0.5 * unit * 1.0001,
+        "{what}: {got} is not {want} to 5 digits"
+    );
+}
+
+#[test]
+fn theta_check_values() {
+    let o = |scaling| RopeOptions {
+        scaling,
+        ..Default::default()
+    };
+    let (t, m) = o(RopeScaling::None).frequencies(128, 1).unwrap();
+    assert_eq!((t.len(), m), (64, 1.0));
+    assert_5_digits(t[1], 0.86596, "default theta_1");
+
+    let dynamic = RopeScaling::Dynamic {
+        factor: 10.0,
+        original_max: 2048,
+        current_len: Some(16384),
+    };
+    let (t, _) = o(dynamic.clone()).frequencies(128, 1).unwrap();
+    for (i, w) in [(1, 0.80931), (2, 0.65498), (3, 0.53008), (63, 1.6265e-6)] {
+        assert_5_digits(t[i], w, &format!("dynamic theta_{i}"));
+    }
+    // Without current_len, the call's length (largest position + 1) is used.
+    let mut unset = dynamic;
+    if let RopeScaling::Dynamic { current_len, .. } = &mut unset {
+        *current_len = None;
+    }
+    assert_5_digits(
+        o(unset).frequencies(128, 16384).unwrap().0[1],
+        0.80931,
+        "dynamic l",
+    );
+
+    assert_eq!(yarn_range(128, 1e4, 2048, 32.0, 1.0), (16.0, 41.0));
+    let yarn = RopeScaling::named("yarn", Some(10.0), Some(2048)).unwrap();
+    let (t, m) = o(yarn).frequencies(128, 1).unwrap();
+    for (i, w) in [(17, 8.3479e-2), (18, 6.9590e-2), (19, 5.7925e-2)] {
+        assert_5_digits(t[i], w, &format!("yarn theta_{i}"));
+    }
+    assert!(
+        (m - (0.1 * 10f64.ln() + 1.0)).abs() < 1e-15,
+        "yarn mscale {m}"
+    );
+
+    let llama3 = RopeScaling::named("llama3", Some(10.0), Some(2048)).unwrap();
+    let (t, _) = o(llama3).frequencies(128, 1).unwrap();
+    for (i, w) in [
+        (31, 1.0730e-2),
+        (32, 7.7785e-3),
+        (33, 5.6009e-3),
+        (34, 3.9991e-3),
+    ] {
+        assert_5_digits(t[i], w, &format!("llama3 theta_{i}"));
+    }
+
+    // linear: theta / s; ntk: base * s^(r/(r-2)).
+    let (t, _) = o(RopeScaling::Linear { factor: 4.0 })
+        .frequencies(128, 1)
+        .unwrap();
+    assert!((t[1] - 0.86596 / 4.0).abs() < 2e-6);
+    let (t, _) = o(RopeScaling::Ntk { factor: 4.0 })
+        .frequencies(128, 1)
+        .unwrap();
+    let want = (1e4 * 4f64.powf(128.0 / 126.0)).powf(-2.0 / 128.0);
+    assert!((t[1] - want).abs() < 1e-15, "{} {want}", t[1]);
+}
+
+const X4: [f64; 4] = [1.0, 2.0, 3.0, 4.0];
+const VECTORS: [(u64, RopeStyle, [f64; 4]); 4] = [
+    (
+        1,
+        RopeStyle::Interleaved,
+        [-1.142640, 1.922076, 2.959851, 4.029800],
+    ),
+    (
+        1,
+        RopeStyle::Half,
+        [-1.984111, 1.959901, 2.462378, 4.019800],
+    ),
+    (
+        3,
+        RopeStyle::Interleaved,
+        [-1.272233, -1.838865, 2.878668, 4.088187],
+    ),
+    (
+        3,
+        RopeStyle::Half,
+        [-1.413353, 1.879118, -2.828857, 4.058191],
+    ),
+];
+
+#[test]
+fn reference_check_vectors() {
+    for (p, style, want) in VECTORS {
+        let opts = RopeOptions {
+            style,
+            offset: p,
+            ..Default::default()
+        };
+        let got = reference::rope(&X4, [1, 1, 1, 4], None, &opts).unwrap();
+        for (g, w) in got.iter().zip(want) {
+            // The spec prints 6 decimals: half a unit of the last one.
+            assert!(
+                (g - w).abs() <= 5e-7,
+                "p={p} {style:?}: {got:?} vs {want:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_check_vectors() {
+    let Some(ctx) = gpu() else { return };
+    for (p, style, want) in VECTORS {
+        let opts = RopeOptions {
+            style,
+            offset: p,
+            ..Default::default()
+        };
+        let got = gpu_rope(ctx, &[1.0, 2.0, 3.0, 4.0], [1, 1, 1, 4], None, &opts);
+        for (g, w) in got.iter().zip(want) {
+            // 6 printed decimals (5e-7) plus f32 rounding of values up to 4 (2.4e-7 each).
+            assert!(
+                (*g as f64 - w).abs() <= 1e-6,
+                "p={p} {style:?}: {got:?} vs {want:?}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- reference properties
+
+fn one(x: &[f64], p: u64, opts: &RopeOptions) -> Vec<f64> {
+    let o = RopeOptions {
+        offset: p,
+        ..opts.clone()
+    };
+    reference::rope(x, [1, 1, 1, x.len()], None, &o).unwrap()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn style_strategy() -> impl Strategy<Value = RopeStyle> {
+    prop_oneof![Just(RopeStyle::Half), Just(RopeStyle::Interleaved)]
+}
+
+/// Gathers features: (P x)_j = x_pi(j), pi(j) = 2j (j < r/2), 2(j - r/2) + 1 (j < r), j.
+fn permute(x: &[f64], r: usize) -> Vec<f64> {
+    (0..x.len())
+        .map(|j| {
+            let k = if j < r / 2 {
+                2 * j
+            } else if j < r {
+                2 * (j - r / 2) + 1
+            } else {
+                j
+            };
+            x[k]
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn reference_properties(
+        half_d in 1usize..12, pass in 0usize..3, style in style_strategy(),
+        m in 0u64..5000, n in 0u64..5000, c in 0u64..5000, seed in 0u64..1000,
+    ) {
+        let r = 2 * half_d;
+        let d = r + pass;
+        let opts = RopeOptions { style, rotary_dim: Some(r), ..Default::default() };
+        let q = f64s(&random(d, seed, -2.0, 2.0));
+        let k = f64s(&random(d, seed + 1, -2.0, 2.0));
+        let scale = dot(&q, &q).sqrt() * dot(&k, &k).sqrt();
+        // Relative position: angles up to ~1e4 carry ~1e-12 rounding in f64.
+        let lhs = dot(&one(&q, m + c, &opts), &one(&k, n + c, &opts));
+        let rhs = dot(&one(&q, m, &opts), &one(&k, n, &opts));
+        prop_assert!((lhs - rhs).abs() <= 1e-9 * scale, "{lhs} vs {rhs}");
+        // Norm preserved (f64 rounding only).
+        let y = one(&q, m, &opts);
+        prop_assert!((dot(&y, &y) - dot(&q, &q)).abs() <= 1e-12 * dot(&q, &q));
+        // Position 0 is the identity, exactly (cos 0 = 1, sin 0 = 0).
+        prop_assert_eq!(one(&q, 0, &opts), q.clone());
+        // Pass-through features are untouched.
+        prop_assert_eq!(&y[r..], &q[r..]);
+        // R_a R_b = R_(a + b).
+        let ab = one(&one(&q, m, &opts), n, &opts);
+        let direct = one(&q, m + n, &opts);
+        for (a, b) in ab.iter().zip(&direct) {
+            prop_assert!((a - b).abs() <= 1e-9, "{ab:?} vs {direct:?}");
+        }
+        // Inverse undoes the rotation.
+        let inv = RopeOptions { inverse: true, ..opts.clone() };
+        let back = one(&y, m, &inv);
+        for (a, b) in back.iter().zip(&q) {
+            prop_assert!((a - b).abs() <= 1e-12, "{back:?} vs {q:?}");
+        }
+        // Layout permutation: half(P x) = P interleaved(x), exactly (same products).
+        let half = RopeOptions { style: RopeStyle::Half, ..opts.clone() };
+        let inter = RopeOptions { style: RopeStyle::Interleaved, ..opts.clone() };
+        prop_assert_eq!(one(&permute(&q, r), m, &half), permute(&one(&q, m, &inter), r));
+    }
+
+    #[test]
+    fn scaled_theta_stays_between_theta_over_s_and_theta(
+        factor in 1.0f64..64.0, lmax in 16usize..100000, half_r in 2usize..128,
+        base in 2.0f64..1e6,
+    ) {
+        let r = 2 * half_r;
+        for scaling in [
+            RopeScaling::Yarn { factor, original_max: lmax, beta_fast: 32.0, beta_slow: 1.0, mscale: None },
+            RopeScaling::Llama3 { factor, original_max: lmax, low_freq_factor: 1.0, high_freq_factor: 4.0 },
+        ] {
+            let plain = RopeOptions { base, ..Default::default() }.frequencies(r, 1).unwrap().0;
+            let opts = RopeOptions { base, scaling: scaling.clone(), ..Default::default() };
+            let scaled = opts.frequencies(r, 1).unwrap().0;
+            for (t, s) in plain.iter().zip(&scaled) {
+                // One rounding of the blend may step an ulp past either end.
+                let slack = 1e-15 * t;
+                prop_assert!(t / factor - slack <= *s && *s <= t + slack,
+                    "{scaling:?}: theta {t}, scaled {s}");
+            }
+        }
+    }
+}
+
+#[test]
+fn reference_offset_equals_slice_of_full_rotation() {
+    let (b, s, h, d, p) = (2, 5, 3, 10, 7);
+    let opts = RopeOptions {
+        rotary_dim: Some(8),
+        ..Default::default()
+    };
+    let full_x = f64s(&random(b * (p + s) * h * d, 3, -1.0, 1.0));
+    let full = reference::rope(&full_x, [b, p + s, h, d], None, &opts).unwrap();
+    let slice = |v: &[f64]| -> Vec<f64> {
+        (0..b)
+            .flat_map(|bi| v[(bi * (p + s) + p) * h * d..(bi + 1) * (p + s) * h * d].to_vec())
+            .collect()
+    };
+    let part = reference::rope(
+        &slice(&full_x),
+        [b, s, h, d],
+        None,
+        &RopeOptions {
+            offset: p as u64,
+            ..opts
+        },
+    )
+    .unwrap();
+    assert_eq!(part, slice(&full));
+}
+
+#[test]
+fn reference_yarn_inverse_is_the_transpose() {
+    let x = f64s(&random(8, 4, -1.0, 1.0));
+    let yarn = RopeOptions {
+        scaling: RopeScaling::named("yarn", Some(4.0), Some(64)).unwrap(),
+        ..Default::default()
+    };
+    let m = 0.1 * 4f64.ln() + 1.0;
+    let y = one(&x, 9, &yarn);
+    // mscale multiplies cos and sin: the norm grows by mscale.
+    assert!((dot(&y, &y).sqrt() - m * dot(&x, &x).sqrt()).abs() < 1e-12);
+    let back = one(
+        &y,
+        9,
+        &RopeOptions {
+            inverse: true,
+            ..yarn
+        },
+    );
+    for (a, b) in back.iter().zip(&x) {
+        assert!((a - m * m * b).abs() < 1e-12, "{back:?}");
+    }
+}
+
+// ---------------------------------------------------------------- GPU against the reference
+
+#[test]
+fn gpu_matches_reference_over_shapes() {
+    let Some(ctx) = gpu() else { return };
+    let mut case = 0u64;
+    for d in [2usize, 6, 64, 80, 256] {
+        for s in [1usize, 1000] {
+            for h in [1usize, 7] {
+                case += 1;
+                // Rotate styles, layouts, partial dims and in/out of place across the cases.
+                let style = [RopeStyle::Half, RopeStyle::Interleaved][case as usize % 2];
+                let layout = [RopeLayout::Bshd, RopeLayout::Bhsd][(case as usize / 2) % 2];
+                let rotary_dim = (case % 3 == 0 && d > 2).then_some((d / 2) & !1);
+                let opts = RopeOptions {
+                    style,
+                    layout,
+                    rotary_dim,
+                    offset: case * 37,
+                    ..Default::default()
+                };
+                let b = 2;
+                let shape = match layout {
+                    RopeLayout::Bshd => [b, s, h, d],
+                    RopeLayout::Bhsd => [b, h, s, d],
+                };
+                let n = b * s * h * d;
+                let x = random(n, case, -3.0, 3.0);
+                let want = reference::rope(&f64s(&x), shape, None, &opts).unwrap();
+                let got = if case % 2 == 0 {
+                    gpu_rope(ctx, &x, shape, None, &opts)
+                } else {
+                    gpu_rope_in_place(ctx, &x, shape, None, &opts)
+                };
+                // Spec section 0: 1e-6 of the row scale (f32 cos/sin and two products).
+                let err = max_row_error(&got, &want, d);
+                assert!(err <= 1e-6, "d={d} s={s} h={h} {opts:?}: error {err:e}");
+                let r = rotary_dim.unwrap_or(d);
+                for (g, x) in got.chunks(d).zip(x.chunks(d)) {
+                    assert_eq!(
+                        g[r..].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        x[r..].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "pass-through changed, {opts:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_explicit_positions_match_reference() {
+    let Some(ctx) = gpu() else { return };
+    let (b, s, h, d) = (3, 9, 2, 16);
+    let x = random(b * s * h * d, 11, -1.0, 1.0);
+    let shared: Vec<i32> = (0..s as i32).map(|t| 5 * t + 3).collect();
+    let per_batch: Vec<i64> = (0..(b * s) as i64).map(|i| (i * 7919) % 100000).collect();
+    for (pos, style) in [
+        (Positions::new(&shared, [s]).unwrap(), RopeStyle::Half),
+        (
+            Positions::new(&per_batch, [b, s]).unwrap(),
+            RopeStyle::Interleaved,
+        ),
+    ] {
+        for layout in [RopeLayout::Bshd, RopeLayout::Bhsd] {
+            let opts = RopeOptions {
+                style,
+                layout,
+                ..Default::default()
+            };
+            let shape = match layout {
+                RopeLayout::Bshd => [b, s, h, d],
+                RopeLayout::Bhsd => [b, h, s, d],
+            };
+            let want = reference::rope(&f64s(&x), shape, Some(&pos), &opts).unwrap();
+            let got = gpu_rope(ctx, &x, shape, Some(&pos), &opts);
+            // Spec section 0: 1e-6 of the row scale.
+            let err = max_row_error(&got, &want, d);
+            assert!(err <= 1e-6, "{:?} {layout:?}: error {err:e}", pos.shape());
+        }
+    }
+}
+
+#[test]
+fn gpu_angles_are_exact_at_large_positions() {
+    let Some(ctx) = gpu() else { return };
+    let (s, d) = (64, 128);
+    // Positions up to 2^20, where an f32 angle p * theta has lost ~2^-4 rad.
+    let pos: Vec<i64> = (0..s as i64).map(|t| (1 << 20) - 63 + t).collect();
+    let pos = Positions::new(&pos, [s]).unwrap();
+    let x = random(s * 3 * d, 12, -1.0, 1.0);
+    for style in [RopeStyle::Half, RopeStyle::Interleaved] {
+        let opts = RopeOptions {
+            style,
+            ..Default::default()
+        };
+        let want = reference::rope(&f64s(&x), [1, s, 3, d], Some(&pos), &opts).unwrap();
+        let got = gpu_rope(ctx, &x, [1, s, 3, d], Some(&pos), &opts);
+        // The requirement: 1e-5 |x| at positions up to 2^20 (row scale).
+        let err = max_row_error(&got, &want, d);
+        assert!(err <= 1e-5, "{style:?}: error {err:e}");
+    }
+}
+
+#[test]
+fn gpu_every_scaling_matches_reference() {
+    let Some(ctx) = gpu() else { return };
+    let (b, s, h, d) = (2, 33, 3, 64);
+    let x = random(b * s * h * d, 13, -2.0, 2.0);
+    let scalings = [
+        RopeScaling::Linear { factor: 4.0 },
+        RopeScaling::Ntk { factor: 8.0 },
+        RopeScaling::Dynamic {
+            factor: 4.0,
+            original_max: 16,
+            current_len: None,
+        },
+        RopeScaling::Dynamic {
+            factor: 10.0,
+            original_max: 2048,
+            current_len: Some(16384),
+        },
+        RopeScaling::named("yarn", Some(10.0), Some(2048)).unwrap(),
+        RopeScaling::Yarn {
+            factor: 4.0,
+            original_max: 256,
+            beta_fast: 16.0,
+            beta_slow: 2.0,
+            mscale: Some(1.5),
+        },
+        RopeScaling::named("llama3", Some(10.0), Some(2048)).unwrap(),
+        RopeScaling::named("llama3", None, None).unwrap(),
+    ];
+    for (i, scaling) in scalings.into_iter().enumerate() {
+        let opts = RopeOptions {
+            scaling,
+            offset: 1000 * i as u64,
+            inverse: i % 3 == 2,
+            style: [RopeStyle::Half, RopeStyle::Interleaved][i % 2],
+            ..Default::default()
+        };
+        let want = reference::rope(&f64s(&x), [b, s, h, d], None, &opts).unwrap();
+        let got = gpu_rope(ctx, &x, [b, s, h, d], None, &opts);
+        // Spec section 0: 1e-6 of the row scale (mscale is folded into the table).
+        let err = max_row_error(&got, &want, d);
+        assert!(err <= 1e-6, "{opts:?}: error {err:e}");
+    }
+}
+
+// ---------------------------------------------------------------- GPU properties
+
+#[test]
+fn gpu_identity_inverse_offset_slicing_and_permutation() {
+    let Some(ctx) = gpu() else { return };
+    let (b, s, h, d, r) = (2, 12, 3, 20, 16);
+    let x = random(b * s * h * d, 14, -1.0, 1.0);
+    let opts = RopeOptions {
+        rotary_dim: Some(r),
+        ..Default::default()
+    };
+    // Position 0 everywhere is the identity, bit for bit (cos 1, sin 0).
+    let zeros = Positions::new(vec![0i32; s], [s]).unwrap();
+    assert_eq!(gpu_rope(ctx, &x, [b, s, h, d], Some(&zeros), &opts), x);
+    // inverse(rope(x)) = x up to f32 rounding of two rotations.
+    let y = gpu_rope(ctx, &x, [b, s, h, d], None, &opts);
+    let back = gpu_rope(
+        ctx,
+        &y,
+        [b, s, h, d],
+        None,
+        &RopeOptions {
+            inverse: true,
+            ..opts.clone()
+        },
+    );
+    let err = max_row_error(&back, &f64s(&x), d);
+    assert!(err <= 1e-6, "inverse: error {err:e}");
+    // Offset p on tokens [p, p + T) equals slicing the full rotation: the same table entries
+    // and the same arithmetic, so bit for bit.
+    let (p, t) = (5, s - 5);
+    let full = gpu_rope(ctx, &x, [b, s, h, d], None, &opts);
+    let slice = |v: &[f32]| -> Vec<f32> {
+        (0..b)
+            .flat_map(|bi| v[(bi * s + p) * h * d..(bi + 1) * s * h * d].to_vec())
+            .collect()
+    };
+    let part = gpu_rope(
+        ctx,
+        &slice(&x),
+        [b, t, h, d],
+        None,
+        &RopeOptions {
+            offset: p as u64,
+            ..opts.clone()
+        },
+    );
+    assert_eq!(part, slice(&full));
+    // half(P x) = P interleaved(x), per row.
+    let perm = |v: &[f32]| -> Vec<f32> {
+        v.chunks(d)
+            .flat_map(|row| permute(&f64s(row), r).into_iter().map(|v| v as f32))
+            .collect()
+    };
+    let half = gpu_rope(ctx, &perm(&x), [b, s, h, d], None, &opts);
+    let inter = gpu_rope(
+        ctx,
+        &x,
+        [b, s, h, d],
+        None,
+        &RopeOptions {
+            style: RopeStyle::Interleaved,
+            ..opts.clone()
+        },
+    );
+    // Same products, possibly contracted differently: 1e-6 of the row scale.
+    let err = max_row_error(&half, &f64s(&perm(&inter)), d);
+    assert!(err <= 1e-6, "permutation: error {err:e}");
+}
+
+#[test]
+fn gpu_fused_qk_with_gqa() {
+    let Some(ctx) = gpu() else { return };
+    let (b, s, hq, hkv, d) = (2, 17, 6, 2, 32);
+    let qx = random(b * s * hq * d, 15, -1.0, 1.0);
+    let kx = random(b * s * hkv * d, 16, -1.0, 1.0);
+    let pos: Vec<i64> = (0..(b * s) as i64).map(|i| 3 * i + 1).collect();
+    let pos = Positions::new(&pos, [b, s]).unwrap();
+    for layout in [RopeLayout::Bshd, RopeLayout::Bhsd] {
+        let opts = RopeOptions {
+            layout,
+            rotary_dim: Some(24),
+            ..Default::default()
+        };
+        let (qs, ks) = match layout {
+            RopeLayout::Bshd => ([b, s, hq, d], [b, s, hkv, d]),
+            RopeLayout::Bhsd => ([b, hq, s, d], [b, hkv, s, d]),
+        };
+        let want_q = reference::rope(&f64s(&qx), qs, Some(&pos), &opts).unwrap();
+        let want_k = reference::rope(&f64s(&kx), ks, Some(&pos), &opts).unwrap();
+        // In place, one dispatch.
+        let q = ctx.upload(&qx, qs).unwrap();
+        let k = ctx.upload(&kx, ks).unwrap();
+        ctx.rope_qk_in_place(&q, &k, Some(&pos), &opts).unwrap();
+        // Spec section 0: 1e-6 of the row scale.
+        assert!(max_row_error(&q.download().unwrap(), &want_q, d) <= 1e-6);
+        assert!(max_row_error(&k.download().unwrap(), &want_k, d) <= 1e-6);
+        // Out of place, one dispatch.
+        let q = ctx.upload(&qx, qs).unwrap();
+        let k = ctx.upload(&kx, ks).unwrap();
+        let (qo, ko) = (ctx.zeros::<f32>(qs).unwrap(), ctx.zeros::<f32>(ks).unwrap());
+        let rope = Rope::new(ctx, &opts).unwrap();
+        let plan = rope
+            .plan(
+                &RopeTarget::new(&q, &qo).unwrap(),
+                Some(&RopeTarget::new(&k, &ko).unwrap()),
+                Some(&pos),
+            )
+            .unwrap();
+        assert_eq!(plan.len(), 1, "q and k share one dispatch");
+        plan.run(ctx).unwrap();
+        assert!(max_row_error(&qo.download().unwrap(), &want_q, d) <= 1e-6);
+        assert!(max_row_error(&ko.download().unwrap(), &want_k, d) <= 1e-6);
+        assert_eq!(q.download().unwrap(), qx, "source changed out of place");
+    }
+}
+
+/// q and k in place inside a fused [b, s, (hq + 2 hkv) d] QKV buffer; v untouched.
+fn check_fused_qkv<T: Element + PartialEq + std::fmt::Debug>(
+    ctx: &Context,
+    to: impl Fn(f32) -> T,
+    from: impl Fn(T) -> f32,
+    tol: f64,
+) {
+    let (b, s, hq, hkv, d) = (2, 7, 4, 2, 12);
+    let row = (hq + 2 * hkv) * d;
+    let host: Vec<T> = random(b * s * row, 17, -1.0, 1.0)
+        .into_iter()
+        .map(&to)
+        .collect();
+    let qkv: GpuTensor<T> = ctx.upload(&host, [b, s, row]).unwrap();
+    let qv = RopeView::strided([b, s, hq, d], 0, row);
+    let kv = RopeView::strided([b, s, hkv, d], hq * d, row);
+    let opts = RopeOptions {
+        offset: 40,
+        ..Default::default()
+    };
+    Rope::new(ctx, &opts)
+        .unwrap()
+        .plan(
+            &RopeTarget::in_place_view(&qkv, qv),
+            Some(&RopeTarget::in_place_view(&qkv, kv)),
+            None,
+        )
+        .unwrap()
+        .run(ctx)
+        .unwrap();
+    let got = qkv.download().unwrap();
+    let gather = |v: &[T], off: usize, h: usize| -> Vec<f64> {
+        (0..b * s)
+            .flat_map(|t| v[t * row + off..t * row + off + h * d].to_vec())
+            .map(|e| from(e) as f64)
+            .collect()
+    };
+    let want_q = reference::rope(&gather(&host, 0, hq), [b, s, hq, d], None, &opts).unwrap();
+    let want_k = reference::rope(&gather(&host, hq * d, hkv), [b, s, hkv, d], None, &opts).unwrap();
+    let as_f32 = |v: Vec<f64>| -> Vec<f32> { v.into_iter().map(|x| x as f32).collect() };
+    let eq = max_row_error(&as_f32(gather(&got, 0, hq)), &want_q, d);
+    let ek = max_row_error(&as_f32(gather(&got, hq * d, hkv)), &want_k, d);
+    assert!(eq <= tol && ek <= tol, "q error {eq:e}, k error {ek:e}");
+    for t in 0..b * s {
+        let v = t * row + (hq + hkv) * d..(t + 1) * row;
+        assert_eq!(got[v.clone()], host[v], "v part of the QKV buffer changed");
+    }
+}
+
+#[test]
+fn gpu_fused_qkv_views_in_place() {
+    let Some(ctx) = gpu() else { return };
+    // Spec section 0: 1e-6 of the row scale for f32.
+    check_fused_qkv::<f32>(ctx, |v| v, |v| v, 1e-6);
+    // f16: 2e-3 (spec). bf16 has 8 significant bits: rounding the output costs up to half an
+    // ulp, 2^-8 = 3.9e-3 of the value's power of two, so 4e-3 of the row scale.
+    check_fused_qkv::<f16>(ctx, f16::from_f32, f16::to_f32, 2e-3);
+    check_fused_qkv::<bf16>(ctx, bf16::from_f32, bf16::to_f32, 4e-3);
+}
+
+/// 16-bit storage against the reference on the widened input, over every packed path.
+fn check_16bit<T: Element>(
+    ctx: &Context,
+    to: impl Fn(f32) -> T,
+    from: impl Fn(T) -> f32,
+    tol: f64,
+) {
+    let cases = [
+        // (d, rotary_dim, style, in place): r % 4 == 0 half (word pairs), r % 4 == 2 half
+        // (one invocation per row), interleaved (one word per pair), partial dims.
+        (64, None, RopeStyle::Half, false),
+        (6, None, RopeStyle::Half, true),
+        (6, None, RopeStyle::Half, false),
+        (10, Some(6), RopeStyle::Half, false),
+        (80, Some(40), RopeStyle::Interleaved, false),
+        (80, Some(40), RopeStyle::Interleaved, true),
+        (20, Some(8), RopeStyle::Half, true),
+        (2, None, RopeStyle::Interleaved, false),
+    ];
+    for (i, (d, rotary_dim, style, in_place)) in cases.into_iter().enumerate() {
+        let (b, s, h) = (2, 11, 3);
+        let host: Vec<T> = random(b * s * h * d, 18 + i as u64, -2.0, 2.0)
+            .into_iter()
+            .map(&to)
+            .collect();
+        let xf: Vec<f64> = host.iter().map(|&v| from(v) as f64).collect();
+        let opts = RopeOptions {
+            style,
+            rotary_dim,
+            offset: 3,
+            ..Default::default()
+        };
+        let x = ctx.upload(&host, [b, s, h, d]).unwrap();
+        let got = if in_place {
+            ctx.rope_in_place(&x, None, &opts).unwrap();
+            x.download().unwrap()
+        } else {
+            ctx.rope(&x, None, &opts).unwrap().download().unwrap()
+        };
+        let want = reference::rope(&xf, [b, s, h, d], None, &opts).unwrap();
+        let gf: Vec<f32> = got.iter().map(|&v| from(v)).collect();
+        let err = max_row_error(&gf, &want, d);
+        assert!(err <= tol, "{} case {i}: error {err:e}", T::DTYPE.name());
+        let r = rotary_dim.unwrap_or(d);
+        for (g, x) in got.chunks(d).zip(host.chunks(d)) {
+            assert!(
+                bytemuck::cast_slice::<T, u8>(&g[r..]) == bytemuck::cast_slice::<T, u8>(&x[r..]),
+                "{} case {i}: pass-through changed",
+                T::DTYPE.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_f16_storage_matches_reference() {
+    let Some(ctx) = gpu() else { return };
+    // Spec section 0: f16 storage 2e-3 relative (the output's f16 rounding is 4.9e-4).
+    check_16bit::<f16>(ctx, f16::from_f32, f16::to_f32, 2e-3);
+}
+
+#[test]
+fn gpu_bf16_storage_matches_reference() {
+    let Some(ctx) = gpu() else { return };
+    // bf16 has 8 significant bits: rounding the output costs up to half an ulp, 2^-8 = 3.9e-3
+    // of the value's power of two (plus ~1e-7 of f32 arithmetic), so 4e-3 of the row scale.
+    check_16bit::<bf16>(ctx, bf16::from_f32, bf16::to_f32, 4e-3);
+}
+
+// ---------------------------------------------------------------- bad input
+
+#[test]
+fn bad_options_are_errors() {
+    let bad = |o: RopeOptions| reference::rope(&[0.0; 8], [1, 1, 1, 8], None, &o);
+    let opt = |e: Result<Vec<f64>, Error>| matches!(e, Err(Error::InvalidOption(_)));
+    assert!(opt(bad(RopeOptions {
+        rotary_dim: Some(5),
+        ..Default::default()
+    })));
+    assert!(opt(bad(RopeOptions {
+        rotary_dim: Some(10),
+        ..Default::default()
+    })));
+    assert!(opt(bad(RopeOptions {
+        rotary_dim: Some(0),
+        ..Default::default()
+    })));
+    assert!(opt(bad(RopeOptions {
+        base: 0.0,
+        ..Default::default()
+    })));
+    for f in [0.0, -2.0, f64::NAN, f64::INFINITY] {
+        assert!(opt(bad(RopeOptions {
+            scaling: RopeScaling::Linear { factor: f },
+            ..Default::default()
+        })));
+        assert!(matches!(
+            RopeScaling::named("yarn", Some(f), Some(2048)),
+            Err(Error::InvalidOption(_))
+        ));
+    }
+    assert!(matches!(
+        RopeScaling::named("rotary", Some(2.0), None),
+        Err(Error::InvalidOption(m)) if m.contains("unknown rope scaling")
+    ));
+    assert!(matches!(
+        RopeScaling::named("linear", None, None),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(matches!(
+        RopeScaling::named("dynamic", Some(2.0), None),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(matches!(
+        "diagonal".parse::<RopeStyle>(),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(matches!(
+        "sbhd".parse::<RopeLayout>(),
+        Err(Error::InvalidOption(_))
+    ));
+    assert_eq!(
+        "interleaved".parse::<RopeStyle>().unwrap(),
+        RopeStyle::Interleaved
+    );
+    assert_eq!("bhsd".parse::<RopeLayout>().unwrap(), RopeLayout::Bhsd);
+    // ntk's exponent r/(r-2) needs r > 2.
+    assert!(matches!(
+        reference::rope(
+            &[0.0; 2],
+            [1, 1, 1, 2],
+            None,
+            &RopeOptions {
+                scaling: RopeScaling::Ntk { factor: 2.0 },
+                ..Default::default()
+            }
+        ),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(opt(bad(RopeOptions {
+        scaling: RopeScaling::Llama3 {
+            factor: 8.0,
+            original_max: 8192,
+            low_freq_factor: 4.0,
+            high_freq_factor: 4.0
+        },
+        ..Default::default()
+    })));
+    // Offsets past i32.
+    assert!(opt(bad(RopeOptions {
+        offset: MAX_POSITION as u64 + 1,
+        ..Default::default()
+    })));
+    assert!(opt(reference::rope(
+        &[0.0; 16],
+        [1, 2, 1, 8],
+        None,
+        &RopeOptions {
+            offset: MAX_POSITION as u64,
+            ..Default::default()
+        }
+    )));
+}
+
+#[test]
+fn bad_positions_are_errors() {
+    let x = [0.0; 2 * 3 * 4];
+    let run = |p: &Positions| reference::rope(&x, [2, 3, 1, 4], Some(p), &RopeOptions::default());
+    // Shape that does not match [s] or [b, s].
+    assert!(matches!(
+        run(&Positions::new([0i32, 1], [2]).unwrap()),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        run(&Positions::new([0i32; 9], [3, 3]).unwrap()),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        Positions::new([0i32; 4], [3]),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        Positions::new([0i32; 8], [2, 2, 2]),
+        Err(Error::Shape(_))
+    ));
+    // Negative, or not fitting in an i32.
+    assert!(matches!(
+        run(&Positions::new([0i64, -1, 2], [3]).unwrap()),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(matches!(
+        run(&Positions::new([0i64, 1, 1 << 31], [3]).unwrap()),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(run(&Positions::new([0i64, 1, MAX_POSITION], [3]).unwrap()).is_ok());
+}
+
+#[test]
+fn gpu_bad_input_is_an_error() {
+    let Some(ctx) = gpu() else { return };
+    let x = ctx.upload(&[1.0f32; 24], [1, 3, 2, 4]).unwrap();
+    let d = RopeOptions::default();
+    assert!(matches!(
+        ctx.rope(
+            &x,
+            None,
+            &RopeOptions {
+                rotary_dim: Some(3),
+                ..Default::default()
+            }
+        ),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(matches!(
+        ctx.rope(
+            &x,
+            None,
+            &RopeOptions {
+                rotary_dim: Some(6),
+                ..Default::default()
+            }
+        ),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(matches!(
+        ctx.rope(&x, Some(&Positions::new([1i32, 2], [2]).unwrap()), &d),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        ctx.rope(&x, Some(&Positions::new([1i32, -2, 3], [3]).unwrap()), &d),
+        Err(Error::InvalidOption(_))
+    ));
+    // Not 4-D; wrong dtype.
+    let flat = ctx.upload(&[1.0f32; 24], [6, 4]).unwrap();
+    assert!(matches!(ctx.rope(&flat, None, &d), Err(Error::Shape(_))));
+    let xi = ctx.upload(&[1i32; 24], [1, 3, 2, 4]).unwrap();
+    assert!(matches!(ctx.rope(&xi, None, &d), Err(Error::Dtype(_))));
+    let rope = Rope::new(ctx, &d).unwrap();
+    // Output of another shape.
+    let y = ctx.zeros::<f32>([1, 2, 3, 4]).unwrap();
+    assert!(matches!(
+        rope.plan(&RopeTarget::new(&x, &y).unwrap(), None, None),
+        Err(Error::Shape(_))
+    ));
+    // k disagreeing with q on the sequence length.
+    let k = ctx.zeros::<f32>([1, 2, 1, 4]).unwrap();
+    assert!(matches!(
+        rope.plan(
+            &RopeTarget::in_place(&x).unwrap(),
+            Some(&RopeTarget::in_place(&k).unwrap()),
+            None
+        ),
+        Err(Error::Shape(_))
+    ));
+    // Mixed in place / out of place.
+    let y = ctx.zeros::<f32>([1, 3, 2, 4]).unwrap();
+    let k = ctx.zeros::<f32>([1, 3, 1, 4]).unwrap();
+    assert!(matches!(
+        rope.plan(
+            &RopeTarget::new(&x, &y).unwrap(),
+            Some(&RopeTarget::in_place(&k).unwrap()),
+            None
+        ),
+        Err(Error::InvalidOption(_))
+    ));
+    // A view past the end of its tensor, and one whose rows overlap.
+    let past = RopeView::strided([1, 3, 2, 4], 4, 8);
+    assert!(matches!(
+        rope.plan(&RopeTarget::in_place_view(&x, past), None, None),
+        Err(Error::Shape(_))
+    ));
+    let overlap = RopeView::strided([1, 3, 2, 4], 0, 4);
+    assert!(matches!(
+        rope.plan(&RopeTarget::in_place_view(&x, overlap), None, None),
+        Err(Error::Shape(_))
+    ));
+    // 16-bit rows that do not start on whole words.
+    let h = ctx.upload(&[f16::ZERO; 30], [1, 3, 2, 5]).unwrap();
+    assert!(matches!(
+        ctx.rope(
+            &h,
+            None,
+            &RopeOptions {
+                rotary_dim: Some(4),
+                ..Default::default()
+            }
+        ),
+        Err(Error::Shape(_))
+    ));
+}
+
+// ---------------------------------------------------------------- seqk run rope
+
+#[cfg(feature = "cli")]
+#[test]
+fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
+    use npyz::WriterBuilder;
+    use std::process::Command;
+    let Some(_) = gpu() else { return };
+    let dir = std::env::temp_dir().join(format!("seqk-rope-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let save = |name: &str, shape: &[u64], data: &[f32]| {
+        let f = std::io::BufWriter::new(std::fs::File::create(dir.join(name)).unwrap());
+        let mut w = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(shape)
+            .writer(f)
+            .begin_nd()
+            .unwrap();
+        w.extend(data.iter().copied()).unwrap();
+        w.finish().unwrap();
+    };
+    let (b, h, s, d) = (2, 3, 5, 8);
+    save(
+        "x.npy",
+        &[b, h, s, d],
+        &random((b * h * s * d) as usize, 30, -1.0, 1.0),
+    );
+    let f = std::io::BufWriter::new(std::fs::File::create(dir.join("p.npy")).unwrap());
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&[b, s])
+        .writer(f)
+        .begin_nd()
+        .unwrap();
+    w.extend([0i64, 5, 9, 2, 1, 7, 7, 7, 3, 1000]).unwrap();
+    w.finish().unwrap();
+    let p = |f: &str| dir.join(f).display().to_string();
+    let run = |extra: &[&str], out: &str| {
+        let mut args = vec!["run", "rope", "--in"];
+        let x = format!("x={}", p("x.npy"));
+        let pos = format!("positions={}", p("p.npy"));
+        let out = p(out);
+        args.extend([x.as_str(), "--in", pos.as_str(), "--out", out.as_str()]);
+        args.extend([
+            "--set",
+            "layout=bhsd",
+            "--set",
+            "style=interleaved",
+            "--set",
+            "rotary_dim=6",
+            "--set",
+            "scaling=llama3",
+            "--set",
+            "factor=4",
+            "--set",
+            "original_max=64",
+            "--set",
+            "high_freq_factor=8",
+        ]);
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_seqk"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&[], "gpu.npy").status.success());
+    assert!(run(&["--cpu"], "cpu.npy").status.success());
+    let load = |f: &str| -> Vec<f32> {
+        npyz::NpyFile::new(std::fs::File::open(dir.join(f)).unwrap())
+            .unwrap()
+            .into_vec()
+            .unwrap()
+    };
+    let (g, c) = (load("gpu.npy"), load("cpu.npy"));
+    let cf: Vec<f64> = c.iter().map(|&v| v as f64).collect();
+    // Spec section 0: 1e-6 of the row scale (the CPU side is the f64 reference in f32).
+    let err = max_row_error(&g, &cf, d as usize);
+    assert!(err <= 1e-6, "seqk GPU vs --cpu: {err:e}");
+    // A key of another scaling: exit code 2 and a one-line message naming it.
+    let o = run(&["--cpu", "--set", "mscale=2"], "bad.npy");
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{msg}");
+    assert!(msg.contains("mscale"), "{msg}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+// ---------------------------------------------------------------- binding limits
+
+/// A context on the default adapter whose storage bindings are limited to `max` bytes.
+fn small_binding_context(max: u64) -> Context {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
+        &instance, None,
+    ))
+    .unwrap();
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_features: adapter.features() & seq_kernels::context::OPTIONAL_FEATURES,
+        required_limits: wgpu::Limits {
+            max_storage_buffer_binding_size: max,
+            ..adapter.limits()
+        },
+        ..Default::default()
+    }))
+    .unwrap();
+    Context::from_device(device, queue)
+}
+
+#[test]
+fn gpu_splits_bindings_past_the_device_limit() {
+    let Some(_) = gpu() else { return };
+    let ctx = &small_binding_context(4096);
+    // Fused QKV rows of (hq + 2 hkv) d = 60 f32 (240 bytes) per token, 5 tokens per batch:
+    // 1200 bytes per batch, so a 4096-byte binding holds 3 batches. Chunk starts (3600 bytes,
+    // k at +144, table rows of 3 pairs) are not multiples of the offset alignment, so the
+    // aligned-down bindings need element and table offsets.
+    let (b, s, hq, hkv, d) = (7, 5, 3, 1, 12);
+    let row = (hq + 2 * hkv) * d;
+    let host = random(b * s * row, 40, -1.0, 1.0);
+    let pos: Vec<i64> = (0..(b * s) as i64).map(|i| (i * 131) % 4000).collect();
+    let pos = Positions::new(&pos, [b, s]).unwrap();
+    let opts = RopeOptions {
+        style: RopeStyle::Interleaved,
+        rotary_dim: Some(6),
+        ..Default::default()
+    };
+    let gather = |v: &[f32], off: usize, h: usize| -> Vec<f64> {
+        (0..b * s)
+            .flat_map(|t| v[t * row + off..t * row + off + h * d].to_vec())
+            .map(|e| e as f64)
+            .collect()
+    };
+    let want_q = reference::rope(&gather(&host, 0, hq), [b, s, hq, d], Some(&pos), &opts).unwrap();
+    let want_k = reference::rope(
+        &gather(&host, hq * d, hkv),
+        [b, s, hkv, d],
+        Some(&pos),
+        &opts,
+    )
+    .unwrap();
+    let qkv = ctx.upload(&host, [b, s, row]).unwrap();
+    let plan = Rope::new(ctx, &opts)
+        .unwrap()
+        .plan(
+            &RopeTarget::in_place_view(&qkv, RopeView::strided([b, s, hq, d], 0, row)),
+            Some(&RopeTarget::in_place_view(
+                &qkv,
+                RopeView::strided([b, s, hkv, d], hq * d, row),
+            )),
+            Some(&pos),
+        )
+        .unwrap();
+    assert!(
+        plan.len() >= 3,
+        "expected several dispatches, got {}",
+        plan.len()
+    );
+    plan.run(ctx).unwrap();
+    let got = qkv.download().unwrap();
+    let as_f32 = |v: Vec<f64>| -> Vec<f32> { v.into_iter().map(|x| x as f32).collect() };
+    // Spec section 0: 1e-6 of the row scale.
+    let eq = max_row_error(&as_f32(gather(&got, 0, hq)), &want_q, d);
+    let ek = max_row_error(&as_f32(gather(&got, hq * d, hkv)), &want_k, d);
+    assert!(eq <= 1e-6 && ek <= 1e-6, "q error {eq:e}, k error {ek:e}");
+    for t in 0..b * s {
+        let v = t * row + (hq + hkv) * d..(t + 1) * row;
+        assert_eq!(got[v.clone()], host[v], "v part changed");
+    }
+
+    // bf16 out of place, dense, split the same way.
+    let (b, s, h, d) = (9, 4, 3, 32);
+    let xb: Vec<bf16> = random(b * s * h * d, 41, -1.0, 1.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
+    let x = ctx.upload(&xb, [b, s, h, d]).unwrap();
+    let y = ctx.zeros::<bf16>([b, s, h, d]).unwrap();
+    let plan = Rope::new(ctx, &opts)
+        .unwrap()
+        .plan(&RopeTarget::new(&x, &y).unwrap(), None, None)
+        .unwrap();
+    assert!(
+        plan.len() >= 2,
+        "expected several dispatches, got {}",
+        plan.len()
+    );
+    plan.run(ctx).unwrap();
+    let xf: Vec<f64> = xb.iter().map(|v| v.to_f64()).collect();
+    let want = reference::rope(&xf, [b, s, h, d], None, &opts).unwrap();
+    let got: Vec<f32> = y.download().unwrap().iter().map(|v| v.to_f32()).collect();
+    // bf16: half an ulp, 2^-8 of the row scale (see gpu_bf16_storage_matches_reference).
+    let err = max_row_error(&got, &want, d);
+    assert!(err <= 4e-3, "bf16 split: error {err:e}");
+
+    // One batch larger than a binding: a clear error naming the limit.
+    let big = ctx.zeros::<f32>([1, 40, 2, 16]).unwrap();
+    assert!(matches!(
+        ctx.rope_in_place(&big, None, &opts),
+        Err(Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            ..
+        })
+    ));
+}
