@@ -5,6 +5,7 @@
 //! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check or a device error,
 //! 2 bad input (unknown names, wrong dtypes or shapes, bad options).
 
+mod generate;
 mod gibbs;
 mod npy;
 mod report;
@@ -74,10 +75,7 @@ enum Command {
     /// Run one kernel on .npy inputs and write .npy outputs.
     Run(RunArgs),
     /// Constrained text generation by Gibbs sampling.
-    Generate {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(clap::Args)]
@@ -182,7 +180,7 @@ pub fn main() -> i32 {
             quick,
         }) => open(&options).and_then(|ctx| bench(&ctx, &kernels, json, quick)),
         Some(Command::Run(args)) => run(&options, args),
-        Some(Command::Generate { .. }) => Err(usage("generate: not yet implemented")),
+        Some(Command::Generate(args)) => generate::run(&options, args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,637 @@
+//! `seqk generate`: text generation as search. A smoothed word-bigram language model, estimated
+//! from a corpus, becomes the Gibbs kernel's chain energy (spec section 5): the pairwise
+//! potential is W[a, b] = log P(b | a), the first site's unary holds log P(v | <s>) and the last
+//! site's log P(</s> | v), so a chain's score is the sentence's log-probability. Template words
+//! are clamped sites; many chains anneal from T0 to T1 and the best distinct states are printed.
+//!
+//! Smoothing is interpolated absolute discounting with an add-one unigram:
+//! `P(b | a) = max(c(a, b) - D, 0) / c(a) + D N1+(a .) / c(a) P1(b)`,
+//! `P1(b) = (c(b) + 1) / (N + V + 1)` over the V words and </s>, where c(a) counts the tokens
+//! that follow a, N1+(a .) the distinct ones and N the tokens (</s> included).
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use super::{open, usage, CliError};
+use crate::reference::gibbs::{self as reference, HostModel, HostPairwise};
+use crate::reference::random_values;
+use crate::{ChainModel, Context, ContextOptions, Gibbs, GibbsOptions, GpuTensor, Pairwise};
+
+/// The default corpus, written for this crate: short sentences about a river town.
+pub const DEFAULT_CORPUS: &str = include_str!("../../data/corpus.txt");
+
+/// Largest vocabulary of a corpus (the dense W [V, V] is 64 MiB at this size).
+pub const MAX_WORDS: usize = 4096;
+
+/// The template's blank.
+pub const BLANK: &str = "___";
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Words separated by spaces; each ___ is a blank to fill.
+    #[arg(long, default_value = "the ___ ___ river ___ ___ .")]
+    template: String,
+    /// A plain-text corpus to estimate the bigram model from (default: the built-in one).
+    #[arg(long, value_name = "FILE")]
+    corpus: Option<PathBuf>,
+    /// Parallel chains, each from a random start.
+    #[arg(long, default_value_t = 256)]
+    chains: usize,
+    /// Gibbs sweeps (each updates every blank once).
+    #[arg(long, default_value_t = 200)]
+    sweeps: u32,
+    /// Temperature of the first sweep.
+    #[arg(long, default_value_t = 2.0)]
+    t0: f32,
+    /// Temperature of the last sweep (geometric annealing; equal to --t0 for a constant T,
+    /// and both 0 for iterated conditional modes).
+    #[arg(long, default_value_t = 0.05)]
+    t1: f32,
+    /// Seed of the random starts and of the Philox stream.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// How many distinct sentences to print.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
+    /// Absolute discount D of the bigram counts, in (0, 1).
+    #[arg(long, default_value_t = 0.75)]
+    discount: f64,
+    /// Sweeps per GPU submission (the progress bar advances per batch).
+    #[arg(long, default_value_t = 25)]
+    batch: u32,
+    /// Run the CPU reference sampler (the same random stream) instead of the GPU.
+    #[arg(long)]
+    cpu: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Splits text into sentences of tokens: lower-case words (letters, digits, apostrophes),
+/// `,` (also for `;` and `:`) and `.` (also for `!` and `?`), which ends a sentence.
+pub fn tokenize(text: &str) -> Vec<Vec<String>> {
+    let mut sentences = Vec::new();
+    let mut sentence: Vec<String> = Vec::new();
+    let mut word = String::new();
+    for ch in text.chars() {
+        if ch.is_alphanumeric() || ch == '\'' {
+            word.extend(ch.to_lowercase());
+            continue;
+        }
+        if !word.is_empty() {
+            sentence.push(std::mem::take(&mut word));
+        }
+        match ch {
+            ',' | ';' | ':' => sentence.push(",".into()),
+            '.' | '!' | '?' => {
+                sentence.push(".".into());
+                sentences.push(std::mem::take(&mut sentence));
+            }
+            _ => {}
+        }
+    }
+    if !word.is_empty() {
+        sentence.push(word);
+    }
+    if !sentence.is_empty() {
+        sentences.push(sentence);
+    }
+    sentences
+}
+
+/// A word-bigram model with interpolated absolute discounting (see the module docs). Word ids
+/// are 0..V; `BOS` contexts and `EOS` outcomes are the index V.
+#[derive(Clone, Debug)]
+pub struct Bigram {
+    words: Vec<String>,
+    index: HashMap<String, u32>,
+    /// c(a, b) for contexts a in 0..=V (V = <s>) and outcomes b in 0..=V (V = </s>).
+    pairs: HashMap<(u32, u32), u32>,
+    /// c(a): tokens following a.
+    context: Vec<u64>,
+    /// N1+(a .): distinct tokens following a.
+    types: Vec<u64>,
+    /// c(b) as an outcome.
+    unigram: Vec<u64>,
+    tokens: u64,
+    discount: f64,
+}
+
+impl Bigram {
+    /// Estimates the model from text.
+    pub fn from_text(text: &str, discount: f64) -> Result<Self, String> {
+        if !(discount > 0.0 && discount < 1.0) {
+            return Err(format!("the discount must be in (0, 1), got {discount}"));
+        }
+        let sentences = tokenize(text);
+        let mut words: Vec<String> = Vec::new();
+        let mut index: HashMap<String, u32> = HashMap::new();
+        for w in sentences.iter().flatten() {
+            if !index.contains_key(w) {
+                index.insert(w.clone(), words.len() as u32);
+                words.push(w.clone());
+            }
+        }
+        let v = words.len();
+        if v == 0 {
+            return Err("the corpus has no words".into());
+        }
+        if v > MAX_WORDS {
+            return Err(format!(
+                "the corpus has {v} distinct words; at most {MAX_WORDS} are supported"
+            ));
+        }
+        let (bos, eos) = (v as u32, v as u32);
+        let mut pairs: HashMap<(u32, u32), u32> = HashMap::new();
+        for s in &sentences {
+            let ids: Vec<u32> = s.iter().map(|w| index[w]).collect();
+            let mut prev = bos;
+            for &t in ids.iter().chain(std::iter::once(&eos)) {
+                *pairs.entry((prev, t)).or_default() += 1;
+                prev = t;
+            }
+        }
+        let mut context = vec![0u64; v + 1];
+        let mut types = vec![0u64; v + 1];
+        let mut unigram = vec![0u64; v + 1];
+        for (&(a, b), &c) in &pairs {
+            context[a as usize] += c as u64;
+            types[a as usize] += 1;
+            unigram[b as usize] += c as u64;
+        }
+        let tokens = unigram.iter().sum();
+        Ok(Self {
+            words,
+            index,
+            pairs,
+            context,
+            types,
+            unigram,
+            tokens,
+            discount,
+        })
+    }
+
+    /// Number of words V (without <s> and </s>).
+    pub fn vocab(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Tokens of the corpus, </s> included.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// The id of a word.
+    pub fn id(&self, word: &str) -> Option<u32> {
+        self.index.get(word).copied()
+    }
+
+    /// The word of an id.
+    pub fn word(&self, id: u32) -> &str {
+        &self.words[id as usize]
+    }
+
+    /// The smoothed unigram P1(b), b in 0..=V (V = </s>).
+    pub fn unigram_prob(&self, b: usize) -> f64 {
+        (self.unigram[b] as f64 + 1.0) / (self.tokens as f64 + self.vocab() as f64 + 1.0)
+    }
+
+    /// P(b | a) with a in 0..=V (V = <s>) and b in 0..=V (V = </s>).
+    pub fn prob(&self, a: usize, b: usize) -> f64 {
+        let ca = self.context[a] as f64;
+        if ca == 0.0 {
+            return self.unigram_prob(b);
+        }
+        let cab = self.pairs.get(&(a as u32, b as u32)).copied().unwrap_or(0) as f64;
+        let lambda = self.discount * self.types[a] as f64 / ca;
+        (cab - self.discount).max(0.0) / ca + lambda * self.unigram_prob(b)
+    }
+
+    /// log P(b | a) (same index conventions as [`Bigram::prob`]).
+    pub fn log_prob(&self, a: usize, b: usize) -> f64 {
+        self.prob(a, b).ln()
+    }
+
+    /// log P(<s> x_0 .. x_{L-1} </s>).
+    pub fn sentence_log_prob(&self, ids: &[u32]) -> f64 {
+        let v = self.vocab();
+        let mut prev = v;
+        let mut total = 0.0;
+        for &t in ids {
+            total += self.log_prob(prev, t as usize);
+            prev = t as usize;
+        }
+        total + self.log_prob(prev, v)
+    }
+
+    /// The chain model of a sentence of `len` tokens: u [len, V] and dense W [V, V].
+    pub fn chain_model(&self, len: usize) -> HostModel {
+        let v = self.vocab();
+        let mut unary = vec![0.0f32; len * v];
+        for x in 0..v {
+            unary[x] = self.log_prob(v, x) as f32;
+            unary[(len - 1) * v + x] += self.log_prob(x, v) as f32;
+        }
+        let mut w = vec![0.0f32; v * v];
+        for a in 0..v {
+            for b in 0..v {
+                w[a * v + b] = self.log_prob(a, b) as f32;
+            }
+        }
+        HostModel {
+            unary,
+            unary_shape: vec![len, v],
+            pairwise: HostPairwise::Dense(w),
+        }
+    }
+}
+
+/// A parsed template: one entry per site, `Some(id)` for a fixed word, `None` for a blank.
+pub fn parse_template(template: &str, model: &Bigram) -> Result<Vec<Option<u32>>, String> {
+    let mut sites = Vec::new();
+    for piece in template.split_whitespace() {
+        if piece == BLANK {
+            sites.push(None);
+            continue;
+        }
+        let toks: Vec<String> = tokenize(piece).into_iter().flatten().collect();
+        if toks.is_empty() {
+            return Err(format!(
+                "template piece {piece:?} is neither a word nor {BLANK}"
+            ));
+        }
+        for t in toks {
+            match model.id(&t) {
+                Some(id) => sites.push(Some(id)),
+                None => {
+                    return Err(format!(
+                        "template word {t:?} is not in the corpus vocabulary ({} words)",
+                        model.vocab()
+                    ))
+                }
+            }
+        }
+    }
+    if sites.is_empty() {
+        return Err(format!(
+            "the template is empty; give words and {BLANK} blanks, e.g. \"the {BLANK} river .\""
+        ));
+    }
+    Ok(sites)
+}
+
+/// The temperature of sweep `s` of `n`: `t0 (t1 / t0)^(s / (n - 1))`, or constant t0.
+fn schedule(t0: f32, t1: f32, s: u32, n: u32) -> f32 {
+    if t0 == t1 || n <= 1 {
+        return t0;
+    }
+    let f = s as f64 / (n - 1) as f64;
+    (t0 as f64 * (t1 as f64 / t0 as f64).powf(f)) as f32
+}
+
+/// The options of the batch of sweeps `start..start + n` out of `total`: the Philox sweep index
+/// continues at `start` and the batch anneals over its slice of the whole schedule.
+pub fn batch_options(t0: f32, t1: f32, seed: u64, start: u32, n: u32, total: u32) -> GibbsOptions {
+    let first = schedule(t0, t1, start, total);
+    let last = schedule(t0, t1, start + n - 1, total);
+    GibbsOptions {
+        sweeps: n,
+        temperature: first,
+        anneal_to: (n > 1 && first != last).then_some(last),
+        seed,
+        first_sweep: start,
+        track_best: true,
+    }
+}
+
+/// The GPU side of a run: the model, the chains and their best states, kept across batches.
+struct GpuChains {
+    ctx: Context,
+    unary: GpuTensor<f32>,
+    w: GpuTensor<f32>,
+    clamp: GpuTensor<u8>,
+    tokens: GpuTensor<u32>,
+    best: GpuTensor<u32>,
+    best_score: GpuTensor<f32>,
+}
+
+impl GpuChains {
+    fn new(
+        ctx: Context,
+        m: &HostModel,
+        init: &[u32],
+        mask: &[bool],
+        shape: [usize; 2],
+    ) -> Result<Self, crate::Error> {
+        let v = m.unary_shape[1];
+        let HostPairwise::Dense(w) = &m.pairwise else {
+            unreachable!("the bigram model is dense")
+        };
+        Ok(Self {
+            unary: ctx.upload(&m.unary, m.unary_shape.clone())?,
+            w: ctx.upload(w, [v, v])?,
+            clamp: ctx.upload_mask(mask, [shape[1]])?,
+            tokens: ctx.upload(init, shape)?,
+            best: ctx.zeros::<u32>(shape)?,
+            best_score: ctx.zeros::<f32>([shape[0]])?,
+            ctx,
+        })
+    }
+
+    /// Runs one batch; returns each chain's best state of the batch.
+    fn batch(&self, opts: &GibbsOptions) -> Result<Vec<u32>, crate::Error> {
+        let model = ChainModel {
+            unary: &self.unary,
+            pairwise: Pairwise::Dense(&self.w),
+        };
+        Gibbs::new(&self.ctx, opts)?
+            .plan(
+                &model,
+                &self.tokens,
+                Some(&self.clamp),
+                Some((&self.best, &self.best_score)),
+            )?
+            .run(&self.ctx)?;
+        self.best.download()
+    }
+}
+
+/// One generated sentence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generated {
+    /// Word ids.
+    pub ids: Vec<u32>,
+    /// log P under the bigram model (f64, recomputed on the host).
+    pub score: f64,
+}
+
+fn progress(sweeps: u32, batch: u32) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() || sweeps <= batch {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(sweeps as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} sweep {pos}/{len} [{bar:40}] {elapsed_precise} (eta {eta})",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// What a run needs besides the model.
+pub struct RunSpec {
+    /// Template sites: fixed word or blank.
+    pub sites: Vec<Option<u32>>,
+    /// Chains.
+    pub chains: usize,
+    /// Sweeps.
+    pub sweeps: u32,
+    /// First and last temperature.
+    pub t0: f32,
+    /// Last temperature.
+    pub t1: f32,
+    /// Seed.
+    pub seed: u64,
+    /// Sweeps per batch.
+    pub batch: u32,
+}
+
+/// Runs the chains (on the GPU, or the CPU reference when `ctx` is `None`) and returns every
+/// distinct best state met, best first.
+pub fn search(
+    model: &Bigram,
+    spec: &RunSpec,
+    ctx: Option<Context>,
+) -> Result<Vec<Generated>, CliError> {
+    let l = spec.sites.len();
+    let v = model.vocab();
+    let b = spec.chains;
+    let hm = model.chain_model(l);
+    let mask: Vec<bool> = spec.sites.iter().map(|s| s.is_some()).collect();
+    let starts = random_values(b * l, spec.seed, 0.0, v as f32);
+    let init: Vec<u32> = (0..b * l)
+        .map(|k| match spec.sites[k % l] {
+            Some(id) => id,
+            None => (starts[k] as u32).min(v as u32 - 1),
+        })
+        .collect();
+    let mut seen: HashMap<Vec<u32>, f64> = HashMap::new();
+    let mut collect = |rows: &[u32]| {
+        for row in rows.chunks(l) {
+            if !seen.contains_key(row) {
+                seen.insert(row.to_vec(), model.sentence_log_prob(row));
+            }
+        }
+    };
+    collect(&init);
+    let bar = progress(spec.sweeps, spec.batch);
+    let gpu = ctx
+        .map(|c| GpuChains::new(c, &hm, &init, &mask, [b, l]))
+        .transpose()?;
+    let mut tokens = init;
+    let mut start = 0;
+    while start < spec.sweeps {
+        let n = spec.batch.min(spec.sweeps - start);
+        let opts = batch_options(spec.t0, spec.t1, spec.seed, start, n, spec.sweeps);
+        let best = match &gpu {
+            Some(g) => g.batch(&opts)?,
+            None => {
+                let best = reference::gibbs(&hm, &mut tokens, &[b, l], Some((&mask, &[l])), &opts)?;
+                best.map(|b| b.tokens).unwrap_or_default()
+            }
+        };
+        collect(&best);
+        start += n;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    let mut out: Vec<Generated> = seen
+        .into_iter()
+        .map(|(ids, score)| Generated { ids, score })
+        .collect();
+    out.sort_by(|x, y| y.score.total_cmp(&x.score).then_with(|| x.ids.cmp(&y.ids)));
+    Ok(out)
+}
+
+/// `seqk generate ...`
+pub fn run(options: &ContextOptions, args: GenerateArgs) -> Result<i32, CliError> {
+    let text = match &args.corpus {
+        None => DEFAULT_CORPUS.to_string(),
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| usage(format!("generate: reading corpus {}: {e}", p.display())))?,
+    };
+    let fail = |m: String| usage(format!("generate: {m}"));
+    if args.chains == 0 || args.chains > 1 << 20 {
+        return Err(fail(format!(
+            "--chains must be in 1..={}, got {}",
+            1 << 20,
+            args.chains
+        )));
+    }
+    if args.top == 0 {
+        return Err(fail("--top must be at least 1".into()));
+    }
+    if args.batch == 0 {
+        return Err(fail("--batch must be at least 1".into()));
+    }
+    let (t0, t1) = (args.t0, args.t1);
+    let finite = t0.is_finite() && t1.is_finite();
+    if !(finite && t0 >= 0.0 && t1 >= 0.0) || (t0 != t1 && (t0 == 0.0 || t1 == 0.0)) {
+        return Err(fail(format!(
+            "temperatures must be finite, and > 0 when annealing (--t0 {t0} --t1 {t1}); \
+             --t0 0 --t1 0 runs iterated conditional modes"
+        )));
+    }
+    let model = Bigram::from_text(&text, args.discount).map_err(fail)?;
+    let sites = parse_template(&args.template, &model).map_err(fail)?;
+    let spec = RunSpec {
+        sites,
+        chains: args.chains,
+        sweeps: args.sweeps,
+        t0,
+        t1,
+        seed: args.seed,
+        batch: args.batch,
+    };
+    let ctx = if args.cpu { None } else { Some(open(options)?) };
+    let device = match &ctx {
+        None => "CPU reference".to_string(),
+        Some(c) => format!("{} ({:?})", c.adapter_info().name, c.adapter_info().backend),
+    };
+    let found = search(&model, &spec, ctx)?;
+    let top: Vec<&Generated> = found.iter().take(args.top).collect();
+    let text_of = |g: &Generated| {
+        g.ids
+            .iter()
+            .map(|&t| model.word(t))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "template": args.template,
+            "corpus_tokens": model.tokens(),
+            "vocab": model.vocab(),
+            "chains": spec.chains,
+            "sweeps": spec.sweeps,
+            "t0": t0,
+            "t1": t1,
+            "seed": spec.seed,
+            "device": device,
+            "distinct_states": found.len(),
+            "results": top.iter().map(|g| serde_json::json!({
+                "text": text_of(g),
+                "score": g.score,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{v:#}");
+    } else {
+        println!(
+            "# {:?}: {} chains x {} sweeps, T {t0} -> {t1}, seed {}, {device}; corpus {} tokens, \
+             {} words; {} distinct states",
+            args.template,
+            spec.chains,
+            spec.sweeps,
+            spec.seed,
+            model.tokens(),
+            model.vocab(),
+            found.len()
+        );
+        for g in top {
+            println!("{:>9.3}  {}", g.score, text_of(g));
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizer_splits_words_and_punctuation() {
+        let s = tokenize("The Boat, slowly; drifts! Rain's here\nno end");
+        assert_eq!(
+            s,
+            vec![
+                vec!["the", "boat", ",", "slowly", ",", "drifts", "."],
+                vec!["rain's", "here", "no", "end"],
+            ]
+        );
+    }
+
+    #[test]
+    fn probabilities_sum_to_one_per_context() {
+        for (text, d) in [
+            (DEFAULT_CORPUS, 0.75),
+            ("a b a. b b c, a. c", 0.5),
+            ("one", 0.1),
+        ] {
+            let m = Bigram::from_text(text, d).unwrap();
+            let v = m.vocab();
+            for a in 0..=v {
+                let total: f64 = (0..=v).map(|b| m.prob(a, b)).sum();
+                assert!((total - 1.0).abs() < 1e-12, "context {a}: sum {total}");
+                assert!((0..=v).all(|b| m.prob(a, b) > 0.0));
+            }
+            let uni: f64 = (0..=v).map(|b| m.unigram_prob(b)).sum();
+            assert!((uni - 1.0).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn discounting_matches_hand_counts() {
+        // Sentences: <s> a b . </s> and <s> a a . </s>; words a=0, b=1, .=2; V = 3.
+        let m = Bigram::from_text("a b. a a.", 0.5).unwrap();
+        let (a, b, eos) = (0, 1, 3);
+        // a is followed by b, a and .: c(a) = 3, N1+(a .) = 3. Outcomes a:3 b:1 .:2 </s>:2,
+        // N = 8, so P1(b) = (1 + 1) / (8 + 3 + 1).
+        let p1b = 2.0 / 12.0;
+        let want = (1.0 - 0.5) / 3.0 + 0.5 * 3.0 / 3.0 * p1b;
+        assert!((m.prob(a, b) - want).abs() < 1e-15);
+        // </s> never follows a directly: only the interpolated unigram (c(</s>) = 2).
+        assert!((m.prob(a, eos) - 0.5 * 3.0 / 3.0 * 3.0 / 12.0).abs() < 1e-15);
+    }
+
+    #[test]
+    fn chain_score_is_the_sentence_log_prob() {
+        let m = Bigram::from_text(DEFAULT_CORPUS, 0.75).unwrap();
+        let ids: Vec<u32> = ["the", "old", "boat", "drifts", "down", "the", "river", "."]
+            .iter()
+            .map(|w| m.id(w).unwrap())
+            .collect();
+        let hm = m.chain_model(ids.len());
+        let got = hm.score(0, &ids);
+        let want = m.sentence_log_prob(&ids);
+        assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+
+    #[test]
+    fn template_parsing() {
+        let m = Bigram::from_text(DEFAULT_CORPUS, 0.75).unwrap();
+        let t = parse_template("The ___ river.", &m).unwrap();
+        assert_eq!(t.len(), 4);
+        assert_eq!(t[1], None);
+        assert_eq!(t[3], m.id("."));
+        let e = parse_template("the ___ zeppelin", &m).unwrap_err();
+        assert!(e.contains("\"zeppelin\""), "{e}");
+        assert!(parse_template("  ", &m).is_err());
+        assert!(parse_template("the - river", &m).is_err());
+    }
+
+    #[test]
+    fn batches_continue_the_schedule() {
+        let whole = batch_options(2.0, 0.05, 1, 0, 10, 10);
+        for start in [0u32, 3, 6, 9] {
+            let n = 3.min(10 - start);
+            let o = batch_options(2.0, 0.05, 1, start, n, 10);
+            assert_eq!(o.first_sweep, start);
+            for s in 0..n {
+                let (a, b) = (o.temperature_at(s), whole.temperature_at(start + s));
+                assert!((a - b).abs() <= 1e-6 * b, "sweep {}: {a} vs {b}", start + s);
+            }
+        }
+    }
+}
