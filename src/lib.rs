@@ -30,6 +30,7 @@ pub mod tensor;
 pub use context::{Context, ContextOptions};
 pub use dispatch::Plan;
 pub use error::{Error, Result};
+pub use kernels::attention::{Attention, AttentionOptions, Layout};
 pub use kernels::softmax::{Softmax, SoftmaxOptions};
 pub use profile::Timing;
 pub use tensor::{DType, Element, GpuTensor};

@@ -1,6 +1,7 @@
 //! The kernel families: options, validation, pipeline selection, planning and encoding.
 //! One module per family; each lists its shader variants for the naga translation test.
 
+pub mod attention;
 pub mod copy;
 pub mod softmax;
 
@@ -11,5 +12,6 @@ pub fn all_shader_variants() -> Vec<ShaderVariant> {
     let mut v = crate::convert::shader_variants();
     v.extend(copy::shader_variants());
     v.extend(softmax::shader_variants());
+    v.extend(attention::shader_variants());
     v
 }
