@@ -5,6 +5,7 @@
 //! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check or a device error,
 //! 2 bad input (unknown names, wrong dtypes or shapes, bad options).
 
+mod attention;
 mod npy;
 mod report;
 mod softmax;
@@ -130,14 +131,21 @@ struct Family {
     bench: fn(&Context, bool, &Baseline) -> Result<Vec<BenchRow>, Error>,
 }
 
-const FAMILIES: &[Family] = &[Family {
-    name: "softmax",
-    verify: softmax::verify,
-    bench: softmax::bench,
-}];
+const FAMILIES: &[Family] = &[
+    Family {
+        name: "softmax",
+        verify: softmax::verify,
+        bench: softmax::bench,
+    },
+    Family {
+        name: "attention",
+        verify: attention::verify,
+        bench: attention::bench,
+    },
+];
 
 /// Kernels of the CLI contract whose families have not landed yet.
-const NOT_YET: &[&str] = &["rope", "attention", "flash", "gibbs", "sample"];
+const NOT_YET: &[&str] = &["rope", "flash", "gibbs", "sample"];
 
 /// Entry point of the `seqk` binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -310,6 +318,7 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
     let mut io = RunIo::parse(&args, options)?;
     match args.kernel.as_str() {
         "softmax" => softmax::run(&mut io)?,
+        "attention" => attention::run(&mut io)?,
         k if NOT_YET.contains(&k) => return Err(usage(format!("run {k}: not yet implemented"))),
         k => {
             return Err(usage(format!(
