@@ -521,9 +521,9 @@ impl Attention {
         let bh = s.b * s.hq;
         let qtiles = s.m.div_ceil(t);
 
-        let flags = (s.causal as u32) * FLAG_CAUSAL
-            | (mask.is_some() as u32) * FLAG_MASK
-            | (lse.is_some() as u32) * FLAG_LSE;
+        let flags = ((s.causal as u32) * FLAG_CAUSAL)
+            | ((mask.is_some() as u32) * FLAG_MASK)
+            | ((lse.is_some() as u32) * FLAG_LSE);
         let u = |x: usize| x as u32;
         let params = ctx.uniform(&Params {
             m: u(s.m),
