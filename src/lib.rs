@@ -30,6 +30,7 @@ pub mod tensor;
 pub use context::{Context, ContextOptions};
 pub use dispatch::Plan;
 pub use error::{Error, Result};
+pub use kernels::attention::{Attention, AttentionOptions, Layout};
 pub use kernels::gibbs::{
     BestState, ChainModel, Gibbs, GibbsOptions, GibbsOutput, Metropolis, MhOptions, MhTensors,
     Pairwise, SampleOptions, Sampler,

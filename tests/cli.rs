@@ -147,10 +147,7 @@ fn bad_input_exits_2_with_one_line() {
             "{args:?}: {msg:?} should mention {expected:?}"
         );
     }
-    for (kernel, expected) in [
-        ("attention", "not yet implemented"),
-        ("nope", "unknown kernel"),
-    ] {
+    for (kernel, expected) in [("flash", "not yet implemented"), ("nope", "unknown kernel")] {
         let o = seqk(&["run", kernel, "--out", &out]);
         assert_eq!(o.status.code(), Some(2));
         assert!(stderr(&o).contains(expected), "{}", stderr(&o));

@@ -5,6 +5,7 @@
 //! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check or a device error,
 //! 2 bad input (unknown names, wrong dtypes or shapes, bad options).
 
+mod attention;
 mod generate;
 mod gibbs;
 mod npy;
@@ -146,10 +147,15 @@ const FAMILIES: &[Family] = &[
         verify: gibbs::verify,
         bench: gibbs::bench,
     },
+    Family {
+        name: "attention",
+        verify: attention::verify,
+        bench: attention::bench,
+    },
 ];
 
 /// Kernels of the CLI contract whose families have not landed yet.
-const NOT_YET: &[&str] = &["attention", "flash"];
+const NOT_YET: &[&str] = &["flash"];
 
 /// Entry point of the `seqk` binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -325,6 +331,7 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
         "rope" => rope::run(&mut io)?,
         "gibbs" => gibbs::run(&mut io)?,
         "sample" => gibbs::run_sample(&mut io)?,
+        "attention" => attention::run(&mut io)?,
         k if NOT_YET.contains(&k) => return Err(usage(format!("run {k}: not yet implemented"))),
         k => {
             return Err(usage(format!(

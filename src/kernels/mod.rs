@@ -1,6 +1,7 @@
 //! The kernel families: options, validation, pipeline selection, planning and encoding.
 //! One module per family; each lists its shader variants for the naga translation test.
 
+pub mod attention;
 pub mod copy;
 pub mod gibbs;
 pub mod rope;
@@ -15,5 +16,6 @@ pub fn all_shader_variants() -> Vec<ShaderVariant> {
     v.extend(rope::shader_variants());
     v.extend(softmax::shader_variants());
     v.extend(gibbs::shader_variants());
+    v.extend(attention::shader_variants());
     v
 }

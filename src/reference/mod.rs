@@ -1,6 +1,7 @@
 //! CPU references of every kernel, in f64, written for clarity rather than speed. The GPU
 //! kernels are tested against these.
 
+pub mod attention;
 pub mod copy;
 pub mod gibbs;
 pub mod rope;

@@ -1,0 +1,106 @@
+// Tile engine: workgroup-memory tiles of row-major matrices and the small products on them,
+// shared by exact attention, its matmul twin and the FLASH family.
+//
+// The including shader provides, before or after this snippet:
+//   const D: u32     depth of the A and B tiles (columns), padded
+//   const DV: u32    columns of the V tile, padded
+//   const T: u32     rows of every tile
+//   const WG: u32    invocations per workgroup (a multiple of T)
+//   fn read_a(i: u32) -> f32, fn read_b(i: u32) -> f32, fn read_v(i: u32) -> f32
+//     flat element reads of the three source matrices (storage type converted to f32).
+// Loads are bounds-checked: rows past `rows` and columns past `cols` read as zero, so padded
+// tiles contribute nothing to any product. Loads loop over the tile with stride WG (a few
+// iterations per invocation, never a loop over a whole matrix).
+
+const C: u32 = WG / T;       // invocations per tile row
+const ACC: u32 = DV / C;     // accumulator columns per invocation (columns cg + k*C)
+const EPT: u32 = (T * T + WG - 1u) / WG;   // T x T entries per invocation
+
+var<workgroup> tile_a: array<f32, T * D>;   // [T, D]  e.g. queries, or A of a matmul
+var<workgroup> tile_b: array<f32, T * D>;   // [T, D]  e.g. keys, or B of A B^T
+var<workgroup> tile_v: array<f32, T * DV>;  // [T, DV] e.g. values, or B of A B
+var<workgroup> tile_p: array<f32, T * T>;   // [T, T]  probabilities, or an A chunk of A B
+
+// Element (row0 + r, c) of a matrix with `stride` elements per row starting at `base` is
+// read when row0 + r < rows and c < cols.
+fn tile_in(row0: u32, r: u32, rows: u32, c: u32, cols: u32) -> bool {
+    return row0 + r < rows && c < cols;
+}
+
+fn tile_load_a(base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
+    for (var e = lid; e < T * D; e += WG) {
+        let r = e / D;
+        let c = e % D;
+        var x = 0.0;
+        if (tile_in(row0, r, rows, c, cols)) {
+            x = read_a(base + (row0 + r) * stride + c);
+        }
+        tile_a[e] = x;
+    }
+}
+
+fn tile_load_b(base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
+    for (var e = lid; e < T * D; e += WG) {
+        let r = e / D;
+        let c = e % D;
+        var x = 0.0;
+        if (tile_in(row0, r, rows, c, cols)) {
+            x = read_b(base + (row0 + r) * stride + c);
+        }
+        tile_b[e] = x;
+    }
+}
+
+fn tile_load_v(base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
+    for (var e = lid; e < T * DV; e += WG) {
+        let r = e / DV;
+        let c = e % DV;
+        var x = 0.0;
+        if (tile_in(row0, r, rows, c, cols)) {
+            x = read_v(base + (row0 + r) * stride + c);
+        }
+        tile_v[e] = x;
+    }
+}
+
+// A [T, T] block of the A matrix into tile_p (the left factor of tile_pv).
+fn tile_load_p(base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
+    for (var e = lid; e < T * T; e += WG) {
+        let r = e / T;
+        let c = e % T;
+        var x = 0.0;
+        if (tile_in(row0, r, rows, c, cols)) {
+            x = read_a(base + (row0 + r) * stride + c);
+        }
+        tile_p[e] = x;
+    }
+}
+
+// (A B^T)[r, c] over the first `depth` (<= D) columns of the tiles.
+fn tile_dot_ab(r: u32, c: u32, depth: u32) -> f32 {
+    var s = 0.0;
+    let a0 = r * D;
+    let b0 = c * D;
+    for (var k = 0u; k < min(depth, D); k++) {
+        s = fma(tile_a[a0 + k], tile_b[b0 + k], s);
+    }
+    return s;
+}
+
+// (P V)[r, col]: row r of tile_p times column col of tile_v.
+fn tile_pv(r: u32, col: u32) -> f32 {
+    var s = 0.0;
+    for (var j = 0u; j < T; j++) {
+        s = fma(tile_p[r * T + j], tile_v[j * DV + col], s);
+    }
+    return s;
+}
+
+// (B^T V)[a, col] over the tile's rows: the K^T V accumulation of linear attention.
+fn tile_btv(a: u32, col: u32) -> f32 {
+    var s = 0.0;
+    for (var j = 0u; j < T; j++) {
+        s = fma(tile_b[j * D + a], tile_v[j * DV + col], s);
+    }
+    return s;
+}

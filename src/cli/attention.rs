@@ -1,0 +1,326 @@
+//! `seqk` entries of exact attention (and the tile-engine matmul it is benchmarked next to).
+
+use half::f16;
+
+use super::report::{Baseline, BenchRow, Check, SAMPLES, WARMUP};
+use super::{usage, Array, CliError, Data, RunIo};
+use crate::kernels::attention::{attention_shape, matmul_plan};
+use crate::profile::time_passes;
+use crate::reference::{attention as reference, random_values, row_error};
+use crate::{Attention, AttentionOptions, Context, Error, GpuTensor};
+
+/// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage, 2e-3 for f16.
+const TOL_F32: f64 = 1e-4;
+const TOL_F16: f64 = 2e-3;
+
+struct Case {
+    /// b, hq, hkv, m, n, d, dv
+    dims: [usize; 7],
+    opts: AttentionOptions,
+    masked: bool,
+    half: bool,
+}
+
+pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
+    let d = AttentionOptions::default();
+    let causal = AttentionOptions {
+        causal: true,
+        ..d.clone()
+    };
+    let mut cases = vec![
+        Case {
+            dims: [1, 2, 2, 17, 33, 64, 64],
+            opts: d.clone(),
+            masked: false,
+            half: false,
+        },
+        Case {
+            dims: [2, 8, 2, 9, 40, 40, 40],
+            opts: causal.clone(),
+            masked: true,
+            half: false,
+        },
+        Case {
+            dims: [1, 6, 1, 33, 17, 128, 96],
+            opts: AttentionOptions {
+                softcap: 2.0,
+                scale: Some(0.3),
+                ..causal.clone()
+            },
+            masked: false,
+            half: false,
+        },
+        Case {
+            dims: [1, 4, 2, 2, 1100, 64, 64],
+            opts: d.clone(),
+            masked: false,
+            half: false,
+        },
+        Case {
+            dims: [1, 2, 1, 20, 31, 256, 256],
+            opts: causal.clone(),
+            masked: false,
+            half: true,
+        },
+    ];
+    if !quick {
+        cases.extend([
+            Case {
+                dims: [2, 4, 4, 257, 257, 64, 64],
+                opts: causal.clone(),
+                masked: false,
+                half: false,
+            },
+            Case {
+                dims: [1, 8, 2, 1, 4097, 128, 128],
+                opts: causal.clone(),
+                masked: true,
+                half: true,
+            },
+        ]);
+    }
+    let mut checks = Vec::new();
+    for (i, c) in cases.into_iter().enumerate() {
+        let [b, hq, hkv, m, n, dk, dv] = c.dims;
+        let shapes = [vec![b, hq, m, dk], vec![b, hkv, n, dk], vec![b, hkv, n, dv]];
+        let seed = i as u64 * 3 + 1;
+        let mut vals: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(j, s)| random_values(s.iter().product(), seed + j as u64, -1.0, 1.0))
+            .collect();
+        if c.half {
+            for x in vals.iter_mut().flatten() {
+                *x = f16::from_f32(*x).to_f32();
+            }
+        }
+        let mask: Option<Vec<bool>> = c.masked.then(|| {
+            random_values(m * n, seed + 9, 0.0, 1.0)
+                .iter()
+                .map(|&u| u < 0.7)
+                .collect()
+        });
+        let mshape = [m, n];
+        let want = reference::attention(
+            (&vals[0], &shapes[0]),
+            (&vals[1], &shapes[1]),
+            (&vals[2], &shapes[2]),
+            mask.as_deref().map(|mk| (mk, &mshape[..])),
+            &c.opts,
+        )?;
+        let (got, _) = run_gpu(
+            ctx,
+            [&vals[0], &vals[1], &vals[2]],
+            &shapes,
+            mask.as_deref().map(|mk| (mk, &mshape[..])),
+            c.half,
+            &c.opts,
+            false,
+        )?;
+        let mut case = format!("b{b} h{hq}/{hkv} m{m} n{n} d{dk} dv{dv}");
+        if c.opts.causal {
+            case.push_str(" causal");
+        }
+        if c.opts.softcap > 0.0 {
+            case.push_str(&format!(" softcap={}", c.opts.softcap));
+        }
+        if c.masked {
+            case.push_str(" mask");
+        }
+        if c.half {
+            case.push_str(" f16");
+        }
+        checks.push(Check {
+            kernel: "attention",
+            case,
+            error: row_error(&got, &want.out, dv),
+            tolerance: if c.half { TOL_F16 } else { TOL_F32 },
+        });
+    }
+    Ok(checks)
+}
+
+type Out = (Vec<f32>, Option<Vec<f32>>);
+
+fn run_gpu(
+    ctx: &Context,
+    vals: [&[f32]; 3],
+    shapes: &[Vec<usize>; 3],
+    mask: Option<(&[bool], &[usize])>,
+    half: bool,
+    opts: &AttentionOptions,
+    want_lse: bool,
+) -> Result<Out, Error> {
+    let mask = mask
+        .map(|(m, s)| ctx.upload_mask(m, s.to_vec()))
+        .transpose()?;
+    if half {
+        let up = |i: usize| -> Result<GpuTensor<f16>, Error> {
+            let h: Vec<f16> = vals[i].iter().map(|&v| f16::from_f32(v)).collect();
+            ctx.upload(&h, shapes[i].clone())
+        };
+        let (q, k, v) = (up(0)?, up(1)?, up(2)?);
+        let (o, l) = ctx.attention_lse(&q, &k, &v, mask.as_ref(), opts)?;
+        let o = o.download()?.iter().map(|x| x.to_f32()).collect();
+        Ok((o, want_lse.then(|| l.download()).transpose()?))
+    } else {
+        let up = |i: usize| ctx.upload(vals[i], shapes[i].clone());
+        let (q, k, v) = (up(0)?, up(1)?, up(2)?);
+        let (o, l) = ctx.attention_lse(&q, &k, &v, mask.as_ref(), opts)?;
+        Ok((o.download()?, want_lse.then(|| l.download()).transpose()?))
+    }
+}
+
+/// (b, h, m = n, d) cases, causal and not, next to the tile-engine matmul of the same
+/// engine (one head's `Q K^T` as an `[n, d] x [d, n]` product); `quick` takes b = 1, n / 8.
+pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
+    let mut rows = Vec::new();
+    for (b, h, n, d) in [
+        (4usize, 16usize, 1024usize, 64usize),
+        (2, 16, 4096, 64),
+        (4, 16, 1024, 128),
+    ] {
+        let (b, n) = if quick { (1, n / 8) } else { (b, n) };
+        let shape = [b, h, n, d];
+        let len = b * h * n * d;
+        let q = ctx.upload(&random_values(len, 1, -1.0, 1.0), shape)?;
+        let k = ctx.upload(&random_values(len, 2, -1.0, 1.0), shape)?;
+        let v = ctx.upload(&random_values(len, 3, -1.0, 1.0), shape)?;
+        let o = ctx.zeros::<f32>(shape)?;
+        for causal in [false, true] {
+            let opts = AttentionOptions {
+                causal,
+                ..Default::default()
+            };
+            let plan = Attention::new(ctx, &opts)?.plan(&q, &k, &v, None, &o, None)?;
+            let flops = 4.0 * (b * h * n * n * d) as f64 / if causal { 2.0 } else { 1.0 };
+            let timing = time_passes(ctx, WARMUP, SAMPLES, calls(flops), |pass| plan.record(pass))?;
+            rows.push(BenchRow {
+                kernel: "attention",
+                case: format!(
+                    "f32 b{b} h{h} n{n} d{d}{}",
+                    if causal { " causal" } else { "" }
+                ),
+                timing,
+                bytes: None,
+                flops: Some(flops),
+                copy_gbps: baseline.gbps,
+            });
+        }
+        // The same engine's matmul: one head's Q K^T, [n, d] x [n, d]^T.
+        let a = ctx.upload(&random_values(n * d, 4, -1.0, 1.0), [n, d])?;
+        let bt = ctx.upload(&random_values(n * d, 5, -1.0, 1.0), [n, d])?;
+        let c = ctx.zeros::<f32>([n, n])?;
+        let plan = matmul_plan(ctx, &a, &bt, &c, true)?;
+        let flops = 2.0 * (n * n * d) as f64;
+        let timing = time_passes(ctx, WARMUP, SAMPLES, calls(flops), |pass| plan.record(pass))?;
+        rows.push(BenchRow {
+            kernel: "matmul",
+            case: format!("f32 A B^T {n}x{d} . {d}x{n} (tile engine)"),
+            timing,
+            bytes: None,
+            flops: Some(flops),
+            copy_gbps: baseline.gbps,
+        });
+    }
+    Ok(rows)
+}
+
+/// Calls per timed submit: about a GFLOP, at most 16.
+fn calls(flops: f64) -> usize {
+    (1e9 / flops).clamp(1.0, 16.0) as usize
+}
+
+fn floats(a: &Array, name: &str) -> Result<(Vec<f32>, bool), CliError> {
+    match &a.data {
+        Data::F32(v) => Ok((v.clone(), false)),
+        Data::F16(v) => Ok((v.iter().map(|h| h.to_f32()).collect(), true)),
+        other => Err(usage(format!(
+            "input {name} has dtype {}; expected float32 or float16",
+            other.dtype_name()
+        ))),
+    }
+}
+
+/// `seqk run attention --in q=Q.npy --in k=K.npy --in v=V.npy [--in mask=M.npy] --out O.npy
+/// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=..]`
+pub fn run(io: &mut RunIo) -> Result<(), CliError> {
+    let q = io.required("q", "[b, hq, m, d] float32 or float16")?;
+    let k = io.required("k", "[b, hkv, n, d] float32 or float16")?;
+    let v = io.required("v", "[b, hkv, n, dv] float32 or float16")?;
+    let mask = io.input("mask");
+    let opts = AttentionOptions {
+        scale: io.set_opt("scale")?,
+        causal: io.set("causal", false)?,
+        softcap: io.set("softcap", 0.0)?,
+        ..Default::default()
+    };
+    io.check_unused()?;
+    let mask: Option<(Vec<bool>, Vec<usize>)> = match mask {
+        None => None,
+        Some(m) => Some((
+            match m.data {
+                Data::Bool(v) => v,
+                Data::U8(v) => v.into_iter().map(|b| b != 0).collect(),
+                other => {
+                    return Err(usage(format!(
+                        "input mask has dtype {}; expected bool",
+                        other.dtype_name()
+                    )))
+                }
+            },
+            m.shape,
+        )),
+    };
+    let (qv, qh) = floats(&q, "q")?;
+    let (kv, kh) = floats(&k, "k")?;
+    let (vv, vh) = floats(&v, "v")?;
+    let s = attention_shape(
+        &q.shape,
+        &k.shape,
+        &v.shape,
+        mask.as_ref().map(|m| m.1.as_slice()),
+        &opts,
+    )?;
+    let shapes = [q.shape.clone(), k.shape.clone(), v.shape.clone()];
+    let want_lse = io.wants_out2("lse");
+    let mask_ref = mask.as_ref().map(|(m, sh)| (m.as_slice(), sh.as_slice()));
+    let (out, lse) = if io.cpu {
+        let r = reference::attention(
+            (&qv, &shapes[0]),
+            (&kv, &shapes[1]),
+            (&vv, &shapes[2]),
+            mask_ref,
+            &opts,
+        )?;
+        let f = |x: Vec<f64>| x.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
+        (f(r.out), Some(f(r.lse)))
+    } else {
+        // f16 storage on the GPU only when every input is f16.
+        let half = qh && kh && vh;
+        let ctx = io.context()?;
+        run_gpu(
+            &ctx,
+            [&qv, &kv, &vv],
+            &shapes,
+            mask_ref,
+            half,
+            &opts,
+            want_lse,
+        )?
+    };
+    io.write_out(&Array {
+        shape: s.out_shape(opts.layout),
+        data: Data::F32(out),
+    })?;
+    if let Some(l) = lse {
+        io.write_out2(
+            "lse",
+            &Array {
+                shape: vec![s.b, s.hq, s.m],
+                data: Data::F32(l),
+            },
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,780 @@
+//! Exact attention, `O = softmax(scale * Q K^T [softcap] + mask) V` per (batch, head),
+//! computed FlashAttention-2 style, plus the plain matmul of the same tile engine
+//! (`shaders/tiles.wgsl`).
+//!
+//! - Shapes: q `[b, hq, m, d]`, k `[b, hkv, n, d]`, v `[b, hkv, n, dv]`, out `[b, hq, m, dv]`;
+//!   with [`Layout::Bshd`] q `[b, m, hq, d]`, k `[b, n, hkv, d]`, v `[b, n, hkv, dv]`,
+//!   out `[b, m, hq, dv]`. `hq % hkv == 0` (GQA/MQA: query head h reads kv head
+//!   `h / (hq / hkv)`); d and dv up to 256. The optional lse is `[b, hq, m]`.
+//! - Options: `scale` (default `1/sqrt(d)`), `causal` with bottom-right alignment (query i sees
+//!   key j iff `j <= i + (n - m)`; PyTorch SDPA's `is_causal` is top-left aligned when m != n),
+//!   boolean mask `[m, n]` or `[b|1, 1|hq, m, n]` (nonzero byte = keep), `softcap` c
+//!   (`S = c tanh(S / c)`, 0 = off).
+//! - Rows without any valid key give zeros and lse = -inf.
+//! - One workgroup per (batch, head, query tile) streams K and V tiles through workgroup memory
+//!   with the online softmax in registers; key tiles entirely above the causal diagonal are
+//!   never visited. Decode shapes (few queries, many keys) split the keys across workgroups
+//!   and merge the partial (m, l, O) triples in a second pass.
+//! - Storage f32 or f16 (native with `SHADER_F16`, else widened to an f32 scratch);
+//!   accumulation f32.
+//!
+//! ```no_run
+//! use seq_kernels::{AttentionOptions, Context};
+//! let ctx = Context::new()?;
+//! let (b, h, m, n, d) = (1, 2, 5, 7, 64);
+//! let q = ctx.upload(&vec![0.1f32; b * h * m * d], [b, h, m, d])?;
+//! let k = ctx.upload(&vec![0.2f32; b * h * n * d], [b, h, n, d])?;
+//! let v = ctx.upload(&vec![0.3f32; b * h * n * d], [b, h, n, d])?;
+//! let o = ctx.attention(&q, &k, &v, None, &AttentionOptions { causal: true, ..Default::default() })?;
+//! assert_eq!(o.shape(), &[b, h, m, d]);
+//! # Ok::<(), seq_kernels::Error>(())
+//! ```
+
+use crate::context::Context;
+use crate::convert::{self, Storage};
+use crate::dispatch::{Plan, Step};
+use crate::error::{Error, Result};
+use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
+use crate::tensor::{DType, Element, GpuTensor};
+
+const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
+/// The tile engine snippet (tiles of row-major matrices in workgroup memory and their
+/// products), shared with other families.
+pub const TILES_WGSL: &str = include_str!("../../shaders/tiles.wgsl");
+
+/// Padded head-dimension buckets; each (d, dv) bucket pair is a shader variant.
+const DIMS: [u32; 6] = [32, 64, 96, 128, 192, 256];
+/// Largest head dimension.
+pub const MAX_HEAD_DIM: usize = 256;
+const WG: u32 = 64;
+
+const FLAG_CAUSAL: u32 = 1;
+const FLAG_MASK: u32 = 2;
+const FLAG_LSE: u32 = 4;
+
+/// Memory layout of q, k, v and the output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// `[batch, heads, seq, dim]`.
+    #[default]
+    Bhsd,
+    /// `[batch, seq, heads, dim]`.
+    Bshd,
+}
+
+/// Options of exact attention.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AttentionOptions {
+    /// Multiplies `Q K^T`; `None` means `1 / sqrt(d)`.
+    pub scale: Option<f32>,
+    /// Bottom-right causal masking: query i sees key j iff `j <= i + (n - m)`.
+    pub causal: bool,
+    /// Soft cap c > 0: scores become `c tanh(s / c)` (after scaling); 0 = off.
+    pub softcap: f32,
+    /// Layout of q, k, v and the output.
+    pub layout: Layout,
+    /// Keys per workgroup when the keys are split across workgroups (rounded up to the tile
+    /// size). `None` chooses: split only for decode shapes (m <= 4, n >= 1024).
+    pub key_split: Option<usize>,
+}
+
+impl AttentionOptions {
+    /// Checks the options' values.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(s) = self.scale {
+            if !s.is_finite() {
+                return Err(Error::option(format!(
+                    "attention scale must be finite, got {s}"
+                )));
+            }
+        }
+        if !(self.softcap >= 0.0 && self.softcap.is_finite()) {
+            return Err(Error::option(format!(
+                "attention softcap must be finite and >= 0 (0 = off), got {}",
+                self.softcap
+            )));
+        }
+        if self.key_split == Some(0) {
+            return Err(Error::option("attention key_split must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Element strides of a `[.., .., .., dim]` tensor in (batch, head, position) order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strides {
+    /// Between batches.
+    pub batch: usize,
+    /// Between heads.
+    pub head: usize,
+    /// Between positions.
+    pub row: usize,
+}
+
+impl Strides {
+    fn new(layout: Layout, heads: usize, seq: usize, dim: usize) -> Self {
+        match layout {
+            Layout::Bhsd => Self {
+                batch: heads * seq * dim,
+                head: seq * dim,
+                row: dim,
+            },
+            Layout::Bshd => Self {
+                batch: seq * heads * dim,
+                head: dim,
+                row: heads * dim,
+            },
+        }
+    }
+    /// Flat index of element `c` of position `i` of head `h` of batch `b`.
+    pub fn index(&self, b: usize, h: usize, i: usize, c: usize) -> usize {
+        b * self.batch + h * self.head + i * self.row + c
+    }
+}
+
+/// The geometry of an attention call, checked once for the GPU and the CPU reference.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    /// Batch.
+    pub b: usize,
+    /// Query heads.
+    pub hq: usize,
+    /// Key/value heads.
+    pub hkv: usize,
+    /// Query heads per kv head.
+    pub group: usize,
+    /// Queries.
+    pub m: usize,
+    /// Keys.
+    pub n: usize,
+    /// Head dimension of q and k.
+    pub d: usize,
+    /// Head dimension of v and the output.
+    pub dv: usize,
+    /// The effective scale.
+    pub scale: f32,
+    /// Strides of q, k, v and the output.
+    pub q: Strides,
+    /// Strides of k.
+    pub k: Strides,
+    /// Strides of v.
+    pub v: Strides,
+    /// Strides of the output.
+    pub o: Strides,
+    /// Mask strides between batches and heads (0 where broadcast); the mask's rows are n apart.
+    pub mask_batch: usize,
+    /// See `mask_batch`.
+    pub mask_head: usize,
+    /// Whether the causal option is on.
+    pub causal: bool,
+}
+
+impl AttnShape {
+    /// Output shape in the call's layout.
+    pub fn out_shape(&self, layout: Layout) -> Vec<usize> {
+        match layout {
+            Layout::Bhsd => vec![self.b, self.hq, self.m, self.dv],
+            Layout::Bshd => vec![self.b, self.m, self.hq, self.dv],
+        }
+    }
+    /// Whether query i of (batch b, head h) may attend key j under causality and `mask`
+    /// (flat booleans laid out as the validated mask shape).
+    pub fn visible(&self, b: usize, h: usize, i: usize, j: usize, mask: Option<&[bool]>) -> bool {
+        if self.causal && j as i64 > i as i64 + self.n as i64 - self.m as i64 {
+            return false;
+        }
+        mask.is_none_or(|mk| mk[b * self.mask_batch + h * self.mask_head + i * self.n + j])
+    }
+}
+
+/// Checks q, k, v (and mask) shapes against each other and the options.
+pub fn attention_shape(
+    q: &[usize],
+    k: &[usize],
+    v: &[usize],
+    mask: Option<&[usize]>,
+    opts: &AttentionOptions,
+) -> Result<AttnShape> {
+    opts.validate()?;
+    for (name, s) in [("q", q), ("k", k), ("v", v)] {
+        if s.len() != 4 || s.contains(&0) {
+            return Err(Error::shape(format!(
+                "attention {name} must have 4 non-zero axes ({}), got {s:?}",
+                match opts.layout {
+                    Layout::Bhsd => "[b, heads, seq, dim]",
+                    Layout::Bshd => "[b, seq, heads, dim]",
+                }
+            )));
+        }
+    }
+    // (batch, heads, seq, dim)
+    let split = |s: &[usize]| match opts.layout {
+        Layout::Bhsd => (s[0], s[1], s[2], s[3]),
+        Layout::Bshd => (s[0], s[2], s[1], s[3]),
+    };
+    let (b, hq, m, d) = split(q);
+    let (bk, hkv, n, dk) = split(k);
+    let (bv, hv, nv, dv) = split(v);
+    if bk != b || bv != b {
+        return Err(Error::shape(format!(
+            "attention batch sizes differ: q {q:?}, k {k:?}, v {v:?}"
+        )));
+    }
+    if dk != d {
+        return Err(Error::shape(format!(
+            "attention k head dim {dk} must equal q's {d} (q {q:?}, k {k:?})"
+        )));
+    }
+    if hv != hkv || nv != n {
+        return Err(Error::shape(format!(
+            "attention v {v:?} must have the heads and length of k {k:?}"
+        )));
+    }
+    if hq % hkv != 0 {
+        return Err(Error::shape(format!(
+            "attention query heads {hq} must be a multiple of the kv heads {hkv}"
+        )));
+    }
+    if d > MAX_HEAD_DIM || dv > MAX_HEAD_DIM {
+        return Err(Error::shape(format!(
+            "attention head dims d = {d}, dv = {dv}: at most {MAX_HEAD_DIM} supported"
+        )));
+    }
+    let (mask_batch, mask_head) = match mask {
+        None => (0, 0),
+        Some(ms) => {
+            let bad = || {
+                Error::shape(format!(
+                    "attention mask shape {ms:?} must be [m, n] = [{m}, {n}] or \
+                     [b|1, 1|hq, m, n] with b = {b}, hq = {hq}"
+                ))
+            };
+            match *ms {
+                [mm, nn] if mm == m && nn == n => (0, 0),
+                [mb, mh, mm, nn] if mm == m && nn == n && (mb == b || mb == 1) => {
+                    let head = match mh {
+                        1 => 0,
+                        x if x == hq => m * n,
+                        _ => return Err(bad()),
+                    };
+                    let batch = if mb == 1 { 0 } else { mh * m * n };
+                    (batch, head)
+                }
+                _ => return Err(bad()),
+            }
+        }
+    };
+    let scale = opts.scale.unwrap_or(1.0 / (d as f32).sqrt());
+    Ok(AttnShape {
+        b,
+        hq,
+        hkv,
+        group: hq / hkv,
+        m,
+        n,
+        d,
+        dv,
+        scale,
+        q: Strides::new(opts.layout, hq, m, d),
+        k: Strides::new(opts.layout, hkv, n, d),
+        v: Strides::new(opts.layout, hkv, n, dv),
+        o: Strides::new(opts.layout, hq, m, dv),
+        mask_batch,
+        mask_head,
+        causal: opts.causal,
+    })
+}
+
+/// The padded bucket of a head dimension.
+fn bucket(x: usize) -> u32 {
+    DIMS.into_iter()
+        .find(|&b| b as usize >= x)
+        .unwrap_or(DIMS[DIMS.len() - 1])
+}
+
+/// Tile rows for a (d, dv) bucket pair: workgroup memory stays under 16 KiB.
+fn tile_rows(d: u32, dv: u32) -> u32 {
+    match d.max(dv) {
+        0..=64 => 16,
+        65..=128 => 8,
+        _ => 4,
+    }
+}
+
+/// The shader variant for a storage type, padded dims and entry point.
+fn variant(dtype: DType, d: u32, dv: u32, entry: &'static str) -> ShaderVariant {
+    let t = tile_rows(d, dv);
+    let consts =
+        format!("const D: u32 = {d}u;\nconst DV: u32 = {dv}u;\nconst T: u32 = {t}u;\nconst WG: u32 = {WG}u;\n");
+    ShaderVariant {
+        family: "attention",
+        variant: format!("{}-d{d}-dv{dv}", dtype.name()),
+        source: compose(&[elem_header(dtype), &consts, GRID_WGSL, TILES_WGSL, SOURCE]),
+        entry,
+        constants: vec![],
+    }
+}
+
+/// Every shader variant of the family (for the naga translation test).
+pub fn shader_variants() -> Vec<ShaderVariant> {
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::F16] {
+        for d in DIMS {
+            for dv in DIMS {
+                for entry in ["attention", "attention_merge"] {
+                    out.push(variant(dtype, d, dv, entry));
+                }
+            }
+        }
+        for entry in ["matmul", "matmul_nn"] {
+            out.push(variant(dtype, 64, 64, entry));
+        }
+    }
+    out
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    m: u32,
+    n: u32,
+    d: u32,
+    dv: u32,
+    hq: u32,
+    group: u32,
+    qtiles: u32,
+    splits: u32,
+    q_row: u32,
+    q_head: u32,
+    q_batch: u32,
+    k_row: u32,
+    k_head: u32,
+    k_batch: u32,
+    v_row: u32,
+    v_head: u32,
+    v_batch: u32,
+    o_row: u32,
+    o_head: u32,
+    o_batch: u32,
+    mask_batch: u32,
+    mask_head: u32,
+    flags: u32,
+    chunk: u32,
+    scale: f32,
+    softcap: f32,
+    bh: u32,
+    ntiles: u32,
+}
+
+fn check_binding(ctx: &Context, bytes: u64) -> Result<()> {
+    let max = ctx.limits().max_storage_buffer_binding_size;
+    if bytes > max {
+        return Err(Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            needed: bytes,
+            max,
+        });
+    }
+    if bytes / 2 > u32::MAX as u64 {
+        return Err(Error::LimitExceeded {
+            limit: "elements per attention tensor (u32 indices)",
+            needed: bytes / 2,
+            max: u32::MAX as u64,
+        });
+    }
+    Ok(())
+}
+
+fn check_dtype<T: Element>(what: &str) -> Result<()> {
+    if !matches!(T::DTYPE, DType::F32 | DType::F16) {
+        return Err(Error::Dtype(format!(
+            "{what} takes f32 or f16 tensors, got {}",
+            T::DTYPE.name()
+        )));
+    }
+    Ok(())
+}
+
+/// An exact-attention kernel with fixed options; pipelines are compiled on first use and
+/// cached in the context.
+///
+/// Embedding into your own encoder:
+/// ```no_run
+/// # use seq_kernels::{Attention, AttentionOptions, Context};
+/// # let ctx = Context::new()?;
+/// # let q = ctx.upload(&vec![0.5f32; 4 * 16 * 64], [1, 4, 16, 64])?;
+/// # let k = q.clone();
+/// # let v = q.clone();
+/// let o = ctx.zeros::<f32>([1, 4, 16, 64])?;
+/// let lse = ctx.zeros::<f32>([1, 4, 16])?;
+/// let a = Attention::new(&ctx, &AttentionOptions { causal: true, ..Default::default() })?;
+/// let mut encoder = ctx.device().create_command_encoder(&Default::default());
+/// a.encode(&mut encoder, &q, &k, &v, None, &o, Some(&lse))?;
+/// ctx.queue().submit([encoder.finish()]);
+/// # Ok::<(), seq_kernels::Error>(())
+/// ```
+pub struct Attention {
+    ctx: Context,
+    opts: AttentionOptions,
+}
+
+impl Attention {
+    /// Validates the options.
+    pub fn new(ctx: &Context, opts: &AttentionOptions) -> Result<Self> {
+        opts.validate()?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            opts: opts.clone(),
+        })
+    }
+
+    /// Records the attention into `encoder` (no submit).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode<T: Element>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+        mask: Option<&GpuTensor<u8>>,
+        out: &GpuTensor<T>,
+        lse: Option<&GpuTensor<f32>>,
+    ) -> Result<()> {
+        self.plan(q, k, v, mask, out, lse)?.encode(encoder);
+        Ok(())
+    }
+
+    /// The dispatches of one call, to record as often as needed.
+    pub fn plan<T: Element>(
+        &self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+        mask: Option<&GpuTensor<u8>>,
+        out: &GpuTensor<T>,
+        lse: Option<&GpuTensor<f32>>,
+    ) -> Result<Plan> {
+        let ctx = &self.ctx;
+        check_dtype::<T>("attention")?;
+        let s = attention_shape(
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            mask.map(|m| m.shape()),
+            &self.opts,
+        )?;
+        let want = s.out_shape(self.opts.layout);
+        if out.shape() != want.as_slice() {
+            return Err(Error::shape(format!(
+                "attention output shape {:?} must be {want:?}",
+                out.shape()
+            )));
+        }
+        if let Some(l) = lse {
+            if l.shape() != [s.b, s.hq, s.m] {
+                return Err(Error::shape(format!(
+                    "attention lse shape {:?} must be [b, hq, m] = {:?}",
+                    l.shape(),
+                    [s.b, s.hq, s.m]
+                )));
+            }
+        }
+        if [q.buffer(), k.buffer(), v.buffer()].contains(&out.buffer()) {
+            return Err(Error::option(
+                "attention cannot run in place; give a separate output tensor",
+            ));
+        }
+        let storage = Storage::for_dtype(ctx, T::DTYPE);
+        for len in [q.len(), k.len(), v.len(), out.len()] {
+            // What the shader binds: f32 scratch for widened f16.
+            check_binding(ctx, (len * storage.shader_dtype().size()) as u64)?;
+        }
+
+        let mut plan = Plan::default();
+        let (qb, kb, vb, ob) = match storage {
+            Storage::WidenedF16 => (
+                convert::widen(ctx, &mut plan, q.buffer(), q.len())?,
+                convert::widen(ctx, &mut plan, k.buffer(), k.len())?,
+                convert::widen(ctx, &mut plan, v.buffer(), v.len())?,
+                ctx.scratch(out.len() as u64 * 4)?,
+            ),
+            Storage::Native(_) => (
+                q.buffer().clone(),
+                k.buffer().clone(),
+                v.buffer().clone(),
+                out.buffer().clone(),
+            ),
+        };
+        let dtype = storage.shader_dtype();
+        let (dp, dvp) = (bucket(s.d), bucket(s.dv));
+        let t = tile_rows(dp, dvp) as usize;
+
+        // Key splits: decode shapes (few queries, many keys) or on request.
+        let chunk = match self.opts.key_split {
+            Some(c) => c.div_ceil(t) * t,
+            None if s.m <= 4 && s.n >= 1024 => 256usize.max((s.n.div_ceil(64)).div_ceil(t) * t),
+            None => s.n,
+        };
+        let chunk = chunk.min(s.n.div_ceil(t) * t);
+        let splits = s.n.div_ceil(chunk);
+        let bh = s.b * s.hq;
+        let qtiles = s.m.div_ceil(t);
+
+        let flags = ((s.causal as u32) * FLAG_CAUSAL)
+            | ((mask.is_some() as u32) * FLAG_MASK)
+            | ((lse.is_some() as u32) * FLAG_LSE);
+        let u = |x: usize| x as u32;
+        let params = ctx.uniform(&Params {
+            m: u(s.m),
+            n: u(s.n),
+            d: u(s.d),
+            dv: u(s.dv),
+            hq: u(s.hq),
+            group: u(s.group),
+            qtiles: u(qtiles),
+            splits: u(splits),
+            q_row: u(s.q.row),
+            q_head: u(s.q.head),
+            q_batch: u(s.q.batch),
+            k_row: u(s.k.row),
+            k_head: u(s.k.head),
+            k_batch: u(s.k.batch),
+            v_row: u(s.v.row),
+            v_head: u(s.v.head),
+            v_batch: u(s.v.batch),
+            o_row: u(s.o.row),
+            o_head: u(s.o.head),
+            o_batch: u(s.o.batch),
+            mask_batch: u(s.mask_batch),
+            mask_head: u(s.mask_head),
+            flags,
+            chunk: u(chunk),
+            scale: s.scale,
+            softcap: self.opts.softcap,
+            bh: u(bh),
+            ntiles: 0,
+        })?;
+        // Unused bindings get small buffers of their own (a buffer bound read-only and
+        // read-write in one dispatch is a usage conflict).
+        let mask_b = match mask {
+            Some(m) => m.buffer().clone(),
+            None => ctx.scratch(16)?,
+        };
+        let lse_b = match lse {
+            Some(l) => l.buffer().clone(),
+            None => ctx.scratch(16)?,
+        };
+        let (part_o, part_ml) = if splits > 1 {
+            let rows = (bh * s.m * splits) as u64;
+            check_binding(ctx, rows * s.dv as u64 * 4)?;
+            (ctx.scratch(rows * s.dv as u64 * 4)?, ctx.scratch(rows * 8)?)
+        } else {
+            (ctx.scratch(16)?, ctx.scratch(16)?)
+        };
+        let e = wgpu::Buffer::as_entire_buffer_binding;
+        plan.push(Step::new(
+            ctx,
+            &variant(dtype, dp, dvp, "attention"),
+            &[
+                (0, e(&qb)),
+                (1, e(&kb)),
+                (2, e(&vb)),
+                (3, e(&ob)),
+                (4, e(&mask_b)),
+                (5, e(&params)),
+                (6, e(&lse_b)),
+                (7, e(&part_o)),
+                (8, e(&part_ml)),
+            ],
+            (bh * qtiles * splits) as u64,
+        )?);
+        if splits > 1 {
+            plan.push(Step::new(
+                ctx,
+                &variant(dtype, dp, dvp, "attention_merge"),
+                &[
+                    (3, e(&ob)),
+                    (5, e(&params)),
+                    (6, e(&lse_b)),
+                    (7, e(&part_o)),
+                    (8, e(&part_ml)),
+                ],
+                (bh * s.m) as u64,
+            )?);
+        }
+        if storage == Storage::WidenedF16 {
+            convert::narrow(ctx, &mut plan, &ob, out.buffer(), out.len())?;
+        }
+        for b in [params, mask_b, lse_b, part_o, part_ml, ob] {
+            plan.keep(b);
+        }
+        Ok(plan)
+    }
+}
+
+/// `C = A B^T` (`transpose_b`, B `[n, k]`) or `C = A B` (B `[k, n]`) for A `[m, k]`, C `[m, n]`,
+/// all row-major, on the attention tile engine: the matmul that attention's FLOP/s are
+/// compared with. f32 or f16 storage, f32 accumulation.
+pub fn matmul_plan<T: Element>(
+    ctx: &Context,
+    a: &GpuTensor<T>,
+    b: &GpuTensor<T>,
+    c: &GpuTensor<T>,
+    transpose_b: bool,
+) -> Result<Plan> {
+    check_dtype::<T>("matmul")?;
+    let (sa, sb) = (a.shape(), b.shape());
+    if sa.len() != 2 || sb.len() != 2 {
+        return Err(Error::shape(format!(
+            "matmul takes 2-D tensors, got {sa:?} and {sb:?}"
+        )));
+    }
+    let (m, kd) = (sa[0], sa[1]);
+    let (n, kb) = if transpose_b {
+        (sb[0], sb[1])
+    } else {
+        (sb[1], sb[0])
+    };
+    if kb != kd {
+        return Err(Error::shape(format!(
+            "matmul inner dims differ: A {sa:?}, B {sb:?} (transpose_b = {transpose_b})"
+        )));
+    }
+    if c.shape() != [m, n] {
+        return Err(Error::shape(format!(
+            "matmul output shape {:?} must be [{m}, {n}]",
+            c.shape()
+        )));
+    }
+    let storage = Storage::for_dtype(ctx, T::DTYPE);
+    for len in [a.len(), b.len(), c.len()] {
+        check_binding(ctx, (len * storage.shader_dtype().size()) as u64)?;
+    }
+    let mut plan = Plan::default();
+    let (ab, bb, cb) = match storage {
+        Storage::WidenedF16 => (
+            convert::widen(ctx, &mut plan, a.buffer(), a.len())?,
+            convert::widen(ctx, &mut plan, b.buffer(), b.len())?,
+            ctx.scratch(c.len() as u64 * 4)?,
+        ),
+        Storage::Native(_) => (a.buffer().clone(), b.buffer().clone(), c.buffer().clone()),
+    };
+    let (dp, dvp) = (64u32, 64u32);
+    let t = tile_rows(dp, dvp) as usize;
+    let ntiles = if transpose_b {
+        n.div_ceil(t)
+    } else {
+        n.div_ceil(dvp as usize)
+    };
+    let qtiles = m.div_ceil(t);
+    let u = |x: usize| x as u32;
+    let params = ctx.uniform(&Params {
+        m: u(m),
+        n: u(n),
+        d: u(kd),
+        q_row: u(kd),
+        k_row: u(kd),
+        v_row: u(n),
+        o_row: u(n),
+        qtiles: u(qtiles),
+        ntiles: u(ntiles),
+        splits: 1,
+        ..Default::default()
+    })?;
+    let e = wgpu::Buffer::as_entire_buffer_binding;
+    let dtype = storage.shader_dtype();
+    let step = if transpose_b {
+        Step::new(
+            ctx,
+            &variant(dtype, dp, dvp, "matmul"),
+            &[(0, e(&ab)), (1, e(&bb)), (3, e(&cb)), (5, e(&params))],
+            (qtiles * ntiles) as u64,
+        )?
+    } else {
+        Step::new(
+            ctx,
+            &variant(dtype, dp, dvp, "matmul_nn"),
+            &[(0, e(&ab)), (2, e(&bb)), (3, e(&cb)), (5, e(&params))],
+            (qtiles * ntiles) as u64,
+        )?
+    };
+    plan.push(step);
+    if storage == Storage::WidenedF16 {
+        convert::narrow(ctx, &mut plan, &cb, c.buffer(), c.len())?;
+    }
+    plan.keep(params);
+    plan.keep(cb);
+    Ok(plan)
+}
+
+impl Context {
+    /// Exact attention into a new tensor (shape `[b, hq, m, dv]`, or `[b, m, hq, dv]` for bshd).
+    pub fn attention<T: Element>(
+        &self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+        mask: Option<&GpuTensor<u8>>,
+        opts: &AttentionOptions,
+    ) -> Result<GpuTensor<T>> {
+        let s = attention_shape(
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            mask.map(|m| m.shape()),
+            opts,
+        )?;
+        let out = self.zeros::<T>(s.out_shape(opts.layout))?;
+        Attention::new(self, opts)?
+            .plan(q, k, v, mask, &out, None)?
+            .run(self)?;
+        Ok(out)
+    }
+
+    /// Exact attention and the log-sum-exp of each query row's scores (`[b, hq, m]`, -inf for
+    /// rows without a valid key).
+    pub fn attention_lse<T: Element>(
+        &self,
+        q: &GpuTensor<T>,
+        k: &GpuTensor<T>,
+        v: &GpuTensor<T>,
+        mask: Option<&GpuTensor<u8>>,
+        opts: &AttentionOptions,
+    ) -> Result<(GpuTensor<T>, GpuTensor<f32>)> {
+        let s = attention_shape(
+            q.shape(),
+            k.shape(),
+            v.shape(),
+            mask.map(|m| m.shape()),
+            opts,
+        )?;
+        let out = self.zeros::<T>(s.out_shape(opts.layout))?;
+        let lse = self.zeros::<f32>([s.b, s.hq, s.m])?;
+        Attention::new(self, opts)?
+            .plan(q, k, v, mask, &out, Some(&lse))?
+            .run(self)?;
+        Ok((out, lse))
+    }
+
+    /// `C = A B^T` (`transpose_b`) or `C = A B` on the attention tile engine, into a new tensor.
+    pub fn matmul<T: Element>(
+        &self,
+        a: &GpuTensor<T>,
+        b: &GpuTensor<T>,
+        transpose_b: bool,
+    ) -> Result<GpuTensor<T>> {
+        let (m, n) = match (a.shape(), b.shape()) {
+            ([m, _], [n, _]) if transpose_b => (*m, *n),
+            ([m, _], [_, n]) => (*m, *n),
+            (sa, sb) => {
+                return Err(Error::shape(format!(
+                    "matmul takes 2-D tensors, got {sa:?} and {sb:?}"
+                )))
+            }
+        };
+        let c = self.zeros::<T>([m, n])?;
+        matmul_plan(self, a, b, &c, transpose_b)?.run(self)?;
+        Ok(c)
+    }
+}
