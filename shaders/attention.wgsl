@@ -37,14 +37,16 @@ const NEG_INF_BITS: u32 = 0xff800000u;
 var<workgroup> tile_s: array<f32, T * T>;  // scores of the current key tile
 var<workgroup> tile_f: array<u32, T * T>;  // 1 where the score is valid
 
-fn read_a(i: u32) -> f32 {
-    return f32(q[i]);
-}
-fn read_b(i: u32) -> f32 {
-    return f32(k[i]);
-}
-fn read_v(i: u32) -> f32 {
-    return f32(v[i]);
+const SRC_Q: u32 = 0u;
+const SRC_K: u32 = 1u;
+const SRC_V: u32 = 2u;
+
+fn tile_read(src: u32, i: u32) -> f32 {
+    switch src {
+        case SRC_Q: { return f32(q[i]); }
+        case SRC_K: { return f32(k[i]); }
+        default: { return f32(v[i]); }
+    }
 }
 
 fn has(flag: u32) -> bool {
@@ -108,7 +110,7 @@ fn attention(
     let cg = lid % C;
     let i = q0 + r;
 
-    tile_load_a(bi * p.q_batch + h * p.q_head, p.q_row, q0, p.m, p.d, lid);
+    tile_load_a(SRC_Q, bi * p.q_batch + h * p.q_head, p.q_row, q0, p.m, p.d, lid);
     let k_base = bi * p.k_batch + hk * p.k_head;
     let v_base = bi * p.v_batch + hk * p.v_head;
 
@@ -130,8 +132,8 @@ fn attention(
     for (var j0 = kbegin; j0 < kend; j0 += T) {
         // The previous tile's readers are done (and tile_a is visible on the first pass).
         workgroupBarrier();
-        tile_load_b(k_base, p.k_row, j0, p.n, p.d, lid);
-        tile_load_v(v_base, p.v_row, j0, p.n, p.dv, lid);
+        tile_load_b(SRC_K, k_base, p.k_row, j0, p.n, p.d, lid);
+        tile_load_v(SRC_V, v_base, p.v_row, j0, p.n, p.dv, lid);
         workgroupBarrier();
         for (var e = lid; e < T * T; e += WG) {
             let rr = e / T;
@@ -279,8 +281,8 @@ fn matmul(
     }
     for (var k0 = 0u; k0 < p.d; k0 += D) {
         workgroupBarrier();
-        tile_load_a(k0, p.q_row, ti * T, p.m, p.d - k0, lid);
-        tile_load_b(k0, p.k_row, tj * T, p.n, p.d - k0, lid);
+        tile_load_a(SRC_Q, k0, p.q_row, ti * T, p.m, p.d - k0, lid);
+        tile_load_b(SRC_K, k0, p.k_row, tj * T, p.n, p.d - k0, lid);
         workgroupBarrier();
         for (var e = 0u; e < EPT; e++) {
             let x = lid + e * WG;
@@ -321,8 +323,8 @@ fn matmul_nn(
     }
     for (var k0 = 0u; k0 < p.d; k0 += T) {
         workgroupBarrier();
-        tile_load_p(k0, p.q_row, ti * T, p.m, p.d - k0, lid);
-        tile_load_v(tj * DV, p.v_row, k0, p.d, p.n - tj * DV, lid);
+        tile_load_p(SRC_Q, k0, p.q_row, ti * T, p.m, p.d - k0, lid);
+        tile_load_v(SRC_V, tj * DV, p.v_row, k0, p.d, p.n - tj * DV, lid);
         workgroupBarrier();
         for (var c = 0u; c < ACC; c++) {
             acc[c] += tile_pv(r, cg + c * C);

@@ -6,8 +6,10 @@
 //   const DV: u32    columns of the V tile, padded
 //   const T: u32     rows of every tile
 //   const WG: u32    invocations per workgroup (a multiple of T)
-//   fn read_a(i: u32) -> f32, fn read_b(i: u32) -> f32, fn read_v(i: u32) -> f32
-//     flat element reads of the three source matrices (storage type converted to f32).
+//   fn tile_read(src: u32, i: u32) -> f32
+//     flat element read of source matrix `src` (a number the includer assigns to each of its
+//     bindings), converted to f32. Every loader takes the source it reads from, so one
+//     shader can stage several matrices through the same tile.
 // Loads are bounds-checked: rows past `rows` and columns past `cols` read as zero, so padded
 // tiles contribute nothing to any product. Loads loop over the tile with stride WG (a few
 // iterations per invocation, never a loop over a whole matrix).
@@ -27,50 +29,50 @@ fn tile_in(row0: u32, r: u32, rows: u32, c: u32, cols: u32) -> bool {
     return row0 + r < rows && c < cols;
 }
 
-fn tile_load_a(base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
+fn tile_load_a(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
     for (var e = lid; e < T * D; e += WG) {
         let r = e / D;
         let c = e % D;
         var x = 0.0;
         if (tile_in(row0, r, rows, c, cols)) {
-            x = read_a(base + (row0 + r) * stride + c);
+            x = tile_read(src, base + (row0 + r) * stride + c);
         }
         tile_a[e] = x;
     }
 }
 
-fn tile_load_b(base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
+fn tile_load_b(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
     for (var e = lid; e < T * D; e += WG) {
         let r = e / D;
         let c = e % D;
         var x = 0.0;
         if (tile_in(row0, r, rows, c, cols)) {
-            x = read_b(base + (row0 + r) * stride + c);
+            x = tile_read(src, base + (row0 + r) * stride + c);
         }
         tile_b[e] = x;
     }
 }
 
-fn tile_load_v(base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
+fn tile_load_v(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
     for (var e = lid; e < T * DV; e += WG) {
         let r = e / DV;
         let c = e % DV;
         var x = 0.0;
         if (tile_in(row0, r, rows, c, cols)) {
-            x = read_v(base + (row0 + r) * stride + c);
+            x = tile_read(src, base + (row0 + r) * stride + c);
         }
         tile_v[e] = x;
     }
 }
 
 // A [T, T] block of the A matrix into tile_p (the left factor of tile_pv).
-fn tile_load_p(base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
+fn tile_load_p(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
     for (var e = lid; e < T * T; e += WG) {
         let r = e / T;
         let c = e % T;
         var x = 0.0;
         if (tile_in(row0, r, rows, c, cols)) {
-            x = read_a(base + (row0 + r) * stride + c);
+            x = tile_read(src, base + (row0 + r) * stride + c);
         }
         tile_p[e] = x;
     }
@@ -101,6 +103,16 @@ fn tile_btv(a: u32, col: u32) -> f32 {
     var s = 0.0;
     for (var j = 0u; j < T; j++) {
         s = fma(tile_b[j * D + a], tile_v[j * DV + col], s);
+    }
+    return s;
+}
+
+// (A V)[r, col] over depth columns k0 .. k0 + T of tile_a and the T rows of tile_v: a
+// product whose depth (tile_a's columns) is streamed through tile_v in chunks of T rows.
+fn tile_av(r: u32, col: u32, k0: u32) -> f32 {
+    var s = 0.0;
+    for (var j = 0u; j < T; j++) {
+        s = fma(tile_a[r * D + k0 + j], tile_v[j * DV + col], s);
     }
     return s;
 }

@@ -31,6 +31,9 @@ pub use context::{Context, ContextOptions};
 pub use dispatch::Plan;
 pub use error::{Error, Result};
 pub use kernels::attention::{Attention, AttentionOptions, Layout};
+pub use kernels::flash::{
+    AttnFn, Flash, FlashBlock, FlashDecoder, FlashInputs, FlashOptions, FlashRope, LinNorm,
+};
 pub use kernels::gibbs::{
     BestState, ChainModel, Gibbs, GibbsOptions, GibbsOutput, Metropolis, MhOptions, MhTensors,
     Pairwise, SampleOptions, Sampler,

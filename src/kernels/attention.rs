@@ -287,14 +287,14 @@ pub fn attention_shape(
 }
 
 /// The padded bucket of a head dimension.
-fn bucket(x: usize) -> u32 {
+pub(crate) fn bucket(x: usize) -> u32 {
     DIMS.into_iter()
         .find(|&b| b as usize >= x)
         .unwrap_or(DIMS[DIMS.len() - 1])
 }
 
 /// Tile rows for a (d, dv) bucket pair: workgroup memory stays under 16 KiB.
-fn tile_rows(d: u32, dv: u32) -> u32 {
+pub(crate) fn tile_rows(d: u32, dv: u32) -> u32 {
     match d.max(dv) {
         0..=64 => 16,
         65..=128 => 8,
@@ -688,14 +688,27 @@ pub fn matmul_plan<T: Element>(
         Step::new(
             ctx,
             &variant(dtype, dp, dvp, "matmul"),
-            &[(0, e(&ab)), (1, e(&bb)), (3, e(&cb)), (5, e(&params))],
+            // The tile engine's reader names every source; B fills the unused one.
+            &[
+                (0, e(&ab)),
+                (1, e(&bb)),
+                (2, e(&bb)),
+                (3, e(&cb)),
+                (5, e(&params)),
+            ],
             (qtiles * ntiles) as u64,
         )?
     } else {
         Step::new(
             ctx,
             &variant(dtype, dp, dvp, "matmul_nn"),
-            &[(0, e(&ab)), (2, e(&bb)), (3, e(&cb)), (5, e(&params))],
+            &[
+                (0, e(&ab)),
+                (1, e(&bb)),
+                (2, e(&bb)),
+                (3, e(&cb)),
+                (5, e(&params)),
+            ],
             (qtiles * ntiles) as u64,
         )?
     };

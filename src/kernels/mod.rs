@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod copy;
+pub mod flash;
 pub mod gibbs;
 pub mod rope;
 pub mod softmax;
@@ -17,5 +18,6 @@ pub fn all_shader_variants() -> Vec<ShaderVariant> {
     v.extend(softmax::shader_variants());
     v.extend(gibbs::shader_variants());
     v.extend(attention::shader_variants());
+    v.extend(flash::shader_variants());
     v
 }

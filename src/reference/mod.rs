@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod copy;
+pub mod flash;
 pub mod gibbs;
 pub mod rope;
 pub mod softmax;

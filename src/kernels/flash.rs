@@ -1,0 +1,1002 @@
+//! FLASH mixed-chunk attention, the attention of the gated attention unit (GAU) of
+//! "Transformer Quality in Linear Time": exact quadratic attention inside chunks of C tokens
+//! plus linear attention across chunks, so the cost grows linearly with the sequence length.
+//!
+//! For each batch item, with G = ceil(n / C) chunks (the last one may be partial):
+//! - quadratic branch, per chunk g: `Yquad_g = f(kappa qq_g kq_g^T + bias) v_g`, f = relu^2
+//!   ([`AttnFn::Relu2`]) or the Laplace function ([`AttnFn::Laplace`]); causal zeroes key j > i
+//!   inside the chunk; masked and padded keys give 0 *after* f;
+//! - linear branch: `KV_g = kl_g^T v_g` over valid keys; non-causal `Ylin_g = z ql_g sum_h KV_h`,
+//!   causal `Ylin_g = z_g ql_g sum_{h<g} KV_h` (an exclusive prefix: chunk 0 has no linear term);
+//! - z ([`LinNorm`]): `1/C`, `1/n_valid`, or `1/(valid keys in the prefix)` (0 for an empty
+//!   prefix); `lin_scale` overrides it;
+//! - output `gate * (Yquad + Ylin)` (without a gate, `Yquad + Ylin`).
+//!
+//! Shapes: qq, kq, ql, kl `[b, n, s]`, v and gate `[b, n, e]`, bias `[C, C]` (f32),
+//! key_mask `[b, n]` (nonzero byte = keep), out `[b, n, e]`; s <= 256, any n and e.
+//! Storage f32 or f16 (native with `SHADER_F16`, else widened to an f32 scratch),
+//! accumulation f32. Fused RoPE ([`FlashRope`]) rotates qq, kq, ql and kl in-kernel by their
+//! global positions (half style) with the RoPE family's (cos, sin) table.
+//! [`FlashDecoder`] feeds tokens one at a time or in blocks and reproduces the causal output.
+//!
+//! ```no_run
+//! use seq_kernels::{Context, FlashInputs, FlashOptions};
+//! let ctx = Context::new()?;
+//! let (b, n, s, e) = (1, 1000, 128, 256);
+//! let x = |len: usize| ctx.upload(&vec![0.1f32; len], [b, n, len / (b * n)]);
+//! let (qq, kq, ql, kl, v) = (x(b * n * s)?, x(b * n * s)?, x(b * n * s)?, x(b * n * s)?, x(b * n * e)?);
+//! let inputs = FlashInputs::new(&qq, &kq, &ql, &kl, &v);
+//! let y = ctx.flash(&inputs, &FlashOptions { causal: true, ..Default::default() })?;
+//! assert_eq!(y.shape(), &[b, n, e]);
+//! # Ok::<(), seq_kernels::Error>(())
+//! ```
+
+use crate::context::Context;
+use crate::convert::{self, Storage};
+use crate::dispatch::{Plan, Step};
+use crate::error::{Error, Result};
+use crate::kernels::attention::{bucket, tile_rows, TILES_WGSL};
+use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
+use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
+use crate::tensor::{DType, Element, GpuTensor};
+
+const SOURCE: &str = include_str!("../../shaders/flash.wgsl");
+/// Largest s (the width of qq, kq, ql, kl).
+pub const MAX_S: usize = 256;
+/// Largest n: valid-key counts are kept exactly in f32.
+pub const MAX_N: usize = 1 << 24;
+/// Columns of e per workgroup, equal to the workgroup size.
+const DV: u32 = 64;
+const WG: u32 = 64;
+/// Rows of s per `flash_kv` workgroup (the shader's `SB`).
+const SB: usize = 16;
+/// Storage buffers the `flash_out` entry point binds.
+const STORAGE_BUFFERS: u32 = 10;
+
+const FLAG_CAUSAL: u32 = 1;
+const FLAG_GATE: u32 = 2;
+const FLAG_BIAS: u32 = 4;
+const FLAG_MASK: u32 = 8;
+const FLAG_ROPE: u32 = 16;
+const FLAG_LAPLACE: u32 = 32;
+const FLAG_UPDATE_STATE: u32 = 64;
+
+const NORM_CONSTANT: u32 = 0;
+const NORM_LENGTH: u32 = 1;
+const NORM_PREFIX: u32 = 2;
+
+/// The attention function of the quadratic branch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttnFn {
+    /// `relu(x)^2`, the paper's choice.
+    #[default]
+    Relu2,
+    /// `0.5 (1 + erf((x - mu) / (sigma sqrt 2)))`, mu = sqrt(1/2), sigma = sqrt(1/(4 pi)).
+    Laplace,
+}
+
+impl AttnFn {
+    /// Parses `relu2` or `laplace`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "relu2" => Ok(Self::Relu2),
+            "laplace" => Ok(Self::Laplace),
+            _ => Err(Error::option(format!(
+                "flash attn_fn must be relu2 or laplace, got {s:?}"
+            ))),
+        }
+    }
+    /// The function in f64 (the reference's).
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            Self::Relu2 => x.max(0.0).powi(2),
+            Self::Laplace => {
+                let mu = 0.5f64.sqrt();
+                let sigma = (0.25 / std::f64::consts::PI).sqrt();
+                0.5 * (1.0 + libm::erf((x - mu) / (sigma * std::f64::consts::SQRT_2)))
+            }
+        }
+    }
+}
+
+/// The normaliser z of the linear branch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinNorm {
+    /// z = 1/C (the paper's code).
+    #[default]
+    Chunk,
+    /// z = 1/(number of valid keys of the sequence). Needs the whole sequence, so
+    /// [`FlashDecoder`] refuses it.
+    Length,
+    /// z_g = 1/(valid keys summed into the prefix the chunk reads), 0 when there are none.
+    Prefix,
+}
+
+impl LinNorm {
+    /// Parses `chunk`, `length` or `prefix`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "chunk" => Ok(Self::Chunk),
+            "length" => Ok(Self::Length),
+            "prefix" => Ok(Self::Prefix),
+            _ => Err(Error::option(format!(
+                "flash lin_norm must be chunk, length or prefix, got {s:?}"
+            ))),
+        }
+    }
+}
+
+/// Fused rotary embedding of qq, kq, ql and kl (half style, rotary dim s): token t sits at
+/// global position `offset + t`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FlashRope {
+    /// Frequency base (10000 by default).
+    pub base: f64,
+    /// Position of the first token.
+    pub offset: u64,
+}
+
+impl Default for FlashRope {
+    fn default() -> Self {
+        Self {
+            base: 10000.0,
+            offset: 0,
+        }
+    }
+}
+
+impl FlashRope {
+    /// The RoPE family's options for these positions (the shared angle code).
+    pub fn rope_options(&self) -> RopeOptions {
+        RopeOptions {
+            base: self.base,
+            offset: self.offset,
+            ..Default::default()
+        }
+    }
+}
+
+/// Options of FLASH mixed-chunk attention.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlashOptions {
+    /// Chunk size C (default 256).
+    pub chunk: usize,
+    /// Causal attention: quadratic within the chunk up to the diagonal, linear over earlier
+    /// chunks only.
+    pub causal: bool,
+    /// Attention function of the quadratic branch.
+    pub attn_fn: AttnFn,
+    /// kappa, the scale of `qq kq^T`; `None` means 1/C.
+    pub quad_scale: Option<f32>,
+    /// The normaliser z of the linear branch.
+    pub lin_norm: LinNorm,
+    /// An explicit z, overriding `lin_norm`.
+    pub lin_scale: Option<f32>,
+    /// Fused RoPE on qq, kq, ql, kl; `None` leaves them as given.
+    pub rope: Option<FlashRope>,
+}
+
+impl Default for FlashOptions {
+    fn default() -> Self {
+        Self {
+            chunk: 256,
+            causal: false,
+            attn_fn: AttnFn::Relu2,
+            quad_scale: None,
+            lin_norm: LinNorm::Chunk,
+            lin_scale: None,
+            rope: None,
+        }
+    }
+}
+
+impl FlashOptions {
+    /// Checks the options' values.
+    pub fn validate(&self) -> Result<()> {
+        if self.chunk == 0 || self.chunk > MAX_N {
+            return Err(Error::option(format!(
+                "flash chunk must be between 1 and {MAX_N}, got {}",
+                self.chunk
+            )));
+        }
+        for (name, x) in [("quad_scale", self.quad_scale), ("lin_scale", self.lin_scale)] {
+            if x.is_some_and(|x| !x.is_finite()) {
+                return Err(Error::option(format!(
+                    "flash {name} must be finite, got {x:?}"
+                )));
+            }
+        }
+        if let Some(r) = &self.rope {
+            if !(r.base > 0.0 && r.base.is_finite()) {
+                return Err(Error::option(format!(
+                    "flash rope base must be finite and > 0, got {}",
+                    r.base
+                )));
+            }
+        }
+        Ok(())
+    }
+    /// The effective kappa.
+    pub fn kappa(&self) -> f32 {
+        self.quad_scale.unwrap_or(1.0 / self.chunk as f32)
+    }
+}
+
+/// The geometry of a FLASH call, checked once for the GPU and the CPU reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashShape {
+    /// Batch.
+    pub b: usize,
+    /// Sequence length.
+    pub n: usize,
+    /// Width of qq, kq, ql, kl.
+    pub s: usize,
+    /// Width of v, the gate and the output.
+    pub e: usize,
+    /// Chunk size C.
+    pub chunk: usize,
+    /// Number of chunks G = ceil(n / C).
+    pub groups: usize,
+}
+
+/// Checks the shapes of a FLASH call: `qk` are qq, kq, ql, kl; `gate`, `bias` and `key_mask`
+/// are optional.
+pub fn flash_shape(
+    qk: [&[usize]; 4],
+    v: &[usize],
+    gate: Option<&[usize]>,
+    bias: Option<&[usize]>,
+    key_mask: Option<&[usize]>,
+    opts: &FlashOptions,
+) -> Result<FlashShape> {
+    opts.validate()?;
+    let names = ["qq", "kq", "ql", "kl"];
+    for (name, s) in names.iter().zip(qk).chain([(&"v", v)]) {
+        if s.len() != 3 || s.contains(&0) {
+            return Err(Error::shape(format!(
+                "flash {name} must have 3 non-zero axes [b, n, {}], got {s:?}",
+                if *name == "v" { "e" } else { "s" }
+            )));
+        }
+    }
+    let (b, n, s) = (qk[0][0], qk[0][1], qk[0][2]);
+    for (name, sh) in names.iter().zip(qk).skip(1) {
+        if sh != qk[0] {
+            return Err(Error::shape(format!(
+                "flash {name} has shape {sh:?}; it must match qq's {:?}",
+                qk[0]
+            )));
+        }
+    }
+    if v[0] != b || v[1] != n {
+        return Err(Error::shape(format!(
+            "flash v has shape {v:?}; expected [b, n, e] with b = {b}, n = {n}"
+        )));
+    }
+    let e = v[2];
+    if s > MAX_S {
+        return Err(Error::shape(format!(
+            "flash s = {s} is too wide: at most {MAX_S} supported"
+        )));
+    }
+    if n > MAX_N {
+        return Err(Error::shape(format!(
+            "flash n = {n} is too long: at most {MAX_N} tokens per call (use FlashDecoder)"
+        )));
+    }
+    if opts.rope.is_some() && s % 2 != 0 {
+        return Err(Error::option(format!(
+            "flash fused rope needs an even s, got {s}"
+        )));
+    }
+    if let Some(g) = gate {
+        if g != [b, n, e] {
+            return Err(Error::shape(format!(
+                "flash gate has shape {g:?}; it must match v's [b, n, e] = {:?}",
+                [b, n, e]
+            )));
+        }
+    }
+    if let Some(bs) = bias {
+        if bs != [opts.chunk, opts.chunk] {
+            return Err(Error::shape(format!(
+                "flash bias has shape {bs:?}; it must be [C, C] = [{c}, {c}] for chunk = {c}",
+                c = opts.chunk
+            )));
+        }
+    }
+    if let Some(m) = key_mask {
+        if m != [b, n] {
+            return Err(Error::shape(format!(
+                "flash key_mask has shape {m:?}; expected [b, n] = [{b}, {n}]"
+            )));
+        }
+    }
+    Ok(FlashShape {
+        b,
+        n,
+        s,
+        e,
+        chunk: opts.chunk,
+        groups: n.div_ceil(opts.chunk),
+    })
+}
+
+/// The inputs of a FLASH call. `gate`, `bias` and `key_mask` are optional.
+pub struct FlashInputs<'a, T: Element> {
+    /// Queries of the quadratic branch, `[b, n, s]`.
+    pub qq: &'a GpuTensor<T>,
+    /// Keys of the quadratic branch, `[b, n, s]`.
+    pub kq: &'a GpuTensor<T>,
+    /// Queries of the linear branch, `[b, n, s]`.
+    pub ql: &'a GpuTensor<T>,
+    /// Keys of the linear branch, `[b, n, s]`.
+    pub kl: &'a GpuTensor<T>,
+    /// Values, `[b, n, e]`.
+    pub v: &'a GpuTensor<T>,
+    /// Gate u, `[b, n, e]`: the output becomes `u * (Yquad + Ylin)`.
+    pub gate: Option<&'a GpuTensor<T>>,
+    /// Additive bias of the quadratic scores, `[C, C]`, f32 whatever T is.
+    pub bias: Option<&'a GpuTensor<f32>>,
+    /// Key mask `[b, n]`, nonzero = keep.
+    pub key_mask: Option<&'a GpuTensor<u8>>,
+}
+
+impl<'a, T: Element> FlashInputs<'a, T> {
+    /// The five required inputs, without gate, bias or mask.
+    pub fn new(
+        qq: &'a GpuTensor<T>,
+        kq: &'a GpuTensor<T>,
+        ql: &'a GpuTensor<T>,
+        kl: &'a GpuTensor<T>,
+        v: &'a GpuTensor<T>,
+    ) -> Self {
+        Self {
+            qq,
+            kq,
+            ql,
+            kl,
+            v,
+            gate: None,
+            bias: None,
+            key_mask: None,
+        }
+    }
+    /// Checks the shapes against each other and `opts`.
+    pub fn shape(&self, opts: &FlashOptions) -> Result<FlashShape> {
+        flash_shape(
+            [
+                self.qq.shape(),
+                self.kq.shape(),
+                self.ql.shape(),
+                self.kl.shape(),
+            ],
+            self.v.shape(),
+            self.gate.map(|g| g.shape()),
+            self.bias.map(|b| b.shape()),
+            self.key_mask.map(|m| m.shape()),
+            opts,
+        )
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    s: u32,
+    e: u32,
+    chunk: u32,
+    groups: u32,
+    sblocks: u32,
+    eblocks: u32,
+    qtiles: u32,
+    batch: u32,
+    row_begin: u32,
+    flags: u32,
+    norm: u32,
+    kappa: f32,
+    lin_scale: f32,
+    rope_base: u32,
+    count_base: u32,
+}
+
+/// The shader variant for a storage type, padded s and entry point.
+fn variant(dtype: DType, d: u32, entry: &'static str) -> ShaderVariant {
+    let t = tile_rows(d, DV);
+    let consts = format!(
+        "const D: u32 = {d}u;\nconst DV: u32 = {DV}u;\nconst T: u32 = {t}u;\nconst WG: u32 = {WG}u;\n"
+    );
+    ShaderVariant {
+        family: "flash",
+        variant: format!("{}-s{d}", dtype.name()),
+        source: compose(&[elem_header(dtype), &consts, GRID_WGSL, TILES_WGSL, SOURCE]),
+        entry,
+        constants: vec![],
+    }
+}
+
+/// Every shader variant of the family (for the naga translation test).
+pub fn shader_variants() -> Vec<ShaderVariant> {
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::F16] {
+        for d in [32, 64, 96, 128, 192, 256] {
+            for entry in ["flash_kv", "flash_scan", "flash_out"] {
+                out.push(variant(dtype, d, entry));
+            }
+        }
+    }
+    out
+}
+
+fn check_dtype<T: Element>() -> Result<()> {
+    if !matches!(T::DTYPE, DType::F32 | DType::F16) {
+        return Err(Error::Dtype(format!(
+            "flash takes f32 or f16 tensors, got {}",
+            T::DTYPE.name()
+        )));
+    }
+    Ok(())
+}
+
+fn check_binding(ctx: &Context, what: &'static str, bytes: u64) -> Result<()> {
+    let max = ctx.limits().max_storage_buffer_binding_size;
+    if bytes > max {
+        return Err(Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            needed: bytes,
+            max,
+        });
+    }
+    if bytes / 4 > u32::MAX as u64 {
+        return Err(Error::LimitExceeded {
+            limit: what,
+            needed: bytes / 4,
+            max: u32::MAX as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Buffers of one call as the shaders see them (f32 scratch for widened f16).
+struct Bound {
+    qq: wgpu::Buffer,
+    kq: wgpu::Buffer,
+    ql: wgpu::Buffer,
+    kl: wgpu::Buffer,
+    v: wgpu::Buffer,
+    gate: Option<wgpu::Buffer>,
+    bias: Option<wgpu::Buffer>,
+    key_mask: Option<wgpu::Buffer>,
+    out: wgpu::Buffer,
+}
+
+/// What differs between a one-shot call and a decoding step.
+struct Call<'a> {
+    /// The first row written to the output (rows before it are context only).
+    row_begin: usize,
+    /// Sum of KV (and valid keys) over earlier chunks; `None` = nothing before.
+    state: Option<&'a wgpu::Buffer>,
+    /// Whether the scan adds this call's chunks into `state`.
+    update_state: bool,
+    /// Global position of row 0 for fused RoPE.
+    rope_offset: u64,
+}
+
+/// A FLASH kernel with fixed options; pipelines are compiled on first use and cached in the
+/// context.
+///
+/// Embedding into your own encoder:
+/// ```no_run
+/// # use seq_kernels::{Context, Flash, FlashInputs, FlashOptions};
+/// # let ctx = Context::new()?;
+/// # let x = ctx.upload(&vec![0.1f32; 300 * 64], [1, 300, 64])?;
+/// let out = ctx.zeros::<f32>([1, 300, 64])?;
+/// let flash = Flash::new(&ctx, &FlashOptions { chunk: 128, causal: true, ..Default::default() })?;
+/// let mut encoder = ctx.device().create_command_encoder(&Default::default());
+/// flash.encode(&mut encoder, &FlashInputs::new(&x, &x, &x, &x, &x), &out)?;
+/// ctx.queue().submit([encoder.finish()]);
+/// # Ok::<(), seq_kernels::Error>(())
+/// ```
+pub struct Flash {
+    ctx: Context,
+    opts: FlashOptions,
+}
+
+impl Flash {
+    /// Validates the options.
+    pub fn new(ctx: &Context, opts: &FlashOptions) -> Result<Self> {
+        opts.validate()?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            opts: opts.clone(),
+        })
+    }
+
+    /// Records the call into `encoder` (no submit).
+    pub fn encode<T: Element>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        inputs: &FlashInputs<'_, T>,
+        out: &GpuTensor<T>,
+    ) -> Result<()> {
+        self.plan(inputs, out)?.encode(encoder);
+        Ok(())
+    }
+
+    /// The dispatches of one call, to record as often as needed.
+    pub fn plan<T: Element>(
+        &self,
+        inputs: &FlashInputs<'_, T>,
+        out: &GpuTensor<T>,
+    ) -> Result<Plan> {
+        let ctx = &self.ctx;
+        check_dtype::<T>()?;
+        let shape = inputs.shape(&self.opts)?;
+        if out.shape() != [shape.b, shape.n, shape.e] {
+            return Err(Error::shape(format!(
+                "flash output shape {:?} must be [b, n, e] = {:?}",
+                out.shape(),
+                [shape.b, shape.n, shape.e]
+            )));
+        }
+        let ins = [inputs.qq, inputs.kq, inputs.ql, inputs.kl, inputs.v];
+        if ins
+            .iter()
+            .chain(inputs.gate.iter())
+            .any(|t| t.buffer() == out.buffer())
+        {
+            return Err(Error::option(
+                "flash cannot run in place; give a separate output tensor",
+            ));
+        }
+        let storage = Storage::for_dtype(ctx, T::DTYPE);
+        let elem_bytes = storage.shader_dtype().size() as u64;
+        for t in ins.iter().chain(inputs.gate.iter()).chain([&out]) {
+            check_binding(ctx, "elements per flash tensor", t.len() as u64 * elem_bytes)?;
+        }
+        let mut plan = Plan::default();
+        let mut bind = |t: &GpuTensor<T>| -> Result<wgpu::Buffer> {
+            Ok(match storage {
+                Storage::WidenedF16 => convert::widen(ctx, &mut plan, t.buffer(), t.len())?,
+                Storage::Native(_) => t.buffer().clone(),
+            })
+        };
+        let bound = Bound {
+            qq: bind(inputs.qq)?,
+            kq: bind(inputs.kq)?,
+            ql: bind(inputs.ql)?,
+            kl: bind(inputs.kl)?,
+            v: bind(inputs.v)?,
+            gate: inputs.gate.map(&mut bind).transpose()?,
+            bias: inputs.bias.map(|b| b.buffer().clone()),
+            key_mask: inputs.key_mask.map(|m| m.buffer().clone()),
+            out: match storage {
+                Storage::WidenedF16 => ctx.scratch(out.len() as u64 * 4)?,
+                Storage::Native(_) => out.buffer().clone(),
+            },
+        };
+        let call = Call {
+            row_begin: 0,
+            state: None,
+            update_state: false,
+            rope_offset: self.opts.rope.map_or(0, |r| r.offset),
+        };
+        plan.extend(passes(
+            ctx,
+            &self.opts,
+            &shape,
+            storage.shader_dtype(),
+            &bound,
+            &call,
+        )?);
+        if storage == Storage::WidenedF16 {
+            convert::narrow(ctx, &mut plan, &bound.out, out.buffer(), out.len())?;
+        }
+        plan.keep(bound.out);
+        Ok(plan)
+    }
+}
+
+/// The three passes (KV per chunk, prefix scan, output) of one call over bound buffers.
+fn passes(
+    ctx: &Context,
+    opts: &FlashOptions,
+    sh: &FlashShape,
+    dtype: DType,
+    bound: &Bound,
+    call: &Call<'_>,
+) -> Result<Plan> {
+    let have = ctx.limits().max_storage_buffers_per_shader_stage;
+    if have < STORAGE_BUFFERS {
+        return Err(Error::LimitExceeded {
+            limit: "max_storage_buffers_per_shader_stage",
+            needed: STORAGE_BUFFERS as u64,
+            max: have as u64,
+        });
+    }
+    let (b, n, s, e, g) = (sh.b, sh.n, sh.s, sh.e, sh.groups);
+    let d = bucket(s);
+    let t = tile_rows(d, DV) as usize;
+
+    // kv scratch: KV slots, counts, then the RoPE (cos, sin) table.
+    let slots = b * (g + 1);
+    let count_base = slots * s * e;
+    let rope_base = count_base + slots;
+    let table = match &opts.rope {
+        Some(r) => {
+            let ropts = RopeOptions {
+                offset: call.rope_offset,
+                ..r.rope_options()
+            };
+            let rows = position_rows(&ropts, 1, n, None)?;
+            cos_sin_table(&ropts, s, &rows)?
+        }
+        None => Vec::new(),
+    };
+    let kv_floats = rope_base + table.len() * 2;
+    check_binding(ctx, "elements of the flash KV scratch", kv_floats as u64 * 4)?;
+    let kv = ctx.scratch(kv_floats as u64 * 4)?;
+    if !table.is_empty() {
+        ctx.queue().write_buffer(
+            &kv,
+            rope_base as u64 * 4,
+            bytemuck::cast_slice(table.as_slice()),
+        );
+    }
+    let state = match call.state {
+        Some(st) => st.clone(),
+        None => ctx.scratch((b * s * e + b) as u64 * 4)?,
+    };
+
+    let (norm, lin_scale) = match (opts.lin_scale, opts.lin_norm) {
+        (Some(z), _) => (NORM_CONSTANT, z),
+        (None, LinNorm::Chunk) => (NORM_CONSTANT, 1.0 / opts.chunk as f32),
+        (None, LinNorm::Length) => (NORM_LENGTH, 0.0),
+        (None, LinNorm::Prefix) => (NORM_PREFIX, 0.0),
+    };
+    let flag = |on: bool, f: u32| if on { f } else { 0 };
+    let flags = flag(opts.causal, FLAG_CAUSAL)
+        | flag(bound.gate.is_some(), FLAG_GATE)
+        | flag(bound.bias.is_some(), FLAG_BIAS)
+        | flag(bound.key_mask.is_some(), FLAG_MASK)
+        | flag(opts.rope.is_some(), FLAG_ROPE)
+        | flag(opts.attn_fn == AttnFn::Laplace, FLAG_LAPLACE)
+        | flag(call.update_state, FLAG_UPDATE_STATE);
+    let sblocks = s.div_ceil(SB);
+    let eblocks = e.div_ceil(DV as usize);
+    let qtiles = opts.chunk.min(n).div_ceil(t);
+    let u = |x: usize| x as u32;
+    let params = ctx.uniform(&Params {
+        n: u(n),
+        s: u(s),
+        e: u(e),
+        chunk: u(opts.chunk),
+        groups: u(g),
+        sblocks: u(sblocks),
+        eblocks: u(eblocks),
+        qtiles: u(qtiles),
+        batch: u(b),
+        row_begin: u(call.row_begin),
+        flags,
+        norm,
+        kappa: opts.kappa(),
+        lin_scale,
+        rope_base: u(rope_base),
+        count_base: u(count_base),
+    })?;
+    // Absent optional inputs get small buffers of their own.
+    let dummy = |x: &Option<wgpu::Buffer>| -> Result<wgpu::Buffer> {
+        match x {
+            Some(b) => Ok(b.clone()),
+            None => ctx.scratch(16),
+        }
+    };
+    let (gate, bias, mask) = (
+        dummy(&bound.gate)?,
+        dummy(&bound.bias)?,
+        dummy(&bound.key_mask)?,
+    );
+    let ent = wgpu::Buffer::as_entire_buffer_binding;
+    let mut plan = Plan::default();
+    plan.push(Step::new(
+        ctx,
+        &variant(dtype, d, "flash_kv"),
+        &[
+            (0, ent(&bound.qq)),
+            (1, ent(&bound.kq)),
+            (2, ent(&bound.ql)),
+            (3, ent(&bound.kl)),
+            (4, ent(&bound.v)),
+            (7, ent(&mask)),
+            (9, ent(&params)),
+            (10, ent(&kv)),
+        ],
+        (b * g * sblocks * eblocks) as u64,
+    )?);
+    plan.push(Step::new(
+        ctx,
+        &variant(dtype, d, "flash_scan"),
+        &[(9, ent(&params)), (10, ent(&kv)), (11, ent(&state))],
+        (b * s * e + b).div_ceil(WG as usize) as u64,
+    )?);
+    plan.push(Step::new(
+        ctx,
+        &variant(dtype, d, "flash_out"),
+        &[
+            (0, ent(&bound.qq)),
+            (1, ent(&bound.kq)),
+            (2, ent(&bound.ql)),
+            (3, ent(&bound.kl)),
+            (4, ent(&bound.v)),
+            (5, ent(&gate)),
+            (6, ent(&bound.out)),
+            (7, ent(&mask)),
+            (8, ent(&bias)),
+            (9, ent(&params)),
+            (10, ent(&kv)),
+        ],
+        (b * g * qtiles * eblocks) as u64,
+    )?);
+    for buf in [params, kv, state, gate, bias, mask] {
+        plan.keep(buf);
+    }
+    Ok(plan)
+}
+
+/// Tokens for one [`FlashDecoder::step`]: `t` new tokens of every batch item, C order.
+#[derive(Clone, Copy, Debug)]
+pub struct FlashBlock<'a> {
+    /// `[b, t, s]`.
+    pub qq: &'a [f32],
+    /// `[b, t, s]`.
+    pub kq: &'a [f32],
+    /// `[b, t, s]`.
+    pub ql: &'a [f32],
+    /// `[b, t, s]`.
+    pub kl: &'a [f32],
+    /// `[b, t, e]`.
+    pub v: &'a [f32],
+    /// `[b, t, e]`, when the decoder was made with a gate.
+    pub gate: Option<&'a [f32]>,
+    /// `[b, t]`, true = keep; `None` keeps every token.
+    pub key_mask: Option<&'a [bool]>,
+}
+
+/// Incremental causal FLASH: feed tokens one at a time or in blocks; the outputs equal those
+/// of one causal call over the whole sequence.
+///
+/// The GPU holds the state: the sum of `kl^T v` (and the valid-key count) over completed
+/// chunks. The host keeps the current partial chunk's rows and re-sends them with each step,
+/// so a step costs O(C (s + e)) per batch item, never O(n). Storage is f32.
+///
+/// ```no_run
+/// # use seq_kernels::{Context, FlashBlock, FlashDecoder, FlashOptions};
+/// let ctx = Context::new()?;
+/// let opts = FlashOptions { chunk: 64, causal: true, ..Default::default() };
+/// let (b, s, e) = (1, 32, 48);
+/// let mut dec = FlashDecoder::new(&ctx, &opts, b, s, e, false, None)?;
+/// let (x, y) = (vec![0.1f32; b * s], vec![0.2f32; b * e]);
+/// let token = FlashBlock { qq: &x, kq: &x, ql: &x, kl: &x, v: &y, gate: None, key_mask: None };
+/// let out = dec.step(&token, 1)?; // [b, 1, e]
+/// assert_eq!(out.len(), b * e);
+/// # Ok::<(), seq_kernels::Error>(())
+/// ```
+pub struct FlashDecoder {
+    ctx: Context,
+    opts: FlashOptions,
+    b: usize,
+    s: usize,
+    e: usize,
+    gated: bool,
+    bias: Option<GpuTensor<f32>>,
+    /// `[b, s, e]` KV sum over completed chunks, then `[b]` valid-key counts.
+    state: wgpu::Buffer,
+    /// The current chunk's rows so far, per tensor `[b, fill, width]`: qq, kq, ql, kl, v, gate.
+    rows: [Vec<f32>; 6],
+    mask: Vec<bool>,
+    fill: usize,
+    /// Tokens consumed before the current chunk.
+    start: u64,
+}
+
+impl FlashDecoder {
+    /// A decoder for `b` sequences of widths s and e. Needs `causal`; `lin_norm` must not be
+    /// `Length` (it depends on the whole sequence). `bias` is `[C, C]` as in one-shot calls.
+    pub fn new(
+        ctx: &Context,
+        opts: &FlashOptions,
+        b: usize,
+        s: usize,
+        e: usize,
+        gated: bool,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        if !opts.causal {
+            return Err(Error::option(
+                "flash decoding is causal: set causal = true (a non-causal output depends on future tokens)",
+            ));
+        }
+        if opts.lin_norm == LinNorm::Length && opts.lin_scale.is_none() {
+            return Err(Error::option(
+                "flash decoding cannot use lin_norm = length (it needs the whole sequence's length); \
+                 use chunk or prefix, or set lin_scale",
+            ));
+        }
+        let one: &[usize] = &[b, 1, s];
+        let bias_shape = [opts.chunk, opts.chunk];
+        flash_shape(
+            [one; 4],
+            &[b, 1, e],
+            gated.then_some(&[b, 1, e][..]),
+            bias.map(|_| &bias_shape[..]),
+            None,
+            opts,
+        )?;
+        let bias = bias.map(|v| ctx.upload(v, bias_shape)).transpose()?;
+        let state = ctx.scratch((b * s * e + b) as u64 * 4)?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            opts: opts.clone(),
+            b,
+            s,
+            e,
+            gated,
+            bias,
+            state,
+            rows: Default::default(),
+            mask: Vec::new(),
+            fill: 0,
+            start: 0,
+        })
+    }
+
+    /// Tokens consumed so far.
+    pub fn position(&self) -> u64 {
+        self.start + self.fill as u64
+    }
+
+    /// Feeds `t` tokens of every batch item and returns their outputs, `[b, t, e]`.
+    pub fn step(&mut self, block: &FlashBlock<'_>, t: usize) -> Result<Vec<f32>> {
+        let (b, s, e) = (self.b, self.s, self.e);
+        let check = |name: &str, got: usize, width: usize| {
+            if got != b * t * width {
+                Err(Error::shape(format!(
+                    "flash decoder {name} has {got} values; expected [b, t, {width}] = {}",
+                    b * t * width
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        if t == 0 {
+            return Err(Error::shape("flash decoder step needs at least one token"));
+        }
+        for (name, x) in [
+            ("qq", block.qq),
+            ("kq", block.kq),
+            ("ql", block.ql),
+            ("kl", block.kl),
+        ] {
+            check(name, x.len(), s)?;
+        }
+        check("v", block.v.len(), e)?;
+        match (self.gated, block.gate) {
+            (true, Some(gt)) => check("gate", gt.len(), e)?,
+            (false, None) => {}
+            (true, None) => return Err(Error::shape("flash decoder was made with a gate; give one")),
+            (false, Some(_)) => {
+                return Err(Error::shape(
+                    "flash decoder was made without a gate; make it with gated = true",
+                ))
+            }
+        }
+        if let Some(m) = block.key_mask {
+            check("key_mask", m.len(), 1)?;
+        }
+        let mut out = vec![0.0f32; b * t * e];
+        let mut done = 0;
+        while done < t {
+            let take = (self.opts.chunk - self.fill).min(t - done);
+            self.append(block, t, done, take);
+            let piece = self.run_chunk(take)?;
+            for bi in 0..b {
+                out[(bi * t + done) * e..(bi * t + done + take) * e]
+                    .copy_from_slice(&piece[bi * take * e..(bi + 1) * take * e]);
+            }
+            done += take;
+            if self.fill == self.opts.chunk {
+                self.start += self.fill as u64;
+                self.fill = 0;
+                self.rows.iter_mut().for_each(Vec::clear);
+                self.mask.clear();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends tokens `from .. from + take` of the block to the current chunk's rows.
+    fn append(&mut self, block: &FlashBlock<'_>, t: usize, from: usize, take: usize) {
+        let (b, s, e, fill) = (self.b, self.s, self.e, self.fill);
+        let srcs: [(Option<&[f32]>, usize); 6] = [
+            (Some(block.qq), s),
+            (Some(block.kq), s),
+            (Some(block.ql), s),
+            (Some(block.kl), s),
+            (Some(block.v), e),
+            (block.gate, e),
+        ];
+        for (rows, (src, w)) in self.rows.iter_mut().zip(srcs) {
+            let Some(src) = src else { continue };
+            let mut next = Vec::with_capacity(b * (fill + take) * w);
+            for bi in 0..b {
+                next.extend_from_slice(&rows[bi * fill * w..(bi + 1) * fill * w]);
+                next.extend_from_slice(&src[(bi * t + from) * w..(bi * t + from + take) * w]);
+            }
+            *rows = next;
+        }
+        let mut mask = Vec::with_capacity(b * (fill + take));
+        for bi in 0..b {
+            mask.extend_from_slice(&self.mask[bi * fill..(bi + 1) * fill]);
+            match block.key_mask {
+                Some(m) => mask.extend_from_slice(&m[bi * t + from..bi * t + from + take]),
+                None => mask.extend(std::iter::repeat_n(true, take)),
+            }
+        }
+        self.mask = mask;
+        self.fill += take;
+    }
+
+    /// Runs the current chunk's rows and returns the outputs of its last `take` rows.
+    fn run_chunk(&self, take: usize) -> Result<Vec<f32>> {
+        let ctx = &self.ctx;
+        let (b, n) = (self.b, self.fill);
+        let up = |i: usize, w: usize| ctx.upload(&self.rows[i], [b, n, w]);
+        let (s, e) = (self.s, self.e);
+        let (qq, kq, ql, kl, v) = (up(0, s)?, up(1, s)?, up(2, s)?, up(3, s)?, up(4, e)?);
+        let gate = self.gated.then(|| up(5, e)).transpose()?;
+        let mask = ctx.upload_mask(&self.mask, [b, n])?;
+        let out = ctx.zeros::<f32>([b, take, e])?;
+        let shape = FlashShape {
+            b,
+            n,
+            s,
+            e,
+            chunk: self.opts.chunk,
+            groups: 1,
+        };
+        let bound = Bound {
+            qq: qq.buffer().clone(),
+            kq: kq.buffer().clone(),
+            ql: ql.buffer().clone(),
+            kl: kl.buffer().clone(),
+            v: v.buffer().clone(),
+            gate: gate.as_ref().map(|g| g.buffer().clone()),
+            bias: self.bias.as_ref().map(|x| x.buffer().clone()),
+            key_mask: Some(mask.buffer().clone()),
+            out: out.buffer().clone(),
+        };
+        let call = Call {
+            row_begin: n - take,
+            state: Some(&self.state),
+            update_state: n == self.opts.chunk,
+            rope_offset: self.opts.rope.map_or(0, |r| r.offset) + self.start,
+        };
+        passes(ctx, &self.opts, &shape, DType::F32, &bound, &call)?.run(ctx)?;
+        out.download()
+    }
+}
+
+impl Context {
+    /// FLASH mixed-chunk attention into a new tensor `[b, n, e]`.
+    pub fn flash<T: Element>(
+        &self,
+        inputs: &FlashInputs<'_, T>,
+        opts: &FlashOptions,
+    ) -> Result<GpuTensor<T>> {
+        let sh = inputs.shape(opts)?;
+        let out = self.zeros::<T>([sh.b, sh.n, sh.e])?;
+        Flash::new(self, opts)?.plan(inputs, &out)?.run(self)?;
+        Ok(out)
+    }
+}
