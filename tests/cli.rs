@@ -147,7 +147,8 @@ fn bad_input_exits_2_with_one_line() {
             "{args:?}: {msg:?} should mention {expected:?}"
         );
     }
-    for (kernel, expected) in [("flash", "not yet implemented"), ("nope", "unknown kernel")] {
+    // A missing input names the input and its expected shape; an unknown kernel is named.
+    for (kernel, expected) in [("flash", "missing input qq"), ("nope", "unknown kernel")] {
         let o = seqk(&["run", kernel, "--out", &out]);
         assert_eq!(o.status.code(), Some(2));
         assert!(stderr(&o).contains(expected), "{}", stderr(&o));

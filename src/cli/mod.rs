@@ -6,6 +6,7 @@
 //! 2 bad input (unknown names, wrong dtypes or shapes, bad options).
 
 mod attention;
+mod flash;
 mod generate;
 mod gibbs;
 mod npy;
@@ -152,10 +153,12 @@ const FAMILIES: &[Family] = &[
         verify: attention::verify,
         bench: attention::bench,
     },
+    Family {
+        name: "flash",
+        verify: flash::verify,
+        bench: flash::bench,
+    },
 ];
-
-/// Kernels of the CLI contract whose families have not landed yet.
-const NOT_YET: &[&str] = &["flash"];
 
 /// Entry point of the `seqk` binary; returns the process exit code.
 pub fn main() -> i32 {
@@ -297,11 +300,10 @@ fn verify(ctx: &Context, json: bool, quick: bool) -> Result<i32, CliError> {
 fn bench(ctx: &Context, kernels: &[String], json: bool, quick: bool) -> Result<i32, CliError> {
     for k in kernels {
         if !FAMILIES.iter().any(|f| f.name == k) {
-            return Err(if NOT_YET.contains(&k.as_str()) {
-                usage(format!("bench {k}: not yet implemented"))
-            } else {
-                usage(format!("bench: unknown kernel {k:?}; known: {}", names()))
-            });
+            return Err(usage(format!(
+                "bench: unknown kernel {k:?}; known: {}",
+                names()
+            )));
         }
     }
     let baseline = report::copy_baseline(ctx, quick)?;
@@ -332,7 +334,7 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
         "gibbs" => gibbs::run(&mut io)?,
         "sample" => gibbs::run_sample(&mut io)?,
         "attention" => attention::run(&mut io)?,
-        k if NOT_YET.contains(&k) => return Err(usage(format!("run {k}: not yet implemented"))),
+        "flash" => flash::run(&mut io)?,
         k => {
             return Err(usage(format!(
                 "run: unknown kernel {k:?}; known: {}, sample",

@@ -92,7 +92,10 @@ pub fn flash(x: &FlashHost<'_>, opts: &FlashOptions) -> Result<Vec<f64>> {
     let dot = |a: &[f64], bb: &[f64]| a.iter().zip(bb).map(|(p, q)| p * q).sum::<f64>();
     let mut out = vec![0.0f64; b * n * e];
     for bi in 0..b {
-        let row = |t: &Vec<f64>, i: usize, w: usize| t[(bi * n + i) * w..(bi * n + i + 1) * w].to_vec();
+        fn row(t: &[f64], at: usize, w: usize) -> &[f64] {
+            &t[at * w..(at + 1) * w]
+        }
+        let base = bi * n;
         // Per chunk: KV_g = sum over valid keys of kl_j^T v_j, and the number of valid keys.
         let mut kv = vec![vec![0.0f64; s * e]; groups];
         let mut count = vec![0usize; groups];
@@ -102,7 +105,7 @@ pub fn flash(x: &FlashHost<'_>, opts: &FlashOptions) -> Result<Vec<f64>> {
             }
             let g = j / chunk;
             count[g] += 1;
-            let (k, vv) = (row(&kl, j, s), row(&v, j, e));
+            let (k, vv) = (row(&kl, base + j, s), row(&v, base + j, e));
             for a in 0..s {
                 for c in 0..e {
                     kv[g][a * e + c] += k[a] * vv[c];
@@ -110,39 +113,44 @@ pub fn flash(x: &FlashHost<'_>, opts: &FlashOptions) -> Result<Vec<f64>> {
             }
         }
         let total_count: usize = count.iter().sum();
+        let mut total = vec![0.0f64; s * e];
+        for h in &kv {
+            total.iter_mut().zip(h).for_each(|(a, x)| *a += x);
+        }
+        // Running exclusive prefix of the chunks' KV and counts (the causal state).
+        let mut prefix = vec![0.0f64; s * e];
+        let mut prefix_count = 0usize;
         for g in 0..groups {
-            // The linear state this chunk reads: all chunks, or (causal) the earlier ones.
-            let upto = if opts.causal { g } else { groups };
-            let mut sum = vec![0.0f64; s * e];
-            for h in &kv[..upto] {
-                sum.iter_mut().zip(h).for_each(|(a, x)| *a += x);
-            }
-            let prefix_count: usize = count[..upto].iter().sum();
+            let (sum, summed) = if opts.causal {
+                (&prefix, prefix_count)
+            } else {
+                (&total, total_count)
+            };
             let inv = |c: usize| if c > 0 { 1.0 / c as f64 } else { 0.0 };
             let z = match (opts.lin_scale, opts.lin_norm) {
                 (Some(z), _) => z as f64,
                 (None, LinNorm::Chunk) => 1.0 / chunk as f64,
                 (None, LinNorm::Length) => inv(total_count),
-                (None, LinNorm::Prefix) => inv(prefix_count),
+                (None, LinNorm::Prefix) => inv(summed),
             };
             let c0 = g * chunk;
             let c1 = (c0 + chunk).min(n);
             for i in c0..c1 {
                 let mut y = vec![0.0f64; e];
-                let q = row(&qq, i, s);
+                let q = row(&qq, base + i, s);
                 for j in c0..c1 {
                     if !valid(bi, j) || (opts.causal && j > i) {
                         continue;
                     }
-                    let mut score = kappa * dot(&q, &row(&kq, j, s));
+                    let mut score = kappa * dot(q, row(&kq, base + j, s));
                     if let Some(bias) = x.bias {
                         score += bias[(i - c0) * chunk + (j - c0)] as f64;
                     }
                     let a = opts.attn_fn.apply(score);
-                    let vv = row(&v, j, e);
-                    y.iter_mut().zip(&vv).for_each(|(o, x)| *o += a * x);
+                    let vv = row(&v, base + j, e);
+                    y.iter_mut().zip(vv).for_each(|(o, x)| *o += a * x);
                 }
-                let q = row(&ql, i, s);
+                let q = row(&ql, base + i, s);
                 for (c, o) in y.iter_mut().enumerate() {
                     let lin: f64 = (0..s).map(|a| q[a] * sum[a * e + c]).sum();
                     *o += z * lin;
@@ -152,6 +160,8 @@ pub fn flash(x: &FlashHost<'_>, opts: &FlashOptions) -> Result<Vec<f64>> {
                 }
                 out[(bi * n + i) * e..(bi * n + i + 1) * e].copy_from_slice(&y);
             }
+            prefix.iter_mut().zip(&kv[g]).for_each(|(a, x)| *a += x);
+            prefix_count += count[g];
         }
     }
     Ok(out)

@@ -1,0 +1,421 @@
+//! `seqk` entries of FLASH mixed-chunk attention (and the exact attention it is benchmarked
+//! beside, for a Transformer of the same width).
+
+use half::f16;
+
+use super::report::{Baseline, BenchRow, Check, SAMPLES, WARMUP};
+use super::{usage, Array, CliError, Data, RunIo};
+use crate::kernels::flash::FlashShape;
+use crate::profile::{time_passes, Timing};
+use crate::reference::flash::{flash as reference, FlashHost};
+use crate::reference::{random_values, row_error};
+use crate::{
+    Attention, AttentionOptions, AttnFn, Context, Error, Flash, FlashInputs, FlashOptions,
+    FlashRope, GpuTensor, LinNorm,
+};
+
+/// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage; f16 within
+/// 2e-3 of the largest output (f16 holds tiny outputs only as subnormals).
+const TOL_F32: f64 = 1e-4;
+const TOL_F16: f64 = 2e-3;
+
+/// Host inputs of one call: qq, kq, ql, kl, v, then optional gate, bias, key mask.
+struct Host {
+    dims: [usize; 4],
+    x: [Vec<f32>; 5],
+    gate: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+    mask: Option<Vec<bool>>,
+}
+
+impl Host {
+    fn view(&self) -> FlashHost<'_> {
+        FlashHost {
+            qq: &self.x[0],
+            kq: &self.x[1],
+            ql: &self.x[2],
+            kl: &self.x[3],
+            v: &self.x[4],
+            gate: self.gate.as_deref(),
+            bias: self.bias.as_deref(),
+            key_mask: self.mask.as_deref(),
+            dims: self.dims,
+        }
+    }
+}
+
+/// Uploads `host` as `T` and runs one call on the GPU; the output comes back as f32.
+fn run_gpu<T: crate::Element>(
+    ctx: &Context,
+    host: &Host,
+    opts: &FlashOptions,
+    convert: impl Fn(&[f32]) -> Vec<T>,
+    back: impl Fn(T) -> f32,
+) -> Result<Vec<f32>, Error> {
+    let [b, n, s, e] = host.dims;
+    let width = [s, s, s, s, e];
+    let up = |i: usize| ctx.upload(&convert(&host.x[i]), [b, n, width[i]]);
+    let (qq, kq, ql, kl, v) = (up(0)?, up(1)?, up(2)?, up(3)?, up(4)?);
+    let gate = host
+        .gate
+        .as_ref()
+        .map(|g| ctx.upload(&convert(g), [b, n, e]))
+        .transpose()?;
+    let bias = host
+        .bias
+        .as_ref()
+        .map(|x| ctx.upload(x, [opts.chunk, opts.chunk]))
+        .transpose()?;
+    let mask = host
+        .mask
+        .as_ref()
+        .map(|m| ctx.upload_mask(m, [b, n]))
+        .transpose()?;
+    let inputs = FlashInputs {
+        gate: gate.as_ref(),
+        bias: bias.as_ref(),
+        key_mask: mask.as_ref(),
+        ..FlashInputs::new(&qq, &kq, &ql, &kl, &v)
+    };
+    Ok(ctx
+        .flash(&inputs, opts)?
+        .download()?
+        .into_iter()
+        .map(back)
+        .collect())
+}
+
+fn run_f32(ctx: &Context, host: &Host, opts: &FlashOptions) -> Result<Vec<f32>, Error> {
+    run_gpu(ctx, host, opts, <[f32]>::to_vec, |x| x)
+}
+
+fn run_f16(ctx: &Context, host: &Host, opts: &FlashOptions) -> Result<Vec<f32>, Error> {
+    run_gpu(
+        ctx,
+        host,
+        opts,
+        |x| x.iter().map(|&v| f16::from_f32(v)).collect(),
+        f16::to_f32,
+    )
+}
+
+fn random_host(dims: [usize; 4], seed: u64, extras: bool, chunk: usize, half: bool) -> Host {
+    let [b, n, s, e] = dims;
+    let r = |k: u64, len: usize| {
+        let mut v = random_values(len, seed * 16 + k, -1.0, 1.0);
+        if half {
+            v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32());
+        }
+        v
+    };
+    Host {
+        dims,
+        x: [
+            r(0, b * n * s),
+            r(1, b * n * s),
+            r(2, b * n * s),
+            r(3, b * n * s),
+            r(4, b * n * e),
+        ],
+        gate: extras.then(|| r(5, b * n * e)),
+        bias: extras.then(|| random_values(chunk * chunk, seed + 7, -0.5, 0.5)),
+        mask: extras.then(|| {
+            random_values(b * n, seed + 8, 0.0, 1.0)
+                .iter()
+                .map(|&u| u < 0.8)
+                .collect()
+        }),
+    }
+}
+
+pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
+    let d = FlashOptions::default();
+    // (b, n, s, e), options, gate/bias/mask, f16
+    let mut cases: Vec<([usize; 4], FlashOptions, bool, bool)> = vec![
+        ([1, 257, 32, 48], FlashOptions { chunk: 64, ..d.clone() }, false, false),
+        (
+            [2, 100, 40, 70],
+            FlashOptions {
+                chunk: 16,
+                causal: true,
+                lin_norm: LinNorm::Prefix,
+                rope: Some(FlashRope::default()),
+                ..d.clone()
+            },
+            true,
+            false,
+        ),
+        (
+            [1, 200, 64, 96],
+            FlashOptions {
+                chunk: 64,
+                causal: true,
+                attn_fn: AttnFn::Laplace,
+                lin_norm: LinNorm::Length,
+                ..d.clone()
+            },
+            true,
+            true,
+        ),
+    ];
+    if !quick {
+        cases.push((
+            [1, 1000, 128, 1536],
+            FlashOptions {
+                causal: true,
+                ..d.clone()
+            },
+            false,
+            false,
+        ));
+    }
+    let mut checks = Vec::new();
+    for (i, (dims, opts, extras, half)) in cases.into_iter().enumerate() {
+        let host = random_host(dims, i as u64 + 1, extras, opts.chunk, half);
+        let want = reference(&host.view(), &opts)?;
+        let (got, tol, row) = if half {
+            let got = run_f16(ctx, &host, &opts)?;
+            let len = got.len();
+            (got, TOL_F16, len)
+        } else {
+            (run_f32(ctx, &host, &opts)?, TOL_F32, dims[3])
+        };
+        let [b, n, s, e] = dims;
+        let mut case = format!("b{b} n{n} s{s} e{e} C{}", opts.chunk);
+        if opts.causal {
+            case.push_str(" causal");
+        }
+        if opts.attn_fn == AttnFn::Laplace {
+            case.push_str(" laplace");
+        }
+        if opts.rope.is_some() {
+            case.push_str(" rope");
+        }
+        if extras {
+            case.push_str(" gate+bias+mask");
+        }
+        if half {
+            case.push_str(" f16");
+        }
+        checks.push(Check {
+            kernel: "flash",
+            case,
+            error: row_error(&got, &want, row),
+            tolerance: tol,
+        });
+    }
+    Ok(checks)
+}
+
+/// FLOPs of one call: per token `2 C (s + e)` in the quadratic branch (halved for causal) and
+/// `4 s e` in the linear branch (`kl^T v` and `ql KV`).
+fn flash_flops(sh: &FlashShape, causal: bool) -> f64 {
+    let (n, c, s, e) = (sh.n as f64, sh.chunk.min(sh.n) as f64, sh.s as f64, sh.e as f64);
+    let quad = 2.0 * c * (s + e) / if causal { 2.0 } else { 1.0 };
+    sh.b as f64 * n * (quad + 4.0 * s * e)
+}
+
+/// FLASH over n with s = 128, e = 1536, C = 256, causal and not, and beside it exact attention
+/// for a Transformer of the same width (12 heads of 64, m = n). Time per token is in the case.
+/// `quick` takes n up to 4K; the full run n up to 64K (exact attention up to 16K: it is
+/// quadratic). Sizes the adapter cannot bind are reported and skipped.
+pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
+    let (s, e, chunk) = (128usize, 1536usize, 256usize);
+    let ns: &[usize] = if quick {
+        &[1024, 2048, 4096]
+    } else {
+        &[1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    };
+    let exact_max = if quick { 4096 } else { 16384 };
+    let mut rows = Vec::new();
+    for &n in ns {
+        match flash_rows(ctx, n, s, e, chunk, baseline) {
+            Ok(r) => rows.extend(r),
+            Err(Error::LimitExceeded { limit, needed, max }) => eprintln!(
+                "seqk bench flash: n = {n} skipped, {limit} needs {needed} but the device allows {max}"
+            ),
+            Err(err) => return Err(err),
+        }
+        if n <= exact_max {
+            rows.extend(exact_rows(ctx, n, baseline)?);
+        }
+    }
+    Ok(rows)
+}
+
+fn per_token(timing: &Timing, n: usize) -> String {
+    format!("{:.2} us/tok", timing.best().as_secs_f64() * 1e6 / n as f64)
+}
+
+fn flash_rows(
+    ctx: &Context,
+    n: usize,
+    s: usize,
+    e: usize,
+    chunk: usize,
+    baseline: &Baseline,
+) -> Result<Vec<BenchRow>, Error> {
+    let up = |seed, w: usize| -> Result<GpuTensor<f32>, Error> {
+        ctx.upload(&random_values(n * w, seed, -1.0, 1.0), [1, n, w])
+    };
+    let (qq, kq, ql, kl, v) = (up(1, s)?, up(2, s)?, up(3, s)?, up(4, s)?, up(5, e)?);
+    let out = ctx.zeros::<f32>([1, n, e])?;
+    let inputs = FlashInputs::new(&qq, &kq, &ql, &kl, &v);
+    let mut rows = Vec::new();
+    for causal in [false, true] {
+        let opts = FlashOptions {
+            chunk,
+            causal,
+            ..Default::default()
+        };
+        let plan = Flash::new(ctx, &opts)?.plan(&inputs, &out)?;
+        let flops = flash_flops(&inputs.shape(&opts)?, causal);
+        let timing = time_passes(ctx, WARMUP, SAMPLES, 1, |pass| plan.record(pass))?;
+        rows.push(BenchRow {
+            kernel: "flash",
+            case: format!(
+                "n{n} s{s} e{e} C{chunk}{} {}",
+                if causal { " causal" } else { "" },
+                per_token(&timing, n)
+            ),
+            timing,
+            bytes: None,
+            flops: Some(flops),
+            copy_gbps: baseline.gbps,
+        });
+    }
+    Ok(rows)
+}
+
+/// Exact attention of a Transformer of the same width: 12 heads of 64, m = n.
+fn exact_rows(ctx: &Context, n: usize, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
+    let (h, d) = (12usize, 64usize);
+    let shape = [1, h, n, d];
+    let up = |seed| ctx.upload(&random_values(h * n * d, seed, -1.0, 1.0), shape);
+    let (q, k, v) = (up(1)?, up(2)?, up(3)?);
+    let o = ctx.zeros::<f32>(shape)?;
+    let mut rows = Vec::new();
+    for causal in [false, true] {
+        let opts = AttentionOptions {
+            causal,
+            ..Default::default()
+        };
+        let plan = Attention::new(ctx, &opts)?.plan(&q, &k, &v, None, &o, None)?;
+        let flops = 4.0 * (h * n * n * d) as f64 / if causal { 2.0 } else { 1.0 };
+        let timing = time_passes(ctx, WARMUP, SAMPLES, 1, |pass| plan.record(pass))?;
+        rows.push(BenchRow {
+            kernel: "attention",
+            case: format!(
+                "h12 d64 n{n}{} {}",
+                if causal { " causal" } else { "" },
+                per_token(&timing, n)
+            ),
+            timing,
+            bytes: None,
+            flops: Some(flops),
+            copy_gbps: baseline.gbps,
+        });
+    }
+    Ok(rows)
+}
+
+fn floats(a: &Array, name: &str) -> Result<(Vec<f32>, bool), CliError> {
+    match &a.data {
+        Data::F32(v) => Ok((v.clone(), false)),
+        Data::F16(v) => Ok((v.iter().map(|h| h.to_f32()).collect(), true)),
+        other => Err(usage(format!(
+            "input {name} has dtype {}; expected float32 or float16",
+            other.dtype_name()
+        ))),
+    }
+}
+
+/// `seqk run flash --in qq=.. --in kq=.. --in ql=.. --in kl=.. --in v=.. [--in gate=..]
+/// [--in bias=..] [--in key_mask=..] --out Y.npy [--set chunk=.. causal=.. attn_fn=..
+/// quad_scale=.. lin_norm=.. lin_scale=..]`
+pub fn run(io: &mut RunIo) -> Result<(), CliError> {
+    let names = ["qq", "kq", "ql", "kl"];
+    let mut qk = Vec::new();
+    for name in names {
+        qk.push(io.required(name, "[b, n, s] float32 or float16")?);
+    }
+    let v = io.required("v", "[b, n, e] float32 or float16")?;
+    let gate = io.input("gate");
+    let bias = io.input("bias");
+    let mask = io.input("key_mask");
+    let chunk: usize = io.set("chunk", 256)?;
+    let opts = FlashOptions {
+        chunk,
+        causal: io.set("causal", false)?,
+        attn_fn: AttnFn::parse(&io.set("attn_fn", "relu2".to_string())?)?,
+        quad_scale: io.set_opt("quad_scale")?,
+        lin_norm: LinNorm::parse(&io.set("lin_norm", "chunk".to_string())?)?,
+        lin_scale: io.set_opt("lin_scale")?,
+        rope: None,
+    };
+    io.check_unused()?;
+    let shapes: Vec<&[usize]> = qk.iter().map(|a| a.shape.as_slice()).collect();
+    let sh = crate::kernels::flash::flash_shape(
+        [shapes[0], shapes[1], shapes[2], shapes[3]],
+        &v.shape,
+        gate.as_ref().map(|g| g.shape.as_slice()),
+        bias.as_ref().map(|b| b.shape.as_slice()),
+        mask.as_ref().map(|m| m.shape.as_slice()),
+        &opts,
+    )?;
+    let mut half = true;
+    let mut take = |a: &Array, name: &str| -> Result<Vec<f32>, CliError> {
+        let (x, h) = floats(a, name)?;
+        half &= h;
+        Ok(x)
+    };
+    let x = [
+        take(&qk[0], "qq")?,
+        take(&qk[1], "kq")?,
+        take(&qk[2], "ql")?,
+        take(&qk[3], "kl")?,
+        take(&v, "v")?,
+    ];
+    let gate = gate.as_ref().map(|g| take(g, "gate")).transpose()?;
+    // The bias is f32 whatever the storage type; its dtype does not pick the storage.
+    let bias = bias.as_ref().map(|b| floats(b, "bias").map(|x| x.0)).transpose()?;
+    let mask = match mask {
+        None => None,
+        Some(m) => Some(match m.data {
+            Data::Bool(v) => v,
+            Data::U8(v) => v.into_iter().map(|b| b != 0).collect(),
+            other => {
+                return Err(usage(format!(
+                    "input key_mask has dtype {}; expected bool",
+                    other.dtype_name()
+                )))
+            }
+        }),
+    };
+    let host = Host {
+        dims: [sh.b, sh.n, sh.s, sh.e],
+        x,
+        gate,
+        bias,
+        mask,
+    };
+    let out = if io.cpu {
+        reference(&host.view(), &opts)?
+            .into_iter()
+            .map(|a| a as f32)
+            .collect()
+    } else {
+        // f16 storage on the GPU only when every float input is f16.
+        let ctx = io.context()?;
+        if half {
+            run_f16(&ctx, &host, &opts)?
+        } else {
+            run_f32(&ctx, &host, &opts)?
+        }
+    };
+    io.write_out(&Array {
+        shape: vec![sh.b, sh.n, sh.e],
+        data: Data::F32(out),
+    })?;
+    Ok(())
+}
