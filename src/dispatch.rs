@@ -142,7 +142,7 @@ pub fn binding_chunks(
         });
     }
     if rows * row_bytes <= max_binding {
-        return Ok(vec![0..rows]);
+        return Ok(std::iter::once(0..rows).collect());
     }
     // Rows per chunk must keep every chunk start aligned whatever the element size:
     // rows * row_elems must be a multiple of the alignment.

@@ -97,7 +97,7 @@ fn run_softmax_matches_cpu_reference() {
     let err = seq_kernels::reference::row_error(&g, &want, 37);
     assert!(err <= 2e-6, "GPU vs --cpu: {err:e}");
     assert!(
-        g.iter().any(|v| *v == f32::NEG_INFINITY),
+        g.contains(&f32::NEG_INFINITY),
         "masked entries should be -inf"
     );
 }
@@ -179,4 +179,77 @@ fn verify_and_info_as_json() {
             .unwrap()
             > 0
     );
+}
+
+#[test]
+fn bench_softmax_quick_as_json() {
+    let Some(_) = common::gpu() else { return };
+    let o = seqk(&["bench", "softmax", "--quick", "--json"]);
+    assert!(o.status.success(), "bench failed: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json is JSON");
+    assert!(
+        v["adapter"].as_str().is_some_and(|a| !a.is_empty()),
+        "{v:#}"
+    );
+    let rows = v["results"].as_array().expect("results array");
+    let positive = |r: &serde_json::Value, key: &str| {
+        let x = r[key].as_f64();
+        assert!(
+            x.is_some_and(|x| x > 0.0 && x.is_finite()),
+            "{key} in {r:#}"
+        );
+        x.unwrap()
+    };
+    // The copy kernel first: the denominator of every ratio, 1.0 against itself.
+    assert_eq!(rows[0]["kernel"], "copy", "{v:#}");
+    positive(&rows[0], "gbps");
+    assert_eq!(rows[0]["copy_ratio"].as_f64(), Some(1.0), "{v:#}");
+    let softmax: Vec<_> = rows.iter().filter(|r| r["kernel"] == "softmax").collect();
+    assert_eq!(softmax.len(), 4, "the issue's four shapes: {v:#}");
+    for r in softmax {
+        let gbps = positive(r, "gbps");
+        let ratio = positive(r, "copy_ratio");
+        let copy = rows[0]["gbps"].as_f64().unwrap();
+        assert!((ratio - gbps / copy).abs() <= 1e-9 * ratio, "{r:#}");
+        assert!(
+            r["case"].as_str().is_some_and(|c| c.starts_with("f32 ")),
+            "{r:#}"
+        );
+        assert!(
+            ["gpu", "wall"].contains(&r["clock"].as_str().unwrap()),
+            "{r:#}"
+        );
+        positive(r, "wall_ms");
+    }
+}
+
+/// No adapter: asking wgpu for Metal where it is not compiled in (Linux, Windows) leaves
+/// none. Every command that needs a device exits 1 with one line naming how to get one.
+#[cfg(not(target_vendor = "apple"))]
+#[test]
+fn no_adapter_exits_1_naming_lavapipe() {
+    for args in [
+        &["info"][..],
+        &["bench", "softmax", "--quick", "--json"],
+        &["--backend", "metal", "verify", "--quick"],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_seqk"))
+            .args(args)
+            .env("WGPU_BACKEND", "metal")
+            .env_remove("WGPU_ADAPTER_NAME")
+            .output()
+            .expect("seqk did not start");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        let msg = stderr(&o);
+        assert_eq!(msg.lines().count(), 1, "{args:?}: {err}");
+        for needle in ["no GPU adapter", "mesa-vulkan-drivers", "lavapipe"] {
+            assert!(
+                msg.contains(needle),
+                "{args:?}: {msg:?} should name {needle:?}"
+            );
+        }
+        assert!(o.stdout.is_empty(), "{args:?}: no partial output on stdout");
+    }
 }

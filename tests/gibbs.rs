@@ -274,6 +274,56 @@ fn more_chains_than_one_grid_dimension_holds() {
     check_agreement(ctx, &m, b, &opts, 22);
 }
 
+#[test]
+fn vocabulary_beyond_fifty_thousand() {
+    let Some(ctx) = gpu() else { return };
+    // The V >= 50,000 through the factorised W (dense would be 10 GB): a few chains
+    // of a few sites keep it quick on a software device, an odd V leaves a ragged last block
+    // of the workgroup reduction. Per-chain unary covers the [b, L, V] indexing at this size.
+    let opts = GibbsOptions {
+        sweeps: 2,
+        seed: 0xfeed,
+        ..Default::default()
+    };
+    let v = 50_021;
+    let m = Model::new(ctx, None, 5, v, 8, 2.0, 0.5, 61);
+    check_agreement(ctx, &m, 3, &opts, 62);
+    let m = Model::new(ctx, Some(2), 3, v, 4, 2.0, 0.5, 63);
+    check_agreement(ctx, &m, 2, &opts, 64);
+    // Logits sampling over the same vocabulary, plain and truncated.
+    let logits = random(3 * v, 65, -4.0, 4.0);
+    let t = ctx.upload(&logits, [3, v]).unwrap();
+    for o in [
+        SampleOptions::default(),
+        SampleOptions {
+            top_k: 40,
+            top_p: 0.9,
+            seed: 2,
+            ..Default::default()
+        },
+    ] {
+        let got = ctx.sample_logits(&t, &o).unwrap().download().unwrap();
+        let want = reference::sample_logits(&logits, &[3, v], &o).unwrap();
+        assert_eq!(got, want, "V = {v}, {o:?}");
+    }
+}
+
+#[test]
+fn sequences_of_four_thousand_sites() {
+    let Some(ctx) = gpu() else { return };
+    // The L >= 4096: one invocation per site (V <= 64) at L = 4096 exactly, and one
+    // workgroup per site (V > 64) at an odd L, where the two colours differ in size.
+    let opts = GibbsOptions {
+        sweeps: 3,
+        seed: 41,
+        ..Default::default()
+    };
+    let m = Model::new(ctx, None, 4096, 3, 0, 1.0, 1.0, 71);
+    check_agreement(ctx, &m, 3, &opts, 72);
+    let m = Model::new(ctx, None, 4097, 70, 0, 1.0, 1.0, 73);
+    check_agreement(ctx, &m, 1, &opts, 74);
+}
+
 // ------------------------------------------------------------------------- statistics
 
 /// Upper tail of the chi-square distribution with k degrees of freedom at x: Q(k/2, x/2),
@@ -1074,22 +1124,22 @@ mod cli {
         assert_eq!(samples[0].0, vec![50]);
         assert_eq!(samples[0], samples[1], "GPU and --cpu samples differ");
 
-        // Bad input: token outside the vocabulary, wrong pairwise shape, T < 0.
+        // Bad input: token outside the vocabulary, wrong pairwise shape, T < 0 (each with
+        // otherwise valid inputs).
         save(&d.join("bad.npy"), &[1, l as u64], &vec![v as i32; l]);
-        for (extra, expect) in [
+        let good = |init: &str, pairwise: &str| {
+            vec![
+                format!("init={}", p(init)),
+                format!("pairwise={}", p(pairwise)),
+            ]
+        };
+        for (inputs, sets, expect) in [
+            (good("bad.npy", "w.npy"), vec![], "vocabulary"),
+            (good("x.npy", "u.npy"), vec![], "pairwise"),
             (
-                vec![
-                    format!("init={}", p("bad.npy")),
-                    format!("pairwise={}", p("w.npy")),
-                ],
-                "vocabulary",
-            ),
-            (
-                vec![
-                    format!("init={}", p("x.npy")),
-                    format!("pairwise={}", p("u.npy")),
-                ],
-                "pairwise",
+                good("x.npy", "w.npy"),
+                vec!["temperature=-1"],
+                "temperature must be finite and >= 0",
             ),
         ] {
             let mut args: Vec<String> = vec![
@@ -1101,14 +1151,18 @@ mod cli {
                 "--in".into(),
                 format!("unary={}", p("u.npy")),
             ];
-            for e in extra {
+            for e in inputs {
                 args.push("--in".into());
                 args.push(e);
             }
+            for kv in sets {
+                args.push("--set".into());
+                args.push(kv.into());
+            }
             let out = seqk(&args);
             let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "{err}");
-            assert!(err.contains(expect), "{err}");
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert!(err.contains(expect), "{args:?}: {err}");
         }
         let _ = std::fs::remove_dir_all(&d);
     }

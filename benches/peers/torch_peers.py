@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
 """PyTorch peers of `seqk bench`, timed on the same GPU with CUDA events.
 
-Prints a table (or --json) with the same case names and the same bandwidth metric as
-`seqk bench`: bytes read + written per call / time, and the ratio to a plain device copy
-(`dst.copy_(src)`) of 256 MiB measured in the same run.
+Prints a table (or --json) with the same case names and the same metrics as `seqk bench`:
+memory-bound rows as bytes read + written per call / time and the ratio to a plain device copy
+(`dst.copy_(src)`) of 256 MiB measured in the same run; attention as TFLOP/s
+(4 b h m n d, halved for causal) and its decode rows as GB/s of reading K and V once.
+
+Peers: torch.softmax; torch.nn.functional.scaled_dot_product_attention (f32 and bf16, causal
+and not, the shapes of `seqk bench attention`; decode f32 and f16 with enable_gqa); Hugging
+Face's eager RoPE (`q * cos + rotate_half(q) * sin` on q and k, as
+transformers' `apply_rotary_pos_emb`), on the fused case of `seqk bench rope`.
 
     python3 benches/peers/torch_peers.py [--json] [--quick]
 """
@@ -55,14 +61,107 @@ def main():
         gbps = 2 * x.numel() * 4 / ms / 1e6
         rows.append({"kernel": "softmax", "case": f"torch f32 {r}x{n}", "ms": ms, "gbps": gbps})
 
+    rows += attention_rows(dev, args.quick)
+    rows += rope_rows(dev, args.quick)
+
     for row in rows:
-        row["copy_ratio"] = row["gbps"] / copy_gbps
+        row.setdefault("gbps", None)
+        row.setdefault("tflops", None)
+        row["copy_ratio"] = None if row["gbps"] is None else row["gbps"] / copy_gbps
     if args.json:
         print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows}, indent=1))
     else:
         print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
+        print(f"{'kernel':<10} {'case':<36} {'time ms':>10} {'GB/s':>9} {'x copy':>7} {'TFLOP/s':>9}")
+        def opt(v, prec):
+            return "-" if v is None else f"{v:.{prec}f}"
+
         for row in rows:
-            print(f"{row['kernel']:<10} {row['case']:<36} {row['ms']:>10.3f} {row['gbps']:>9.1f} {row['copy_ratio']:>7.2f}")
+            print(
+                f"{row['kernel']:<10} {row['case']:<36} {row['ms']:>10.3f} {opt(row['gbps'], 1):>9}"
+                f" {opt(row['copy_ratio'], 2):>7} {opt(row['tflops'], 3):>9}"
+            )
+
+
+def attention_shapes(quick):
+    """(b, h, n, d) of `seqk bench attention` (m = n), in the same order."""
+    ns = [512, 1024] if quick else [512, 1024, 2048, 4096, 8192]
+    bh = {512: (4, 32), 1024: (4, 16), 2048: (2, 16), 4096: (1, 16), 8192: (1, 8)}
+    return [((1, 2) if quick else bh[n]) + (n, d) for d in (64, 128) for n in ns]
+
+
+def attention_rows(dev, quick):
+    import torch.nn.functional as F
+
+    rows = []
+    for b, h, n, d in attention_shapes(quick):
+        for dtype, name in [(torch.float32, "f32"), (torch.bfloat16, "bf16")]:
+            q, k, v = (torch.empty(b, h, n, d, device=dev, dtype=dtype).uniform_(-1, 1) for _ in range(3))
+            for causal in (False, True):
+                # m = n, so PyTorch's top-left causal alignment equals seqk's bottom-right one.
+                ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                flops = 4 * b * h * n * n * d / (2 if causal else 1)
+                case = f"torch sdpa {name} b{b} h{h} n{n} d{d}" + (" causal" if causal else "")
+                rows.append({"kernel": "attention", "case": case, "ms": ms, "tflops": flops / ms / 1e9})
+            del q, k, v
+    # Decode: one query per head over many keys, GQA without repeating K and V
+    # (enable_gqa, torch >= 2.5); GB/s of reading K and V once.
+    bq, hq, hkv, d = 1, 32, 8, 128
+    n = 4096 if quick else 32768
+    for dtype, name in [(torch.float16, "f16"), (torch.float32, "f32")]:
+        q = torch.empty(bq, hq, 1, d, device=dev, dtype=dtype).uniform_(-1, 1)
+        k, v = (torch.empty(bq, hkv, n, d, device=dev, dtype=dtype).uniform_(-1, 1) for _ in range(2))
+        try:
+            ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        except TypeError:
+            print(f"torch_peers: sdpa has no enable_gqa in torch {torch.__version__}; no decode row", file=sys.stderr)
+            break
+        nbytes = (k.numel() + v.numel()) * k.element_size()
+        case = f"torch sdpa decode {name} b{bq} h{hq}/{hkv} m1 n{n} d{d}"
+        rows.append({"kernel": "attention", "case": case, "ms": ms, "gbps": nbytes / ms / 1e6})
+    return rows
+
+
+def rotate_half(x):
+    """Hugging Face transformers' rotate_half (GPT-NeoX / Llama `half` style)."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """Hugging Face transformers' eager apply_rotary_pos_emb."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def rope_rows(dev, quick):
+    """The fused q+k case of `seqk bench rope` (bshd, half style, base 1e4), HF eager.
+
+    cos/sin are computed once outside the timed call, as HF's rotary embedding module does
+    once per forward for all layers. HF returns new tensors rather than rotating in place;
+    the byte count is the one `seqk bench rope` uses (q and k read and written once plus an
+    s x d/2 cos/sin table in f32), so the GB/s compare the same work.
+    """
+    b, s, hq, hkv, d = (1 if quick else 16), 1024, 32, 8, 128
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2, device=dev, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(s, device=dev, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # [s, d]
+    rows = []
+    for dtype, name in [(torch.float16, "f16"), (torch.float32, "f32")]:
+        q = torch.empty(b, s, hq, d, device=dev, dtype=dtype).uniform_(-1, 1)
+        k = torch.empty(b, s, hkv, d, device=dev, dtype=dtype).uniform_(-1, 1)
+        cos = emb.cos().to(dtype)[None].expand(b, s, d)
+        sin = emb.sin().to(dtype)[None].expand(b, s, d)
+        # bshd: cos/sin [b, s, d] broadcast over the heads axis 2.
+        ms = time_ms(lambda: apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2))
+        nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + s * d // 2 * 8
+        case = f"torch HF eager {name} q+k b={b} s={s} hq={hq} hkv={hkv} d={d}"
+        rows.append({"kernel": "rope", "case": case, "ms": ms, "gbps": nbytes / ms / 1e6})
+    return rows
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 use half::f16;
 
-use super::report::{Baseline, BenchRow, Check, SAMPLES, WARMUP};
+use super::report::{iterations, Baseline, BenchRow, Check, SAMPLES, WARMUP};
 use super::{usage, Array, CliError, Data, RunIo};
 use crate::kernels::attention::{attention_shape, matmul_plan};
 use crate::profile::time_passes;
 use crate::reference::{attention as reference, random_values, row_error};
-use crate::{Attention, AttentionOptions, Context, Error, GpuTensor};
+use crate::{Attention, AttentionOptions, Context, Element, Error, GpuTensor};
 
 /// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage, 2e-3 for f16.
 const TOL_F32: f64 = 1e-4;
@@ -171,59 +171,115 @@ fn run_gpu(
     }
 }
 
-/// (b, h, m = n, d) cases, causal and not, next to the tile-engine matmul of the same
-/// engine (one head's `Q K^T` as an `[n, d] x [d, n]` product); `quick` takes b = 1, n / 8.
+/// Prefill cases (m = n) over n in {512 .. 8192} and d in {64, 128}, causal and not, as
+/// TFLOP/s (4 b h m n d, halved for causal) next to the same tile engine's matmul (one head's
+/// `Q K^T` as an `[n, d] x [d, n]` product); b h n = 65536 in every case, so FLOPs grow with n.
+/// Then decode (m = 1, many keys, split-key path) as GB/s of reading K and V once, next to the
+/// copy kernel: the target is a copy ratio of at least 1 / 1.5.
+/// `quick` (software devices, about a GFLOP/s) takes b = 1, h = 2, n in {512, 1024} and
+/// 4096 decode keys.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
     let mut rows = Vec::new();
-    for (b, h, n, d) in [
-        (4usize, 16usize, 1024usize, 64usize),
-        (2, 16, 4096, 64),
-        (4, 16, 1024, 128),
-    ] {
-        let (b, n) = if quick { (1, n / 8) } else { (b, n) };
-        let shape = [b, h, n, d];
-        let len = b * h * n * d;
-        let q = ctx.upload(&random_values(len, 1, -1.0, 1.0), shape)?;
-        let k = ctx.upload(&random_values(len, 2, -1.0, 1.0), shape)?;
-        let v = ctx.upload(&random_values(len, 3, -1.0, 1.0), shape)?;
-        let o = ctx.zeros::<f32>(shape)?;
-        for causal in [false, true] {
-            let opts = AttentionOptions {
-                causal,
-                ..Default::default()
+    let ns: &[usize] = if quick {
+        &[512, 1024]
+    } else {
+        &[512, 1024, 2048, 4096, 8192]
+    };
+    for d in [64usize, 128] {
+        for &n in ns {
+            let (b, h) = match (quick, n) {
+                (true, _) => (1usize, 2usize),
+                (false, 512) => (4, 32),
+                (false, 1024) => (4, 16),
+                (false, 2048) => (2, 16),
+                (false, 4096) => (1, 16),
+                (false, _) => (1, 8),
             };
-            let plan = Attention::new(ctx, &opts)?.plan(&q, &k, &v, None, &o, None)?;
-            let flops = 4.0 * (b * h * n * n * d) as f64 / if causal { 2.0 } else { 1.0 };
-            let timing = time_passes(ctx, WARMUP, SAMPLES, calls(flops), |pass| plan.record(pass))?;
-            rows.push(BenchRow {
-                kernel: "attention",
-                case: format!(
-                    "f32 b{b} h{h} n{n} d{d}{}",
-                    if causal { " causal" } else { "" }
-                ),
-                timing,
-                bytes: None,
-                flops: Some(flops),
-                copy_gbps: baseline.gbps,
-            });
+            rows.extend(prefill(ctx, baseline, [b, h, n, d])?);
         }
-        // The same engine's matmul: one head's Q K^T, [n, d] x [n, d]^T.
-        let a = ctx.upload(&random_values(n * d, 4, -1.0, 1.0), [n, d])?;
-        let bt = ctx.upload(&random_values(n * d, 5, -1.0, 1.0), [n, d])?;
-        let c = ctx.zeros::<f32>([n, n])?;
-        let plan = matmul_plan(ctx, &a, &bt, &c, true)?;
-        let flops = 2.0 * (n * n * d) as f64;
+    }
+    let n = if quick { 4096 } else { 32768 };
+    rows.push(decode::<f16>(ctx, baseline, n, "f16")?);
+    rows.push(decode::<f32>(ctx, baseline, n, "f32")?);
+    Ok(rows)
+}
+
+/// f32 attention with m = n, causal and not, then the tile-engine matmul of one head's scores.
+fn prefill(ctx: &Context, baseline: &Baseline, dims: [usize; 4]) -> Result<Vec<BenchRow>, Error> {
+    let [b, h, n, d] = dims;
+    let mut rows = Vec::new();
+    let len = b * h * n * d;
+    let q = ctx.upload(&random_values(len, 1, -1.0, 1.0), dims)?;
+    let k = ctx.upload(&random_values(len, 2, -1.0, 1.0), dims)?;
+    let v = ctx.upload(&random_values(len, 3, -1.0, 1.0), dims)?;
+    let o = ctx.zeros::<f32>(dims)?;
+    for causal in [false, true] {
+        let opts = AttentionOptions {
+            causal,
+            ..Default::default()
+        };
+        let plan = Attention::new(ctx, &opts)?.plan(&q, &k, &v, None, &o, None)?;
+        let flops = 4.0 * (b * h * n * n * d) as f64 / if causal { 2.0 } else { 1.0 };
         let timing = time_passes(ctx, WARMUP, SAMPLES, calls(flops), |pass| plan.record(pass))?;
         rows.push(BenchRow {
-            kernel: "matmul",
-            case: format!("f32 A B^T {n}x{d} . {d}x{n} (tile engine)"),
+            kernel: "attention",
+            case: format!(
+                "f32 b{b} h{h} n{n} d{d}{}",
+                if causal { " causal" } else { "" }
+            ),
             timing,
             bytes: None,
             flops: Some(flops),
             copy_gbps: baseline.gbps,
         });
     }
+    // The same engine's matmul: one head's Q K^T, [n, d] x [n, d]^T, at most 4096 query rows
+    // so that the [rows, n] product stays within a 128 MiB storage binding.
+    let r = n.min(4096);
+    let a = ctx.upload(&random_values(r * d, 4, -1.0, 1.0), [r, d])?;
+    let bt = ctx.upload(&random_values(n * d, 5, -1.0, 1.0), [n, d])?;
+    let c = ctx.zeros::<f32>([r, n])?;
+    let plan = matmul_plan(ctx, &a, &bt, &c, true)?;
+    let flops = 2.0 * (r * n * d) as f64;
+    let timing = time_passes(ctx, WARMUP, SAMPLES, calls(flops), |pass| plan.record(pass))?;
+    rows.push(BenchRow {
+        kernel: "matmul",
+        case: format!("f32 A B^T {r}x{d} . {d}x{n} (tile engine)"),
+        timing,
+        bytes: None,
+        flops: Some(flops),
+        copy_gbps: baseline.gbps,
+    });
     Ok(rows)
+}
+
+/// Decode: one query per head (b = 1, hq = 32, hkv = 8, d = 128) over `n` keys, keys split
+/// across workgroups (the default for m <= 4, n >= 1024). Bytes are K and V read once, so the
+/// copy ratio is (time to read K and V at copy bandwidth) / (decode time). Values are zeros:
+/// nothing in the kernel's time depends on them.
+fn decode<T: Element>(
+    ctx: &Context,
+    baseline: &Baseline,
+    n: usize,
+    name: &str,
+) -> Result<BenchRow, Error> {
+    let (b, hq, hkv, d) = (1, 32, 8, 128);
+    let q = ctx.zeros::<T>([b, hq, 1, d])?;
+    let k = ctx.zeros::<T>([b, hkv, n, d])?;
+    let v = ctx.zeros::<T>([b, hkv, n, d])?;
+    let o = ctx.zeros::<T>([b, hq, 1, d])?;
+    let plan =
+        Attention::new(ctx, &AttentionOptions::default())?.plan(&q, &k, &v, None, &o, None)?;
+    let bytes = k.bytes() + v.bytes();
+    let timing = time_passes(ctx, WARMUP, SAMPLES, iterations(bytes), |pass| {
+        plan.record(pass)
+    })?;
+    Ok(baseline.memory(
+        "attention",
+        format!("decode {name} b{b} h{hq}/{hkv} m1 n{n} d{d}"),
+        timing,
+        bytes as f64,
+    ))
 }
 
 /// Calls per timed submit: about a GFLOP, at most 16.

@@ -1,13 +1,17 @@
 //! `seqk` entries of the Gibbs family: `run gibbs`, `run sample`, their `verify` cases (GPU
 //! vs CPU agreement, chi-square against exact marginals) and `bench` cases (site updates/s).
 
-use super::report::{Baseline, BenchRow, Check, SAMPLES, WARMUP};
+use std::time::{Duration, Instant};
+
+use super::report::{iterations, Baseline, BenchRow, Check, Rate, SAMPLES, WARMUP};
 use super::{usage, Array, CliError, Data, RunIo};
 use crate::kernels::gibbs::{check_tokens, logits_shape};
-use crate::profile::time_passes;
+use crate::profile::{time_passes, Timing};
 use crate::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use crate::reference::random_values;
-use crate::{ChainModel, Context, Error, Gibbs, GibbsOptions, GpuTensor, Pairwise, SampleOptions};
+use crate::{
+    ChainModel, Context, Error, Gibbs, GibbsOptions, GpuTensor, Pairwise, SampleOptions, Sampler,
+};
 
 /// Agreement of GPU and CPU chains site by site: f32 vs f64 energies may flip a near-tie,
 /// so at most 0.1% of sites may differ (spec section 5).
@@ -241,15 +245,22 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
     Ok(checks)
 }
 
-/// The sizes: site updates per second of one sweep (`quick`: chains / 16).
+/// The sizes (V, L, chains, rank of W; 0 = dense) and the chains `quick` keeps.
+const BENCH_CASES: [(usize, usize, usize, usize, usize); 3] = [
+    (2, 4096, 4096, 0, 256),
+    (1000, 64, 1024, 0, 64),
+    (32000, 32, 64, 64, 1),
+];
+
+/// Site updates per second of one chromatic sweep on the GPU, each beside the
+/// single-threaded CPU reference timed in the same run, then logits sampling likewise.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
+    // Wall-clock budget of each CPU measurement: whole chains (rows) are timed one after
+    // another until it is spent, at least one, at most all of them.
+    let budget = Duration::from_millis(if quick { 200 } else { 2000 });
     let mut rows = Vec::new();
-    for (v, l, b, r) in [
-        (2usize, 4096usize, 4096usize, 0usize),
-        (1000, 64, 1024, 0),
-        (32000, 32, 64, 64),
-    ] {
-        let b = if quick { (b / 16).max(1) } else { b };
+    for (v, l, b, r, quick_b) in BENCH_CASES {
+        let b = if quick { quick_b } else { b };
         let m = host_model(l, v, r, if r > 0 { 0.3 } else { 1.0 }, 1);
         let up = Uploaded::new(ctx, &m)?;
         let t = ctx.zeros::<u32>([b, l])?;
@@ -259,22 +270,131 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
         };
         let plan = Gibbs::new(ctx, &opts)?.plan(&up.model(), &t, None, None)?;
         let timing = time_passes(ctx, WARMUP, SAMPLES, 1, |pass| plan.record(pass))?;
-        let rate = (b * l) as f64 / timing.best().as_secs_f64();
+        // The reference sweeps one chain at a time from the same (all-zero) start.
+        let (timed, per_chain) = cpu_time(b, budget, |_| {
+            let mut row = vec![0u32; l];
+            reference::gibbs(&m, &mut row, &[1, l], None, &opts).map(|_| ())
+        })?;
         let w = if r > 0 {
             format!("r{r}")
         } else {
             String::new()
         };
-        let mut row = baseline.memory(
+        let case = format!("V{v}{w} L{l} b{b}");
+        rows.extend(beside_cpu(
+            baseline,
             "gibbs",
-            format!("V{v}{w} L{l} b{b} {rate:.2e} sites/s"),
+            case,
             timing,
-            0.0,
-        );
-        row.bytes = None;
-        rows.push(row);
+            None,
+            (b * l) as f64,
+            "sites",
+            b,
+            timed,
+            per_chain,
+        ));
+    }
+    // Logits sampling over a 32000-token vocabulary: plain temperature, then top-k + top-p.
+    let (b, v) = if quick {
+        (4usize, 32000usize)
+    } else {
+        (256, 32000)
+    };
+    let logits = random_values(b * v, 5, -4.0, 4.0);
+    let x = ctx.upload(&logits, [b, v])?;
+    let out = ctx.zeros::<u32>([b])?;
+    for opts in [
+        SampleOptions::default(),
+        SampleOptions {
+            top_k: 50,
+            top_p: 0.9,
+            ..Default::default()
+        },
+    ] {
+        let plan = Sampler::new(ctx, &opts)?.plan(&x, &out)?;
+        let bytes = (b * v * 4 + b * 4) as u64;
+        // At most 8 draws per submit: top-k / top-p pass over the row many times, so the
+        // small quick case would otherwise take seconds per sample on a software device.
+        let calls = iterations(bytes).min(8);
+        let timing = time_passes(ctx, WARMUP, SAMPLES, calls, |pass| plan.record(pass))?;
+        let (timed, per_row) = cpu_time(b, budget, |i| {
+            reference::sample_logits(&logits[i * v..(i + 1) * v], &[1, v], &opts).map(|_| ())
+        })?;
+        let mut case = format!("b{b} V{v}");
+        if opts.top_k > 0 {
+            case.push_str(&format!(" k{} p{}", opts.top_k, opts.top_p));
+        }
+        rows.extend(beside_cpu(
+            baseline,
+            "sample",
+            case,
+            timing,
+            Some(bytes as f64),
+            b as f64,
+            "tokens",
+            b,
+            timed,
+            per_row,
+        ));
     }
     Ok(rows)
+}
+
+/// Runs `one(i)` for i = 0, 1, .. < `n` until `budget` has passed (at least once); returns
+/// how many ran and the wall time of one.
+fn cpu_time(
+    n: usize,
+    budget: Duration,
+    mut one: impl FnMut(usize) -> Result<(), Error>,
+) -> Result<(usize, Duration), Error> {
+    let start = Instant::now();
+    let mut done = 0;
+    while done < n && (done == 0 || start.elapsed() < budget) {
+        one(done)?;
+        done += 1;
+    }
+    Ok((done, start.elapsed() / done as u32))
+}
+
+/// A GPU row of `items` per call and, beside it, the row of the single-threaded CPU reference
+/// (case "... cpu (N timed)"): `timed` of the call's `units` (chains or rows) took `per_unit`
+/// each, and its call time is extrapolated to all units. The GPU row carries the speed-up.
+#[allow(clippy::too_many_arguments)]
+fn beside_cpu(
+    baseline: &Baseline,
+    kernel: &'static str,
+    case: String,
+    timing: Timing,
+    bytes: Option<f64>,
+    items: f64,
+    unit: &'static str,
+    units: usize,
+    timed: usize,
+    per_unit: Duration,
+) -> [BenchRow; 2] {
+    let cpu_timing = Timing {
+        gpu: None,
+        wall: per_unit * units as u32,
+    };
+    let rate = |t: &Timing| items / t.best().as_secs_f64();
+    let speedup = rate(&timing) / rate(&cpu_timing);
+    let row = |case: String, timing: Timing, bytes: Option<f64>| {
+        let mut row = baseline.memory(kernel, case, timing, 0.0);
+        row.bytes = bytes;
+        row
+    };
+    [
+        row(case.clone(), timing, bytes).with_rate(Rate {
+            items,
+            unit,
+            speedup: Some(speedup),
+        }),
+        row(format!("{case} cpu ({timed} timed)"), cpu_timing, None).with_rate(Rate {
+            items,
+            unit,
+            speedup: None,
+        }),
+    ]
 }
 
 fn floats(a: Array, name: &str, expected: &str) -> Result<Vec<f32>, CliError> {

@@ -1,6 +1,9 @@
 //! What `verify` and `bench` print: check rows, benchmark rows, and the copy-kernel baseline
 //! that every memory-bound figure is divided by.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use crate::profile::{time_passes, Timing};
 use crate::{Context, Error};
 
@@ -43,6 +46,49 @@ impl BenchRow {
         self.flops
             .map(|f| f / self.timing.best().as_secs_f64() / 1e12)
     }
+
+    /// Attaches a rate in items per second (see [`Rate`]).
+    pub fn with_rate(self, rate: Rate) -> Self {
+        rates()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((self.kernel, self.case.clone()), rate);
+        self
+    }
+    /// The rate attached by [`BenchRow::with_rate`], if any.
+    pub fn rate(&self) -> Option<Rate> {
+        rates()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(self.kernel, self.case.clone()))
+            .copied()
+    }
+    /// Items per second, for rows with a rate.
+    pub fn per_second(&self) -> Option<f64> {
+        self.rate()
+            .map(|r| r.items / self.timing.best().as_secs_f64())
+    }
+}
+
+/// Work counted in items rather than bytes or FLOPs (Gibbs site updates, sampled tokens),
+/// reported as items per second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    /// Items per call.
+    pub items: f64,
+    /// What an item is, plural: "sites", "tokens".
+    pub unit: &'static str,
+    /// This row's items/s over the single-threaded CPU reference's, measured in the same run.
+    pub speedup: Option<f64>,
+}
+
+/// Rates by (kernel, case), which name a row uniquely within a run. They live beside the rows
+/// rather than in a `BenchRow` field so that the families that build rows with struct
+/// literals keep compiling unchanged; fold this into a field once every family builds its
+/// rows through constructors.
+fn rates() -> &'static Mutex<HashMap<(&'static str, String), Rate>> {
+    static RATES: OnceLock<Mutex<HashMap<(&'static str, String), Rate>>> = OnceLock::new();
+    RATES.get_or_init(Default::default)
 }
 
 /// Samples after warm-up; the median is reported.
@@ -160,7 +206,9 @@ pub fn print_bench(ctx: &Context, rows: &[BenchRow], json: bool) {
                 serde_json::json!({"kernel": r.kernel, "case": r.case,
                     "gpu_ms": r.timing.gpu.map(|d| d.as_secs_f64() * 1e3),
                     "wall_ms": r.timing.wall.as_secs_f64() * 1e3, "clock": r.timing.clock(),
-                    "gbps": r.gbps(), "copy_ratio": r.copy_ratio(), "tflops": r.tflops()})
+                    "gbps": r.gbps(), "copy_ratio": r.copy_ratio(), "tflops": r.tflops(),
+                    "rate": r.per_second(), "rate_unit": r.rate().map(|x| format!("{}/s", x.unit)),
+                    "speedup_vs_cpu": r.rate().and_then(|x| x.speedup)})
             })
             .collect();
         println!(
@@ -175,13 +223,19 @@ pub fn print_bench(ctx: &Context, rows: &[BenchRow], json: bool) {
             "(no TIMESTAMP_QUERY on this adapter: times are wall clock, submit to completion)"
         );
     }
-    println!(
+    // The rate column only where some row counts items (keeps the other tables as they were).
+    let with_rates = rows.iter().any(|r| r.rate().is_some());
+    let mut header = format!(
         "{:<10} {:<36} {:>10} {:>5} {:>9} {:>7} {:>9}",
         "kernel", "case", "time ms", "clock", "GB/s", "x copy", "TFLOP/s"
     );
+    if with_rates {
+        header.push_str("  rate");
+    }
+    println!("{header}");
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for r in rows {
-        println!(
+        let mut line = format!(
             "{:<10} {:<36} {:>10.3} {:>5} {:>9} {:>7} {:>9}",
             r.kernel,
             r.case,
@@ -191,6 +245,13 @@ pub fn print_bench(ctx: &Context, rows: &[BenchRow], json: bool) {
             opt(r.copy_ratio(), 2),
             opt(r.tflops(), 3)
         );
+        if let (Some(rate), Some(per_s)) = (r.rate(), r.per_second()) {
+            line.push_str(&format!("  {per_s:.3e} {}/s", rate.unit));
+            if let Some(x) = rate.speedup {
+                line.push_str(&format!(" ({x:.1}x cpu)"));
+            }
+        }
+        println!("{line}");
     }
 }
 

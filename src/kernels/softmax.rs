@@ -367,10 +367,10 @@ impl Softmax {
         let max_wg = max_workgroup(ctx);
         let n = shape.n as u64;
         let o = &self.opts;
-        let flags = (o.log as u32) * FLAG_LOG
-            | (masked as u32) * FLAG_MASK
-            | (o.causal as u32) * FLAG_CAUSAL
-            | (o.softmax_plus as u32) * FLAG_PLUS;
+        let flags = ((o.log as u32) * FLAG_LOG)
+            | ((masked as u32) * FLAG_MASK)
+            | ((o.causal as u32) * FLAG_CAUSAL)
+            | ((o.softmax_plus as u32) * FLAG_PLUS);
         // Indices inside one binding stay below 2^31 elements; 4 bytes spare for the
         // rounding of f16 and mask ranges up to whole words.
         let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31) - 4;
