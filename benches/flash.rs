@@ -45,9 +45,10 @@ fn bench(c: &mut Criterion) {
                 .unwrap();
             group.throughput(Throughput::Elements(n as u64));
             let name = if causal { "causal" } else { "full" };
-            group.bench_function(BenchmarkId::new(name, format!("n{n}s{s}e{e}C{chunk}")), |bn| {
-                bn.iter_custom(|iters| gpu_time(&ctx, &plan, iters))
-            });
+            group.bench_function(
+                BenchmarkId::new(name, format!("n{n}s{s}e{e}C{chunk}")),
+                |bn| bn.iter_custom(|iters| gpu_time(&ctx, &plan, iters)),
+            );
         }
     }
     group.finish();

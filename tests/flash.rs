@@ -108,10 +108,7 @@ fn gpu_f32(ctx: &Context, d: &Data, opts: &FlashOptions) -> Vec<f32> {
         .bias
         .as_ref()
         .map(|x| ctx.upload(x, [opts.chunk, opts.chunk]).unwrap());
-    let mask = d
-        .mask
-        .as_ref()
-        .map(|m| ctx.upload_mask(m, [b, n]).unwrap());
+    let mask = d.mask.as_ref().map(|m| ctx.upload_mask(m, [b, n]).unwrap());
     let inputs = FlashInputs {
         gate: gate.as_ref(),
         bias: bias.as_ref(),
@@ -139,10 +136,7 @@ fn gpu_f16(ctx: &Context, d: &Data, opts: &FlashOptions) -> Vec<f32> {
         .bias
         .as_ref()
         .map(|x| ctx.upload(x, [opts.chunk, opts.chunk]).unwrap());
-    let mask = d
-        .mask
-        .as_ref()
-        .map(|m| ctx.upload_mask(m, [b, n]).unwrap());
+    let mask = d.mask.as_ref().map(|m| ctx.upload_mask(m, [b, n]).unwrap());
     let inputs = FlashInputs {
         gate: gate.as_ref(),
         bias: bias.as_ref(),
@@ -157,7 +151,11 @@ fn check(ctx: &Context, d: &Data, opts: &FlashOptions, what: &str) {
     let want = reference(&d.host(), opts).unwrap();
     let got = gpu_f32(ctx, d, opts);
     let err = row_error(&got, &want, d.dims[3]);
-    assert!(err <= TOL_F32, "{what} {:?} {opts:?}: error {err:e}", d.dims);
+    assert!(
+        err <= TOL_F32,
+        "{what} {:?} {opts:?}: error {err:e}",
+        d.dims
+    );
 }
 
 #[test]
@@ -192,7 +190,12 @@ fn wide_values_and_batches() {
                 causal,
                 ..Default::default()
             };
-            check(ctx, &Data::new(b, n, s, 1536, 40 + i as u64), &opts, "e=1536");
+            check(
+                ctx,
+                &Data::new(b, n, s, 1536, 40 + i as u64),
+                &opts,
+                "e=1536",
+            );
         }
     }
 }
@@ -359,7 +362,10 @@ fn linear_branch_with_length_norm_is_independent_of_chunk() {
     let base = gpu_f32(ctx, &data, &at(16));
     let want = reference(&data.host(), &at(16)).unwrap();
     assert!(row_error(&base, &want, 40) <= TOL_F32);
-    assert!(base.iter().any(|&x| x.abs() > 1e-3), "linear branch is zero");
+    assert!(
+        base.iter().any(|&x| x.abs() > 1e-3),
+        "linear branch is zero"
+    );
     for chunk in [17, 64, 256, 512] {
         let got = gpu_f32(ctx, &data, &at(chunk));
         let err = row_error(&got, &want, 40);
@@ -400,15 +406,12 @@ fn padding_changes_nothing_for_real_tokens() {
         ql: cat(&real.ql, &junk.ql),
         kl: cat(&real.kl, &junk.kl),
         v: cat(&real.v, &junk.v),
-        gate: Some(cat(real.gate.as_ref().unwrap(), junk.gate.as_ref().unwrap())),
+        gate: Some(cat(
+            real.gate.as_ref().unwrap(),
+            junk.gate.as_ref().unwrap(),
+        )),
         bias: None,
-        mask: Some(
-            [
-                real.mask.clone().unwrap(),
-                vec![false; pad],
-            ]
-            .concat(),
-        ),
+        mask: Some([real.mask.clone().unwrap(), vec![false; pad]].concat()),
     };
     for causal in [false, true] {
         for lin_norm in [LinNorm::Chunk, LinNorm::Length, LinNorm::Prefix] {
@@ -422,7 +425,11 @@ fn padding_changes_nothing_for_real_tokens() {
             let want = gpu_f32(ctx, &real, &opts);
             let got = gpu_f32(ctx, &padded, &opts);
             // The same sums over the same keys; padded keys add exact zeros.
-            let err = row_error(&got[..n * e], &want.iter().map(|&x| x as f64).collect::<Vec<_>>(), e);
+            let err = row_error(
+                &got[..n * e],
+                &want.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+                e,
+            );
             assert!(err <= 1e-6, "causal={causal} {lin_norm:?}: {err:e}");
         }
     }
@@ -431,8 +438,16 @@ fn padding_changes_nothing_for_real_tokens() {
 /// Feeds `data` to a decoder in blocks of the given sizes (cycled) and returns the outputs.
 fn decode(ctx: &Context, data: &Data, opts: &FlashOptions, blocks: &[usize]) -> Vec<f32> {
     let [b, n, s, e] = data.dims;
-    let mut dec = FlashDecoder::new(ctx, opts, b, s, e, data.gate.is_some(), data.bias.as_deref())
-        .unwrap();
+    let mut dec = FlashDecoder::new(
+        ctx,
+        opts,
+        b,
+        s,
+        e,
+        data.gate.is_some(),
+        data.bias.as_deref(),
+    )
+    .unwrap();
     let mut out = vec![0.0f32; b * n * e];
     let mut pos = 0;
     for &t in blocks.iter().cycle() {
@@ -528,18 +543,81 @@ fn bad_input_is_an_error() {
         matches!(r, Err(Error::InvalidOption(_)))
     }
     // Bias not [C, C].
-    assert!(shape_err(flash_shape([qk; 4], v, None, Some(&[16, 8]), None, &o)));
-    assert!(shape_err(flash_shape([qk; 4], v, None, Some(&[20, 20]), None, &o)));
+    assert!(shape_err(flash_shape(
+        [qk; 4],
+        v,
+        None,
+        Some(&[16, 8]),
+        None,
+        &o
+    )));
+    assert!(shape_err(flash_shape(
+        [qk; 4],
+        v,
+        None,
+        Some(&[20, 20]),
+        None,
+        &o
+    )));
     // Gate not [b, n, e].
-    assert!(shape_err(flash_shape([qk; 4], v, Some(&[1, 20, 8]), None, None, &o)));
+    assert!(shape_err(flash_shape(
+        [qk; 4],
+        v,
+        Some(&[1, 20, 8]),
+        None,
+        None,
+        &o
+    )));
     // Key mask not [b, n].
-    assert!(shape_err(flash_shape([qk; 4], v, None, None, Some(&[20]), &o)));
+    assert!(shape_err(flash_shape(
+        [qk; 4],
+        v,
+        None,
+        None,
+        Some(&[20]),
+        &o
+    )));
     // Mismatched q/k shapes, v length, rank, zero sizes, s too wide.
-    assert!(shape_err(flash_shape([qk, qk, qk, &[1, 20, 9]], v, None, None, None, &o)));
-    assert!(shape_err(flash_shape([qk; 4], &[1, 19, 12], None, None, None, &o)));
-    assert!(shape_err(flash_shape([&[20, 8]; 4], v, None, None, None, &o)));
-    assert!(shape_err(flash_shape([&[1, 0, 8]; 4], &[1, 0, 12], None, None, None, &o)));
-    assert!(shape_err(flash_shape([&[1, 20, 300]; 4], v, None, None, None, &o)));
+    assert!(shape_err(flash_shape(
+        [qk, qk, qk, &[1, 20, 9]],
+        v,
+        None,
+        None,
+        None,
+        &o
+    )));
+    assert!(shape_err(flash_shape(
+        [qk; 4],
+        &[1, 19, 12],
+        None,
+        None,
+        None,
+        &o
+    )));
+    assert!(shape_err(flash_shape(
+        [&[20, 8]; 4],
+        v,
+        None,
+        None,
+        None,
+        &o
+    )));
+    assert!(shape_err(flash_shape(
+        [&[1, 0, 8]; 4],
+        &[1, 0, 12],
+        None,
+        None,
+        None,
+        &o
+    )));
+    assert!(shape_err(flash_shape(
+        [&[1, 20, 300]; 4],
+        v,
+        None,
+        None,
+        None,
+        &o
+    )));
     // C = 0, non-finite scales, odd s with fused rope.
     for bad in [
         FlashOptions {
@@ -562,19 +640,31 @@ fn bad_input_is_an_error() {
             ..o.clone()
         },
     ] {
-        assert!(option_err(flash_shape([qk; 4], v, None, None, None, &bad)), "{bad:?}");
+        assert!(
+            option_err(flash_shape([qk; 4], v, None, None, None, &bad)),
+            "{bad:?}"
+        );
     }
     let rope = FlashOptions {
         rope: Some(FlashRope::default()),
         ..o.clone()
     };
-    assert!(option_err(flash_shape([&[1, 20, 7]; 4], v, None, None, None, &rope)));
+    assert!(option_err(flash_shape(
+        [&[1, 20, 7]; 4],
+        v,
+        None,
+        None,
+        None,
+        &rope
+    )));
     assert!(AttnFn::parse("softmax").is_err());
     assert!(LinNorm::parse("total").is_err());
 
     let Some(ctx) = gpu() else { return };
     // The decoder refuses what it cannot reproduce, and blocks of the wrong size.
-    assert!(option_err(FlashDecoder::new(ctx, &o, 1, 8, 12, false, None)));
+    assert!(option_err(FlashDecoder::new(
+        ctx, &o, 1, 8, 12, false, None
+    )));
     let causal = FlashOptions {
         causal: true,
         ..o.clone()
@@ -583,8 +673,18 @@ fn bad_input_is_an_error() {
         lin_norm: LinNorm::Length,
         ..causal.clone()
     };
-    assert!(option_err(FlashDecoder::new(ctx, &length, 1, 8, 12, false, None)));
-    assert!(shape_err(FlashDecoder::new(ctx, &causal, 1, 8, 12, false, Some(&[0.0; 15]))));
+    assert!(option_err(FlashDecoder::new(
+        ctx, &length, 1, 8, 12, false, None
+    )));
+    assert!(shape_err(FlashDecoder::new(
+        ctx,
+        &causal,
+        1,
+        8,
+        12,
+        false,
+        Some(&[0.0; 15])
+    )));
     let mut dec = FlashDecoder::new(ctx, &causal, 1, 8, 12, false, None).unwrap();
     let x = vec![0.5f32; 8];
     let y = vec![0.5f32; 11];
@@ -601,8 +701,15 @@ fn bad_input_is_an_error() {
     assert!(shape_err(dec.step(&block, 0)));
     // Wrong dtype and wrong output shape on the GPU path.
     let bytes = ctx.upload(&[1u8; 20 * 8], [1, 20, 8]).unwrap();
-    let r = ctx.flash(&FlashInputs::new(&bytes, &bytes, &bytes, &bytes, &bytes), &o);
-    assert!(matches!(r, Err(Error::Dtype(_)) | Err(Error::Shape(_))), "{:?}", r.err());
+    let r = ctx.flash(
+        &FlashInputs::new(&bytes, &bytes, &bytes, &bytes, &bytes),
+        &o,
+    );
+    assert!(
+        matches!(r, Err(Error::Dtype(_)) | Err(Error::Shape(_))),
+        "{:?}",
+        r.err()
+    );
     let a = ctx.upload(&[0.5f32; 20 * 8], [1, 20, 8]).unwrap();
     let out = ctx.zeros::<f32>([1, 20, 9]).unwrap();
     let r = seq_kernels::Flash::new(ctx, &o)
@@ -635,10 +742,22 @@ fn seqk_run_flash_matches_cpu() {
     };
     let (b, n, s, e, c) = (2u64, 37u64, 16u64, 24u64, 16u64);
     for (i, name) in ["qq", "kq", "ql", "kl"].iter().enumerate() {
-        save(&format!("{name}.npy"), &[b, n, s], &random((b * n * s) as usize, i as u64, -1.0, 1.0));
+        save(
+            &format!("{name}.npy"),
+            &[b, n, s],
+            &random((b * n * s) as usize, i as u64, -1.0, 1.0),
+        );
     }
-    save("v.npy", &[b, n, e], &random((b * n * e) as usize, 5, -1.0, 1.0));
-    save("gate.npy", &[b, n, e], &random((b * n * e) as usize, 6, -1.0, 1.0));
+    save(
+        "v.npy",
+        &[b, n, e],
+        &random((b * n * e) as usize, 5, -1.0, 1.0),
+    );
+    save(
+        "gate.npy",
+        &[b, n, e],
+        &random((b * n * e) as usize, 6, -1.0, 1.0),
+    );
     save("bias.npy", &[c, c], &random((c * c) as usize, 7, -0.5, 0.5));
     let arg = |k: &str| format!("{k}={}", dir.join(format!("{k}.npy")).display());
     let run = |extra: &[&str], out: &str| {
@@ -684,7 +803,17 @@ fn seqk_run_flash_matches_cpu() {
     let (_, lo) = load(&dir.join("ol.npy"));
     assert!(row_error(&lo, &want, e as usize) > 1e-3);
     // A bias that is not [C, C]: exit 2 and one line naming the problem.
-    let bad = run(&["--set", "lin_scale=0.5", "--set", "attn_fn=relu2", "--set", "chunk=8"], "ob.npy");
+    let bad = run(
+        &[
+            "--set",
+            "lin_scale=0.5",
+            "--set",
+            "attn_fn=relu2",
+            "--set",
+            "chunk=8",
+        ],
+        "ob.npy",
+    );
     let msg = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(2), "{msg}");
     assert_eq!(msg.lines().count(), 1, "{msg}");

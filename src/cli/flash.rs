@@ -132,7 +132,15 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
     let d = FlashOptions::default();
     // (b, n, s, e), options, gate/bias/mask, f16
     let mut cases: Vec<([usize; 4], FlashOptions, bool, bool)> = vec![
-        ([1, 257, 32, 48], FlashOptions { chunk: 64, ..d.clone() }, false, false),
+        (
+            [1, 257, 32, 48],
+            FlashOptions {
+                chunk: 64,
+                ..d.clone()
+            },
+            false,
+            false,
+        ),
         (
             [2, 100, 40, 70],
             FlashOptions {
@@ -210,7 +218,12 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
 /// FLOPs of one call: per token `2 C (s + e)` in the quadratic branch (halved for causal) and
 /// `4 s e` in the linear branch (`kl^T v` and `ql KV`).
 fn flash_flops(sh: &FlashShape, causal: bool) -> f64 {
-    let (n, c, s, e) = (sh.n as f64, sh.chunk.min(sh.n) as f64, sh.s as f64, sh.e as f64);
+    let (n, c, s, e) = (
+        sh.n as f64,
+        sh.chunk.min(sh.n) as f64,
+        sh.s as f64,
+        sh.e as f64,
+    );
     let quad = 2.0 * c * (s + e) / if causal { 2.0 } else { 1.0 };
     sh.b as f64 * n * (quad + 4.0 * s * e)
 }
@@ -378,7 +391,10 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     ];
     let gate = gate.as_ref().map(|g| take(g, "gate")).transpose()?;
     // The bias is f32 whatever the storage type; its dtype does not pick the storage.
-    let bias = bias.as_ref().map(|b| floats(b, "bias").map(|x| x.0)).transpose()?;
+    let bias = bias
+        .as_ref()
+        .map(|b| floats(b, "bias").map(|x| x.0))
+        .transpose()?;
     let mask = match mask {
         None => None,
         Some(m) => Some(match m.data {

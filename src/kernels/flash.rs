@@ -199,7 +199,10 @@ impl FlashOptions {
                 self.chunk
             )));
         }
-        for (name, x) in [("quad_scale", self.quad_scale), ("lin_scale", self.lin_scale)] {
+        for (name, x) in [
+            ("quad_scale", self.quad_scale),
+            ("lin_scale", self.lin_scale),
+        ] {
             if x.is_some_and(|x| !x.is_finite()) {
                 return Err(Error::option(format!(
                     "flash {name} must be finite, got {x:?}"
@@ -553,7 +556,11 @@ impl Flash {
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let elem_bytes = storage.shader_dtype().size() as u64;
         for t in ins.iter().chain(inputs.gate.iter()).chain([&out]) {
-            check_binding(ctx, "elements per flash tensor", t.len() as u64 * elem_bytes)?;
+            check_binding(
+                ctx,
+                "elements per flash tensor",
+                t.len() as u64 * elem_bytes,
+            )?;
         }
         let mut plan = Plan::default();
         let mut bind = |t: &GpuTensor<T>| -> Result<wgpu::Buffer> {
@@ -635,7 +642,11 @@ fn passes(
         None => Vec::new(),
     };
     let kv_floats = rope_base + table.len() * 2;
-    check_binding(ctx, "elements of the flash KV scratch", kv_floats as u64 * 4)?;
+    check_binding(
+        ctx,
+        "elements of the flash KV scratch",
+        kv_floats as u64 * 4,
+    )?;
     let kv = ctx.scratch(kv_floats as u64 * 4)?;
     if !table.is_empty() {
         ctx.queue().write_buffer(
@@ -884,7 +895,9 @@ impl FlashDecoder {
         match (self.gated, block.gate) {
             (true, Some(gt)) => check("gate", gt.len(), e)?,
             (false, None) => {}
-            (true, None) => return Err(Error::shape("flash decoder was made with a gate; give one")),
+            (true, None) => {
+                return Err(Error::shape("flash decoder was made with a gate; give one"))
+            }
             (false, Some(_)) => {
                 return Err(Error::shape(
                     "flash decoder was made without a gate; make it with gated = true",

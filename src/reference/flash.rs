@@ -53,7 +53,10 @@ impl FlashHost<'_> {
             (self.kl.len(), b * n * s),
             (self.v.len(), b * n * e),
             (self.gate.map_or(b * n * e, <[f32]>::len), b * n * e),
-            (self.bias.map_or(opts.chunk.pow(2), <[f32]>::len), opts.chunk.pow(2)),
+            (
+                self.bias.map_or(opts.chunk.pow(2), <[f32]>::len),
+                opts.chunk.pow(2),
+            ),
             (self.key_mask.map_or(b * n, <[bool]>::len), b * n),
         ];
         if lens.iter().any(|(got, want)| got != want) {
