@@ -93,36 +93,18 @@ impl Data {
     }
 }
 
-fn gpu_f32(ctx: &Context, d: &Data, opts: &FlashOptions) -> Vec<f32> {
+/// Uploads `d` as `T` (through `to`), runs one call and returns the output as f32.
+fn gpu_as<T: seq_kernels::Element>(
+    ctx: &Context,
+    d: &Data,
+    opts: &FlashOptions,
+    to: impl Fn(f32) -> T,
+    back: impl Fn(T) -> f32,
+) -> Vec<f32> {
     let [b, n, s, e] = d.dims;
-    let up = |x: &[f32], w: usize| ctx.upload(x, [b, n, w]).unwrap();
-    let (qq, kq, ql, kl, v) = (
-        up(&d.qq, s),
-        up(&d.kq, s),
-        up(&d.ql, s),
-        up(&d.kl, s),
-        up(&d.v, e),
-    );
-    let gate = d.gate.as_ref().map(|g| up(g, e));
-    let bias = d
-        .bias
-        .as_ref()
-        .map(|x| ctx.upload(x, [opts.chunk, opts.chunk]).unwrap());
-    let mask = d.mask.as_ref().map(|m| ctx.upload_mask(m, [b, n]).unwrap());
-    let inputs = FlashInputs {
-        gate: gate.as_ref(),
-        bias: bias.as_ref(),
-        key_mask: mask.as_ref(),
-        ..FlashInputs::new(&qq, &kq, &ql, &kl, &v)
-    };
-    ctx.flash(&inputs, opts).unwrap().download().unwrap()
-}
-
-fn gpu_f16(ctx: &Context, d: &Data, opts: &FlashOptions) -> Vec<f32> {
-    let [b, n, s, e] = d.dims;
-    let up = |x: &[f32], w: usize| -> GpuTensor<f16> {
-        let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-        ctx.upload(&h, [b, n, w]).unwrap()
+    let up = |x: &[f32], w: usize| -> GpuTensor<T> {
+        let v: Vec<T> = x.iter().map(|&a| to(a)).collect();
+        ctx.upload(&v, [b, n, w]).unwrap()
     };
     let (qq, kq, ql, kl, v) = (
         up(&d.qq, s),
@@ -144,7 +126,15 @@ fn gpu_f16(ctx: &Context, d: &Data, opts: &FlashOptions) -> Vec<f32> {
         ..FlashInputs::new(&qq, &kq, &ql, &kl, &v)
     };
     let out = ctx.flash(&inputs, opts).unwrap().download().unwrap();
-    out.iter().map(|x| x.to_f32()).collect()
+    out.into_iter().map(back).collect()
+}
+
+fn gpu_f32(ctx: &Context, d: &Data, opts: &FlashOptions) -> Vec<f32> {
+    gpu_as(ctx, d, opts, |x| x, |x| x)
+}
+
+fn gpu_f16(ctx: &Context, d: &Data, opts: &FlashOptions) -> Vec<f32> {
+    gpu_as(ctx, d, opts, f16::from_f32, f16::to_f32)
 }
 
 fn check(ctx: &Context, d: &Data, opts: &FlashOptions, what: &str) {
