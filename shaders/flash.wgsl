@@ -1,25 +1,28 @@
 // FLASH mixed-chunk attention (GAU): quadratic attention inside chunks plus linear attention
-// across chunks, in three passes over the tile engine.
+// across chunks, as four passes of block products (shaders/gemm.wgsl).
 //
-// Prepended by the host: `alias elem = f32|f16;`, `const D/DV/T/WG` lines (DV == WG),
-// shaders/grid.wgsl and shaders/tiles.wgsl.
-//   flash_kv    one workgroup per (batch, chunk, 16 rows of s, DV columns of e):
-//               KV_g = kl_g^T v_g over the chunk's valid keys, and the chunk's valid-key count.
-//   flash_scan  one invocation per (batch, KV element or count): the exclusive prefix over
-//               chunks in place (slot g = state + sum_{h<g} KV_h, slot G = state + all), and,
-//               when decoding, the new state.
-//   flash_out   one workgroup per (batch, chunk, T query rows, DV columns of e):
-//               Ylin = z ql (KV slot), then Yquad = f(kappa qq kq^T + bias) v over the chunk's
-//               key tiles (causal: none past the diagonal), gate, write.
-// Masked and padded keys contribute nothing: their v rows are zeroed before KV, and their
-// scores are never passed to the activation. Positions of fused RoPE come from a host
-// (cos, sin) table (the RoPE family's), indexed by row.
+// Prepended by the host: `alias elem = f32|f16;`, shaders/grid.wgsl and shaders/gemm.wgsl.
+//   flash_scores  one workgroup per (batch, chunk, 64 x 64 block of the chunk's C x C scores):
+//                 P = f(kappa qq kq^T + bias), zero where the key is masked, padded or (causal)
+//                 later than the query; blocks wholly above the diagonal are skipped (causal).
+//   flash_kv      one workgroup per (batch, chunk, 64 x 64 block of s x e):
+//                 KV_g = kl_g^T v_g over the chunk's valid keys, and the chunk's valid-key count.
+//   flash_scan    one invocation per (batch, KV element or count): the exclusive prefix over
+//                 chunks in place (slot g = state + sum_{h<g} KV_h, slot G = state + all), and,
+//                 when decoding, the new state.
+//   flash_out     one workgroup per (batch, chunk, 64 x 64 block of the chunk's C x e output):
+//                 y = z ql KV_slot + P v (causal: key blocks up to the diagonal), gate, write.
+// Each score is computed once and read by every column block of the output. Masked and padded
+// keys contribute nothing: their v rows read as zero and their scores are never passed to the
+// activation. Positions of fused RoPE come from a host (cos, sin) table (the RoPE family's),
+// indexed by row; rows are rotated as the block products read them.
 
 struct Params {
     n: u32, s: u32, e: u32, chunk: u32,
-    groups: u32, sblocks: u32, eblocks: u32, qtiles: u32,
+    groups: u32, tiles: u32, stiles: u32, etiles: u32,
     batch: u32, row_begin: u32, flags: u32, norm: u32,
     kappa: f32, lin_scale: f32, rope_base: u32, count_base: u32,
+    pstride: u32, pad0: u32, pad1: u32, pad2: u32,
 }
 
 const FLAG_CAUSAL: u32 = 1u;
@@ -34,9 +37,6 @@ const FLAG_UPDATE_STATE: u32 = 64u;
 const NORM_CONSTANT: u32 = 0u;
 const NORM_LENGTH: u32 = 1u;
 const NORM_PREFIX: u32 = 2u;
-
-// Rows of s per flash_kv workgroup (accumulators per invocation).
-const SB: u32 = 16u;
 
 @group(0) @binding(0) var<storage, read> qq: array<elem>;
 @group(0) @binding(1) var<storage, read> kq: array<elem>;
@@ -53,24 +53,22 @@ const SB: u32 = 16u;
 @group(0) @binding(10) var<storage, read_write> kv: array<f32>;
 // Decoding state: [batch, s, e] sum of KV over completed chunks, then [batch] counts.
 @group(0) @binding(11) var<storage, read_write> state: array<f32>;
+// Activated scores [batch, G, pstride, pstride], pstride = min(C, n).
+@group(0) @binding(12) var<storage, read_write> scores: array<f32>;
 
-const SRC_QQ: u32 = 0u;
-const SRC_KQ: u32 = 1u;
-const SRC_QL: u32 = 2u;
-const SRC_KL: u32 = 3u;
-const SRC_V: u32 = 4u;
-const SRC_KV: u32 = 5u;
+// Factors of the block products (gemm_a / gemm_b `src`).
+const SRC_QQ: u32 = 0u;   // A: qq rows of the chunk
+const SRC_KQ: u32 = 1u;   // B: kq^T
+const SRC_QL: u32 = 2u;   // A: ql rows of the chunk
+const SRC_KL: u32 = 3u;   // A: kl^T
+const SRC_V: u32 = 4u;    // B: v rows of the chunk, zero for invalid keys
+const SRC_KV: u32 = 5u;   // B: the KV slot
+const SRC_P: u32 = 6u;    // A: activated scores
 
-fn tile_read(src: u32, i: u32) -> f32 {
-    switch src {
-        case SRC_QQ: { return f32(qq[i]); }
-        case SRC_KQ: { return f32(kq[i]); }
-        case SRC_QL: { return f32(ql[i]); }
-        case SRC_KL: { return f32(kl[i]); }
-        case SRC_V: { return f32(v[i]); }
-        default: { return kv[i]; }
-    }
-}
+// The block a workgroup works on, set by the entry point before its products.
+var<private> cur_batch: u32;
+var<private> cur_c0: u32;     // first row of the chunk
+var<private> cur_base: u32;   // first element of the chunk's scores, or of the KV slot
 
 fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
@@ -88,32 +86,53 @@ fn key_ok(bi: u32, j: u32) -> bool {
     return true;
 }
 
-// Rotates the rows of tile_a (which = 0) or tile_b (which = 1) that start at sequence row
-// row0 by their positions, half style: pairs (i, i + s/2). Call between barriers.
-fn rotate_tile(which: u32, row0: u32, lid: u32) {
+
+// Element (row t, column c) of qq, kq, ql or kl for the current batch item, rotated by the
+// row's position when RoPE is fused (half style: pairs (c, c + s/2)).
+fn qk_read(src: u32, i: u32) -> f32 {
+    switch src {
+        case SRC_QQ: { return f32(qq[i]); }
+        case SRC_KQ: { return f32(kq[i]); }
+        case SRC_QL: { return f32(ql[i]); }
+        default: { return f32(kl[i]); }
+    }
+}
+
+fn qk(src: u32, t: u32, c: u32) -> f32 {
+    let row = (cur_batch * p.n + t) * p.s;
+    let x = qk_read(src, row + c);
+    if (!has(FLAG_ROPE)) {
+        return x;
+    }
     let h = p.s / 2u;
-    for (var x = lid; x < T * h; x += WG) {
-        let r = x / h;
-        let i = x % h;
-        let t = row0 + r;
-        if (t < p.n) {
-            let at = p.rope_base + 2u * (t * h + i);
-            let c = kv[at];
-            let sn = kv[at + 1u];
-            let ia = r * D + i;
-            let ib = ia + h;
-            if (which == 0u) {
-                let a = tile_a[ia];
-                let b = tile_a[ib];
-                tile_a[ia] = a * c - b * sn;
-                tile_a[ib] = a * sn + b * c;
-            } else {
-                let a = tile_b[ia];
-                let b = tile_b[ib];
-                tile_b[ia] = a * c - b * sn;
-                tile_b[ib] = a * sn + b * c;
+    let at = p.rope_base + 2u * (t * h + c % h);
+    let cs = kv[at];
+    let sn = kv[at + 1u];
+    if (c < h) {
+        return x * cs - qk_read(src, row + c + h) * sn;
+    }
+    return qk_read(src, row + c - h) * sn + x * cs;
+}
+
+fn gemm_a(src: u32, m: u32, k: u32) -> f32 {
+    switch src {
+        case SRC_QQ, SRC_QL: { return qk(src, cur_c0 + m, k); }
+        case SRC_KL: { return qk(src, cur_c0 + k, m); }
+        default: { return scores[cur_base + m * p.pstride + k]; }
+    }
+}
+
+fn gemm_b(src: u32, k: u32, n: u32) -> f32 {
+    switch src {
+        case SRC_KQ: { return qk(src, cur_c0 + n, k); }
+        case SRC_V: {
+            let j = cur_c0 + k;
+            if (!key_ok(cur_batch, j)) {
+                return 0.0;
             }
+            return f32(v[(cur_batch * p.n + j) * p.e + n]);
         }
+        default: { return kv[cur_base + k * p.e + n]; }
     }
 }
 
@@ -139,75 +158,111 @@ fn activation(x: f32) -> f32 {
     return r * r;
 }
 
-@compute @workgroup_size(WG)
+
+// The block of workgroup `w`: (batch, chunk, row block, column block) for `rblocks` row and
+// `cblocks` column blocks per chunk.
+struct Block {
+    batch: u32,
+    chunk: u32,
+    row0: u32,
+    col0: u32,
+}
+
+fn block_of(w: u32, rblocks: u32, cblocks: u32) -> Block {
+    var x = w;
+    let cb = x % cblocks;
+    x /= cblocks;
+    let rb = x % rblocks;
+    x /= rblocks;
+    return Block(x / p.groups, x % p.groups, rb * GEMM_BLOCK, cb * GEMM_BLOCK);
+}
+
+// Rows of chunk g (the last may be partial).
+fn chunk_len(g: u32) -> u32 {
+    return min(p.n, g * p.chunk + p.chunk) - g * p.chunk;
+}
+
+@compute @workgroup_size(GEMM_WG)
+fn flash_scores(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let blk = block_of(linear_workgroup(wid, nwg), p.tiles, p.tiles);
+    let len = chunk_len(blk.chunk);
+    cur_batch = blk.batch;
+    cur_c0 = blk.chunk * p.chunk;
+    cur_base = (blk.batch * p.groups + blk.chunk) * p.pstride * p.pstride;
+    // Whole workgroups leave together: past the batch or the (partial) chunk, above the
+    // diagonal (causal), or wholly before the first output row.
+    if (blk.batch >= p.batch || blk.row0 >= len || blk.col0 >= len
+        || (has(FLAG_CAUSAL) && blk.col0 > blk.row0 + GEMM_BLOCK - 1u)
+        || cur_c0 + blk.row0 + GEMM_BLOCK <= p.row_begin) {
+        return;
+    }
+    var acc = gemm_zero();
+    gemm_product(&acc, SRC_QQ, SRC_KQ, blk.row0, len, blk.col0, len, p.s, false, false, lid);
+    for (var i = 0u; i < 4u; i++) {
+        let m = blk.row0 + gemm_row(lid) + i;
+        for (var j = 0u; j < 4u; j++) {
+            let n = blk.col0 + gemm_col(lid) + j;
+            if (m < len && n < len) {
+                var a = 0.0;
+                if (key_ok(blk.batch, cur_c0 + n) && (!has(FLAG_CAUSAL) || n <= m)) {
+                    var sc = p.kappa * acc[i][j];
+                    if (has(FLAG_BIAS)) {
+                        sc += bias[m * p.chunk + n];
+                    }
+                    // The activation runs on valid scores only: f(bias) != 0 for laplace.
+                    a = activation(sc);
+                }
+                scores[cur_base + m * p.pstride + n] = a;
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(GEMM_WG)
 fn flash_kv(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    var w = linear_workgroup(wid, nwg);
-    let eb = w % p.eblocks;
-    w /= p.eblocks;
-    let sb = w % p.sblocks;
-    w /= p.sblocks;
-    let g = w % p.groups;
-    let bi = w / p.groups;
-    if (bi >= p.batch) {
+    let blk = block_of(linear_workgroup(wid, nwg), p.stiles, p.etiles);
+    if (blk.batch >= p.batch) {
         return;
     }
-    let row0 = g * p.chunk;
-    let rend = min(p.n, row0 + p.chunk);
-    let a0 = sb * SB;
-    let col0 = eb * DV;
-    var acc: array<f32, SB>;
-    for (var a = 0u; a < SB; a++) {
-        acc[a] = 0.0;
-    }
-    for (var j0 = row0; j0 < rend; j0 += T) {
-        workgroupBarrier();
-        tile_load_b(SRC_KL, bi * p.n * p.s, p.s, j0, rend, p.s, lid);
-        tile_load_v(SRC_V, bi * p.n * p.e + col0, p.e, j0, rend, p.e - col0, lid);
-        workgroupBarrier();
-        if (has(FLAG_ROPE)) {
-            rotate_tile(1u, j0, lid);
-        }
-        if (has(FLAG_MASK)) {
-            for (var x = lid; x < T * DV; x += WG) {
-                if (!key_ok(bi, j0 + x / DV)) {
-                    tile_v[x] = 0.0;
-                }
-            }
-        }
-        workgroupBarrier();
-        for (var a = 0u; a < SB; a++) {
-            acc[a] += tile_btv(a0 + a, lid);
-        }
-    }
-    let col = col0 + lid;
-    let slot = (bi * (p.groups + 1u) + g) * p.s;
-    if (col < p.e) {
-        for (var a = 0u; a < SB; a++) {
-            if (a0 + a < p.s) {
-                kv[(slot + a0 + a) * p.e + col] = acc[a];
+    let len = chunk_len(blk.chunk);
+    cur_batch = blk.batch;
+    cur_c0 = blk.chunk * p.chunk;
+    var acc = gemm_zero();
+    gemm_product(&acc, SRC_KL, SRC_V, blk.row0, p.s, blk.col0, p.e, len, true, true, lid);
+    let slot = (blk.batch * (p.groups + 1u) + blk.chunk) * p.s;
+    for (var i = 0u; i < 4u; i++) {
+        let a = blk.row0 + gemm_row(lid) + i;
+        for (var j = 0u; j < 4u; j++) {
+            let col = blk.col0 + gemm_col(lid) + j;
+            if (a < p.s && col < p.e) {
+                kv[(slot + a) * p.e + col] = acc[i][j];
             }
         }
     }
-    if (sb == 0u && eb == 0u && lid == 0u) {
+    if (blk.row0 == 0u && blk.col0 == 0u && lid == 0u) {
         var count = 0u;
-        for (var j = row0; j < rend; j++) {
-            count += u32(key_ok(bi, j));
+        for (var j = cur_c0; j < cur_c0 + len; j++) {
+            count += u32(key_ok(blk.batch, j));
         }
-        kv[p.count_base + bi * (p.groups + 1u) + g] = f32(count);
+        kv[p.count_base + blk.batch * (p.groups + 1u) + blk.chunk] = f32(count);
     }
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(GEMM_WG)
 fn flash_scan(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let idx = linear_workgroup(wid, nwg) * WG + lid;
+    let idx = linear_workgroup(wid, nwg) * GEMM_WG + lid;
     let per = p.s * p.e;
     let elems = p.batch * per;
     var base: u32;
@@ -254,116 +309,55 @@ fn lin_z(bi: u32, slot: u32) -> f32 {
     return 0.0;
 }
 
-@compute @workgroup_size(WG)
+
+@compute @workgroup_size(GEMM_WG)
 fn flash_out(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    var w = linear_workgroup(wid, nwg);
-    let eb = w % p.eblocks;
-    w /= p.eblocks;
-    let qt = w % p.qtiles;
-    w /= p.qtiles;
-    let g = w % p.groups;
-    let bi = w / p.groups;
-    if (bi >= p.batch) {
+    let blk = block_of(linear_workgroup(wid, nwg), p.tiles, p.etiles);
+    let len = chunk_len(blk.chunk);
+    cur_batch = blk.batch;
+    cur_c0 = blk.chunk * p.chunk;
+    if (blk.batch >= p.batch || blk.row0 >= len
+        || cur_c0 + blk.row0 + GEMM_BLOCK <= p.row_begin) {
         return;
-    }
-    let c0 = g * p.chunk;
-    let cend = min(p.n, c0 + p.chunk);
-    let q0 = c0 + qt * T;
-    // Whole workgroups leave together: past the (partial) chunk, or before the first row wanted.
-    if (q0 >= cend || q0 + T <= p.row_begin) {
-        return;
-    }
-    let r = lid / C;
-    let cg = lid % C;
-    let i = q0 + r;
-    let col0 = eb * DV;
-
-    // Linear branch: z ql_i (KV slot), the depth s streamed through tile_v T rows at a time.
-    tile_load_a(SRC_QL, bi * p.n * p.s, p.s, q0, cend, p.s, lid);
-    workgroupBarrier();
-    if (has(FLAG_ROPE)) {
-        rotate_tile(0u, q0, lid);
-        workgroupBarrier();
     }
     var slot = p.groups;
     if (has(FLAG_CAUSAL)) {
-        slot = g;
+        slot = blk.chunk;
     }
-    let kv_base = (bi * (p.groups + 1u) + slot) * p.s * p.e + col0;
-    var lin: array<f32, ACC>;
-    for (var c = 0u; c < ACC; c++) {
-        lin[c] = 0.0;
+    // Linear branch z ql KV_slot, then the quadratic branch P v on top of it.
+    var acc = gemm_zero();
+    cur_base = (blk.batch * (p.groups + 1u) + slot) * p.s * p.e;
+    gemm_product(&acc, SRC_QL, SRC_KV, blk.row0, len, blk.col0, p.e, p.s, false, true, lid);
+    let z = lin_z(blk.batch, slot);
+    for (var i = 0u; i < 4u; i++) {
+        acc[i] *= z;
     }
-    for (var k0 = 0u; k0 < p.s; k0 += T) {
-        workgroupBarrier();
-        tile_load_v(SRC_KV, kv_base, p.e, k0, p.s, p.e - col0, lid);
-        workgroupBarrier();
-        for (var c = 0u; c < ACC; c++) {
-            lin[c] += tile_av(r, cg + c * C, k0);
-        }
-    }
-
-    // Quadratic branch over the chunk's key tiles; causal stops at the tile's last row.
-    workgroupBarrier();
-    tile_load_a(SRC_QQ, bi * p.n * p.s, p.s, q0, cend, p.s, lid);
-    workgroupBarrier();
-    if (has(FLAG_ROPE)) {
-        rotate_tile(0u, q0, lid);
-    }
-    var kend = cend;
+    var depth = len;
     if (has(FLAG_CAUSAL)) {
-        kend = min(cend, q0 + T);
+        depth = min(len, blk.row0 + GEMM_BLOCK);
     }
-    var acc: array<f32, ACC>;
-    for (var c = 0u; c < ACC; c++) {
-        acc[c] = 0.0;
-    }
-    for (var j0 = c0; j0 < kend; j0 += T) {
-        workgroupBarrier();
-        tile_load_b(SRC_KQ, bi * p.n * p.s, p.s, j0, cend, p.s, lid);
-        tile_load_v(SRC_V, bi * p.n * p.e + col0, p.e, j0, cend, p.e - col0, lid);
-        workgroupBarrier();
-        if (has(FLAG_ROPE)) {
-            rotate_tile(1u, j0, lid);
-            workgroupBarrier();
-        }
-        for (var x = lid; x < T * T; x += WG) {
-            let qi = q0 + x / T;
-            let kj = j0 + x % T;
-            var a = 0.0;
-            if (qi < cend && key_ok(bi, kj) && kj < cend && (!has(FLAG_CAUSAL) || kj <= qi)) {
-                var sc = p.kappa * tile_dot_ab(x / T, x % T, p.s);
-                if (has(FLAG_BIAS)) {
-                    sc += bias[(qi - c0) * p.chunk + kj - c0];
-                }
-                // The activation runs on valid scores only: f(bias) != 0 for laplace.
-                a = activation(sc);
-            }
-            tile_p[x] = a;
-        }
-        workgroupBarrier();
-        for (var c = 0u; c < ACC; c++) {
-            acc[c] += tile_pv(r, cg + c * C);
-        }
-    }
+    cur_base = (blk.batch * p.groups + blk.chunk) * p.pstride * p.pstride;
+    gemm_product(&acc, SRC_P, SRC_V, blk.row0, len, blk.col0, p.e, depth, false, true, lid);
 
-    if (i >= cend || i < p.row_begin) {
-        return;
-    }
-    let z = lin_z(bi, slot);
     let rows = p.n - p.row_begin;
-    for (var c = 0u; c < ACC; c++) {
-        let col = col0 + cg + c * C;
-        if (col < p.e) {
-            var y = acc[c] + z * lin[c];
-            if (has(FLAG_GATE)) {
-                y *= f32(gate[(bi * p.n + i) * p.e + col]);
+    for (var i = 0u; i < 4u; i++) {
+        let t = cur_c0 + blk.row0 + gemm_row(lid) + i;
+        if (t >= cur_c0 + len || t < p.row_begin) {
+            continue;
+        }
+        for (var j = 0u; j < 4u; j++) {
+            let col = blk.col0 + gemm_col(lid) + j;
+            if (col < p.e) {
+                var y = acc[i][j];
+                if (has(FLAG_GATE)) {
+                    y *= f32(gate[(blk.batch * p.n + t) * p.e + col]);
+                }
+                out[(blk.batch * rows + t - p.row_begin) * p.e + col] = elem(y);
             }
-            out[(bi * rows + i - p.row_begin) * p.e + col] = elem(y);
         }
     }
 }

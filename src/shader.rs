@@ -32,6 +32,8 @@ pub fn elem_header(dtype: DType) -> &'static str {
 
 /// Workgroup-grid snippet: the linear workgroup index of a grid folded into x, y, z.
 pub const GRID_WGSL: &str = include_str!("../shaders/grid.wgsl");
+/// Register-blocked block products (shaders/gemm.wgsl); see that file for what includers provide.
+pub const GEMM_WGSL: &str = include_str!("../shaders/gemm.wgsl");
 
 /// Concatenates WGSL pieces into one module (headers first).
 pub fn compose(pieces: &[&str]) -> String {

@@ -35,9 +35,8 @@ use crate::context::Context;
 use crate::convert::{self, Storage};
 use crate::dispatch::{Plan, Step};
 use crate::error::{Error, Result};
-use crate::kernels::attention::{bucket, tile_rows, TILES_WGSL};
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
-use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
+use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
 use crate::tensor::{DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/flash.wgsl");
@@ -45,13 +44,11 @@ const SOURCE: &str = include_str!("../../shaders/flash.wgsl");
 pub const MAX_S: usize = 256;
 /// Largest n: valid-key counts are kept exactly in f32.
 pub const MAX_N: usize = 1 << 24;
-/// Columns of e per workgroup, equal to the workgroup size.
-const DV: u32 = 64;
-const WG: u32 = 64;
-/// Rows of s per `flash_kv` workgroup (the shader's `SB`).
-const SB: usize = 16;
-/// Storage buffers the `flash_out` entry point binds.
-const STORAGE_BUFFERS: u32 = 10;
+/// Invocations per workgroup and rows (columns) per block of shaders/gemm.wgsl.
+const GEMM_WG: usize = 256;
+const GEMM_BLOCK: usize = 64;
+/// Storage buffers the block-product entry points bind.
+const STORAGE_BUFFERS: u32 = 11;
 
 const FLAG_CAUSAL: u32 = 1;
 const FLAG_GATE: u32 = 2;
@@ -391,9 +388,9 @@ struct Params {
     e: u32,
     chunk: u32,
     groups: u32,
-    sblocks: u32,
-    eblocks: u32,
-    qtiles: u32,
+    tiles: u32,
+    stiles: u32,
+    etiles: u32,
     batch: u32,
     row_begin: u32,
     flags: u32,
@@ -402,18 +399,16 @@ struct Params {
     lin_scale: f32,
     rope_base: u32,
     count_base: u32,
+    pstride: u32,
+    pad: [u32; 3],
 }
 
-/// The shader variant for a storage type, padded s and entry point.
-fn variant(dtype: DType, d: u32, entry: &'static str) -> ShaderVariant {
-    let t = tile_rows(d, DV);
-    let consts = format!(
-        "const D: u32 = {d}u;\nconst DV: u32 = {DV}u;\nconst T: u32 = {t}u;\nconst WG: u32 = {WG}u;\n"
-    );
+/// The shader variant for a storage type and entry point.
+fn variant(dtype: DType, entry: &'static str) -> ShaderVariant {
     ShaderVariant {
         family: "flash",
-        variant: format!("{}-s{d}", dtype.name()),
-        source: compose(&[elem_header(dtype), &consts, GRID_WGSL, TILES_WGSL, SOURCE]),
+        variant: dtype.name().to_string(),
+        source: compose(&[elem_header(dtype), GRID_WGSL, GEMM_WGSL, SOURCE]),
         entry,
         constants: vec![],
     }
@@ -423,10 +418,8 @@ fn variant(dtype: DType, d: u32, entry: &'static str) -> ShaderVariant {
 pub fn shader_variants() -> Vec<ShaderVariant> {
     let mut out = Vec::new();
     for dtype in [DType::F32, DType::F16] {
-        for d in [32, 64, 96, 128, 192, 256] {
-            for entry in ["flash_kv", "flash_scan", "flash_out"] {
-                out.push(variant(dtype, d, entry));
-            }
+        for entry in ["flash_scores", "flash_kv", "flash_scan", "flash_out"] {
+            out.push(variant(dtype, entry));
         }
     }
     out
@@ -623,9 +616,7 @@ fn passes(
         });
     }
     let (b, n, s, e, g) = (sh.b, sh.n, sh.s, sh.e, sh.groups);
-    let d = bucket(s);
-    let t = tile_rows(d, DV) as usize;
-
+    let pstride = opts.chunk.min(n);
     // kv scratch: KV slots, counts, then the RoPE (cos, sin) table.
     let slots = b * (g + 1);
     let count_base = slots * s * e;
@@ -674,9 +665,9 @@ fn passes(
         | flag(opts.rope.is_some(), FLAG_ROPE)
         | flag(opts.attn_fn == AttnFn::Laplace, FLAG_LAPLACE)
         | flag(call.update_state, FLAG_UPDATE_STATE);
-    let sblocks = s.div_ceil(SB);
-    let eblocks = e.div_ceil(DV as usize);
-    let qtiles = opts.chunk.min(n).div_ceil(t);
+    let tiles = pstride.div_ceil(GEMM_BLOCK);
+    let stiles = s.div_ceil(GEMM_BLOCK);
+    let etiles = e.div_ceil(GEMM_BLOCK);
     let u = |x: usize| x as u32;
     let params = ctx.uniform(&Params {
         n: u(n),
@@ -684,9 +675,9 @@ fn passes(
         e: u(e),
         chunk: u(opts.chunk),
         groups: u(g),
-        sblocks: u(sblocks),
-        eblocks: u(eblocks),
-        qtiles: u(qtiles),
+        tiles: u(tiles),
+        stiles: u(stiles),
+        etiles: u(etiles),
         batch: u(b),
         row_begin: u(call.row_begin),
         flags,
@@ -695,7 +686,17 @@ fn passes(
         lin_scale,
         rope_base: u(rope_base),
         count_base: u(count_base),
+        pstride: u(pstride),
+        pad: [0; 3],
     })?;
+    // Activated scores of every chunk, [b, G, pstride, pstride].
+    let score_floats = b * g * pstride * pstride;
+    check_binding(
+        ctx,
+        "elements of the flash score scratch",
+        score_floats as u64 * 4,
+    )?;
+    let scores = ctx.scratch(score_floats as u64 * 4)?;
     // Absent optional inputs get small buffers of their own.
     let dummy = |x: &Option<wgpu::Buffer>| -> Result<wgpu::Buffer> {
         match x {
@@ -709,47 +710,42 @@ fn passes(
         dummy(&bound.key_mask)?,
     );
     let ent = wgpu::Buffer::as_entire_buffer_binding;
+    // The block-product entry points reach every input through gemm_a / gemm_b; each binds
+    // all of them but those it has no use for (a pipeline's layout lists only what its entry
+    // point uses).
+    let products = [
+        (0, ent(&bound.qq)),
+        (1, ent(&bound.kq)),
+        (2, ent(&bound.ql)),
+        (3, ent(&bound.kl)),
+        (4, ent(&bound.v)),
+        (5, ent(&gate)),
+        (6, ent(&bound.out)),
+        (7, ent(&mask)),
+        (8, ent(&bias)),
+        (9, ent(&params)),
+        (10, ent(&kv)),
+        (12, ent(&scores)),
+    ];
+    let product = |entry, unused: &[u32], workgroups: usize| {
+        let bindings: Vec<_> = products
+            .iter()
+            .filter(|(i, _)| !unused.contains(i))
+            .cloned()
+            .collect();
+        Step::new(ctx, &variant(dtype, entry), &bindings, workgroups as u64)
+    };
     let mut plan = Plan::default();
+    plan.push(product("flash_scores", &[5, 6], b * g * tiles * tiles)?);
+    plan.push(product("flash_kv", &[5, 6, 8], b * g * stiles * etiles)?);
     plan.push(Step::new(
         ctx,
-        &variant(dtype, d, "flash_kv"),
-        &[
-            (0, ent(&bound.qq)),
-            (1, ent(&bound.kq)),
-            (2, ent(&bound.ql)),
-            (3, ent(&bound.kl)),
-            (4, ent(&bound.v)),
-            (7, ent(&mask)),
-            (9, ent(&params)),
-            (10, ent(&kv)),
-        ],
-        (b * g * sblocks * eblocks) as u64,
-    )?);
-    plan.push(Step::new(
-        ctx,
-        &variant(dtype, d, "flash_scan"),
+        &variant(dtype, "flash_scan"),
         &[(9, ent(&params)), (10, ent(&kv)), (11, ent(&state))],
-        (b * s * e + b).div_ceil(WG as usize) as u64,
+        (b * s * e + b).div_ceil(GEMM_WG) as u64,
     )?);
-    plan.push(Step::new(
-        ctx,
-        &variant(dtype, d, "flash_out"),
-        &[
-            (0, ent(&bound.qq)),
-            (1, ent(&bound.kq)),
-            (2, ent(&bound.ql)),
-            (3, ent(&bound.kl)),
-            (4, ent(&bound.v)),
-            (5, ent(&gate)),
-            (6, ent(&bound.out)),
-            (7, ent(&mask)),
-            (8, ent(&bias)),
-            (9, ent(&params)),
-            (10, ent(&kv)),
-        ],
-        (b * g * qtiles * eblocks) as u64,
-    )?);
-    for buf in [params, kv, state, gate, bias, mask] {
+    plan.push(product("flash_out", &[8], b * g * tiles * etiles)?);
+    for buf in [params, kv, state, gate, bias, mask, scores] {
         plan.keep(buf);
     }
     Ok(plan)
