@@ -1,11 +1,12 @@
 // FLASH mixed-chunk attention (GAU): quadratic attention inside chunks plus linear attention
-// across chunks, as four passes of block products (shaders/gemm.wgsl).
+// across chunks, as three passes of block products (shaders/gemm.wgsl).
 //
 // Prepended by the host: `alias elem = f32|f16;`, shaders/grid.wgsl and shaders/gemm.wgsl.
-//   flash_scores  one workgroup per (batch, chunk, 64 x 64 block of the chunk's C x C scores):
+//   flash_chunks  one workgroup per block of either
+//                 (batch, chunk, 64 x 64 block of the chunk's C x C scores):
 //                 P = f(kappa qq kq^T + bias), zero where the key is masked, padded or (causal)
-//                 later than the query; blocks wholly above the diagonal are skipped (causal).
-//   flash_kv      one workgroup per (batch, chunk, 64 x 64 block of s x e):
+//                 later than the query; blocks wholly above the diagonal are skipped (causal);
+//                 or (batch, chunk, 64 x 64 block of s x e):
 //                 KV_g = kl_g^T v_g over the chunk's valid keys, and the chunk's valid-key count.
 //   flash_scan    one invocation per (batch, KV element or count): the exclusive prefix over
 //                 chunks in place (slot g = state + sum_{h<g} KV_h, slot G = state + all), and,
@@ -182,13 +183,25 @@ fn chunk_len(g: u32) -> u32 {
     return min(p.n, g * p.chunk + p.chunk) - g * p.chunk;
 }
 
+// The chunks' own work, one dispatch: score blocks first, then KV blocks (independent of
+// each other, so one pass keeps the GPU fuller than two when there are few chunks).
 @compute @workgroup_size(GEMM_WG)
-fn flash_scores(
+fn flash_chunks(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let blk = block_of(linear_workgroup(wid, nwg), p.tiles, p.tiles);
+    let w = linear_workgroup(wid, nwg);
+    let score_blocks = p.batch * p.groups * p.tiles * p.tiles;
+    if (w < score_blocks) {
+        scores_block(w, lid);
+    } else {
+        kv_block(w - score_blocks, lid);
+    }
+}
+
+fn scores_block(w: u32, lid: u32) {
+    let blk = block_of(w, p.tiles, p.tiles);
     let len = chunk_len(blk.chunk);
     cur_batch = blk.batch;
     cur_c0 = blk.chunk * p.chunk;
@@ -222,13 +235,8 @@ fn flash_scores(
     }
 }
 
-@compute @workgroup_size(GEMM_WG)
-fn flash_kv(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let blk = block_of(linear_workgroup(wid, nwg), p.stiles, p.etiles);
+fn kv_block(w: u32, lid: u32) {
+    let blk = block_of(w, p.stiles, p.etiles);
     if (blk.batch >= p.batch) {
         return;
     }

@@ -7,11 +7,11 @@ memory-bound rows as bytes read + written per call / time and the ratio to a pla
 (4 b h m n d, halved for causal) and its decode rows as GB/s of reading K and V once.
 
 Peers: torch.softmax; torch.nn.functional.scaled_dot_product_attention (f32 and bf16, causal
-and not, the shapes of `seqk bench attention`; decode f32 and f16 with enable_gqa); Hugging
+and not, the shapes of `seqk bench attention`, and h12 d64 n 1K..64K beside `seqk bench flash`; decode f32 and f16 with enable_gqa); Hugging
 Face's eager RoPE (`q * cos + rotate_half(q) * sin` on q and k, as
 transformers' `apply_rotary_pos_emb`), on the fused case of `seqk bench rope`.
 
-    python3 benches/peers/torch_peers.py [--json] [--quick]
+    python3 benches/peers/torch_peers.py [--json] [--quick] [softmax|attention|rope|flash ...]
 """
 import argparse
 import json
@@ -41,7 +41,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("kernels", nargs="*", help="families to run (default: all), as `seqk bench`")
     args = ap.parse_args()
+    want = lambda k: not args.kernels or k in args.kernels
     if not torch.cuda.is_available():
         sys.exit("torch_peers: no CUDA device")
     dev = torch.device("cuda")
@@ -54,15 +56,16 @@ def main():
     copy_gbps = 2 * nbytes / ms / 1e6
     rows.append({"kernel": "copy", "case": f"torch copy_ {nbytes >> 20} MiB", "ms": ms, "gbps": copy_gbps})
 
-    for r, n in [(4096, 1024), (4096, 4096), (1024, 32768), (64, 1 << 20)]:
+    for r, n in [] if not want("softmax") else [(4096, 1024), (4096, 4096), (1024, 32768), (64, 1 << 20)]:
         r = max(r // 16, 4) if args.quick else r
         x = torch.empty(r, n, device=dev, dtype=torch.float32).uniform_(-4, 4)
         ms = time_ms(lambda: torch.softmax(x, dim=-1))
         gbps = 2 * x.numel() * 4 / ms / 1e6
         rows.append({"kernel": "softmax", "case": f"torch f32 {r}x{n}", "ms": ms, "gbps": gbps})
 
-    rows += attention_rows(dev, args.quick)
-    rows += rope_rows(dev, args.quick)
+    for name, family in [("attention", attention_rows), ("rope", rope_rows), ("flash", flash_peer_rows)]:
+        if want(name):
+            rows += family(dev, args.quick)
 
     for row in rows:
         row.setdefault("gbps", None)
@@ -119,6 +122,58 @@ def attention_rows(dev, quick):
         nbytes = (k.numel() + v.numel()) * k.element_size()
         case = f"torch sdpa decode {name} b{bq} h{hq}/{hkv} m1 n{n} d{d}"
         rows.append({"kernel": "attention", "case": case, "ms": ms, "gbps": nbytes / ms / 1e6})
+    return rows
+
+
+def flash_peer_rows(dev, quick):
+    """SDPA at the shapes `seqk bench flash` sets FLASH beside: a Transformer of the same width
+    (b 1, 12 heads of 64, m = n), n 1K..64K, bf16 and f32, causal and not. The case carries the
+    time per token, as `seqk bench flash` does."""
+    import torch.nn.functional as F
+
+    rows = []
+    h, d = 12, 64
+    for n in [1024, 2048, 4096] if quick else [1024 << i for i in range(7)]:
+        for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "f32")]:
+            q, k, v = (torch.empty(1, h, n, d, device=dev, dtype=dtype).uniform_(-1, 1) for _ in range(3))
+            for causal in (False, True):
+                ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), samples=5, iters=3)
+                flops = 4 * h * n * n * d / (2 if causal else 1)
+                case = f"torch sdpa {name} h12 d64 n{n}" + (" causal" if causal else "") + f" {ms * 1e3 / n:.2f} us/tok"
+                rows.append({"kernel": "flash", "case": case, "ms": ms, "tflops": flops / ms / 1e9})
+            del q, k, v
+        rows += flash_einsum_rows(dev, n)
+    return rows
+
+
+def flash_einsum(qq, kq, ql, kl, v, chunk, causal):
+    """FLASH (relu2, quad_scale 1/C, lin_norm chunk) in PyTorch matrix products, n a multiple
+    of the chunk: the same mathematics as `seqk run flash` with those options."""
+    b, n, s = qq.shape
+    g = n // chunk
+    qq, kq, ql, kl = (x.view(b, g, chunk, s) for x in (qq, kq, ql, kl))
+    v = v.view(b, g, chunk, -1)
+    a = torch.relu(qq @ kq.transpose(-1, -2) / chunk) ** 2
+    if causal:
+        a = a.tril()
+    kv = kl.transpose(-1, -2) @ v  # [b, g, s, e]
+    kv = kv.cumsum(1) - kv if causal else kv.sum(1, keepdim=True)
+    return (a @ v + ql @ kv / chunk).view(b, n, -1)
+
+
+def flash_einsum_rows(dev, n, s=128, e=1536, chunk=256):
+    """The FLASH shapes of `seqk bench flash` in PyTorch matrix products (cuBLAS), f32 and bf16."""
+    rows = []
+    for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "f32")]:
+        qq, kq, ql, kl = (torch.empty(1, n, s, device=dev, dtype=dtype).uniform_(-1, 1) for _ in range(4))
+        v = torch.empty(1, n, e, device=dev, dtype=dtype).uniform_(-1, 1)
+        for causal in (False, True):
+            ms = time_ms(lambda: flash_einsum(qq, kq, ql, kl, v, chunk, causal), samples=5, iters=3)
+            flops = n * (2 * chunk * (s + e) / (2 if causal else 1) + 4 * s * e)
+            case = f"torch flash matmuls {name} n{n} s{s} e{e} C{chunk}" + (" causal" if causal else "")
+            case += f" {ms * 1e3 / n:.2f} us/tok"
+            rows.append({"kernel": "flash", "case": case, "ms": ms, "tflops": flops / ms / 1e9})
+        del qq, kq, ql, kl, v
     return rows
 
 

@@ -233,7 +233,8 @@ fn flash_flops(sh: &FlashShape, causal: bool) -> f64 {
 /// for a Transformer of the same width (12 heads of 64, m = n). Time per token is in the case.
 /// `quick` takes n up to 4K; the full run n up to 64K. Exact attention is quadratic, so it goes
 /// on to the next n only while one pass took under [`EXACT_PASS_LIMIT`] (a 64K pass is minutes
-/// on a software adapter). Sizes the adapter cannot bind are reported and skipped.
+/// on a software adapter), and takes fewer samples once a pass is long. Sizes the adapter
+/// cannot bind are reported and skipped.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
     let (s, e, chunk) = (128usize, 1536usize, 256usize);
     let ns: &[usize] = if quick {
@@ -252,7 +253,9 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
             Err(err) => return Err(err),
         }
         if exact_pass < EXACT_PASS_LIMIT {
-            let exact = exact_rows(ctx, n, baseline)?;
+            // The next pass is about four times the last: sample long ones less.
+            let long = exact_pass * 4 > LONG_PASS;
+            let exact = exact_rows(ctx, n, baseline, long)?;
             exact_pass = exact.iter().map(|r| r.timing.best()).max().unwrap_or_default();
             rows.extend(exact);
         } else {
@@ -266,7 +269,9 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
 }
 
 /// The longest exact-attention pass after which the exact series stops growing n.
-const EXACT_PASS_LIMIT: Duration = Duration::from_millis(1500);
+const EXACT_PASS_LIMIT: Duration = Duration::from_millis(3000);
+/// Passes longer than this are timed with one warm-up and three samples.
+const LONG_PASS: Duration = Duration::from_millis(500);
 
 fn per_token(timing: &Timing, n: usize) -> String {
     format!("{:.2} us/tok", timing.best().as_secs_f64() * 1e6 / n as f64)
@@ -313,7 +318,13 @@ fn flash_rows(
 }
 
 /// Exact attention of a Transformer of the same width: 12 heads of 64, m = n.
-fn exact_rows(ctx: &Context, n: usize, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
+fn exact_rows(
+    ctx: &Context,
+    n: usize,
+    baseline: &Baseline,
+    long: bool,
+) -> Result<Vec<BenchRow>, Error> {
+    let (warmup, samples) = if long { (1, 3) } else { (WARMUP, SAMPLES) };
     let (h, d) = (12usize, 64usize);
     let shape = [1, h, n, d];
     let up = |seed| ctx.upload(&random_values(h * n * d, seed, -1.0, 1.0), shape);
@@ -327,7 +338,7 @@ fn exact_rows(ctx: &Context, n: usize, baseline: &Baseline) -> Result<Vec<BenchR
         };
         let plan = Attention::new(ctx, &opts)?.plan(&q, &k, &v, None, &o, None)?;
         let flops = 4.0 * (h * n * n * d) as f64 / if causal { 2.0 } else { 1.0 };
-        let timing = time_passes(ctx, WARMUP, SAMPLES, 1, |pass| plan.record(pass))?;
+        let timing = time_passes(ctx, warmup, samples, 1, |pass| plan.record(pass))?;
         rows.push(BenchRow {
             kernel: "attention",
             case: format!(

@@ -418,7 +418,7 @@ fn variant(dtype: DType, entry: &'static str) -> ShaderVariant {
 pub fn shader_variants() -> Vec<ShaderVariant> {
     let mut out = Vec::new();
     for dtype in [DType::F32, DType::F16] {
-        for entry in ["flash_scores", "flash_kv", "flash_scan", "flash_out"] {
+        for entry in ["flash_chunks", "flash_scan", "flash_out"] {
             out.push(variant(dtype, entry));
         }
     }
@@ -598,7 +598,8 @@ impl Flash {
     }
 }
 
-/// The three passes (KV per chunk, prefix scan, output) of one call over bound buffers.
+/// The three passes (scores and KV per chunk, prefix scan, output) of one call over bound
+/// buffers.
 fn passes(
     ctx: &Context,
     opts: &FlashOptions,
@@ -736,8 +737,11 @@ fn passes(
         Step::new(ctx, &variant(dtype, entry), &bindings, workgroups as u64)
     };
     let mut plan = Plan::default();
-    plan.push(product("flash_scores", &[5, 6], b * g * tiles * tiles)?);
-    plan.push(product("flash_kv", &[5, 6, 8], b * g * stiles * etiles)?);
+    plan.push(product(
+        "flash_chunks",
+        &[5, 6],
+        b * g * (tiles * tiles + stiles * etiles),
+    )?);
     plan.push(Step::new(
         ctx,
         &variant(dtype, "flash_scan"),
