@@ -1,19 +1,17 @@
 // FLASH mixed-chunk attention (GAU): quadratic attention inside chunks plus linear attention
 // across chunks, as three passes of block products (shaders/gemm.wgsl).
 //
-// Prepended by the host: `alias elem = f32|f16;`, `const GEMM_TM`, shaders/grid.wgsl and
-// shaders/gemm.wgsl.
+// Prepended by the host: `alias elem = f32|f16;`, shaders/grid.wgsl and shaders/gemm.wgsl.
 //   flash_chunks  one workgroup per block of either
-//                 (batch, chunk, GEMM_BM x 64 block of the chunk's C x C scores):
+//                 (batch, chunk, 64 x 64 block of the chunk's C x C scores):
 //                 P = f(kappa qq kq^T + bias), zero where the key is masked, padded or (causal)
 //                 later than the query; blocks wholly above the diagonal are skipped (causal);
-//                 or (batch, chunk, GEMM_BM x 64 block of s x e):
+//                 or (batch, chunk, 64 x 64 block of s x e):
 //                 KV_g = kl_g^T v_g over the chunk's valid keys, and the chunk's valid-key count.
 //   flash_scan    one invocation per (batch, KV element or count): the exclusive prefix over
 //                 chunks in place (slot g = state + sum_{h<g} KV_h, slot G = state + all), and,
 //                 when decoding, the new state.
-//   flash_out     one workgroup per (batch, chunk, GEMM_BM x 64 block of the chunk's C x e
-//                 output):
+//   flash_out     one workgroup per (batch, chunk, 64 x 64 block of the chunk's C x e output):
 //                 y = z ql KV_slot + P v (causal: key blocks up to the diagonal), gate, write.
 // Each score is computed once and read by every column block of the output. Masked and padded
 // keys contribute nothing: their v rows read as zero and their scores are never passed to the
@@ -25,7 +23,7 @@ struct Params {
     groups: u32, tiles: u32, stiles: u32, etiles: u32,
     batch: u32, row_begin: u32, flags: u32, norm: u32,
     kappa: f32, lin_scale: f32, rope_base: u32, count_base: u32,
-    pstride: u32, ctiles: u32, pad0: u32, pad1: u32,
+    pstride: u32, pad0: u32, pad1: u32, pad2: u32,
 }
 
 const FLAG_CAUSAL: u32 = 1u;
@@ -177,7 +175,7 @@ fn block_of(w: u32, rblocks: u32, cblocks: u32) -> Block {
     x /= cblocks;
     let rb = x % rblocks;
     x /= rblocks;
-    return Block(x / p.groups, x % p.groups, rb * GEMM_BM, cb * GEMM_BN);
+    return Block(x / p.groups, x % p.groups, rb * GEMM_BLOCK, cb * GEMM_BLOCK);
 }
 
 // Rows of chunk g (the last may be partial).
@@ -194,7 +192,7 @@ fn flash_chunks(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let w = linear_workgroup(wid, nwg);
-    let score_blocks = p.batch * p.groups * p.tiles * p.ctiles;
+    let score_blocks = p.batch * p.groups * p.tiles * p.tiles;
     if (w < score_blocks) {
         scores_block(w, lid);
     } else {
@@ -203,7 +201,7 @@ fn flash_chunks(
 }
 
 fn scores_block(w: u32, lid: u32) {
-    let blk = block_of(w, p.tiles, p.ctiles);
+    let blk = block_of(w, p.tiles, p.tiles);
     let len = chunk_len(blk.chunk);
     cur_batch = blk.batch;
     cur_c0 = blk.chunk * p.chunk;
@@ -211,13 +209,13 @@ fn scores_block(w: u32, lid: u32) {
     // Whole workgroups leave together: past the batch or the (partial) chunk, above the
     // diagonal (causal), or wholly before the first output row.
     if (blk.batch >= p.batch || blk.row0 >= len || blk.col0 >= len
-        || (has(FLAG_CAUSAL) && blk.col0 > blk.row0 + GEMM_BM - 1u)
-        || cur_c0 + blk.row0 + GEMM_BM <= p.row_begin) {
+        || (has(FLAG_CAUSAL) && blk.col0 > blk.row0 + GEMM_BLOCK - 1u)
+        || cur_c0 + blk.row0 + GEMM_BLOCK <= p.row_begin) {
         return;
     }
-    var acc = GemmAcc();
+    var acc = gemm_zero();
     gemm_product(&acc, SRC_QQ, SRC_KQ, blk.row0, len, blk.col0, len, p.s, false, false, lid);
-    for (var i = 0u; i < GEMM_TM; i++) {
+    for (var i = 0u; i < 4u; i++) {
         let m = blk.row0 + gemm_row(lid) + i;
         for (var j = 0u; j < 4u; j++) {
             let n = blk.col0 + gemm_col(lid) + j;
@@ -245,10 +243,10 @@ fn kv_block(w: u32, lid: u32) {
     let len = chunk_len(blk.chunk);
     cur_batch = blk.batch;
     cur_c0 = blk.chunk * p.chunk;
-    var acc = GemmAcc();
+    var acc = gemm_zero();
     gemm_product(&acc, SRC_KL, SRC_V, blk.row0, p.s, blk.col0, p.e, len, true, true, lid);
     let slot = (blk.batch * (p.groups + 1u) + blk.chunk) * p.s;
-    for (var i = 0u; i < GEMM_TM; i++) {
+    for (var i = 0u; i < 4u; i++) {
         let a = blk.row0 + gemm_row(lid) + i;
         for (var j = 0u; j < 4u; j++) {
             let col = blk.col0 + gemm_col(lid) + j;
@@ -331,7 +329,7 @@ fn flash_out(
     cur_batch = blk.batch;
     cur_c0 = blk.chunk * p.chunk;
     if (blk.batch >= p.batch || blk.row0 >= len
-        || cur_c0 + blk.row0 + GEMM_BM <= p.row_begin) {
+        || cur_c0 + blk.row0 + GEMM_BLOCK <= p.row_begin) {
         return;
     }
     var slot = p.groups;
@@ -339,22 +337,22 @@ fn flash_out(
         slot = blk.chunk;
     }
     // Linear branch z ql KV_slot, then the quadratic branch P v on top of it.
-    var acc = GemmAcc();
+    var acc = gemm_zero();
     cur_base = (blk.batch * (p.groups + 1u) + slot) * p.s * p.e;
     gemm_product(&acc, SRC_QL, SRC_KV, blk.row0, len, blk.col0, p.e, p.s, false, true, lid);
     let z = lin_z(blk.batch, slot);
-    for (var i = 0u; i < GEMM_TM; i++) {
+    for (var i = 0u; i < 4u; i++) {
         acc[i] *= z;
     }
     var depth = len;
     if (has(FLAG_CAUSAL)) {
-        depth = min(len, blk.row0 + GEMM_BM);
+        depth = min(len, blk.row0 + GEMM_BLOCK);
     }
     cur_base = (blk.batch * p.groups + blk.chunk) * p.pstride * p.pstride;
     gemm_product(&acc, SRC_P, SRC_V, blk.row0, len, blk.col0, p.e, depth, false, true, lid);
 
     let rows = p.n - p.row_begin;
-    for (var i = 0u; i < GEMM_TM; i++) {
+    for (var i = 0u; i < 4u; i++) {
         let t = cur_c0 + blk.row0 + gemm_row(lid) + i;
         if (t >= cur_c0 + len || t < p.row_begin) {
             continue;

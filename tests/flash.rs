@@ -137,27 +137,15 @@ fn gpu_f16(ctx: &Context, d: &Data, opts: &FlashOptions) -> Vec<f32> {
     gpu_as(ctx, d, opts, f16::from_f32, f16::to_f32)
 }
 
-/// GPU against the reference, with each block size of the block products when the options
-/// leave it to the kernel.
 fn check(ctx: &Context, d: &Data, opts: &FlashOptions, what: &str) {
     let want = reference(&d.host(), opts).unwrap();
-    let sizes = match opts.block_rows {
-        Some(r) => vec![r],
-        None => vec![32, 64],
-    };
-    for rows in sizes {
-        let opts = FlashOptions {
-            block_rows: Some(rows),
-            ..opts.clone()
-        };
-        let got = gpu_f32(ctx, d, &opts);
-        let err = row_error(&got, &want, d.dims[3]);
-        assert!(
-            err <= TOL_F32,
-            "{what} {:?} {opts:?}: error {err:e}",
-            d.dims
-        );
-    }
+    let got = gpu_f32(ctx, d, opts);
+    let err = row_error(&got, &want, d.dims[3]);
+    assert!(
+        err <= TOL_F32,
+        "{what} {:?} {opts:?}: error {err:e}",
+        d.dims
+    );
 }
 
 #[test]
@@ -620,15 +608,10 @@ fn bad_input_is_an_error() {
         None,
         &o
     )));
-    // C = 0, non-finite scales, a block size the kernel has no variant for, odd s with fused
-    // rope.
+    // C = 0, non-finite scales, odd s with fused rope.
     for bad in [
         FlashOptions {
             chunk: 0,
-            ..o.clone()
-        },
-        FlashOptions {
-            block_rows: Some(48),
             ..o.clone()
         },
         FlashOptions {

@@ -172,8 +172,6 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
             [1, 1000, 128, 1536],
             FlashOptions {
                 causal: true,
-                // The small cases take 32-row blocks by themselves.
-                block_rows: Some(64),
                 ..d.clone()
             },
             false,
@@ -201,9 +199,6 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
         }
         if opts.rope.is_some() {
             case.push_str(" rope");
-        }
-        if let Some(r) = opts.block_rows {
-            case.push_str(&format!(" rows{r}"));
         }
         if extras {
             case.push_str(" gate+bias+mask");
@@ -238,9 +233,8 @@ fn flash_flops(sh: &FlashShape, causal: bool) -> f64 {
 /// for a Transformer of the same width (12 heads of 64, m = n). Time per token is in the case.
 /// `quick` takes n up to 4K; the full run n up to 64K. Exact attention is quadratic, so it goes
 /// on to the next n only while one pass took under [`EXACT_PASS_LIMIT`] (a 64K pass is minutes
-/// on a software adapter), and takes fewer samples once a pass is long. The full run also
-/// times both block sizes of the block products (`block_rows` 32 and 64) up to 16K, the
-/// evidence for the automatic choice. Sizes the adapter cannot bind are reported and skipped.
+/// on a software adapter), and takes fewer samples once a pass is long. Sizes the adapter
+/// cannot bind are reported and skipped.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
     let (s, e, chunk) = (128usize, 1536usize, 256usize);
     let ns: &[usize] = if quick {
@@ -251,7 +245,7 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
     let mut rows = Vec::new();
     let mut exact_pass = Duration::ZERO;
     for &n in ns {
-        match flash_rows(ctx, n, s, e, chunk, !quick && n <= 16384, baseline) {
+        match flash_rows(ctx, n, s, e, chunk, baseline) {
             Ok(r) => rows.extend(r),
             Err(Error::LimitExceeded { limit, needed, max }) => eprintln!(
                 "seqk bench flash: n = {n} skipped, {limit} needs {needed} but the device allows {max}"
@@ -289,7 +283,6 @@ fn flash_rows(
     s: usize,
     e: usize,
     chunk: usize,
-    tune: bool,
     baseline: &Baseline,
 ) -> Result<Vec<BenchRow>, Error> {
     let up = |seed, w: usize| -> Result<GpuTensor<f32>, Error> {
@@ -299,15 +292,10 @@ fn flash_rows(
     let out = ctx.zeros::<f32>([1, n, e])?;
     let inputs = FlashInputs::new(&qq, &kq, &ql, &kl, &v);
     let mut rows = Vec::new();
-    let forced: &[usize] = if tune { &[32, 64] } else { &[] };
-    let cases = [false, true]
-        .into_iter()
-        .flat_map(|c| std::iter::once((c, None)).chain(forced.iter().map(move |&r| (c, Some(r)))));
-    for (causal, block_rows) in cases {
+    for causal in [false, true] {
         let opts = FlashOptions {
             chunk,
             causal,
-            block_rows,
             ..Default::default()
         };
         let plan = Flash::new(ctx, &opts)?.plan(&inputs, &out)?;
@@ -316,9 +304,8 @@ fn flash_rows(
         rows.push(BenchRow {
             kernel: "flash",
             case: format!(
-                "n{n} s{s} e{e} C{chunk}{}{} {}",
+                "n{n} s{s} e{e} C{chunk}{} {}",
                 if causal { " causal" } else { "" },
-                block_rows.map_or(String::new(), |r| format!(" rows{r}")),
                 per_token(&timing, n)
             ),
             timing,
@@ -381,7 +368,7 @@ fn floats(a: &Array, name: &str) -> Result<(Vec<f32>, bool), CliError> {
 
 /// `seqk run flash --in qq=.. --in kq=.. --in ql=.. --in kl=.. --in v=.. [--in gate=..]
 /// [--in bias=..] [--in key_mask=..] --out Y.npy [--set chunk=.. causal=.. attn_fn=..
-/// quad_scale=.. lin_norm=.. lin_scale=.. block_rows=..]`
+/// quad_scale=.. lin_norm=.. lin_scale=..]`
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let names = ["qq", "kq", "ql", "kl"];
     let mut qk = Vec::new();
@@ -401,7 +388,6 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         lin_norm: LinNorm::parse(&io.set("lin_norm", "chunk".to_string())?)?,
         lin_scale: io.set_opt("lin_scale")?,
         rope: None,
-        block_rows: io.set_opt("block_rows")?,
     };
     io.check_unused()?;
     let shapes: Vec<&[usize]> = qk.iter().map(|a| a.shape.as_slice()).collect();

@@ -44,12 +44,9 @@ const SOURCE: &str = include_str!("../../shaders/flash.wgsl");
 pub const MAX_S: usize = 256;
 /// Largest n: valid-key counts are kept exactly in f32.
 pub const MAX_N: usize = 1 << 24;
-/// Invocations per workgroup and columns per block of shaders/gemm.wgsl.
+/// Invocations per workgroup and rows (columns) per block of shaders/gemm.wgsl.
 const GEMM_WG: usize = 256;
-const GEMM_BN: usize = 64;
-/// Output blocks of 64 rows under which a call takes 32-row blocks: a few per streaming
-/// multiprocessor of a large GPU.
-const SMALL_CALL_BLOCKS: usize = 2048;
+const GEMM_BLOCK: usize = 64;
 /// Storage buffers the block-product entry points bind.
 const STORAGE_BUFFERS: u32 = 11;
 
@@ -174,10 +171,6 @@ pub struct FlashOptions {
     pub lin_scale: Option<f32>,
     /// Fused RoPE on qq, kq, ql, kl; `None` leaves them as given.
     pub rope: Option<FlashRope>,
-    /// Rows per workgroup block of the block products, 32 or 64 (a tuning choice; results
-    /// agree either way). `None` takes 32 when a call has too few 64-row blocks to keep a
-    /// large GPU busy, else 64.
-    pub block_rows: Option<usize>,
 }
 
 impl Default for FlashOptions {
@@ -190,7 +183,6 @@ impl Default for FlashOptions {
             lin_norm: LinNorm::Chunk,
             lin_scale: None,
             rope: None,
-            block_rows: None,
         }
     }
 }
@@ -213,11 +205,6 @@ impl FlashOptions {
                     "flash {name} must be finite, got {x:?}"
                 )));
             }
-        }
-        if let Some(r) = self.block_rows.filter(|r| ![32, 64].contains(r)) {
-            return Err(Error::option(format!(
-                "flash block_rows must be 32 or 64, got {r}"
-            )));
         }
         if let Some(r) = &self.rope {
             if !(r.base > 0.0 && r.base.is_finite()) {
@@ -413,17 +400,15 @@ struct Params {
     rope_base: u32,
     count_base: u32,
     pstride: u32,
-    ctiles: u32,
-    pad: [u32; 2],
+    pad: [u32; 3],
 }
 
-/// The shader variant for a storage type, block rows and entry point.
-fn variant(dtype: DType, block_rows: usize, entry: &'static str) -> ShaderVariant {
-    let rows = format!("const GEMM_TM: u32 = {}u;\n", block_rows / 16);
+/// The shader variant for a storage type and entry point.
+fn variant(dtype: DType, entry: &'static str) -> ShaderVariant {
     ShaderVariant {
         family: "flash",
-        variant: format!("{}-rows{block_rows}", dtype.name()),
-        source: compose(&[elem_header(dtype), &rows, GRID_WGSL, GEMM_WGSL, SOURCE]),
+        variant: dtype.name().to_string(),
+        source: compose(&[elem_header(dtype), GRID_WGSL, GEMM_WGSL, SOURCE]),
         entry,
         constants: vec![],
     }
@@ -433,10 +418,8 @@ fn variant(dtype: DType, block_rows: usize, entry: &'static str) -> ShaderVarian
 pub fn shader_variants() -> Vec<ShaderVariant> {
     let mut out = Vec::new();
     for dtype in [DType::F32, DType::F16] {
-        for rows in [32, 64] {
-            for entry in ["flash_chunks", "flash_scan", "flash_out"] {
-                out.push(variant(dtype, rows, entry));
-            }
+        for entry in ["flash_chunks", "flash_scan", "flash_out"] {
+            out.push(variant(dtype, entry));
         }
     }
     out
@@ -683,17 +666,9 @@ fn passes(
         | flag(opts.rope.is_some(), FLAG_ROPE)
         | flag(opts.attn_fn == AttnFn::Laplace, FLAG_LAPLACE)
         | flag(call.update_state, FLAG_UPDATE_STATE);
-    let etiles = e.div_ceil(GEMM_BN);
-    let rows = opts.block_rows.unwrap_or(
-        if b * g * pstride.div_ceil(64) * etiles < SMALL_CALL_BLOCKS {
-            32
-        } else {
-            64
-        },
-    );
-    let tiles = pstride.div_ceil(rows);
-    let ctiles = pstride.div_ceil(GEMM_BN);
-    let stiles = s.div_ceil(rows);
+    let tiles = pstride.div_ceil(GEMM_BLOCK);
+    let stiles = s.div_ceil(GEMM_BLOCK);
+    let etiles = e.div_ceil(GEMM_BLOCK);
     let u = |x: usize| x as u32;
     let params = ctx.uniform(&Params {
         n: u(n),
@@ -713,8 +688,7 @@ fn passes(
         rope_base: u(rope_base),
         count_base: u(count_base),
         pstride: u(pstride),
-        ctiles: u(ctiles),
-        pad: [0; 2],
+        pad: [0; 3],
     })?;
     // Activated scores of every chunk, [b, G, pstride, pstride].
     let score_floats = b * g * pstride * pstride;
@@ -760,17 +734,17 @@ fn passes(
             .filter(|(i, _)| !unused.contains(i))
             .cloned()
             .collect();
-        Step::new(ctx, &variant(dtype, rows, entry), &bindings, workgroups as u64)
+        Step::new(ctx, &variant(dtype, entry), &bindings, workgroups as u64)
     };
     let mut plan = Plan::default();
     plan.push(product(
         "flash_chunks",
         &[5, 6],
-        b * g * (tiles * ctiles + stiles * etiles),
+        b * g * (tiles * tiles + stiles * etiles),
     )?);
     plan.push(Step::new(
         ctx,
-        &variant(dtype, rows, "flash_scan"),
+        &variant(dtype, "flash_scan"),
         &[(9, ent(&params)), (10, ent(&kv)), (11, ent(&state))],
         (b * s * e + b).div_ceil(GEMM_WG) as u64,
     )?);
