@@ -18,12 +18,16 @@
 // activation. Positions of fused RoPE come from a host (cos, sin) table (the RoPE family's),
 // indexed by row; rows are rotated as the block products read them.
 
+// When the whole call would not fit storage bindings, the host runs it as segments (one batch
+// item's run of chunks, rows renumbered from 0, n = the segment's rows) and binds each tensor
+// from an aligned offset at or before the segment's first row; qk_base, v_base (also gate and
+// out) and mask_base are that row's element offsets inside the bindings.
 struct Params {
     n: u32, s: u32, e: u32, chunk: u32,
     groups: u32, tiles: u32, stiles: u32, etiles: u32,
     batch: u32, row_begin: u32, flags: u32, norm: u32,
     kappa: f32, lin_scale: f32, rope_base: u32, count_base: u32,
-    pstride: u32, pad0: u32, pad1: u32, pad2: u32,
+    pstride: u32, qk_base: u32, v_base: u32, mask_base: u32,
 }
 
 const FLAG_CAUSAL: u32 = 1u;
@@ -33,6 +37,7 @@ const FLAG_MASK: u32 = 8u;
 const FLAG_ROPE: u32 = 16u;
 const FLAG_LAPLACE: u32 = 32u;
 const FLAG_UPDATE_STATE: u32 = 64u;
+const FLAG_TOTAL_FROM_STATE: u32 = 128u;
 
 // How z is found: the constant lin_scale, 1 / (all valid keys), or 1 / (keys in the prefix).
 const NORM_CONSTANT: u32 = 0u;
@@ -81,7 +86,7 @@ fn key_ok(bi: u32, j: u32) -> bool {
         return false;
     }
     if (has(FLAG_MASK)) {
-        let e = bi * p.n + j;
+        let e = p.mask_base + bi * p.n + j;
         return ((key_mask[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu) != 0u;
     }
     return true;
@@ -100,7 +105,7 @@ fn qk_read(src: u32, i: u32) -> f32 {
 }
 
 fn qk(src: u32, t: u32, c: u32) -> f32 {
-    let row = (cur_batch * p.n + t) * p.s;
+    let row = p.qk_base + (cur_batch * p.n + t) * p.s;
     let x = qk_read(src, row + c);
     if (!has(FLAG_ROPE)) {
         return x;
@@ -131,7 +136,7 @@ fn gemm_b(src: u32, k: u32, n: u32) -> f32 {
             if (!key_ok(cur_batch, j)) {
                 return 0.0;
             }
-            return f32(v[(cur_batch * p.n + j) * p.e + n]);
+            return f32(v[p.v_base + (cur_batch * p.n + j) * p.e + n]);
         }
         default: { return kv[cur_base + k * p.e + n]; }
     }
@@ -290,6 +295,11 @@ fn flash_scan(
         return;
     }
     var run = state[st];
+    if (has(FLAG_TOTAL_FROM_STATE)) {
+        // Non-causal over several segments: the state already holds every chunk's sum.
+        kv[base + p.groups * stride] = run;
+        return;
+    }
     for (var g = 0u; g < p.groups; g++) {
         let x = kv[base + g * stride];
         kv[base + g * stride] = run;
@@ -362,9 +372,9 @@ fn flash_out(
             if (col < p.e) {
                 var y = acc[i][j];
                 if (has(FLAG_GATE)) {
-                    y *= f32(gate[(blk.batch * p.n + t) * p.e + col]);
+                    y *= f32(gate[p.v_base + (blk.batch * p.n + t) * p.e + col]);
                 }
-                out[(blk.batch * rows + t - p.row_begin) * p.e + col] = elem(y);
+                out[p.v_base + (blk.batch * rows + t - p.row_begin) * p.e + col] = elem(y);
             }
         }
     }

@@ -9,7 +9,7 @@ use seq_kernels::kernels::flash::flash_shape;
 use seq_kernels::reference::flash::{flash as reference, gau, FlashHost};
 use seq_kernels::reference::row_error;
 use seq_kernels::{
-    AttnFn, Context, Error, FlashBlock, FlashDecoder, FlashInputs, FlashOptions, FlashRope,
+    AttnFn, Context, Error, Flash, FlashBlock, FlashDecoder, FlashInputs, FlashOptions, FlashRope,
     GpuTensor, LinNorm,
 };
 
@@ -809,4 +809,98 @@ fn seqk_run_flash_matches_cpu() {
     assert_eq!(msg.lines().count(), 1, "{msg}");
     assert!(msg.contains("bias"), "{msg}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second device on the test adapter whose storage bindings hold at most `bytes`, so that
+/// FLASH has to run calls as segments.
+fn small_bindings(bytes: u64) -> Context {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
+        &instance, None,
+    ))
+    .expect("the adapter of the GPU tests");
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_limits: wgpu::Limits {
+            max_storage_buffer_binding_size: bytes,
+            ..adapter.limits()
+        },
+        ..Default::default()
+    }))
+    .expect("a device with smaller storage bindings");
+    assert_eq!(
+        device.limits().max_storage_buffer_binding_size,
+        bytes,
+        "the device must keep the smaller binding limit, or nothing here is split"
+    );
+    Context::from_device(device, queue)
+}
+
+#[test]
+fn calls_too_big_for_one_binding_run_in_segments() {
+    let Some(_) = gpu() else { return };
+    // v of one batch item is 1001 x 199 x 4 bytes, 16 chunks of 64 rows; 256 KiB bindings take
+    // 5 chunks at a time, so each batch item runs as 4 segments, and the second item's rows
+    // start off the binding alignment (1001 x 199 x 4 and 1001 x 30 x 4 bytes).
+    let small = small_bindings(256 << 10);
+    let data = Data::new(2, 1001, 30, 199, 77)
+        .with_gate(78)
+        .with_bias(64, 79)
+        .with_mask(80, 0.8);
+    let cases = [
+        (false, LinNorm::Length, None),
+        (false, LinNorm::Chunk, Some(FlashRope::default())),
+        (true, LinNorm::Prefix, None),
+        (
+            true,
+            LinNorm::Chunk,
+            Some(FlashRope {
+                base: 500.0,
+                offset: 7,
+            }),
+        ),
+    ];
+    for (causal, lin_norm, rope) in cases {
+        let opts = FlashOptions {
+            chunk: 64,
+            causal,
+            lin_norm,
+            rope,
+            ..Default::default()
+        };
+        check(&small, &data, &opts, "segments");
+    }
+    // The plan really is split: more than one round of the three passes.
+    let x = small
+        .upload(&vec![0.5f32; 2 * 1000 * 32], [2, 1000, 32])
+        .unwrap();
+    let v = small
+        .upload(&vec![0.5f32; 2 * 1000 * 200], [2, 1000, 200])
+        .unwrap();
+    let out = small.zeros::<f32>([2, 1000, 200]).unwrap();
+    let opts = FlashOptions {
+        chunk: 64,
+        causal: true,
+        ..Default::default()
+    };
+    let plan = Flash::new(&small, &opts)
+        .unwrap()
+        .plan(&FlashInputs::new(&x, &x, &x, &x, &v), &out)
+        .unwrap();
+    assert_eq!(plan.len(), 3 * 8, "2 batch items x 4 segments x 3 passes");
+    // A single chunk too wide for one binding is an error, not a wrong answer.
+    let tiny = small_bindings(32 << 10);
+    let v = tiny
+        .upload(&vec![0.5f32; 1000 * 200], [1, 1000, 200])
+        .unwrap();
+    let x = tiny
+        .upload(&vec![0.5f32; 1000 * 32], [1, 1000, 32])
+        .unwrap();
+    let out = tiny.zeros::<f32>([1, 1000, 200]).unwrap();
+    let err = Flash::new(&tiny, &opts)
+        .unwrap()
+        .plan(&FlashInputs::new(&x, &x, &x, &x, &v), &out)
+        .err()
+        .expect("a chunk of 64 x 200 floats cannot fit 32 KiB bindings");
+    assert!(matches!(err, Error::LimitExceeded { .. }), "{err}");
 }

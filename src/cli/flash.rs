@@ -256,7 +256,11 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
             // The next pass is about four times the last: sample long ones less.
             let long = exact_pass * 4 > LONG_PASS;
             let exact = exact_rows(ctx, n, baseline, long)?;
-            exact_pass = exact.iter().map(|r| r.timing.best()).max().unwrap_or_default();
+            exact_pass = exact
+                .iter()
+                .map(|r| r.timing.best())
+                .max()
+                .unwrap_or_default();
             rows.extend(exact);
         } else {
             eprintln!(

@@ -33,7 +33,7 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{Plan, Step};
+use crate::dispatch::{sub_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
 use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
@@ -57,6 +57,7 @@ const FLAG_MASK: u32 = 8;
 const FLAG_ROPE: u32 = 16;
 const FLAG_LAPLACE: u32 = 32;
 const FLAG_UPDATE_STATE: u32 = 64;
+const FLAG_TOTAL_FROM_STATE: u32 = 128;
 
 const NORM_CONSTANT: u32 = 0;
 const NORM_LENGTH: u32 = 1;
@@ -400,7 +401,9 @@ struct Params {
     rope_base: u32,
     count_base: u32,
     pstride: u32,
-    pad: [u32; 3],
+    qk_base: u32,
+    v_base: u32,
+    mask_base: u32,
 }
 
 /// The shader variant for a storage type and entry point.
@@ -467,16 +470,129 @@ struct Bound {
     out: wgpu::Buffer,
 }
 
-/// What differs between a one-shot call and a decoding step.
+/// What differs between a one-shot call, a segment of one and a decoding step.
 struct Call<'a> {
     /// The first row written to the output (rows before it are context only).
     row_begin: usize,
     /// Sum of KV (and valid keys) over earlier chunks; `None` = nothing before.
     state: Option<&'a wgpu::Buffer>,
-    /// Whether the scan adds this call's chunks into `state`.
-    update_state: bool,
+    /// What the scan does with the chunks' KV sums.
+    scan: Scan,
+    /// Whether to run the output pass (the first sweep over non-causal segments only sums).
+    outputs: bool,
     /// Global position of row 0 for fused RoPE.
     rope_offset: u64,
+}
+
+/// How the scan pass treats the chunks' KV sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scan {
+    /// The exclusive prefix over chunks, from the state (zero when there is none).
+    Prefix,
+    /// The prefix, and the state gains this call's chunks.
+    PrefixIntoState,
+    /// The total slot is the state, which already holds every chunk (non-causal segments).
+    TotalFromState,
+}
+
+/// Rows one sequence of passes works on: the whole call, or, when a tensor or scratch buffer
+/// of the whole call would not fit one storage binding, a run of chunks of one batch item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    batch: usize,
+    batches: usize,
+    chunk: usize,
+    chunks: usize,
+}
+
+impl Segment {
+    fn whole(sh: &FlashShape) -> Self {
+        Self {
+            batch: 0,
+            batches: sh.b,
+            chunk: 0,
+            chunks: sh.groups,
+        }
+    }
+
+    /// The first row (within a batch item) and the number of rows.
+    fn rows(&self, sh: &FlashShape) -> (usize, usize) {
+        let r0 = self.chunk * sh.chunk;
+        (r0, sh.n.min(r0 + self.chunks * sh.chunk) - r0)
+    }
+
+    /// Floats of the KV scratch (slots, counts, RoPE table) and of the score scratch.
+    fn scratch_floats(&self, sh: &FlashShape, rope: bool) -> (u64, u64) {
+        let (_, rows) = self.rows(sh);
+        let slots = (self.batches * (self.chunks + 1)) as u64;
+        let table = if rope { (rows * sh.s) as u64 } else { 0 };
+        let pc = sh.chunk.min(rows) as u64;
+        (
+            slots * (sh.s * sh.e) as u64 + slots + table,
+            (self.batches * self.chunks) as u64 * pc * pc,
+        )
+    }
+}
+
+/// The segments of a call: the whole call when everything fits the device's storage bindings,
+/// else runs of as many chunks of each batch item as fit (`elem` bytes per tensor element).
+fn segments(
+    ctx: &Context,
+    opts: &FlashOptions,
+    sh: &FlashShape,
+    elem: u64,
+) -> Result<Vec<Segment>> {
+    let limits = ctx.limits();
+    let max = limits.max_storage_buffer_binding_size;
+    let align = limits.min_storage_buffer_offset_alignment as u64;
+    let widest = sh.s.max(sh.e) as u64;
+    // Bytes of the largest binding of a segment (a segment's tensors start up to one
+    // alignment before its first row).
+    let largest = |seg: &Segment| {
+        let (_, rows) = seg.rows(sh);
+        let slack = if *seg == Segment::whole(sh) { 0 } else { align };
+        let (kv, scores) = seg.scratch_floats(sh, opts.rope.is_some());
+        ((seg.batches * rows) as u64 * widest * elem + slack)
+            .max(kv * 4)
+            .max(scores * 4)
+    };
+    let whole = Segment::whole(sh);
+    if largest(&whole) <= max {
+        return Ok(vec![whole]);
+    }
+    let run = |chunks| Segment {
+        batch: 0,
+        batches: 1,
+        chunk: 0,
+        chunks,
+    };
+    if largest(&run(1)) > max {
+        return Err(Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            needed: largest(&run(1)),
+            max,
+        });
+    }
+    // The most chunks per segment that fit (the largest binding grows with the chunks).
+    let (mut lo, mut hi) = (1, sh.groups);
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if largest(&run(mid)) <= max {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok((0..sh.b)
+        .flat_map(|batch| {
+            (0..sh.groups).step_by(lo).map(move |chunk| Segment {
+                batch,
+                batches: 1,
+                chunk,
+                chunks: lo.min(sh.groups - chunk),
+            })
+        })
+        .collect())
 }
 
 /// A FLASH kernel with fixed options; pipelines are compiled on first use and cached in the
@@ -548,13 +664,13 @@ impl Flash {
         }
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let elem_bytes = storage.shader_dtype().size() as u64;
-        for t in ins.iter().chain(inputs.gate.iter()).chain([&out]) {
-            check_binding(
-                ctx,
-                "elements per flash tensor",
-                t.len() as u64 * elem_bytes,
-            )?;
+        if storage == Storage::WidenedF16 {
+            // The widening copies are bound whole.
+            for t in ins.iter().chain(inputs.gate.iter()).chain([&out]) {
+                check_binding(ctx, "elements per flash tensor", t.len() as u64 * 4)?;
+            }
         }
+        let segs = segments(ctx, &self.opts, &shape, elem_bytes)?;
         let mut plan = Plan::default();
         let mut bind = |t: &GpuTensor<T>| -> Result<wgpu::Buffer> {
             Ok(match storage {
@@ -576,20 +692,48 @@ impl Flash {
                 Storage::Native(_) => out.buffer().clone(),
             },
         };
-        let call = Call {
-            row_begin: 0,
-            state: None,
-            update_state: false,
-            rope_offset: self.opts.rope.map_or(0, |r| r.offset),
-        };
-        plan.extend(passes(
-            ctx,
-            &self.opts,
-            &shape,
-            storage.shader_dtype(),
-            &bound,
-            &call,
-        )?);
+        let dtype = storage.shader_dtype();
+        let rope_offset = self.opts.rope.map_or(0, |r| r.offset);
+        if segs.len() == 1 {
+            let one = Call {
+                row_begin: 0,
+                state: None,
+                scan: Scan::Prefix,
+                outputs: true,
+                rope_offset,
+            };
+            plan.extend(passes(
+                ctx, &self.opts, &shape, dtype, &bound, &one, &segs[0],
+            )?);
+        }
+        // Segments: each batch item's chunks in order, the state carrying the KV sum from one
+        // segment to the next. Non-causal outputs need every chunk's sum first: one sweep sums,
+        // a second writes.
+        for bi in 0..shape.b {
+            let mine: Vec<&Segment> = segs.iter().filter(|g| g.batch == bi).collect();
+            if segs.len() == 1 || mine.is_empty() {
+                continue;
+            }
+            let state = ctx.scratch((shape.s * shape.e + 1) as u64 * 4)?;
+            let sweeps = if self.opts.causal {
+                vec![(Scan::PrefixIntoState, true)]
+            } else {
+                vec![(Scan::PrefixIntoState, false), (Scan::TotalFromState, true)]
+            };
+            for (scan, outputs) in sweeps {
+                for seg in &mine {
+                    let c = Call {
+                        row_begin: 0,
+                        state: Some(&state),
+                        scan,
+                        outputs,
+                        rope_offset,
+                    };
+                    plan.extend(passes(ctx, &self.opts, &shape, dtype, &bound, &c, seg)?);
+                }
+            }
+            plan.keep(state);
+        }
         if storage == Storage::WidenedF16 {
             convert::narrow(ctx, &mut plan, &bound.out, out.buffer(), out.len())?;
         }
@@ -598,8 +742,8 @@ impl Flash {
     }
 }
 
-/// The three passes (scores and KV per chunk, prefix scan, output) of one call over bound
-/// buffers.
+/// The three passes (scores and KV per chunk, prefix scan, output) of one segment of a call
+/// over bound buffers.
 fn passes(
     ctx: &Context,
     opts: &FlashOptions,
@@ -607,6 +751,7 @@ fn passes(
     dtype: DType,
     bound: &Bound,
     call: &Call<'_>,
+    seg: &Segment,
 ) -> Result<Plan> {
     let have = ctx.limits().max_storage_buffers_per_shader_stage;
     if have < STORAGE_BUFFERS {
@@ -616,7 +761,8 @@ fn passes(
             max: have as u64,
         });
     }
-    let (b, n, s, e, g) = (sh.b, sh.n, sh.s, sh.e, sh.groups);
+    let (r0, n) = seg.rows(sh);
+    let (b, s, e, g) = (seg.batches, sh.s, sh.e, seg.chunks);
     let pstride = opts.chunk.min(n);
     // kv scratch: KV slots, counts, then the RoPE (cos, sin) table.
     let slots = b * (g + 1);
@@ -625,7 +771,7 @@ fn passes(
     let table = match &opts.rope {
         Some(r) => {
             let ropts = RopeOptions {
-                offset: call.rope_offset,
+                offset: call.rope_offset + r0 as u64,
                 ..r.rope_options()
             };
             let rows = position_rows(&ropts, 1, n, None)?;
@@ -633,13 +779,9 @@ fn passes(
         }
         None => Vec::new(),
     };
-    let kv_floats = rope_base + table.len() * 2;
-    check_binding(
-        ctx,
-        "elements of the flash KV scratch",
-        kv_floats as u64 * 4,
-    )?;
-    let kv = ctx.scratch(kv_floats as u64 * 4)?;
+    let (kv_floats, score_floats) = seg.scratch_floats(sh, opts.rope.is_some());
+    check_binding(ctx, "elements of the flash KV scratch", kv_floats * 4)?;
+    let kv = ctx.scratch(kv_floats * 4)?;
     if !table.is_empty() {
         ctx.queue().write_buffer(
             &kv,
@@ -651,6 +793,30 @@ fn passes(
         Some(st) => st.clone(),
         None => ctx.scratch((b * s * e + b) as u64 * 4)?,
     };
+
+    // The segment's rows of each tensor, bound from the aligned offset at or before its first
+    // row; the shader adds the element offset of that row.
+    let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
+    let elem = dtype.size() as u64;
+    let first = (seg.batch * sh.n + r0) as u64;
+    let count = (b * n) as u64;
+    fn rows_of(
+        buf: &wgpu::Buffer,
+        row_bytes: u64,
+        rows: std::ops::Range<u64>,
+        align: u64,
+        elem: u64,
+    ) -> (wgpu::BufferBinding<'_>, u32) {
+        let start = rows.start * row_bytes;
+        let offset = start / align * align;
+        let base = ((start - offset) / elem) as u32;
+        (
+            sub_binding(buf, offset, rows.end * row_bytes - offset),
+            base,
+        )
+    }
+    let view =
+        |buf, width: usize| rows_of(buf, width as u64 * elem, first..first + count, align, elem);
 
     let (norm, lin_scale) = match (opts.lin_scale, opts.lin_norm) {
         (Some(z), _) => (NORM_CONSTANT, z),
@@ -665,11 +831,23 @@ fn passes(
         | flag(bound.key_mask.is_some(), FLAG_MASK)
         | flag(opts.rope.is_some(), FLAG_ROPE)
         | flag(opts.attn_fn == AttnFn::Laplace, FLAG_LAPLACE)
-        | flag(call.update_state, FLAG_UPDATE_STATE);
+        | flag(call.scan == Scan::PrefixIntoState, FLAG_UPDATE_STATE)
+        | flag(call.scan == Scan::TotalFromState, FLAG_TOTAL_FROM_STATE);
     let tiles = pstride.div_ceil(GEMM_BLOCK);
     let stiles = s.div_ceil(GEMM_BLOCK);
     let etiles = e.div_ceil(GEMM_BLOCK);
     let u = |x: usize| x as u32;
+    let (qq, qk_base) = view(&bound.qq, s);
+    let (kq, _) = view(&bound.kq, s);
+    let (ql, _) = view(&bound.ql, s);
+    let (kl, _) = view(&bound.kl, s);
+    let (v, v_base) = view(&bound.v, e);
+    // A decoding step writes only its new rows: its output is bound whole.
+    let out = if call.row_begin == 0 {
+        view(&bound.out, e).0
+    } else {
+        bound.out.as_entire_buffer_binding()
+    };
     let params = ctx.uniform(&Params {
         n: u(n),
         s: u(s),
@@ -688,16 +866,13 @@ fn passes(
         rope_base: u(rope_base),
         count_base: u(count_base),
         pstride: u(pstride),
-        pad: [0; 3],
+        qk_base,
+        v_base,
+        mask_base: first as u32,
     })?;
     // Activated scores of every chunk, [b, G, pstride, pstride].
-    let score_floats = b * g * pstride * pstride;
-    check_binding(
-        ctx,
-        "elements of the flash score scratch",
-        score_floats as u64 * 4,
-    )?;
-    let scores = ctx.scratch(score_floats as u64 * 4)?;
+    check_binding(ctx, "elements of the flash score scratch", score_floats * 4)?;
+    let scores = ctx.scratch(score_floats * 4)?;
     // Absent optional inputs get small buffers of their own.
     let dummy = |x: &Option<wgpu::Buffer>| -> Result<wgpu::Buffer> {
         match x {
@@ -705,23 +880,27 @@ fn passes(
             None => ctx.scratch(16),
         }
     };
-    let (gate, bias, mask) = (
+    let (gate_buf, bias, mask) = (
         dummy(&bound.gate)?,
         dummy(&bound.bias)?,
         dummy(&bound.key_mask)?,
     );
     let ent = wgpu::Buffer::as_entire_buffer_binding;
+    let gate = match &bound.gate {
+        Some(gb) => view(gb, e).0,
+        None => ent(&gate_buf),
+    };
     // The block-product entry points reach every input through gemm_a / gemm_b; each binds
     // all of them but those it has no use for (a pipeline's layout lists only what its entry
     // point uses).
     let products = [
-        (0, ent(&bound.qq)),
-        (1, ent(&bound.kq)),
-        (2, ent(&bound.ql)),
-        (3, ent(&bound.kl)),
-        (4, ent(&bound.v)),
-        (5, ent(&gate)),
-        (6, ent(&bound.out)),
+        (0, qq),
+        (1, kq),
+        (2, ql),
+        (3, kl),
+        (4, v),
+        (5, gate),
+        (6, out),
         (7, ent(&mask)),
         (8, ent(&bias)),
         (9, ent(&params)),
@@ -748,8 +927,10 @@ fn passes(
         &[(9, ent(&params)), (10, ent(&kv)), (11, ent(&state))],
         (b * s * e + b).div_ceil(GEMM_WG) as u64,
     )?);
-    plan.push(product("flash_out", &[8], b * g * tiles * etiles)?);
-    for buf in [params, kv, state, gate, bias, mask, scores] {
+    if call.outputs {
+        plan.push(product("flash_out", &[8], b * g * tiles * etiles)?);
+    }
+    for buf in [params, kv, state, gate_buf, bias, mask, scores] {
         plan.keep(buf);
     }
     Ok(plan)
@@ -992,10 +1173,16 @@ impl FlashDecoder {
         let call = Call {
             row_begin: n - take,
             state: Some(&self.state),
-            update_state: n == self.opts.chunk,
+            scan: if n == self.opts.chunk {
+                Scan::PrefixIntoState
+            } else {
+                Scan::Prefix
+            },
+            outputs: true,
             rope_offset: self.opts.rope.map_or(0, |r| r.offset) + self.start,
         };
-        passes(ctx, &self.opts, &shape, DType::F32, &bound, &call)?.run(ctx)?;
+        let whole = Segment::whole(&shape);
+        passes(ctx, &self.opts, &shape, DType::F32, &bound, &call, &whole)?.run(ctx)?;
         out.download()
     }
 }
