@@ -1,5 +1,5 @@
 // Tile engine: workgroup-memory tiles of row-major matrices and the small products on them,
-// shared by exact attention, its matmul twin and the FLASH family.
+// shared by exact attention and its matmul twin.
 //
 // The including shader provides, before or after this snippet:
 //   const D: u32     depth of the A and B tiles (columns), padded
@@ -94,25 +94,6 @@ fn tile_pv(r: u32, col: u32) -> f32 {
     var s = 0.0;
     for (var j = 0u; j < T; j++) {
         s = fma(tile_p[r * T + j], tile_v[j * DV + col], s);
-    }
-    return s;
-}
-
-// (B^T V)[a, col] over the tile's rows: the K^T V accumulation of linear attention.
-fn tile_btv(a: u32, col: u32) -> f32 {
-    var s = 0.0;
-    for (var j = 0u; j < T; j++) {
-        s = fma(tile_b[j * D + a], tile_v[j * DV + col], s);
-    }
-    return s;
-}
-
-// (A V)[r, col] over depth columns k0 .. k0 + T of tile_a and the T rows of tile_v: a
-// product whose depth (tile_a's columns) is streamed through tile_v in chunks of T rows.
-fn tile_av(r: u32, col: u32, k0: u32) -> f32 {
-    var s = 0.0;
-    for (var j = 0u; j < T; j++) {
-        s = fma(tile_a[r * D + k0 + j], tile_v[j * DV + col], s);
     }
     return s;
 }
