@@ -2,17 +2,13 @@
 //! clock without them), causal and not, next to the tile-engine matmul of one head's Q K^T.
 //! Criterion reports elements as FLOPs: 4 b h m n d (halved for causal), 2 n n d for matmul.
 
+mod common;
+
+use common::gpu_time;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use seq_kernels::kernels::attention::matmul_plan;
-use seq_kernels::profile::time_passes;
 use seq_kernels::reference::random_values;
-use seq_kernels::{Attention, AttentionOptions, Context, Plan};
-
-fn gpu_time(ctx: &Context, plan: &Plan, iters: u64) -> std::time::Duration {
-    let t =
-        time_passes(ctx, 0, 1, iters as usize, |pass| plan.record(pass)).expect("timing failed");
-    t.best() * iters as u32
-}
+use seq_kernels::{Attention, AttentionOptions, Context};
 
 fn bench(c: &mut Criterion) {
     let ctx = match Context::new() {

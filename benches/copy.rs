@@ -1,8 +1,10 @@
 //! vec4 copy bandwidth on the default adapter (GPU time from timestamp queries): the
 //! reachable bandwidth that memory-bound kernels are compared with.
 
+mod common;
+
+use common::gpu_time;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use seq_kernels::profile::time_passes;
 use seq_kernels::Context;
 
 fn bench(c: &mut Criterion) {
@@ -22,11 +24,7 @@ fn bench(c: &mut Criterion) {
         let plan = seq_kernels::kernels::copy::plan(&ctx, &src, &dst, bytes).unwrap();
         group.throughput(Throughput::Bytes(2 * bytes));
         group.bench_function(BenchmarkId::new("vec4", format!("{mib}MiB")), |b| {
-            b.iter_custom(|iters| {
-                let t = time_passes(&ctx, 0, 1, iters as usize, |pass| plan.record(pass))
-                    .expect("timing failed");
-                t.best() * iters as u32
-            })
+            b.iter_custom(|iters| gpu_time(&ctx, &plan, iters))
         });
     }
     group.finish();

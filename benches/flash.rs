@@ -3,16 +3,12 @@
 //! so its throughput is tokens per second; `seqk bench flash` adds TFLOP/s and the exact
 //! attention kernel at the same n.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use seq_kernels::profile::time_passes;
-use seq_kernels::reference::random_values;
-use seq_kernels::{Context, Flash, FlashInputs, FlashOptions, Plan};
+mod common;
 
-fn gpu_time(ctx: &Context, plan: &Plan, iters: u64) -> std::time::Duration {
-    let t =
-        time_passes(ctx, 0, 1, iters as usize, |pass| plan.record(pass)).expect("timing failed");
-    t.best() * iters as u32
-}
+use common::gpu_time;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use seq_kernels::reference::random_values;
+use seq_kernels::{Context, Flash, FlashInputs, FlashOptions};
 
 fn bench(c: &mut Criterion) {
     let ctx = match Context::new() {

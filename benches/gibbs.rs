@@ -7,8 +7,10 @@
 //! model on fewer chains (its rate per site does not depend on the number of chains).
 //! `SEQK_BENCH_QUICK=1` divides the GPU chains by 16 for slow software adapters.
 
+mod common;
+
+use common::gpu_time;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use seq_kernels::profile::time_passes;
 use seq_kernels::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use seq_kernels::reference::random_values;
 use seq_kernels::{ChainModel, Context, Gibbs, GibbsOptions, Pairwise};
@@ -105,11 +107,7 @@ fn bench(c: &mut Criterion) {
             .unwrap();
         group.throughput(Throughput::Elements((b * l) as u64));
         group.bench_function(BenchmarkId::new("gpu", format!("{name}-b{b}")), |bch| {
-            bch.iter_custom(|iters| {
-                let t = time_passes(&ctx, 0, 1, iters as usize, |pass| plan.record(pass))
-                    .expect("timing failed");
-                t.best() * iters as u32
-            })
+            bch.iter_custom(|iters| gpu_time(&ctx, &plan, iters))
         });
 
         let host = HostModel {

@@ -4,6 +4,9 @@
 //!
 //! `SEQK_BENCH_QUICK=1` shrinks the shape to b = 1, s = 128 for a smoke run on a CPU device.
 
+mod common;
+
+use common::gpu_time;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::f16;
 use seq_kernels::profile::time_passes;
@@ -57,11 +60,7 @@ fn case<T: Element>(ctx: &Context, c: &mut Criterion, name: &str) {
     group.sample_size(10);
     group.throughput(Throughput::Bytes(bytes));
     group.bench_function(format!("fused_qk_in_place/{name}"), |bencher| {
-        bencher.iter_custom(|iters| {
-            let t = time_passes(ctx, 0, 1, iters as usize, |pass| plan.record(pass))
-                .expect("timing the rope plan");
-            t.best() * iters as u32
-        })
+        bencher.iter_custom(|iters| gpu_time(ctx, &plan, iters))
     });
     group.finish();
 }

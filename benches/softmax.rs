@@ -2,16 +2,12 @@
 //! without them). The vec4 copy of the same bytes runs in the same group: divide the two
 //! throughputs for the ratio to the reachable bandwidth.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use seq_kernels::profile::time_passes;
-use seq_kernels::reference::random_values;
-use seq_kernels::{Context, Plan, Softmax, SoftmaxOptions};
+mod common;
 
-fn gpu_time(ctx: &Context, plan: &Plan, iters: u64) -> std::time::Duration {
-    let t =
-        time_passes(ctx, 0, 1, iters as usize, |pass| plan.record(pass)).expect("timing failed");
-    t.best() * iters as u32
-}
+use common::gpu_time;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use seq_kernels::reference::random_values;
+use seq_kernels::{Context, Softmax, SoftmaxOptions};
 
 fn bench(c: &mut Criterion) {
     let ctx = match Context::new() {

@@ -474,26 +474,12 @@ fn bad_input_is_an_error() {
 #[cfg(feature = "cli")]
 #[test]
 fn seqk_run_attention_matches_cpu() {
-    use npyz::WriterBuilder;
-    use std::path::Path;
+    use common::{load_npy, save_npy};
     let Some(_) = gpu() else { return };
     let dir = std::env::temp_dir().join(format!("seqk-attention-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let save = |name: &str, shape: &[u64], data: &[f32]| {
-        let f = std::io::BufWriter::new(std::fs::File::create(dir.join(name)).unwrap());
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(shape)
-            .writer(f)
-            .begin_nd()
-            .unwrap();
-        w.extend(data.iter().copied()).unwrap();
-        w.finish().unwrap();
-    };
-    let load = |p: &Path| -> (Vec<u64>, Vec<f32>) {
-        let npy = npyz::NpyFile::new(std::fs::File::open(p).unwrap()).unwrap();
-        (npy.shape().to_vec(), npy.into_vec().unwrap())
-    };
+    let save = |name: &str, shape: &[u64], data: &[f32]| save_npy(&dir.join(name), shape, data);
+    let load = |name: &str| load_npy::<f32>(&dir.join(name));
     save("q.npy", &[1, 4, 5, 16], &random(320, 1, -1.0, 1.0));
     save("k.npy", &[1, 2, 9, 16], &random(288, 2, -1.0, 1.0));
     save("v.npy", &[1, 2, 9, 8], &random(144, 3, -1.0, 1.0));
@@ -525,14 +511,14 @@ fn seqk_run_attention_matches_cpu() {
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
     let c = run(&["--cpu"], "oc.npy", "lc.npy");
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
-    let (gs, go) = load(&dir.join("og.npy"));
-    let (_, co) = load(&dir.join("oc.npy"));
+    let (gs, go) = load("og.npy");
+    let (_, co) = load("oc.npy");
     assert_eq!(gs, vec![1, 4, 5, 8]);
     let want: Vec<f64> = co.iter().map(|&x| x as f64).collect();
     // Spec tolerance for f32 storage (the CPU side is the f64 reference rounded to f32).
     assert!(row_error(&go, &want, 8) <= TOL_F32);
-    let (ls, lg) = load(&dir.join("lg.npy"));
-    let (_, lc) = load(&dir.join("lc.npy"));
+    let (ls, lg) = load("lg.npy");
+    let (_, lc) = load("lc.npy");
     assert_eq!(ls, vec![1, 4, 5]);
     for (a, b) in lg.iter().zip(&lc) {
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "lse {a} vs {b}");

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use npyz::WriterBuilder;
+use common::{load_npy, save_npy_in_order as save};
 
 fn seqk(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_seqk"))
@@ -23,23 +23,8 @@ fn dir(test: &str) -> PathBuf {
     d
 }
 
-fn save<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T], order: npyz::Order) {
-    let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(shape)
-        .order(order)
-        .writer(f)
-        .begin_nd()
-        .unwrap();
-    w.extend(data.iter().copied()).unwrap();
-    w.finish().unwrap();
-}
-
 fn load_f32(path: &Path) -> (Vec<u64>, Vec<f32>) {
-    let npy = npyz::NpyFile::new(std::fs::File::open(path).unwrap()).unwrap();
-    let shape = npy.shape().to_vec();
-    (shape, npy.into_vec().unwrap())
+    load_npy(path)
 }
 
 fn stderr(o: &Output) -> String {

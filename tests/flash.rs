@@ -708,28 +708,15 @@ fn bad_input_is_an_error() {
     assert!(matches!(r, Err(Error::Shape(_))));
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn seqk_run_flash_matches_cpu() {
-    use npyz::WriterBuilder;
-    use std::path::Path;
+    use common::{load_npy, save_npy};
     let Some(_) = gpu() else { return };
     let dir = std::env::temp_dir().join(format!("seqk-flash-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let save = |name: &str, shape: &[u64], data: &[f32]| {
-        let f = std::io::BufWriter::new(std::fs::File::create(dir.join(name)).unwrap());
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(shape)
-            .writer(f)
-            .begin_nd()
-            .unwrap();
-        w.extend(data.iter().copied()).unwrap();
-        w.finish().unwrap();
-    };
-    let load = |p: &Path| -> (Vec<u64>, Vec<f32>) {
-        let npy = npyz::NpyFile::new(std::fs::File::open(p).unwrap()).unwrap();
-        (npy.shape().to_vec(), npy.into_vec().unwrap())
-    };
+    let save = |name: &str, shape: &[u64], data: &[f32]| save_npy(&dir.join(name), shape, data);
+    let load = |name: &str| load_npy::<f32>(&dir.join(name));
     let (b, n, s, e, c) = (2u64, 37u64, 16u64, 24u64, 16u64);
     for (i, name) in ["qq", "kq", "ql", "kl"].iter().enumerate() {
         save(
@@ -782,15 +769,15 @@ fn seqk_run_flash_matches_cpu() {
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
     let c = run(&["--cpu"], "oc.npy");
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
-    let (gs, go) = load(&dir.join("og.npy"));
-    let (_, co) = load(&dir.join("oc.npy"));
+    let (gs, go) = load("og.npy");
+    let (_, co) = load("oc.npy");
     assert_eq!(gs, vec![b, n, e]);
     let want: Vec<f64> = co.iter().map(|&x| x as f64).collect();
     assert!(row_error(&go, &want, e as usize) <= TOL_F32);
     // A different option changes the answer (the keys are read, not ignored).
     let l = run(&["--set", "lin_scale=0.5"], "ol.npy");
     assert!(l.status.success(), "{}", String::from_utf8_lossy(&l.stderr));
-    let (_, lo) = load(&dir.join("ol.npy"));
+    let (_, lo) = load("ol.npy");
     assert!(row_error(&lo, &want, e as usize) > 1e-3);
     // A bias that is not [C, C]: exit 2 and one line naming the problem.
     let bad = run(

@@ -984,23 +984,10 @@ mod cli {
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
-    use npyz::WriterBuilder;
-
-    fn save<T: npyz::AutoSerialize + Copy>(path: &Path, shape: &[u64], data: &[T]) {
-        let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(shape)
-            .writer(f)
-            .begin_nd()
-            .unwrap();
-        w.extend(data.iter().copied()).unwrap();
-        w.finish().unwrap();
-    }
+    use crate::common::{load_npy, save_npy as save};
 
     fn load_i32(path: &Path) -> (Vec<u64>, Vec<i32>) {
-        let npy = npyz::NpyFile::new(std::fs::File::open(path).unwrap()).unwrap();
-        (npy.shape().to_vec(), npy.into_vec().unwrap())
+        load_npy(path)
     }
 
     fn seqk(args: &[String]) -> std::process::Output {

@@ -968,37 +968,22 @@ fn gpu_bad_input_is_an_error() {
 #[cfg(feature = "cli")]
 #[test]
 fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
-    use npyz::WriterBuilder;
+    use common::{load_npy, save_npy};
     use std::process::Command;
     let Some(_) = gpu() else { return };
     let dir = std::env::temp_dir().join(format!("seqk-rope-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let save = |name: &str, shape: &[u64], data: &[f32]| {
-        let f = std::io::BufWriter::new(std::fs::File::create(dir.join(name)).unwrap());
-        let mut w = npyz::WriteOptions::new()
-            .default_dtype()
-            .shape(shape)
-            .writer(f)
-            .begin_nd()
-            .unwrap();
-        w.extend(data.iter().copied()).unwrap();
-        w.finish().unwrap();
-    };
     let (b, h, s, d) = (2, 3, 5, 8);
-    save(
-        "x.npy",
+    save_npy(
+        &dir.join("x.npy"),
         &[b, h, s, d],
         &random((b * h * s * d) as usize, 30, -1.0, 1.0),
     );
-    let f = std::io::BufWriter::new(std::fs::File::create(dir.join("p.npy")).unwrap());
-    let mut w = npyz::WriteOptions::new()
-        .default_dtype()
-        .shape(&[b, s])
-        .writer(f)
-        .begin_nd()
-        .unwrap();
-    w.extend([0i64, 5, 9, 2, 1, 7, 7, 7, 3, 1000]).unwrap();
-    w.finish().unwrap();
+    save_npy(
+        &dir.join("p.npy"),
+        &[b, s],
+        &[0i64, 5, 9, 2, 1, 7, 7, 7, 3, 1000],
+    );
     let p = |f: &str| dir.join(f).display().to_string();
     let run = |extra: &[&str], out: &str| {
         let mut args = vec!["run", "rope", "--in"];
@@ -1030,12 +1015,7 @@ fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
     };
     assert!(run(&[], "gpu.npy").status.success());
     assert!(run(&["--cpu"], "cpu.npy").status.success());
-    let load = |f: &str| -> Vec<f32> {
-        npyz::NpyFile::new(std::fs::File::open(dir.join(f)).unwrap())
-            .unwrap()
-            .into_vec()
-            .unwrap()
-    };
+    let load = |name: &str| load_npy::<f32>(&dir.join(name)).1;
     let (g, c) = (load("gpu.npy"), load("cpu.npy"));
     let cf: Vec<f64> = c.iter().map(|&v| v as f64).collect();
     // Spec section 0: 1e-6 of the row scale (the CPU side is the f64 reference in f32).

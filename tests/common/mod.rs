@@ -1,5 +1,6 @@
 //! Shared by the GPU tests: one context per test binary, a loud skip without an adapter
-//! (a failure under SEQK_REQUIRE_GPU=1), seeded random data and error measures.
+//! (a failure under SEQK_REQUIRE_GPU=1), seeded random data and error measures, and .npy
+//! save/load for the `seqk run` round trips.
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
@@ -40,4 +41,38 @@ pub fn random_mask(n: usize, seed: u64, p: f32) -> Vec<bool> {
         .into_iter()
         .map(|u| u < p)
         .collect()
+}
+
+/// Writes `data` in C order to the .npy file `path` with shape `shape`.
+#[cfg(feature = "cli")]
+pub fn save_npy<T: npyz::AutoSerialize + Copy>(path: &std::path::Path, shape: &[u64], data: &[T]) {
+    save_npy_in_order(path, shape, data, npyz::Order::C);
+}
+
+/// Writes `data` to the .npy file `path` with shape `shape` in the element order `order`.
+#[cfg(feature = "cli")]
+pub fn save_npy_in_order<T: npyz::AutoSerialize + Copy>(
+    path: &std::path::Path,
+    shape: &[u64],
+    data: &[T],
+    order: npyz::Order,
+) {
+    use npyz::WriterBuilder;
+    let f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .order(order)
+        .writer(f)
+        .begin_nd()
+        .unwrap();
+    w.extend(data.iter().copied()).unwrap();
+    w.finish().unwrap();
+}
+
+/// Reads the .npy file `path`: its shape and its elements as `T`.
+#[cfg(feature = "cli")]
+pub fn load_npy<T: npyz::Deserialize>(path: &std::path::Path) -> (Vec<u64>, Vec<T>) {
+    let npy = npyz::NpyFile::new(std::fs::File::open(path).unwrap()).unwrap();
+    (npy.shape().to_vec(), npy.into_vec().unwrap())
 }

@@ -1,0 +1,12 @@
+//! Shared by the benches (a folder, not benches/common.rs, so Cargo does not take it for a
+//! bench target of its own).
+
+use seq_kernels::profile::time_passes;
+use seq_kernels::{Context, Plan};
+
+/// GPU time of `iters` runs of `plan` for criterion's `iter_custom` (best sample times iters).
+pub fn gpu_time(ctx: &Context, plan: &Plan, iters: u64) -> std::time::Duration {
+    let t =
+        time_passes(ctx, 0, 1, iters as usize, |pass| plan.record(pass)).expect("timing failed");
+    t.best() * iters as u32
+}
