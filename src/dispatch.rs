@@ -161,6 +161,27 @@ pub fn binding_chunks(
         .collect())
 }
 
+/// Checks that `bytes` fit one storage binding of the device and that its elements of
+/// `elem_bytes` bytes stay addressable by the shaders' u32 indices; `what` names them.
+pub fn check_binding(ctx: &Context, what: &'static str, bytes: u64, elem_bytes: u64) -> Result<()> {
+    let max = ctx.limits().max_storage_buffer_binding_size;
+    if bytes > max {
+        return Err(Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            needed: bytes,
+            max,
+        });
+    }
+    if bytes / elem_bytes > u32::MAX as u64 {
+        return Err(Error::LimitExceeded {
+            limit: what,
+            needed: bytes / elem_bytes,
+            max: u32::MAX as u64,
+        });
+    }
+    Ok(())
+}
+
 /// The byte range `offset .. offset + size` of a buffer as a binding (size rounded up to a
 /// whole word: f16 and byte tensors may end mid-word).
 pub fn sub_binding(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BufferBinding<'_> {

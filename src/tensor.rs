@@ -48,6 +48,18 @@ impl DType {
     }
 }
 
+/// Err unless `T` is f32 or f16, the storage types of the attention families; `what` names
+/// the kernel.
+pub(crate) fn require_float<T: Element>(what: &str) -> Result<()> {
+    if !matches!(T::DTYPE, DType::F32 | DType::F16) {
+        return Err(Error::Dtype(format!(
+            "{what} takes f32 or f16 tensors, got {}",
+            T::DTYPE.name()
+        )));
+    }
+    Ok(())
+}
+
 /// A host type that can live in a [`GpuTensor`].
 pub trait Element: bytemuck::Pod + Send + Sync + 'static {
     /// The matching [`DType`].

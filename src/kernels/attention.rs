@@ -32,10 +32,10 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{Plan, Step};
+use crate::dispatch::{check_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
-use crate::tensor::{DType, Element, GpuTensor};
+use crate::tensor::{require_float, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
 /// The tile engine snippet (tiles of row-major matrices in workgroup memory and their
@@ -47,6 +47,9 @@ const DIMS: [u32; 6] = [32, 64, 96, 128, 192, 256];
 /// Largest head dimension.
 pub const MAX_HEAD_DIM: usize = 256;
 const WG: u32 = 64;
+
+/// What the u32 index limit of an attention tensor counts.
+const ELEMENTS: &str = "elements per attention tensor (u32 indices)";
 
 const FLAG_CAUSAL: u32 = 1;
 const FLAG_MASK: u32 = 2;
@@ -367,35 +370,6 @@ struct Params {
     ntiles: u32,
 }
 
-fn check_binding(ctx: &Context, bytes: u64) -> Result<()> {
-    let max = ctx.limits().max_storage_buffer_binding_size;
-    if bytes > max {
-        return Err(Error::LimitExceeded {
-            limit: "max_storage_buffer_binding_size",
-            needed: bytes,
-            max,
-        });
-    }
-    if bytes / 2 > u32::MAX as u64 {
-        return Err(Error::LimitExceeded {
-            limit: "elements per attention tensor (u32 indices)",
-            needed: bytes / 2,
-            max: u32::MAX as u64,
-        });
-    }
-    Ok(())
-}
-
-fn check_dtype<T: Element>(what: &str) -> Result<()> {
-    if !matches!(T::DTYPE, DType::F32 | DType::F16) {
-        return Err(Error::Dtype(format!(
-            "{what} takes f32 or f16 tensors, got {}",
-            T::DTYPE.name()
-        )));
-    }
-    Ok(())
-}
-
 /// An exact-attention kernel with fixed options; pipelines are compiled on first use and
 /// cached in the context.
 ///
@@ -456,7 +430,7 @@ impl Attention {
         lse: Option<&GpuTensor<f32>>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
-        check_dtype::<T>("attention")?;
+        require_float::<T>("attention")?;
         let s = attention_shape(
             q.shape(),
             k.shape(),
@@ -488,7 +462,12 @@ impl Attention {
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         for len in [q.len(), k.len(), v.len(), out.len()] {
             // What the shader binds: f32 scratch for widened f16.
-            check_binding(ctx, (len * storage.shader_dtype().size()) as u64)?;
+            check_binding(
+                ctx,
+                ELEMENTS,
+                (len * storage.shader_dtype().size()) as u64,
+                2,
+            )?;
         }
 
         let mut plan = Plan::default();
@@ -567,7 +546,7 @@ impl Attention {
         };
         let (part_o, part_ml) = if splits > 1 {
             let rows = (bh * s.m * splits) as u64;
-            check_binding(ctx, rows * s.dv as u64 * 4)?;
+            check_binding(ctx, ELEMENTS, rows * s.dv as u64 * 4, 4)?;
             (ctx.scratch(rows * s.dv as u64 * 4)?, ctx.scratch(rows * 8)?)
         } else {
             (ctx.scratch(16)?, ctx.scratch(16)?)
@@ -623,7 +602,7 @@ pub fn matmul_plan<T: Element>(
     c: &GpuTensor<T>,
     transpose_b: bool,
 ) -> Result<Plan> {
-    check_dtype::<T>("matmul")?;
+    require_float::<T>("matmul")?;
     let (sa, sb) = (a.shape(), b.shape());
     if sa.len() != 2 || sb.len() != 2 {
         return Err(Error::shape(format!(
@@ -649,7 +628,12 @@ pub fn matmul_plan<T: Element>(
     }
     let storage = Storage::for_dtype(ctx, T::DTYPE);
     for len in [a.len(), b.len(), c.len()] {
-        check_binding(ctx, (len * storage.shader_dtype().size()) as u64)?;
+        check_binding(
+            ctx,
+            ELEMENTS,
+            (len * storage.shader_dtype().size()) as u64,
+            2,
+        )?;
     }
     let mut plan = Plan::default();
     let (ab, bb, cb) = match storage {

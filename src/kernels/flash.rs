@@ -33,11 +33,11 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{sub_binding, Plan, Step};
+use crate::dispatch::{check_binding, sub_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
 use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
-use crate::tensor::{DType, Element, GpuTensor};
+use crate::tensor::{require_float, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/flash.wgsl");
 /// Largest s (the width of qq, kq, ql, kl).
@@ -428,35 +428,6 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
     out
 }
 
-fn check_dtype<T: Element>() -> Result<()> {
-    if !matches!(T::DTYPE, DType::F32 | DType::F16) {
-        return Err(Error::Dtype(format!(
-            "flash takes f32 or f16 tensors, got {}",
-            T::DTYPE.name()
-        )));
-    }
-    Ok(())
-}
-
-fn check_binding(ctx: &Context, what: &'static str, bytes: u64) -> Result<()> {
-    let max = ctx.limits().max_storage_buffer_binding_size;
-    if bytes > max {
-        return Err(Error::LimitExceeded {
-            limit: "max_storage_buffer_binding_size",
-            needed: bytes,
-            max,
-        });
-    }
-    if bytes / 4 > u32::MAX as u64 {
-        return Err(Error::LimitExceeded {
-            limit: what,
-            needed: bytes / 4,
-            max: u32::MAX as u64,
-        });
-    }
-    Ok(())
-}
-
 /// Buffers of one call as the shaders see them (f32 scratch for widened f16).
 struct Bound {
     qq: wgpu::Buffer,
@@ -643,7 +614,7 @@ impl Flash {
         out: &GpuTensor<T>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
-        check_dtype::<T>()?;
+        require_float::<T>("flash")?;
         let shape = inputs.shape(&self.opts)?;
         if out.shape() != [shape.b, shape.n, shape.e] {
             return Err(Error::shape(format!(
@@ -667,7 +638,7 @@ impl Flash {
         if storage == Storage::WidenedF16 {
             // The widening copies are bound whole.
             for t in ins.iter().chain(inputs.gate.iter()).chain([&out]) {
-                check_binding(ctx, "elements per flash tensor", t.len() as u64 * 4)?;
+                check_binding(ctx, "elements per flash tensor", t.len() as u64 * 4, 4)?;
             }
         }
         let segs = segments(ctx, &self.opts, &shape, elem_bytes)?;
@@ -780,7 +751,7 @@ fn passes(
         None => Vec::new(),
     };
     let (kv_floats, score_floats) = seg.scratch_floats(sh, opts.rope.is_some());
-    check_binding(ctx, "elements of the flash KV scratch", kv_floats * 4)?;
+    check_binding(ctx, "elements of the flash KV scratch", kv_floats * 4, 4)?;
     let kv = ctx.scratch(kv_floats * 4)?;
     if !table.is_empty() {
         ctx.queue().write_buffer(
@@ -871,7 +842,12 @@ fn passes(
         mask_base: first as u32,
     })?;
     // Activated scores of every chunk, [b, G, pstride, pstride].
-    check_binding(ctx, "elements of the flash score scratch", score_floats * 4)?;
+    check_binding(
+        ctx,
+        "elements of the flash score scratch",
+        score_floats * 4,
+        4,
+    )?;
     let scores = ctx.scratch(score_floats * 4)?;
     // Absent optional inputs get small buffers of their own.
     let dummy = |x: &Option<wgpu::Buffer>| -> Result<wgpu::Buffer> {
