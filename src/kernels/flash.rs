@@ -19,6 +19,13 @@
 //! global positions (half style) with the RoPE family's (cos, sin) table.
 //! [`FlashDecoder`] feeds tokens one at a time or in blocks and reproduces the causal output.
 //!
+//! The GPU work is three passes of register-blocked block products (`shaders/gemm.wgsl`): the
+//! chunks' activated scores and KV sums, an exclusive scan of the sums over chunks, and the
+//! outputs. Scratch: `b G C^2` floats of scores and `b (G + 1) s e` of KV sums. A call whose
+//! tensors or scratch would not fit one storage binding of the device runs as segments (runs
+//! of chunks of one batch item), the KV sum carried from one to the next; only a single
+//! chunk's rows and KV sum must fit.
+//!
 //! ```no_run
 //! use seq_kernels::{Context, FlashInputs, FlashOptions};
 //! let ctx = Context::new()?;
