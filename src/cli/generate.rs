@@ -6,8 +6,8 @@
 //!
 //! Smoothing is interpolated absolute discounting with an add-one unigram:
 //! `P(b | a) = max(c(a, b) - D, 0) / c(a) + D N1+(a .) / c(a) P1(b)`,
-//! `P1(b) = (c(b) + 1) / (N + V + 1)` over the V words and </s>, where c(a) counts the tokens
-//! that follow a, N1+(a .) the distinct ones and N the tokens (</s> included).
+//! `P1(b) = (c(b) + 1) / (N + V + 1)` over the V words and `</s>`, where c(a) counts the tokens
+//! that follow a, N1+(a .) the distinct ones and N the tokens (`</s>` included).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;

@@ -133,7 +133,7 @@ pub struct ChainShape {
     pub rank: usize,
     /// Unary is [b, L, V] rather than [L, V].
     pub unary_per_chain: bool,
-    /// `Some(per_chain)` when a clamp mask is given ([b, L] when per_chain, else [L]).
+    /// `Some(per_chain)` when a clamp mask is given (`[b, L]` when per_chain, else `[L]`).
     pub clamp: Option<bool>,
 }
 
@@ -266,7 +266,7 @@ impl ChainModel<'_> {
     }
 }
 
-/// A best state on the GPU: tokens [b, L] and scores [b].
+/// A best state on the GPU: tokens `[b, L]` and scores `[b]`.
 pub type BestState<'a, T> = (&'a GpuTensor<T>, &'a GpuTensor<f32>);
 
 #[repr(C)]
@@ -608,7 +608,7 @@ impl Gibbs {
 pub struct GibbsOutput<T: Element> {
     /// Final states [b, L].
     pub tokens: GpuTensor<T>,
-    /// With `track_best`: each chain's best state [b, L] and its score [b].
+    /// With `track_best`: each chain's best state `[b, L]` and its score `[b]`.
     pub best: Option<(GpuTensor<T>, GpuTensor<f32>)>,
 }
 
@@ -688,7 +688,7 @@ impl Sampler {
         })
     }
 
-    /// Records the draw of `out` [b] from `logits` [b, V] into `encoder`.
+    /// Records the draw of `out` `[b]` from `logits` `[b, V]` into `encoder`.
     pub fn encode<T: Element>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -785,19 +785,19 @@ pub struct MhTensors<'a, T: Element> {
     pub x: &'a GpuTensor<T>,
     /// Proposals y [b, L].
     pub y: &'a GpuTensor<T>,
-    /// score(x) [b] (updated).
+    /// score(x) `[b]` (updated).
     pub score_x: &'a GpuTensor<f32>,
-    /// score(y) [b].
+    /// score(y) `[b]`.
     pub score_y: &'a GpuTensor<f32>,
-    /// log q(y <- x) [b].
+    /// log q(y <- x) `[b]`.
     pub log_q_fwd: &'a GpuTensor<f32>,
-    /// log q(x <- y) [b].
+    /// log q(x <- y) `[b]`.
     pub log_q_back: &'a GpuTensor<f32>,
-    /// 1 where y was accepted [b].
+    /// 1 where y was accepted `[b]`.
     pub accepted: &'a GpuTensor<u32>,
 }
 
-/// Checks the MH shapes: x, y [b, L]; the rest [b]. Returns (b, L).
+/// Checks the MH shapes: x, y `[b, L]`; the rest `[b]`. Returns (b, L).
 pub fn mh_shape(x: &[usize], y: &[usize], per_chain: &[&[usize]]) -> Result<(usize, usize)> {
     let &[b, l] = x else {
         return Err(Error::shape(format!(

@@ -194,7 +194,7 @@ fn draw_site(
 pub struct HostBest {
     /// [b, L].
     pub tokens: Vec<u32>,
-    /// [b].
+    /// `[b]`.
     pub scores: Vec<f64>,
 }
 
@@ -496,7 +496,7 @@ pub fn sample_logits(logits: &[f32], shape: &[usize], opts: &SampleOptions) -> R
         .collect())
 }
 
-/// The batched MH step on the host; returns the accepted flags. `x` [b, L] and `score_x` [b]
+/// The batched MH step on the host; returns the accepted flags. `x` `[b, L]` and `score_x` `[b]`
 /// are updated in place.
 #[allow(clippy::too_many_arguments)]
 pub fn mh_step(
