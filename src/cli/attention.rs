@@ -231,6 +231,7 @@ fn prefill(ctx: &Context, baseline: &Baseline, dims: [usize; 4]) -> Result<Vec<B
             bytes: None,
             flops: Some(flops),
             copy_gbps: baseline.gbps,
+            rate: None,
         });
     }
     // The same engine's matmul: one head's Q K^T, [n, d] x [n, d]^T, at most 4096 query rows
@@ -249,6 +250,7 @@ fn prefill(ctx: &Context, baseline: &Baseline, dims: [usize; 4]) -> Result<Vec<B
         bytes: None,
         flops: Some(flops),
         copy_gbps: baseline.gbps,
+        rate: None,
     });
     Ok(rows)
 }

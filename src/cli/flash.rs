@@ -316,6 +316,7 @@ fn flash_rows(
             bytes: None,
             flops: Some(flops),
             copy_gbps: baseline.gbps,
+            rate: None,
         });
     }
     Ok(rows)
@@ -354,6 +355,7 @@ fn exact_rows(
             bytes: None,
             flops: Some(flops),
             copy_gbps: baseline.gbps,
+            rate: None,
         });
     }
     Ok(rows)

@@ -1,9 +1,6 @@
 //! What `verify` and `bench` print: check rows, benchmark rows, and the copy-kernel baseline
 //! that every memory-bound figure is divided by.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
-
 use crate::profile::{time_passes, Timing};
 use crate::{Context, Error};
 
@@ -32,6 +29,8 @@ pub struct BenchRow {
     pub flops: Option<f64>,
     /// GB/s of the copy kernel in the same run.
     pub copy_gbps: f64,
+    /// Work counted in items (sites, tokens), for rows reported as items per second.
+    pub rate: Option<Rate>,
 }
 
 impl BenchRow {
@@ -49,19 +48,14 @@ impl BenchRow {
 
     /// Attaches a rate in items per second (see [`Rate`]).
     pub fn with_rate(self, rate: Rate) -> Self {
-        rates()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((self.kernel, self.case.clone()), rate);
-        self
+        Self {
+            rate: Some(rate),
+            ..self
+        }
     }
     /// The rate attached by [`BenchRow::with_rate`], if any.
     pub fn rate(&self) -> Option<Rate> {
-        rates()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&(self.kernel, self.case.clone()))
-            .copied()
+        self.rate
     }
     /// Items per second, for rows with a rate.
     pub fn per_second(&self) -> Option<f64> {
@@ -80,15 +74,6 @@ pub struct Rate {
     pub unit: &'static str,
     /// This row's items/s over the single-threaded CPU reference's, measured in the same run.
     pub speedup: Option<f64>,
-}
-
-/// Rates by (kernel, case), which name a row uniquely within a run. They live beside the rows
-/// rather than in a `BenchRow` field so that the families that build rows with struct
-/// literals keep compiling unchanged; fold this into a field once every family builds its
-/// rows through constructors.
-fn rates() -> &'static Mutex<HashMap<(&'static str, String), Rate>> {
-    static RATES: OnceLock<Mutex<HashMap<(&'static str, String), Rate>>> = OnceLock::new();
-    RATES.get_or_init(Default::default)
 }
 
 /// Samples after warm-up; the median is reported.
@@ -112,6 +97,7 @@ impl Baseline {
             bytes: Some(2.0 * self.bytes as f64),
             flops: None,
             copy_gbps: self.gbps,
+            rate: None,
         }
     }
 
@@ -130,6 +116,7 @@ impl Baseline {
             bytes: Some(bytes),
             flops: None,
             copy_gbps: self.gbps,
+            rate: None,
         }
     }
 }
