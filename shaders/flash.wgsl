@@ -38,7 +38,6 @@ const FLAG_ROPE: u32 = 16u;
 const FLAG_LAPLACE: u32 = 32u;
 const FLAG_UPDATE_STATE: u32 = 64u;
 const FLAG_TOTAL_FROM_STATE: u32 = 128u;
-const FLAG_NO_STATE: u32 = 256u;       // the state is zero: no chunks before this call
 
 // How z is found: the constant lin_scale, 1 / (all valid keys), or 1 / (keys in the prefix).
 const NORM_CONSTANT: u32 = 0u;
@@ -249,20 +248,15 @@ fn kv_block(w: u32, lid: u32) {
     let len = chunk_len(blk.chunk);
     cur_batch = blk.batch;
     cur_c0 = blk.chunk * p.chunk;
-    // A causal call that keeps no state never reads the last chunk's KV (only its count).
-    let unread = has(FLAG_CAUSAL) && !has(FLAG_UPDATE_STATE) && !has(FLAG_TOTAL_FROM_STATE)
-        && blk.chunk + 1u == p.groups;
-    if (!unread) {
-        var acc = gemm_zero();
-        gemm_product(&acc, SRC_KL, SRC_V, blk.row0, p.s, blk.col0, p.e, len, true, true, lid);
-        let slot = (blk.batch * (p.groups + 1u) + blk.chunk) * p.s;
-        for (var i = 0u; i < 4u; i++) {
-            let a = blk.row0 + gemm_row(lid) + i;
-            for (var j = 0u; j < 4u; j++) {
-                let col = blk.col0 + gemm_col(lid) + j;
-                if (a < p.s && col < p.e) {
-                    kv[(slot + a) * p.e + col] = acc[i][j];
-                }
+    var acc = gemm_zero();
+    gemm_product(&acc, SRC_KL, SRC_V, blk.row0, p.s, blk.col0, p.e, len, true, true, lid);
+    let slot = (blk.batch * (p.groups + 1u) + blk.chunk) * p.s;
+    for (var i = 0u; i < 4u; i++) {
+        let a = blk.row0 + gemm_row(lid) + i;
+        for (var j = 0u; j < 4u; j++) {
+            let col = blk.col0 + gemm_col(lid) + j;
+            if (a < p.s && col < p.e) {
+                kv[(slot + a) * p.e + col] = acc[i][j];
             }
         }
     }
@@ -352,16 +346,13 @@ fn flash_out(
     if (has(FLAG_CAUSAL)) {
         slot = blk.chunk;
     }
-    // Linear branch z ql KV_slot (zero for a causal first chunk with no state before it),
-    // then the quadratic branch P v on top of it.
+    // Linear branch z ql KV_slot, then the quadratic branch P v on top of it.
     var acc = gemm_zero();
-    if (!(has(FLAG_CAUSAL) && has(FLAG_NO_STATE) && blk.chunk == 0u)) {
-        cur_base = (blk.batch * (p.groups + 1u) + slot) * p.s * p.e;
-        gemm_product(&acc, SRC_QL, SRC_KV, blk.row0, len, blk.col0, p.e, p.s, false, true, lid);
-        let z = lin_z(blk.batch, slot);
-        for (var i = 0u; i < 4u; i++) {
-            acc[i] *= z;
-        }
+    cur_base = (blk.batch * (p.groups + 1u) + slot) * p.s * p.e;
+    gemm_product(&acc, SRC_QL, SRC_KV, blk.row0, len, blk.col0, p.e, p.s, false, true, lid);
+    let z = lin_z(blk.batch, slot);
+    for (var i = 0u; i < 4u; i++) {
+        acc[i] *= z;
     }
     var depth = len;
     if (has(FLAG_CAUSAL)) {

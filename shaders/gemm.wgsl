@@ -49,35 +49,40 @@ fn gemm_b_in(src: u32, k: u32, n: u32, depth: u32, cols: u32) -> f32 {
 }
 
 // Each invocation stages one vec4 of each factor: four consecutive rows (columns) at one
-// depth, its slot (depth, vec4 within the row). `along` says the factor is contiguous in
-// memory along rows (A) or columns (B), as a transposed matrix is (for A), so neighbouring
-// invocations take neighbouring rows; otherwise they take neighbouring depths.
-fn gemm_slot(along: bool, lid: u32) -> vec2<u32> {
-    if (along) {
-        return vec2(lid / 16u, lid % 16u);
+// depth. `a_along_m` says the left factor is contiguous in memory along m (it is a transposed
+// matrix), so neighbouring invocations take neighbouring rows; otherwise they take
+// neighbouring depths. Likewise `b_along_n` for the right factor.
+fn gemm_stage(
+    src_a: u32, src_b: u32, m0: u32, rows: u32, n0: u32, cols: u32, k0: u32, depth: u32,
+    a_along_m: bool, b_along_n: bool, lid: u32,
+) {
+    var ka = lid % 16u;
+    var ma = lid / 16u;
+    if (a_along_m) {
+        ka = lid / 16u;
+        ma = lid % 16u;
     }
-    return vec2(lid % 16u, lid / 16u);
-}
-
-fn gemm_fetch_a(src: u32, m0: u32, rows: u32, k0: u32, depth: u32, slot: vec2<u32>) -> vec4<f32> {
-    let k = k0 + slot.x;
-    let m = m0 + slot.y * 4u;
-    return vec4(
-        gemm_a_in(src, m, k, rows, depth),
-        gemm_a_in(src, m + 1u, k, rows, depth),
-        gemm_a_in(src, m + 2u, k, rows, depth),
-        gemm_a_in(src, m + 3u, k, rows, depth),
+    let k = k0 + ka;
+    let m = m0 + ma * 4u;
+    gemm_as[ka * GEMM_LD + ma] = vec4(
+        gemm_a_in(src_a, m, k, rows, depth),
+        gemm_a_in(src_a, m + 1u, k, rows, depth),
+        gemm_a_in(src_a, m + 2u, k, rows, depth),
+        gemm_a_in(src_a, m + 3u, k, rows, depth),
     );
-}
-
-fn gemm_fetch_b(src: u32, n0: u32, cols: u32, k0: u32, depth: u32, slot: vec2<u32>) -> vec4<f32> {
-    let k = k0 + slot.x;
-    let n = n0 + slot.y * 4u;
-    return vec4(
-        gemm_b_in(src, k, n, depth, cols),
-        gemm_b_in(src, k, n + 1u, depth, cols),
-        gemm_b_in(src, k, n + 2u, depth, cols),
-        gemm_b_in(src, k, n + 3u, depth, cols),
+    var kb = lid % 16u;
+    var nb = lid / 16u;
+    if (b_along_n) {
+        kb = lid / 16u;
+        nb = lid % 16u;
+    }
+    let kk = k0 + kb;
+    let n = n0 + nb * 4u;
+    gemm_bs[kb * GEMM_LD + nb] = vec4(
+        gemm_b_in(src_b, kk, n, depth, cols),
+        gemm_b_in(src_b, kk, n + 1u, depth, cols),
+        gemm_b_in(src_b, kk, n + 2u, depth, cols),
+        gemm_b_in(src_b, kk, n + 3u, depth, cols),
     );
 }
 
@@ -90,21 +95,10 @@ fn gemm_product(
 ) {
     let ty = lid / 16u;
     let tx = lid % 16u;
-    let slot_a = gemm_slot(a_along_m, lid);
-    let slot_b = gemm_slot(b_along_n, lid);
-    // Software pipelining: the next depth step is read from memory while this one's
-    // multiply-adds run, so its latency hides behind them even with few workgroups resident.
-    var next_a = gemm_fetch_a(src_a, m0, rows, 0u, depth, slot_a);
-    var next_b = gemm_fetch_b(src_b, n0, cols, 0u, depth, slot_b);
     for (var k0 = 0u; k0 < depth; k0 += GEMM_BK) {
         workgroupBarrier();
-        gemm_as[slot_a.x * GEMM_LD + slot_a.y] = next_a;
-        gemm_bs[slot_b.x * GEMM_LD + slot_b.y] = next_b;
+        gemm_stage(src_a, src_b, m0, rows, n0, cols, k0, depth, a_along_m, b_along_n, lid);
         workgroupBarrier();
-        if (k0 + GEMM_BK < depth) {
-            next_a = gemm_fetch_a(src_a, m0, rows, k0 + GEMM_BK, depth, slot_a);
-            next_b = gemm_fetch_b(src_b, n0, cols, k0 + GEMM_BK, depth, slot_b);
-        }
         for (var k = 0u; k < GEMM_BK; k++) {
             // Components by constant index: a variant indexing them by a variable (rows per
             // invocation as a parameter) ran 4x slower on an H200.

@@ -65,7 +65,6 @@ const FLAG_ROPE: u32 = 16;
 const FLAG_LAPLACE: u32 = 32;
 const FLAG_UPDATE_STATE: u32 = 64;
 const FLAG_TOTAL_FROM_STATE: u32 = 128;
-const FLAG_NO_STATE: u32 = 256;
 
 const NORM_CONSTANT: u32 = 0;
 const NORM_LENGTH: u32 = 1;
@@ -811,8 +810,7 @@ fn passes(
         | flag(opts.rope.is_some(), FLAG_ROPE)
         | flag(opts.attn_fn == AttnFn::Laplace, FLAG_LAPLACE)
         | flag(call.scan == Scan::PrefixIntoState, FLAG_UPDATE_STATE)
-        | flag(call.scan == Scan::TotalFromState, FLAG_TOTAL_FROM_STATE)
-        | flag(call.state.is_none(), FLAG_NO_STATE);
+        | flag(call.scan == Scan::TotalFromState, FLAG_TOTAL_FROM_STATE);
     let tiles = pstride.div_ceil(GEMM_BLOCK);
     let stiles = s.div_ceil(GEMM_BLOCK);
     let etiles = e.div_ceil(GEMM_BLOCK);
