@@ -3,7 +3,7 @@
 //! Accumulation is f32 either way, so results match the native-f16 path; only bandwidth differs.
 
 use crate::context::Context;
-use crate::dispatch::{Plan, Step};
+use crate::dispatch::{binding_chunks, sub_binding, Plan, Step};
 use crate::error::Result;
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::DType;
@@ -63,18 +63,7 @@ pub fn widen(
     len: usize,
 ) -> Result<wgpu::Buffer> {
     let wide = ctx.scratch(len as u64 * 4)?;
-    let params = ctx.uniform(&(len as u32))?;
-    plan.push(Step::new(
-        ctx,
-        &variant("widen_f16"),
-        &[
-            (0, src.as_entire_buffer_binding()),
-            (1, wide.as_entire_buffer_binding()),
-            (2, params.as_entire_buffer_binding()),
-        ],
-        (len as u64).div_ceil(2).div_ceil(WG),
-    )?);
-    plan.keep(params);
+    convert(ctx, plan, "widen_f16", (0, src), (1, &wide), len)?;
     plan.keep(wide.clone());
     Ok(wide)
 }
@@ -87,17 +76,43 @@ pub fn narrow(
     dst: &wgpu::Buffer,
     len: usize,
 ) -> Result<()> {
-    let params = ctx.uniform(&(len as u32))?;
-    plan.push(Step::new(
-        ctx,
-        &variant("narrow_f16"),
-        &[
-            (2, params.as_entire_buffer_binding()),
-            (3, src.as_entire_buffer_binding()),
-            (4, dst.as_entire_buffer_binding()),
-        ],
-        (len as u64).div_ceil(2).div_ceil(WG),
-    )?);
-    plan.keep(params);
+    convert(ctx, plan, "narrow_f16", (4, dst), (3, src), len)
+}
+
+/// One conversion between `packed` f16 words and `wide` f32 values (each at its binding
+/// slot), in as many dispatches as the device's storage bindings need: ranges of whole words
+/// whose byte offsets stay aligned on both sides.
+fn convert(
+    ctx: &Context,
+    plan: &mut Plan,
+    entry: &'static str,
+    packed: (u32, &wgpu::Buffer),
+    wide: (u32, &wgpu::Buffer),
+    len: usize,
+) -> Result<()> {
+    let limits = ctx.limits();
+    let words = (len as u64).div_ceil(2);
+    // A "row" is one packed word: 2 elements, 8 bytes once widened.
+    for range in binding_chunks(
+        words,
+        2,
+        4,
+        limits.max_storage_buffer_binding_size,
+        limits.min_storage_buffer_offset_alignment as u64,
+    )? {
+        let elems = (len as u64).min(range.end * 2) - range.start * 2;
+        let params = ctx.uniform(&(elems as u32))?;
+        plan.push(Step::new(
+            ctx,
+            &variant(entry),
+            &[
+                (packed.0, sub_binding(packed.1, range.start * 4, elems * 2)),
+                (wide.0, sub_binding(wide.1, range.start * 8, elems * 4)),
+                (2, params.as_entire_buffer_binding()),
+            ],
+            (range.end - range.start).div_ceil(WG),
+        )?);
+        plan.keep(params);
+    }
     Ok(())
 }

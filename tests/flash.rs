@@ -857,6 +857,19 @@ fn calls_too_big_for_one_binding_run_in_segments() {
         };
         check(&small, &data, &opts, "segments");
     }
+    // f16 storage through segments (widened to f32 in binding-sized pieces where the device
+    // has no f16 shaders).
+    let opts = FlashOptions {
+        chunk: 64,
+        causal: true,
+        ..Default::default()
+    };
+    let half = data.clone().round_to_f16();
+    let want = reference(&half.host(), &opts).unwrap();
+    let got = gpu_f16(&small, &half, &opts);
+    // Against the largest output, as in f16_storage (early causal rows are f16 subnormals).
+    let err = row_error(&got, &want, got.len());
+    assert!(err <= TOL_F16, "segments f16: error {err:e}");
     // The plan really is split: more than one round of the three passes.
     let x = small
         .upload(&vec![0.5f32; 2 * 1000 * 32], [2, 1000, 32])
