@@ -21,13 +21,15 @@
 // When the whole call would not fit storage bindings, the host runs it as segments (one batch
 // item's run of chunks, rows renumbered from 0, n = the segment's rows) and binds each tensor
 // from an aligned offset at or before the segment's first row; qk_base, v_base (also gate and
-// out) and mask_base are that row's element offsets inside the bindings.
+// out) and mask_base are that row's element offsets inside the bindings. batch_rows is the
+// rows per batch item of the inputs (n, or a decoder's chunk capacity C); out has n - row_begin.
 struct Params {
     n: u32, s: u32, e: u32, chunk: u32,
     groups: u32, tiles: u32, stiles: u32, etiles: u32,
     batch: u32, row_begin: u32, flags: u32, norm: u32,
     kappa: f32, lin_scale: f32, rope_base: u32, count_base: u32,
     pstride: u32, qk_base: u32, v_base: u32, mask_base: u32,
+    batch_rows: u32, pad0: u32, pad1: u32, pad2: u32,
 }
 
 const FLAG_CAUSAL: u32 = 1u;
@@ -86,7 +88,7 @@ fn key_ok(bi: u32, j: u32) -> bool {
         return false;
     }
     if (has(FLAG_MASK)) {
-        let e = p.mask_base + bi * p.n + j;
+        let e = p.mask_base + bi * p.batch_rows + j;
         return ((key_mask[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu) != 0u;
     }
     return true;
@@ -105,7 +107,7 @@ fn qk_read(src: u32, i: u32) -> f32 {
 }
 
 fn qk(src: u32, t: u32, c: u32) -> f32 {
-    let row = p.qk_base + (cur_batch * p.n + t) * p.s;
+    let row = p.qk_base + (cur_batch * p.batch_rows + t) * p.s;
     let x = qk_read(src, row + c);
     if (!has(FLAG_ROPE)) {
         return x;
@@ -136,7 +138,7 @@ fn gemm_b(src: u32, k: u32, n: u32) -> f32 {
             if (!key_ok(cur_batch, j)) {
                 return 0.0;
             }
-            return f32(v[p.v_base + (cur_batch * p.n + j) * p.e + n]);
+            return f32(v[p.v_base + (cur_batch * p.batch_rows + j) * p.e + n]);
         }
         default: { return kv[cur_base + k * p.e + n]; }
     }
@@ -372,7 +374,7 @@ fn flash_out(
             if (col < p.e) {
                 var y = acc[i][j];
                 if (has(FLAG_GATE)) {
-                    y *= f32(gate[p.v_base + (blk.batch * p.n + t) * p.e + col]);
+                    y *= f32(gate[p.v_base + (blk.batch * p.batch_rows + t) * p.e + col]);
                 }
                 out[p.v_base + (blk.batch * rows + t - p.row_begin) * p.e + col] = elem(y);
             }

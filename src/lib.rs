@@ -32,7 +32,8 @@ pub use dispatch::Plan;
 pub use error::{Error, Result};
 pub use kernels::attention::{Attention, AttentionOptions, Layout};
 pub use kernels::flash::{
-    AttnFn, Flash, FlashBlock, FlashDecoder, FlashInputs, FlashOptions, FlashRope, LinNorm,
+    AttnFn, Flash, FlashBlock, FlashDecoder, FlashGpuBlock, FlashInputs, FlashOptions, FlashRope,
+    LinNorm,
 };
 pub use kernels::gibbs::{
     BestState, ChainModel, Gibbs, GibbsOptions, GibbsOutput, Metropolis, MhOptions, MhTensors,

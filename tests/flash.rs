@@ -9,8 +9,8 @@ use seq_kernels::kernels::flash::flash_shape;
 use seq_kernels::reference::flash::{flash as reference, gau, FlashHost};
 use seq_kernels::reference::row_error;
 use seq_kernels::{
-    AttnFn, Context, Error, Flash, FlashBlock, FlashDecoder, FlashInputs, FlashOptions, FlashRope,
-    GpuTensor, LinNorm,
+    AttnFn, Context, Error, Flash, FlashBlock, FlashDecoder, FlashGpuBlock, FlashInputs,
+    FlashOptions, FlashRope, GpuTensor, LinNorm,
 };
 
 /// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage (f32 sums of
@@ -426,7 +426,14 @@ fn padding_changes_nothing_for_real_tokens() {
 }
 
 /// Feeds `data` to a decoder in blocks of the given sizes (cycled) and returns the outputs.
-fn decode(ctx: &Context, data: &Data, opts: &FlashOptions, blocks: &[usize]) -> Vec<f32> {
+/// Decodes `data` in blocks of the given sizes (cycled); `mixed` alternates host and GPU steps.
+fn decode(
+    ctx: &Context,
+    data: &Data,
+    opts: &FlashOptions,
+    blocks: &[usize],
+    mixed: bool,
+) -> Vec<f32> {
     let [b, n, s, e] = data.dims;
     let mut dec = FlashDecoder::new(
         ctx,
@@ -440,6 +447,7 @@ fn decode(ctx: &Context, data: &Data, opts: &FlashOptions, blocks: &[usize]) -> 
     .unwrap();
     let mut out = vec![0.0f32; b * n * e];
     let mut pos = 0;
+    let mut steps = 0;
     for &t in blocks.iter().cycle() {
         if pos == n {
             break;
@@ -463,8 +471,26 @@ fn decode(ctx: &Context, data: &Data, opts: &FlashOptions, blocks: &[usize]) -> 
                 .flat_map(|bi| m[bi * n + pos..bi * n + pos + t].to_vec())
                 .collect()
         });
-        let y = dec
-            .step(
+        // Odd steps feed GPU tensors when `mixed`, the others host slices.
+        steps += 1;
+        let y = if mixed && steps % 2 == 0 {
+            let up = |x: &[f32], w: usize| ctx.upload(x, [b, t, w]).unwrap();
+            let (qq, kq, ql, kl, v) = (up(&qq, s), up(&kq, s), up(&ql, s), up(&kl, s), up(&v, e));
+            let gate = gate.as_ref().map(|g| up(g, e));
+            dec.step_gpu(&FlashGpuBlock {
+                qq: &qq,
+                kq: &kq,
+                ql: &ql,
+                kl: &kl,
+                v: &v,
+                gate: gate.as_ref(),
+                key_mask: mask.as_deref(),
+            })
+            .unwrap()
+            .download()
+            .unwrap()
+        } else {
+            dec.step(
                 &FlashBlock {
                     qq: &qq,
                     kq: &kq,
@@ -476,7 +502,8 @@ fn decode(ctx: &Context, data: &Data, opts: &FlashOptions, blocks: &[usize]) -> 
                 },
                 t,
             )
-            .unwrap();
+            .unwrap()
+        };
         for bi in 0..b {
             out[(bi * n + pos) * e..(bi * n + pos + t) * e]
                 .copy_from_slice(&y[bi * t * e..(bi + 1) * t * e]);
@@ -508,13 +535,52 @@ fn incremental_decoding_equals_one_shot() {
         };
         let one_shot = gpu_f32(ctx, &data, &opts);
         let want: Vec<f64> = one_shot.iter().map(|&x| x as f64).collect();
-        for blocks in [&[1usize][..], &[5, 16, 3], &[37]] {
-            let got = decode(ctx, &data, &opts, blocks);
+        for (blocks, mixed) in [
+            (&[1usize][..], false),
+            (&[5, 16, 3], false),
+            (&[37], false),
+            (&[5, 16, 3], true),
+            (&[1], true),
+        ] {
+            let got = decode(ctx, &data, &opts, blocks, mixed);
             // Same sums in the same order but for the KV state, added chunk by chunk.
             let err = row_error(&got, &want, 24);
-            assert!(err <= 1e-5, "{lin_norm:?} blocks {blocks:?}: {err:e}");
+            assert!(
+                err <= 1e-5,
+                "{lin_norm:?} blocks {blocks:?} mixed {mixed}: {err:e}"
+            );
         }
     }
+    // GPU blocks of the wrong shape, or without the decoder's gate, are refused untouched.
+    let opts = FlashOptions {
+        chunk,
+        causal: true,
+        ..Default::default()
+    };
+    let mut dec = FlashDecoder::new(ctx, &opts, 2, 32, 24, true, None).unwrap();
+    let x = ctx.upload(&vec![0.1f32; 2 * 3 * 32], [2, 3, 32]).unwrap();
+    let v = ctx.upload(&vec![0.1f32; 2 * 3 * 24], [2, 3, 24]).unwrap();
+    let narrow = ctx.upload(&vec![0.1f32; 2 * 3 * 20], [2, 3, 20]).unwrap();
+    let block = |v, gate| FlashGpuBlock {
+        qq: &x,
+        kq: &x,
+        ql: &x,
+        kl: &x,
+        v,
+        gate,
+        key_mask: None,
+    };
+    assert!(matches!(
+        dec.step_gpu(&block(&narrow, Some(&v))),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        dec.step_gpu(&block(&v, None)),
+        Err(Error::Shape(_))
+    ));
+    assert_eq!(dec.position(), 0);
+    assert!(dec.step_gpu(&block(&v, Some(&v))).is_ok());
+    assert_eq!(dec.position(), 3);
 }
 
 #[test]

@@ -411,6 +411,8 @@ struct Params {
     qk_base: u32,
     v_base: u32,
     mask_base: u32,
+    batch_rows: u32,
+    pad: [u32; 3],
 }
 
 /// The shader variant for a storage type and entry point.
@@ -460,6 +462,9 @@ struct Call<'a> {
     outputs: bool,
     /// Global position of row 0 for fused RoPE.
     rope_offset: u64,
+    /// Rows per batch item in the bound tensors when more than the call's n (the decoder's
+    /// chunk buffers hold C rows of which the call uses the first n).
+    batch_rows: Option<usize>,
 }
 
 /// How the scan pass treats the chunks' KV sums.
@@ -673,6 +678,7 @@ impl Flash {
                 scan: Scan::Prefix,
                 outputs: true,
                 rope_offset,
+                batch_rows: None,
             };
             plan.extend(passes(
                 ctx, &self.opts, &shape, dtype, &bound, &one, &segs[0],
@@ -700,6 +706,7 @@ impl Flash {
                         scan,
                         outputs,
                         rope_offset,
+                        batch_rows: None,
                     };
                     plan.extend(passes(ctx, &self.opts, &shape, dtype, &bound, &c, seg)?);
                 }
@@ -771,7 +778,8 @@ fn passes(
     let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
     let elem = dtype.size() as u64;
     let first = (seg.batch * sh.n + r0) as u64;
-    let count = (b * n) as u64;
+    let batch_rows = call.batch_rows.unwrap_or(n);
+    let count = (b * batch_rows) as u64;
     fn rows_of(
         buf: &wgpu::Buffer,
         row_bytes: u64,
@@ -814,8 +822,8 @@ fn passes(
     let (ql, _) = view(&bound.ql, s);
     let (kl, _) = view(&bound.kl, s);
     let (v, v_base) = view(&bound.v, e);
-    // A decoding step writes only its new rows: its output is bound whole.
-    let out = if call.row_begin == 0 {
+    // A decoding step writes only its new rows, into an output of their own: bound whole.
+    let out = if call.batch_rows.is_none() {
         view(&bound.out, e).0
     } else {
         bound.out.as_entire_buffer_binding()
@@ -841,6 +849,8 @@ fn passes(
         qk_base,
         v_base,
         mask_base: first as u32,
+        batch_rows: u(batch_rows),
+        pad: [0; 3],
     })?;
     // Activated scores of every chunk, [b, G, pstride, pstride].
     check_binding(
@@ -932,12 +942,33 @@ pub struct FlashBlock<'a> {
     pub key_mask: Option<&'a [bool]>,
 }
 
+/// Tokens for one [`FlashDecoder::step_gpu`], already on the GPU: `t` new tokens of every
+/// batch item.
+#[derive(Clone, Copy, Debug)]
+pub struct FlashGpuBlock<'a> {
+    /// `[b, t, s]`.
+    pub qq: &'a GpuTensor<f32>,
+    /// `[b, t, s]`.
+    pub kq: &'a GpuTensor<f32>,
+    /// `[b, t, s]`.
+    pub ql: &'a GpuTensor<f32>,
+    /// `[b, t, s]`.
+    pub kl: &'a GpuTensor<f32>,
+    /// `[b, t, e]`.
+    pub v: &'a GpuTensor<f32>,
+    /// `[b, t, e]`, when the decoder was made with a gate.
+    pub gate: Option<&'a GpuTensor<f32>>,
+    /// `[b, t]` on the host (a few bytes per step), true = keep; `None` keeps every token.
+    pub key_mask: Option<&'a [bool]>,
+}
+
 /// Incremental causal FLASH: feed tokens one at a time or in blocks; the outputs equal those
 /// of one causal call over the whole sequence.
 ///
-/// The GPU holds the state: the sum of `kl^T v` (and the valid-key count) over completed
-/// chunks. The host keeps the current partial chunk's rows and re-sends them with each step,
-/// so a step costs O(C (s + e)) per batch item, never O(n). Storage is f32.
+/// The GPU holds the state (the sum of `kl^T v` and the valid-key count over completed chunks)
+/// and the current partial chunk's rows; each step copies in only the new tokens, so a step
+/// costs O(C (s + e)) work per batch item, never O(n). Feed host data with [`Self::step`] or
+/// GPU tensors with [`Self::step_gpu`]. Storage is f32.
 ///
 /// ```no_run
 /// # use seq_kernels::{Context, FlashBlock, FlashDecoder, FlashOptions};
@@ -961,9 +992,12 @@ pub struct FlashDecoder {
     bias: Option<GpuTensor<f32>>,
     /// `[b, s, e]` KV sum over completed chunks, then `[b]` valid-key counts.
     state: wgpu::Buffer,
-    /// The current chunk's rows so far, per tensor `[b, fill, width]`: qq, kq, ql, kl, v, gate.
-    rows: [Vec<f32>; 6],
+    /// The current chunk's rows, `[b, C, width]` each: qq, kq, ql, kl, v, and the gate when
+    /// gated. Rows past `fill` are stale and never read.
+    rows: Vec<GpuTensor<f32>>,
+    /// The current chunk's key mask `[b, C]`, kept on the host and written before each piece.
     mask: Vec<bool>,
+    mask_gpu: GpuTensor<u8>,
     fill: usize,
     /// Tokens consumed before the current chunk.
     start: u64,
@@ -1002,8 +1036,16 @@ impl FlashDecoder {
             None,
             opts,
         )?;
+        let c = opts.chunk;
         let bias = bias.map(|v| ctx.upload(v, bias_shape)).transpose()?;
         let state = ctx.scratch((b * s * e + b) as u64 * 4)?;
+        let widths = [s, s, s, s, e, e];
+        let rows = widths[..if gated { 6 } else { 5 }]
+            .iter()
+            .map(|&w| ctx.zeros::<f32>([b, c, w]))
+            .collect::<Result<Vec<_>>>()?;
+        let mask = vec![true; b * c];
+        let mask_gpu = ctx.upload_mask(&mask, [b, c])?;
         Ok(Self {
             ctx: ctx.clone(),
             opts: opts.clone(),
@@ -1013,8 +1055,9 @@ impl FlashDecoder {
             gated,
             bias,
             state,
-            rows: Default::default(),
-            mask: Vec::new(),
+            rows,
+            mask,
+            mask_gpu,
             fill: 0,
             start: 0,
         })
@@ -1050,8 +1093,52 @@ impl FlashDecoder {
             check(name, x.len(), s)?;
         }
         check("v", block.v.len(), e)?;
+        if let Some(gt) = block.gate {
+            check("gate", gt.len(), e)?;
+        }
+        let ctx = &self.ctx;
+        let up = |x: &[f32], w: usize| ctx.upload(x, [b, t, w]);
+        let (qq, kq, ql, kl, v) = (
+            up(block.qq, s)?,
+            up(block.kq, s)?,
+            up(block.ql, s)?,
+            up(block.kl, s)?,
+            up(block.v, e)?,
+        );
+        let gate = block.gate.map(|g| up(g, e)).transpose()?;
+        self.step_gpu(&FlashGpuBlock {
+            qq: &qq,
+            kq: &kq,
+            ql: &ql,
+            kl: &kl,
+            v: &v,
+            gate: gate.as_ref(),
+            key_mask: block.key_mask,
+        })?
+        .download()
+    }
+
+    /// Feeds the tokens of a block on the GPU and returns their outputs, `[b, t, e]`, on the
+    /// GPU (t from the block's shapes).
+    pub fn step_gpu(&mut self, block: &FlashGpuBlock<'_>) -> Result<GpuTensor<f32>> {
+        let (b, s, e, c) = (self.b, self.s, self.e, self.opts.chunk);
+        let t = match block.qq.shape() {
+            &[bb, t, ss] if bb == b && ss == s && t > 0 => t,
+            other => {
+                return Err(Error::shape(format!(
+                    "flash decoder qq is {other:?}; expected [b, t, s] = [{b}, t >= 1, {s}]"
+                )))
+            }
+        };
+        let mut ins = vec![
+            ("qq", block.qq, s),
+            ("kq", block.kq, s),
+            ("ql", block.ql, s),
+            ("kl", block.kl, s),
+            ("v", block.v, e),
+        ];
         match (self.gated, block.gate) {
-            (true, Some(gt)) => check("gate", gt.len(), e)?,
+            (true, Some(g)) => ins.push(("gate", g, e)),
             (false, None) => {}
             (true, None) => {
                 return Err(Error::shape("flash decoder was made with a gate; give one"))
@@ -1062,105 +1149,127 @@ impl FlashDecoder {
                 ))
             }
         }
-        if let Some(m) = block.key_mask {
-            check("key_mask", m.len(), 1)?;
+        for (name, x, w) in &ins {
+            if x.shape() != [b, t, *w] {
+                return Err(Error::shape(format!(
+                    "flash decoder {name} is {:?}; expected [b, t, {w}] = {:?}",
+                    x.shape(),
+                    [b, t, *w]
+                )));
+            }
         }
-        let mut out = vec![0.0f32; b * t * e];
+        if let Some(m) = block.key_mask {
+            if m.len() != b * t {
+                return Err(Error::shape(format!(
+                    "flash decoder key_mask has {} values; expected [b, t] = {}",
+                    m.len(),
+                    b * t
+                )));
+            }
+        }
+        let ctx = &self.ctx;
+        let out = ctx.zeros::<f32>([b, t, e])?;
         let mut done = 0;
         while done < t {
-            let take = (self.opts.chunk - self.fill).min(t - done);
-            self.append(block, t, done, take);
-            let piece = self.run_chunk(take)?;
-            for bi in 0..b {
-                out[(bi * t + done) * e..(bi * t + done + take) * e]
-                    .copy_from_slice(&piece[bi * take * e..(bi + 1) * take * e]);
+            let take = (c - self.fill).min(t - done);
+            // The new rows into the chunk, then one call over the chunk's rows so far that
+            // writes only them, then their outputs into place.
+            let mut encoder = ctx.encoder();
+            for ((_, src, w), dst) in ins.iter().zip(&self.rows) {
+                let row = (*w * 4) as u64;
+                for bi in 0..b {
+                    encoder.copy_buffer_to_buffer(
+                        src.buffer(),
+                        (bi * t + done) as u64 * row,
+                        dst.buffer(),
+                        (bi * c + self.fill) as u64 * row,
+                        take as u64 * row,
+                    );
+                }
             }
+            for bi in 0..b {
+                for i in 0..take {
+                    self.mask[bi * c + self.fill + i] =
+                        block.key_mask.is_none_or(|m| m[bi * t + done + i]);
+                }
+            }
+            // Whole words: queue writes are multiples of 4 bytes.
+            let mut bytes: Vec<u8> = self.mask.iter().map(|&k| k as u8).collect();
+            bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+            ctx.queue().write_buffer(self.mask_gpu.buffer(), 0, &bytes);
+            let (plan, piece) = self.run_piece(take)?;
+            plan.encode(&mut encoder);
+            let row = (e * 4) as u64;
+            for bi in 0..b {
+                encoder.copy_buffer_to_buffer(
+                    piece.buffer(),
+                    (bi * take) as u64 * row,
+                    out.buffer(),
+                    (bi * t + done) as u64 * row,
+                    take as u64 * row,
+                );
+            }
+            ctx.checked("submitting a flash decoding step", || {
+                ctx.queue().submit([encoder.finish()])
+            })?;
             done += take;
-            if self.fill == self.opts.chunk {
-                self.start += self.fill as u64;
+            self.fill += take;
+            if self.fill == c {
+                self.start += c as u64;
                 self.fill = 0;
-                self.rows.iter_mut().for_each(Vec::clear);
-                self.mask.clear();
             }
         }
         Ok(out)
     }
 
-    /// Appends tokens `from .. from + take` of the block to the current chunk's rows.
-    fn append(&mut self, block: &FlashBlock<'_>, t: usize, from: usize, take: usize) {
-        let (b, s, e, fill) = (self.b, self.s, self.e, self.fill);
-        let srcs: [(Option<&[f32]>, usize); 6] = [
-            (Some(block.qq), s),
-            (Some(block.kq), s),
-            (Some(block.ql), s),
-            (Some(block.kl), s),
-            (Some(block.v), e),
-            (block.gate, e),
-        ];
-        for (rows, (src, w)) in self.rows.iter_mut().zip(srcs) {
-            let Some(src) = src else { continue };
-            let mut next = Vec::with_capacity(b * (fill + take) * w);
-            for bi in 0..b {
-                next.extend_from_slice(&rows[bi * fill * w..(bi + 1) * fill * w]);
-                next.extend_from_slice(&src[(bi * t + from) * w..(bi * t + from + take) * w]);
-            }
-            *rows = next;
-        }
-        let mut mask = Vec::with_capacity(b * (fill + take));
-        for bi in 0..b {
-            mask.extend_from_slice(&self.mask[bi * fill..(bi + 1) * fill]);
-            match block.key_mask {
-                Some(m) => mask.extend_from_slice(&m[bi * t + from..bi * t + from + take]),
-                None => mask.extend(std::iter::repeat_n(true, take)),
-            }
-        }
-        self.mask = mask;
-        self.fill += take;
-    }
-
-    /// Runs the current chunk's rows and returns the outputs of its last `take` rows.
-    fn run_chunk(&self, take: usize) -> Result<Vec<f32>> {
-        let ctx = &self.ctx;
-        let (b, n) = (self.b, self.fill);
-        let up = |i: usize, w: usize| ctx.upload(&self.rows[i], [b, n, w]);
-        let (s, e) = (self.s, self.e);
-        let (qq, kq, ql, kl, v) = (up(0, s)?, up(1, s)?, up(2, s)?, up(3, s)?, up(4, e)?);
-        let gate = self.gated.then(|| up(5, e)).transpose()?;
-        let mask = ctx.upload_mask(&self.mask, [b, n])?;
-        let out = ctx.zeros::<f32>([b, take, e])?;
+    /// The passes over the chunk's rows so far after `take` new ones were copied in, writing
+    /// the new rows' outputs `[b, take, e]` into a tensor of their own.
+    fn run_piece(&self, take: usize) -> Result<(Plan, GpuTensor<f32>)> {
+        let (b, n, c) = (self.b, self.fill + take, self.opts.chunk);
+        let piece = self.ctx.zeros::<f32>([b, take, self.e])?;
         let shape = FlashShape {
             b,
             n,
-            s,
-            e,
-            chunk: self.opts.chunk,
+            s: self.s,
+            e: self.e,
+            chunk: c,
             groups: 1,
         };
+        let buf = |i: usize| self.rows[i].buffer().clone();
         let bound = Bound {
-            qq: qq.buffer().clone(),
-            kq: kq.buffer().clone(),
-            ql: ql.buffer().clone(),
-            kl: kl.buffer().clone(),
-            v: v.buffer().clone(),
-            gate: gate.as_ref().map(|g| g.buffer().clone()),
+            qq: buf(0),
+            kq: buf(1),
+            ql: buf(2),
+            kl: buf(3),
+            v: buf(4),
+            gate: self.gated.then(|| buf(5)),
             bias: self.bias.as_ref().map(|x| x.buffer().clone()),
-            key_mask: Some(mask.buffer().clone()),
-            out: out.buffer().clone(),
+            key_mask: Some(self.mask_gpu.buffer().clone()),
+            out: piece.buffer().clone(),
         };
         let call = Call {
-            row_begin: n - take,
+            row_begin: self.fill,
             state: Some(&self.state),
-            scan: if n == self.opts.chunk {
+            scan: if n == c {
                 Scan::PrefixIntoState
             } else {
                 Scan::Prefix
             },
             outputs: true,
             rope_offset: self.opts.rope.map_or(0, |r| r.offset) + self.start,
+            batch_rows: Some(c),
         };
         let whole = Segment::whole(&shape);
-        passes(ctx, &self.opts, &shape, DType::F32, &bound, &call, &whole)?.run(ctx)?;
-        out.download()
+        let plan = passes(
+            &self.ctx,
+            &self.opts,
+            &shape,
+            DType::F32,
+            &bound,
+            &call,
+            &whole,
+        )?;
+        Ok((plan, piece))
     }
 }
 
