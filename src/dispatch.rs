@@ -182,6 +182,26 @@ pub fn check_binding(ctx: &Context, what: &'static str, bytes: u64, elem_bytes: 
     Ok(())
 }
 
+/// Rows `rows` of a buffer of `row_bytes`-byte rows as a binding that starts at the aligned
+/// offset at or before the first row (`align`, the device's storage offset alignment), and the
+/// element offset of that first row inside the binding (elements of `elem` bytes), for the
+/// shader to add to its indices.
+pub fn rows_binding(
+    buffer: &wgpu::Buffer,
+    row_bytes: u64,
+    rows: Range<u64>,
+    align: u64,
+    elem: u64,
+) -> (wgpu::BufferBinding<'_>, u32) {
+    let start = rows.start * row_bytes;
+    let offset = start / align * align;
+    let base = ((start - offset) / elem) as u32;
+    (
+        sub_binding(buffer, offset, rows.end * row_bytes - offset),
+        base,
+    )
+}
+
 /// The byte range `offset .. offset + size` of a buffer as a binding (size rounded up to a
 /// whole word: f16 and byte tensors may end mid-word).
 pub fn sub_binding(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BufferBinding<'_> {

@@ -137,9 +137,7 @@ impl Context {
             )));
         }
         let t = self.zeros::<T>(shape)?;
-        let mut bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
-        bytes.resize(t.buffer.size() as usize, 0);
-        self.queue().write_buffer(&t.buffer, 0, &bytes);
+        t.write(data)?;
         Ok(t)
     }
 
@@ -257,6 +255,24 @@ impl<T: Element> GpuTensor<T> {
             shape,
             ..self.clone()
         })
+    }
+
+    /// Replaces the tensor's contents with `data` (as many elements as the tensor holds); the
+    /// write lands before the next submitted work, as queue writes do.
+    pub fn write(&self, data: &[T]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(Error::shape(format!(
+                "write: tensor {:?} holds {} elements but {} were given",
+                self.shape,
+                self.len(),
+                data.len()
+            )));
+        }
+        // The buffer is padded to whole words; queue writes come in whole words too.
+        let mut bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
+        bytes.resize(self.buffer.size() as usize, 0);
+        self.ctx.queue().write_buffer(&self.buffer, 0, &bytes);
+        Ok(())
     }
 
     /// Copies the tensor back to the host, blocking.

@@ -1,5 +1,5 @@
 //! The vec4 copy kernel against its reference (the identity), including a buffer larger than
-//! one storage binding, and its errors.
+//! one storage binding, and its errors; and the tensor write it and every upload rely on.
 
 mod common;
 
@@ -41,4 +41,16 @@ fn rejects_sizes_that_are_not_whole_vec4s() {
     let Some(ctx) = gpu() else { return };
     let x = ctx.upload(&[1.0f32; 6], [6]).unwrap();
     assert!(matches!(ctx.copy(&x), Err(Error::Shape(_))));
+}
+
+/// `GpuTensor::write`, which `upload` and the FLASH decoder's mask go through: contents
+/// replaced (an odd byte count, padded to whole words), a wrong length refused untouched.
+#[test]
+fn tensor_write_replaces_contents() {
+    let Some(ctx) = gpu() else { return };
+    let t = ctx.upload(&[1u8, 2, 3, 4, 5], [5]).unwrap();
+    t.write(&[9, 8, 7, 6, 5]).unwrap();
+    assert_eq!(t.download().unwrap(), vec![9, 8, 7, 6, 5]);
+    assert!(matches!(t.write(&[1, 2, 3]), Err(Error::Shape(_))));
+    assert_eq!(t.download().unwrap(), vec![9, 8, 7, 6, 5]);
 }

@@ -40,7 +40,7 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{check_binding, sub_binding, Plan, Step};
+use crate::dispatch::{check_binding, rows_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
 use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
@@ -671,7 +671,7 @@ impl Flash {
         };
         let dtype = storage.shader_dtype();
         let rope_offset = self.opts.rope.map_or(0, |r| r.offset);
-        if segs.len() == 1 {
+        if let [whole] = segs.as_slice() {
             let one = Call {
                 row_begin: 0,
                 state: None,
@@ -680,38 +680,33 @@ impl Flash {
                 rope_offset,
                 batch_rows: None,
             };
-            plan.extend(passes(
-                ctx, &self.opts, &shape, dtype, &bound, &one, &segs[0],
-            )?);
-        }
-        // Segments: each batch item's chunks in order, the state carrying the KV sum from one
-        // segment to the next. Non-causal outputs need every chunk's sum first: one sweep sums,
-        // a second writes.
-        for bi in 0..shape.b {
-            let mine: Vec<&Segment> = segs.iter().filter(|g| g.batch == bi).collect();
-            if segs.len() == 1 || mine.is_empty() {
-                continue;
-            }
-            let state = ctx.scratch((shape.s * shape.e + 1) as u64 * 4)?;
-            let sweeps = if self.opts.causal {
-                vec![(Scan::PrefixIntoState, true)]
+            plan.extend(passes(ctx, &self.opts, &shape, dtype, &bound, &one, whole)?);
+        } else {
+            // Segments: each batch item's chunks in order, the state carrying the KV sum from
+            // one segment to the next. Non-causal outputs need every chunk's sum first: one
+            // sweep sums, a second writes.
+            let sweeps: &[(Scan, bool)] = if self.opts.causal {
+                &[(Scan::PrefixIntoState, true)]
             } else {
-                vec![(Scan::PrefixIntoState, false), (Scan::TotalFromState, true)]
+                &[(Scan::PrefixIntoState, false), (Scan::TotalFromState, true)]
             };
-            for (scan, outputs) in sweeps {
-                for seg in &mine {
-                    let c = Call {
-                        row_begin: 0,
-                        state: Some(&state),
-                        scan,
-                        outputs,
-                        rope_offset,
-                        batch_rows: None,
-                    };
-                    plan.extend(passes(ctx, &self.opts, &shape, dtype, &bound, &c, seg)?);
+            for bi in 0..shape.b {
+                let state = ctx.scratch((shape.s * shape.e + 1) as u64 * 4)?;
+                for &(scan, outputs) in sweeps {
+                    for seg in segs.iter().filter(|g| g.batch == bi) {
+                        let c = Call {
+                            row_begin: 0,
+                            state: Some(&state),
+                            scan,
+                            outputs,
+                            rope_offset,
+                            batch_rows: None,
+                        };
+                        plan.extend(passes(ctx, &self.opts, &shape, dtype, &bound, &c, seg)?);
+                    }
                 }
+                plan.keep(state);
             }
-            plan.keep(state);
         }
         if storage == Storage::WidenedF16 {
             convert::narrow(ctx, &mut plan, &bound.out, out.buffer(), out.len())?;
@@ -780,23 +775,9 @@ fn passes(
     let first = (seg.batch * sh.n + r0) as u64;
     let batch_rows = call.batch_rows.unwrap_or(n);
     let count = (b * batch_rows) as u64;
-    fn rows_of(
-        buf: &wgpu::Buffer,
-        row_bytes: u64,
-        rows: std::ops::Range<u64>,
-        align: u64,
-        elem: u64,
-    ) -> (wgpu::BufferBinding<'_>, u32) {
-        let start = rows.start * row_bytes;
-        let offset = start / align * align;
-        let base = ((start - offset) / elem) as u32;
-        (
-            sub_binding(buf, offset, rows.end * row_bytes - offset),
-            base,
-        )
-    }
-    let view =
-        |buf, width: usize| rows_of(buf, width as u64 * elem, first..first + count, align, elem);
+    let view = |buf, width: usize| {
+        rows_binding(buf, width as u64 * elem, first..first + count, align, elem)
+    };
 
     let (norm, lin_scale) = match (opts.lin_scale, opts.lin_norm) {
         (Some(z), _) => (NORM_CONSTANT, z),
@@ -1193,21 +1174,24 @@ impl FlashDecoder {
                         block.key_mask.is_none_or(|m| m[bi * t + done + i]);
                 }
             }
-            // Whole words: queue writes are multiples of 4 bytes.
-            let mut bytes: Vec<u8> = self.mask.iter().map(|&k| k as u8).collect();
-            bytes.resize(bytes.len().div_ceil(4) * 4, 0);
-            ctx.queue().write_buffer(self.mask_gpu.buffer(), 0, &bytes);
-            let (plan, piece) = self.run_piece(take)?;
-            plan.encode(&mut encoder);
-            let row = (e * 4) as u64;
-            for bi in 0..b {
-                encoder.copy_buffer_to_buffer(
-                    piece.buffer(),
-                    (bi * take) as u64 * row,
-                    out.buffer(),
-                    (bi * t + done) as u64 * row,
-                    take as u64 * row,
-                );
+            let bytes: Vec<u8> = self.mask.iter().map(|&k| k as u8).collect();
+            self.mask_gpu.write(&bytes)?;
+            if take == t {
+                // The whole block in one piece: its outputs are the step's.
+                self.run_piece(take, &out)?.encode(&mut encoder);
+            } else {
+                let piece = ctx.zeros::<f32>([b, take, e])?;
+                self.run_piece(take, &piece)?.encode(&mut encoder);
+                let row = (e * 4) as u64;
+                for bi in 0..b {
+                    encoder.copy_buffer_to_buffer(
+                        piece.buffer(),
+                        (bi * take) as u64 * row,
+                        out.buffer(),
+                        (bi * t + done) as u64 * row,
+                        take as u64 * row,
+                    );
+                }
             }
             ctx.checked("submitting a flash decoding step", || {
                 ctx.queue().submit([encoder.finish()])
@@ -1223,10 +1207,9 @@ impl FlashDecoder {
     }
 
     /// The passes over the chunk's rows so far after `take` new ones were copied in, writing
-    /// the new rows' outputs `[b, take, e]` into a tensor of their own.
-    fn run_piece(&self, take: usize) -> Result<(Plan, GpuTensor<f32>)> {
+    /// the new rows' outputs into `piece`, `[b, take, e]`.
+    fn run_piece(&self, take: usize, piece: &GpuTensor<f32>) -> Result<Plan> {
         let (b, n, c) = (self.b, self.fill + take, self.opts.chunk);
-        let piece = self.ctx.zeros::<f32>([b, take, self.e])?;
         let shape = FlashShape {
             b,
             n,
@@ -1260,7 +1243,7 @@ impl FlashDecoder {
             batch_rows: Some(c),
         };
         let whole = Segment::whole(&shape);
-        let plan = passes(
+        passes(
             &self.ctx,
             &self.opts,
             &shape,
@@ -1268,8 +1251,7 @@ impl FlashDecoder {
             &bound,
             &call,
             &whole,
-        )?;
-        Ok((plan, piece))
+        )
     }
 }
 
