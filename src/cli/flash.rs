@@ -4,7 +4,7 @@
 use half::f16;
 use std::time::Duration;
 
-use super::report::{Baseline, BenchRow, Check, SAMPLES, WARMUP};
+use super::report::{iterations, Baseline, BenchRow, Check, SAMPLES, WARMUP};
 use super::{usage, Array, CliError, Data, RunIo};
 use crate::kernels::flash::FlashShape;
 use crate::profile::{time_passes, Timing};
@@ -308,7 +308,11 @@ fn flash_rows(
         };
         let plan = Flash::new(ctx, &opts)?.plan(&inputs, &out)?;
         let flops = flash_flops(&inputs.shape(&opts)?, causal);
-        let timing = time_passes(ctx, WARMUP, SAMPLES, 1, |pass| plan.record(pass))?;
+        // Several calls per timed submit at small n, as for every other kernel's rows.
+        let bytes = (n * (4 * s + 2 * e) * 4) as u64;
+        let timing = time_passes(ctx, WARMUP, SAMPLES, iterations(bytes), |pass| {
+            plan.record(pass)
+        })?;
         rows.push(BenchRow {
             kernel: "flash",
             case: format!(

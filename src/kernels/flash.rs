@@ -54,6 +54,8 @@ pub const MAX_N: usize = 1 << 24;
 /// Invocations per workgroup and rows (columns) per block of shaders/gemm.wgsl.
 const GEMM_WG: usize = 256;
 const GEMM_BLOCK: usize = 64;
+/// Depth staged per step of shaders/gemm.wgsl.
+const GEMM_BK: usize = 16;
 /// Storage buffers the block-product entry points bind.
 const STORAGE_BUFFERS: u32 = 11;
 
@@ -65,6 +67,12 @@ const FLAG_ROPE: u32 = 16;
 const FLAG_LAPLACE: u32 = 32;
 const FLAG_UPDATE_STATE: u32 = 64;
 const FLAG_TOTAL_FROM_STATE: u32 = 128;
+const FLAG_NO_STATE: u32 = 256;
+/// Small calls split each chunk's KV product over its keys until the chunk pass has about
+/// this many KV workgroups (on an H200, 512 beat 1024, 2048 and no split at n <= 4K).
+const KV_BLOCKS_WANTED: usize = 512;
+/// Fewest keys in one part of a split KV product.
+const KV_SPLIT_MIN_KEYS: usize = 64;
 
 const NORM_CONSTANT: u32 = 0;
 const NORM_LENGTH: u32 = 1;
@@ -412,7 +420,9 @@ struct Params {
     v_base: u32,
     mask_base: u32,
     batch_rows: u32,
-    pad: [u32; 3],
+    splits: u32,
+    split_len: u32,
+    pad: u32,
 }
 
 /// The shader variant for a storage type and entry point.
@@ -504,14 +514,26 @@ impl Segment {
         (r0, sh.n.min(r0 + self.chunks * sh.chunk) - r0)
     }
 
+    /// Parts each chunk's KV product is split into (over its keys): enough that the chunk
+    /// pass fills a GPU when there are few chunks, one when there are many.
+    fn kv_splits(&self, sh: &FlashShape) -> usize {
+        let blocks =
+            self.batches * self.chunks * sh.s.div_ceil(GEMM_BLOCK) * sh.e.div_ceil(GEMM_BLOCK);
+        KV_BLOCKS_WANTED
+            .div_ceil(blocks)
+            .min(sh.chunk / KV_SPLIT_MIN_KEYS)
+            .max(1)
+    }
+
     /// Floats of the KV scratch (slots, counts, RoPE table) and of the score scratch.
     fn scratch_floats(&self, sh: &FlashShape, rope: bool) -> (u64, u64) {
         let (_, rows) = self.rows(sh);
         let slots = (self.batches * (self.chunks + 1)) as u64;
         let table = if rope { (rows * sh.s) as u64 } else { 0 };
         let pc = sh.chunk.min(rows) as u64;
+        let splits = self.kv_splits(sh) as u64;
         (
-            slots * (sh.s * sh.e) as u64 + slots + table,
+            slots * splits * (sh.s * sh.e) as u64 + slots + table,
             (self.batches * self.chunks) as u64 * pc * pc,
         )
     }
@@ -738,9 +760,12 @@ fn passes(
     let (r0, n) = seg.rows(sh);
     let (b, s, e, g) = (seg.batches, sh.s, sh.e, seg.chunks);
     let pstride = opts.chunk.min(n);
-    // kv scratch: KV slots, counts, then the RoPE (cos, sin) table.
+    // kv scratch: KV slots (each in `splits` parts), counts, then the RoPE (cos, sin) table.
+    let splits = seg.kv_splits(sh);
+    // Parts of whole staging steps.
+    let split_len = opts.chunk.div_ceil(splits).next_multiple_of(GEMM_BK);
     let slots = b * (g + 1);
-    let count_base = slots * s * e;
+    let count_base = slots * splits * s * e;
     let rope_base = count_base + slots;
     let table = match &opts.rope {
         Some(r) => {
@@ -793,7 +818,8 @@ fn passes(
         | flag(opts.rope.is_some(), FLAG_ROPE)
         | flag(opts.attn_fn == AttnFn::Laplace, FLAG_LAPLACE)
         | flag(call.scan == Scan::PrefixIntoState, FLAG_UPDATE_STATE)
-        | flag(call.scan == Scan::TotalFromState, FLAG_TOTAL_FROM_STATE);
+        | flag(call.scan == Scan::TotalFromState, FLAG_TOTAL_FROM_STATE)
+        | flag(call.state.is_none(), FLAG_NO_STATE);
     let tiles = pstride.div_ceil(GEMM_BLOCK);
     let stiles = s.div_ceil(GEMM_BLOCK);
     let etiles = e.div_ceil(GEMM_BLOCK);
@@ -831,7 +857,9 @@ fn passes(
         v_base,
         mask_base: first as u32,
         batch_rows: u(batch_rows),
-        pad: [0; 3],
+        splits: u(splits),
+        split_len: u(split_len),
+        pad: 0,
     })?;
     // Activated scores of every chunk, [b, G, pstride, pstride].
     check_binding(
@@ -887,7 +915,7 @@ fn passes(
     plan.push(product(
         "flash_chunks",
         &[5, 6],
-        b * g * (tiles * tiles + stiles * etiles),
+        b * g * (tiles * tiles + splits * stiles * etiles),
     )?);
     plan.push(Step::new(
         ctx,
