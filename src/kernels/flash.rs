@@ -475,6 +475,8 @@ struct Call<'a> {
     /// Rows per batch item in the bound tensors when more than the call's n (the decoder's
     /// chunk buffers hold C rows of which the call uses the first n).
     batch_rows: Option<usize>,
+    /// The passes' scratch.
+    scratch: &'a Scratch,
 }
 
 /// How the scan pass treats the chunks' KV sums.
@@ -536,6 +538,37 @@ impl Segment {
             slots * splits * (sh.s * sh.e) as u64 + slots + table,
             (self.batches * self.chunks) as u64 * pc * pc,
         )
+    }
+}
+
+/// Scratch of a segment's passes: KV slots, counts and the RoPE table; activated scores; and
+/// a small buffer bound in place of absent optional inputs. Both sweeps over a non-causal
+/// segment share one, as do all the steps of a decoder (the RoPE table, written when a plan
+/// is made, is the same for both sweeps, and a decoder submits each step before making the
+/// next).
+struct Scratch {
+    kv: wgpu::Buffer,
+    scores: wgpu::Buffer,
+    absent: wgpu::Buffer,
+}
+
+impl Scratch {
+    fn new(ctx: &Context, opts: &FlashOptions, sh: &FlashShape, seg: &Segment) -> Result<Self> {
+        let (kv, scores) = seg.scratch_floats(sh, opts.rope.is_some());
+        check_binding(ctx, "elements of the flash KV scratch", kv * 4, 4)?;
+        check_binding(ctx, "elements of the flash score scratch", scores * 4, 4)?;
+        Ok(Self {
+            kv: ctx.scratch(kv * 4)?,
+            scores: ctx.scratch(scores * 4)?,
+            absent: ctx.scratch(16)?,
+        })
+    }
+
+    /// Keeps the buffers alive as long as `plan`.
+    fn keep_in(&self, plan: &mut Plan) {
+        for b in [&self.kv, &self.scores, &self.absent] {
+            plan.keep(b.clone());
+        }
     }
 }
 
@@ -694,6 +727,8 @@ impl Flash {
         let dtype = storage.shader_dtype();
         let rope_offset = self.opts.rope.map_or(0, |r| r.offset);
         if let [whole] = segs.as_slice() {
+            let scratch = Scratch::new(ctx, &self.opts, &shape, whole)?;
+            scratch.keep_in(&mut plan);
             let one = Call {
                 row_begin: 0,
                 state: None,
@@ -701,6 +736,7 @@ impl Flash {
                 outputs: true,
                 rope_offset,
                 batch_rows: None,
+                scratch: &scratch,
             };
             plan.extend(passes(ctx, &self.opts, &shape, dtype, &bound, &one, whole)?);
         } else {
@@ -712,10 +748,14 @@ impl Flash {
             } else {
                 &[(Scan::PrefixIntoState, false), (Scan::TotalFromState, true)]
             };
+            let scratch = segs
+                .iter()
+                .map(|seg| Scratch::new(ctx, &self.opts, &shape, seg))
+                .collect::<Result<Vec<_>>>()?;
             for bi in 0..shape.b {
                 let state = ctx.scratch((shape.s * shape.e + 1) as u64 * 4)?;
                 for &(scan, outputs) in sweeps {
-                    for seg in segs.iter().filter(|g| g.batch == bi) {
+                    for (seg, scratch) in segs.iter().zip(&scratch).filter(|(g, _)| g.batch == bi) {
                         let c = Call {
                             row_begin: 0,
                             state: Some(&state),
@@ -723,11 +763,15 @@ impl Flash {
                             outputs,
                             rope_offset,
                             batch_rows: None,
+                            scratch,
                         };
                         plan.extend(passes(ctx, &self.opts, &shape, dtype, &bound, &c, seg)?);
                     }
                 }
                 plan.keep(state);
+            }
+            for sc in &scratch {
+                sc.keep_in(&mut plan);
             }
         }
         if storage == Storage::WidenedF16 {
@@ -749,6 +793,7 @@ fn passes(
     call: &Call<'_>,
     seg: &Segment,
 ) -> Result<Plan> {
+    let scratch = call.scratch;
     let have = ctx.limits().max_storage_buffers_per_shader_stage;
     if have < STORAGE_BUFFERS {
         return Err(Error::LimitExceeded {
@@ -778,12 +823,10 @@ fn passes(
         }
         None => Vec::new(),
     };
-    let (kv_floats, score_floats) = seg.scratch_floats(sh, opts.rope.is_some());
-    check_binding(ctx, "elements of the flash KV scratch", kv_floats * 4, 4)?;
-    let kv = ctx.scratch(kv_floats * 4)?;
+    let kv = &scratch.kv;
     if !table.is_empty() {
         ctx.queue().write_buffer(
-            &kv,
+            kv,
             rope_base as u64 * 4,
             bytemuck::cast_slice(table.as_slice()),
         );
@@ -862,29 +905,14 @@ fn passes(
         pad: 0,
     })?;
     // Activated scores of every chunk, [b, G, pstride, pstride].
-    check_binding(
-        ctx,
-        "elements of the flash score scratch",
-        score_floats * 4,
-        4,
-    )?;
-    let scores = ctx.scratch(score_floats * 4)?;
-    // Absent optional inputs get small buffers of their own.
-    let dummy = |x: &Option<wgpu::Buffer>| -> Result<wgpu::Buffer> {
-        match x {
-            Some(b) => Ok(b.clone()),
-            None => ctx.scratch(16),
-        }
-    };
-    let (gate_buf, bias, mask) = (
-        dummy(&bound.gate)?,
-        dummy(&bound.bias)?,
-        dummy(&bound.key_mask)?,
-    );
+    let scores = &scratch.scores;
+    // Absent optional inputs are bound to the scratch's small buffer.
     let ent = wgpu::Buffer::as_entire_buffer_binding;
+    let bias = bound.bias.as_ref().unwrap_or(&scratch.absent);
+    let mask = bound.key_mask.as_ref().unwrap_or(&scratch.absent);
     let gate = match &bound.gate {
         Some(gb) => view(gb, e).0,
-        None => ent(&gate_buf),
+        None => ent(&scratch.absent),
     };
     // The block-product entry points reach every input through gemm_a / gemm_b; each binds
     // all of them but those it has no use for (a pipeline's layout lists only what its entry
@@ -897,11 +925,11 @@ fn passes(
         (4, v),
         (5, gate),
         (6, out),
-        (7, ent(&mask)),
-        (8, ent(&bias)),
+        (7, ent(mask)),
+        (8, ent(bias)),
         (9, ent(&params)),
-        (10, ent(&kv)),
-        (12, ent(&scores)),
+        (10, ent(kv)),
+        (12, ent(scores)),
     ];
     let product = |entry, unused: &[u32], workgroups: usize| {
         let bindings: Vec<_> = products
@@ -920,15 +948,14 @@ fn passes(
     plan.push(Step::new(
         ctx,
         &variant(dtype, "flash_scan"),
-        &[(9, ent(&params)), (10, ent(&kv)), (11, ent(&state))],
+        &[(9, ent(&params)), (10, ent(kv)), (11, ent(&state))],
         (b * s * e + b).div_ceil(GEMM_WG) as u64,
     )?);
     if call.outputs {
         plan.push(product("flash_out", &[8], b * g * tiles * etiles)?);
     }
-    for buf in [params, kv, state, gate_buf, bias, mask, scores] {
-        plan.keep(buf);
-    }
+    plan.keep(params);
+    plan.keep(state);
     Ok(plan)
 }
 
@@ -1007,6 +1034,8 @@ pub struct FlashDecoder {
     /// The current chunk's key mask `[b, C]`, kept on the host and written before each piece.
     mask: Vec<bool>,
     mask_gpu: GpuTensor<u8>,
+    /// The passes' scratch, sized for a full chunk and shared by every step.
+    scratch: Scratch,
     fill: usize,
     /// Tokens consumed before the current chunk.
     start: u64,
@@ -1055,6 +1084,8 @@ impl FlashDecoder {
             .collect::<Result<Vec<_>>>()?;
         let mask = vec![true; b * c];
         let mask_gpu = ctx.upload_mask(&mask, [b, c])?;
+        let full = Self::chunk_shape(b, c, s, e, c);
+        let scratch = Scratch::new(ctx, opts, &full, &Segment::whole(&full))?;
         Ok(Self {
             ctx: ctx.clone(),
             opts: opts.clone(),
@@ -1067,6 +1098,7 @@ impl FlashDecoder {
             rows,
             mask,
             mask_gpu,
+            scratch,
             fill: 0,
             start: 0,
         })
@@ -1238,14 +1270,7 @@ impl FlashDecoder {
     /// the new rows' outputs into `piece`, `[b, take, e]`.
     fn run_piece(&self, take: usize, piece: &GpuTensor<f32>) -> Result<Plan> {
         let (b, n, c) = (self.b, self.fill + take, self.opts.chunk);
-        let shape = FlashShape {
-            b,
-            n,
-            s: self.s,
-            e: self.e,
-            chunk: c,
-            groups: 1,
-        };
+        let shape = Self::chunk_shape(b, n, self.s, self.e, c);
         let buf = |i: usize| self.rows[i].buffer().clone();
         let bound = Bound {
             qq: buf(0),
@@ -1269,6 +1294,7 @@ impl FlashDecoder {
             outputs: true,
             rope_offset: self.opts.rope.map_or(0, |r| r.offset) + self.start,
             batch_rows: Some(c),
+            scratch: &self.scratch,
         };
         let whole = Segment::whole(&shape);
         passes(
@@ -1280,6 +1306,18 @@ impl FlashDecoder {
             &call,
             &whole,
         )
+    }
+
+    /// The shape of one call over the current chunk's first n rows.
+    fn chunk_shape(b: usize, n: usize, s: usize, e: usize, chunk: usize) -> FlashShape {
+        FlashShape {
+            b,
+            n,
+            s,
+            e,
+            chunk,
+            groups: 1,
+        }
     }
 }
 
