@@ -21,7 +21,9 @@
 //!
 //! The GPU work is three passes of register-blocked block products (`shaders/gemm.wgsl`): the
 //! chunks' activated scores and KV sums, an exclusive scan of the sums over chunks, and the
-//! outputs. Scratch: `b G C^2` floats of scores and `b (G + 1) s e` of KV sums. A call whose
+//! outputs. Scratch: `b G C^2` floats of scores and `b (G + 1) P s e` of KV sums, where a
+//! call with few chunks splits each chunk's KV product over its keys into P <= C / 64 parts
+//! so that the first pass has enough workgroups (P = 1 once `b G` is large). A call whose
 //! tensors or scratch would not fit one storage binding of the device runs as segments (runs
 //! of chunks of one batch item), the KV sum carried from one to the next; only a single
 //! chunk's rows and KV sum must fit.
