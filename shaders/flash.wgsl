@@ -120,10 +120,10 @@ fn qk(src: u32, t: u32, c: u32) -> f32 {
     let at = p.rope_base + 2u * (t * h + c % h);
     let cs = kv[at];
     let sn = kv[at + 1u];
-    if (c < h) {
-        return x * cs - qk_read(src, row + c + h) * sn;
-    }
-    return qk_read(src, row + c - h) * sn + x * cs;
+    // The pair (c, c + s/2): the first of it gains -partner sin, the second +partner sin.
+    let first = c < h;
+    let partner = qk_read(src, row + select(c - h, c + h, first));
+    return x * cs + select(sn, -sn, first) * partner;
 }
 
 fn gemm_a(src: u32, m: u32, k: u32) -> f32 {
@@ -139,10 +139,8 @@ fn gemm_b(src: u32, k: u32, n: u32) -> f32 {
         case SRC_KQ: { return qk(src, cur_c0 + n, k); }
         case SRC_V: {
             let j = cur_c0 + k;
-            if (!key_ok(cur_batch, j)) {
-                return 0.0;
-            }
-            return f32(v[p.v_base + (cur_batch * p.batch_rows + j) * p.e + n]);
+            let x = f32(v[p.v_base + (cur_batch * p.batch_rows + j) * p.e + n]);
+            return select(0.0, x, key_ok(cur_batch, j));
         }
         default: { return kv[cur_base + k * p.e + n]; }
     }

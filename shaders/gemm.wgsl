@@ -8,8 +8,8 @@
 //   fn gemm_a(src: u32, m: u32, k: u32) -> f32    element (m, k) of a left factor
 //   fn gemm_b(src: u32, k: u32, n: u32) -> f32    element (k, n) of a right factor
 // where `src` names the factor (one entry point may sum several products). They are called
-// only for m < rows, k < depth and n < cols as given to gemm_product; elements outside read
-// as zero. Invocation `lid` owns rows gemm_row(lid) + 0..3 and columns gemm_col(lid) + 0..3
+// only for m < rows, k < depth and n < cols as given to gemm_product (which needs rows, cols
+// and depth >= 1 when it multiplies anything); elements outside read as zero. Invocation `lid` owns rows gemm_row(lid) + 0..3 and columns gemm_col(lid) + 0..3
 // of the block, held as acc[row][column].
 
 const GEMM_WG: u32 = 256u;
@@ -34,18 +34,16 @@ fn gemm_zero() -> array<vec4<f32>, 4> {
     return array<vec4<f32>, 4>(vec4(0.0), vec4(0.0), vec4(0.0), vec4(0.0));
 }
 
+// Outside the factor's bounds the read is clamped to its edge and the value discarded, with no
+// branch around the load: the staging loads of a step can then all be in flight at once.
 fn gemm_a_in(src: u32, m: u32, k: u32, rows: u32, depth: u32) -> f32 {
-    if (m < rows && k < depth) {
-        return gemm_a(src, m, k);
-    }
-    return 0.0;
+    let x = gemm_a(src, min(m, rows - 1u), min(k, depth - 1u));
+    return select(0.0, x, m < rows && k < depth);
 }
 
 fn gemm_b_in(src: u32, k: u32, n: u32, depth: u32, cols: u32) -> f32 {
-    if (k < depth && n < cols) {
-        return gemm_b(src, k, n);
-    }
-    return 0.0;
+    let x = gemm_b(src, min(k, depth - 1u), min(n, cols - 1u));
+    return select(0.0, x, k < depth && n < cols);
 }
 
 // Each invocation stages one vec4 of each factor: four consecutive rows (columns) at one
