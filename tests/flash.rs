@@ -197,36 +197,40 @@ fn wide_values_and_batches() {
 #[test]
 fn options_gate_bias_mask_norms_and_laplace() {
     let Some(ctx) = gpu() else { return };
-    let (n, chunk) = (200, 64);
-    let data = Data::new(2, n, 40, 70, 7)
-        .with_gate(8)
-        .with_bias(chunk, 9)
-        .with_mask(10, 0.7);
-    for causal in [false, true] {
-        for lin_norm in [LinNorm::Chunk, LinNorm::Length, LinNorm::Prefix] {
-            for attn_fn in [AttnFn::Relu2, AttnFn::Laplace] {
-                let opts = FlashOptions {
-                    chunk,
-                    causal,
-                    lin_norm,
-                    attn_fn,
-                    ..Default::default()
-                };
-                check(ctx, &data, &opts, "options");
+    // C = 128 makes two chunks, each KV product split in two parts over its keys (a small
+    // call), so masked keys and counts are checked across parts too.
+    for chunk in [64, 128] {
+        let n = 200;
+        let data = Data::new(2, n, 40, 70, 7)
+            .with_gate(8)
+            .with_bias(chunk, 9)
+            .with_mask(10, 0.7);
+        for causal in [false, true] {
+            for lin_norm in [LinNorm::Chunk, LinNorm::Length, LinNorm::Prefix] {
+                for attn_fn in [AttnFn::Relu2, AttnFn::Laplace] {
+                    let opts = FlashOptions {
+                        chunk,
+                        causal,
+                        lin_norm,
+                        attn_fn,
+                        ..Default::default()
+                    };
+                    check(ctx, &data, &opts, "options");
+                }
             }
+            let opts = FlashOptions {
+                chunk,
+                causal,
+                quad_scale: Some(0.3),
+                lin_scale: Some(0.01),
+                rope: Some(FlashRope {
+                    base: 500.0,
+                    offset: 3,
+                }),
+                ..Default::default()
+            };
+            check(ctx, &data, &opts, "scales+rope");
         }
-        let opts = FlashOptions {
-            chunk,
-            causal,
-            quad_scale: Some(0.3),
-            lin_scale: Some(0.01),
-            rope: Some(FlashRope {
-                base: 500.0,
-                offset: 3,
-            }),
-            ..Default::default()
-        };
-        check(ctx, &data, &opts, "scales+rope");
     }
 }
 
