@@ -9,8 +9,9 @@
 //   fn gemm_b(src: u32, k: u32, n: u32) -> f32    element (k, n) of a right factor
 // where `src` names the factor (one entry point may sum several products). They are called
 // only for m < rows, k < depth and n < cols as given to gemm_product (which needs rows, cols
-// and depth >= 1 when it multiplies anything); elements outside read as zero. Invocation `lid` owns rows gemm_row(lid) + 0..3 and columns gemm_col(lid) + 0..3
-// of the block, held as acc[row][column].
+// and depth >= 1 when it multiplies anything); elements outside read as zero. Invocation
+// `lid` owns rows gemm_row(lid) + 0..3 and columns gemm_col(lid) + 0..3 of the block, held
+// as acc[row][column].
 
 const GEMM_WG: u32 = 256u;
 const GEMM_BLOCK: u32 = 64u;

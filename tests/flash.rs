@@ -962,6 +962,18 @@ fn calls_too_big_for_one_binding_run_in_segments() {
         .plan(&FlashInputs::new(&x, &x, &x, &x, &v), &out)
         .unwrap();
     assert_eq!(plan.len(), 3 * 8, "2 batch items x 4 segments x 3 passes");
+    // One chunk of 256 keys would split its KV product in 4 parts (a small call), but 4 parts
+    // of 64 x 256 floats do not fit a 256 KiB binding while one does: the split gives way
+    // rather than the call failing.
+    let data = Data::new(1, 256, 64, 256, 81).with_mask(82, 0.8);
+    for causal in [false, true] {
+        let opts = FlashOptions {
+            chunk: 256,
+            causal,
+            ..Default::default()
+        };
+        check(&small, &data, &opts, "split within the binding");
+    }
     // A single chunk too wide for one binding is an error, not a wrong answer.
     let tiny = small_bindings(32 << 10);
     let v = tiny

@@ -519,25 +519,36 @@ impl Segment {
     }
 
     /// Parts each chunk's KV product is split into (over its keys): enough that the chunk
-    /// pass fills a GPU when there are few chunks, one when there are many.
-    fn kv_splits(&self, sh: &FlashShape) -> usize {
+    /// pass fills a GPU when there are few chunks, one when there are many, and never more
+    /// than keep the KV scratch within one storage binding.
+    fn kv_splits(&self, ctx: &Context, sh: &FlashShape, rope: bool) -> usize {
         let blocks =
             self.batches * self.chunks * sh.s.div_ceil(GEMM_BLOCK) * sh.e.div_ceil(GEMM_BLOCK);
-        KV_BLOCKS_WANTED
+        let wanted = KV_BLOCKS_WANTED
             .div_ceil(blocks)
             .min(sh.chunk / KV_SPLIT_MIN_KEYS)
-            .max(1)
+            .max(1);
+        let max = ctx.limits().max_storage_buffer_binding_size;
+        (1..=wanted)
+            .rev()
+            .find(|&parts| self.kv_floats(sh, rope, parts) * 4 <= max)
+            .unwrap_or(1)
     }
 
-    /// Floats of the KV scratch (slots, counts, RoPE table) and of the score scratch.
-    fn scratch_floats(&self, sh: &FlashShape, rope: bool) -> (u64, u64) {
+    /// Floats of the KV scratch: slots in `parts` parts, counts, RoPE table.
+    fn kv_floats(&self, sh: &FlashShape, rope: bool, parts: usize) -> u64 {
         let (_, rows) = self.rows(sh);
         let slots = (self.batches * (self.chunks + 1)) as u64;
         let table = if rope { (rows * sh.s) as u64 } else { 0 };
+        slots * parts as u64 * (sh.s * sh.e) as u64 + slots + table
+    }
+
+    /// Floats of the KV scratch and of the score scratch.
+    fn scratch_floats(&self, ctx: &Context, sh: &FlashShape, rope: bool) -> (u64, u64) {
+        let (_, rows) = self.rows(sh);
         let pc = sh.chunk.min(rows) as u64;
-        let splits = self.kv_splits(sh) as u64;
         (
-            slots * splits * (sh.s * sh.e) as u64 + slots + table,
+            self.kv_floats(sh, rope, self.kv_splits(ctx, sh, rope)),
             (self.batches * self.chunks) as u64 * pc * pc,
         )
     }
@@ -556,7 +567,7 @@ struct Scratch {
 
 impl Scratch {
     fn new(ctx: &Context, opts: &FlashOptions, sh: &FlashShape, seg: &Segment) -> Result<Self> {
-        let (kv, scores) = seg.scratch_floats(sh, opts.rope.is_some());
+        let (kv, scores) = seg.scratch_floats(ctx, sh, opts.rope.is_some());
         check_binding(ctx, "elements of the flash KV scratch", kv * 4, 4)?;
         check_binding(ctx, "elements of the flash score scratch", scores * 4, 4)?;
         Ok(Self {
@@ -591,7 +602,7 @@ fn segments(
     let largest = |seg: &Segment| {
         let (_, rows) = seg.rows(sh);
         let slack = if *seg == Segment::whole(sh) { 0 } else { align };
-        let (kv, scores) = seg.scratch_floats(sh, opts.rope.is_some());
+        let (kv, scores) = seg.scratch_floats(ctx, sh, opts.rope.is_some());
         ((seg.batches * rows) as u64 * widest * elem + slack)
             .max(kv * 4)
             .max(scores * 4)
@@ -808,7 +819,7 @@ fn passes(
     let (b, s, e, g) = (seg.batches, sh.s, sh.e, seg.chunks);
     let pstride = opts.chunk.min(n);
     // kv scratch: KV slots (each in `splits` parts), counts, then the RoPE (cos, sin) table.
-    let splits = seg.kv_splits(sh);
+    let splits = seg.kv_splits(ctx, sh, opts.rope.is_some());
     // Parts of whole staging steps.
     let split_len = opts.chunk.div_ceil(splits).next_multiple_of(GEMM_BK);
     let slots = b * (g + 1);
