@@ -51,6 +51,16 @@ const WG: u32 = 64;
 /// What the u32 index limit of an attention tensor counts.
 const ELEMENTS: &str = "elements per attention tensor (u32 indices)";
 
+/// Each tensor of `lens` elements, as the shader binds it (f32 scratch for widened f16),
+/// fits one storage binding and u32 element indices.
+fn check_tensors(ctx: &Context, storage: Storage, lens: &[usize]) -> Result<()> {
+    let size = storage.shader_dtype().size() as u64;
+    for &len in lens {
+        check_binding(ctx, ELEMENTS, len as u64 * size, size)?;
+    }
+    Ok(())
+}
+
 const FLAG_CAUSAL: u32 = 1;
 const FLAG_MASK: u32 = 2;
 const FLAG_LSE: u32 = 4;
@@ -460,15 +470,7 @@ impl Attention {
             ));
         }
         let storage = Storage::for_dtype(ctx, T::DTYPE);
-        for len in [q.len(), k.len(), v.len(), out.len()] {
-            // What the shader binds: f32 scratch for widened f16.
-            check_binding(
-                ctx,
-                ELEMENTS,
-                (len * storage.shader_dtype().size()) as u64,
-                2,
-            )?;
-        }
+        check_tensors(ctx, storage, &[q.len(), k.len(), v.len(), out.len()])?;
 
         let mut plan = Plan::default();
         let (qb, kb, vb, ob) = match storage {
@@ -627,14 +629,7 @@ pub fn matmul_plan<T: Element>(
         )));
     }
     let storage = Storage::for_dtype(ctx, T::DTYPE);
-    for len in [a.len(), b.len(), c.len()] {
-        check_binding(
-            ctx,
-            ELEMENTS,
-            (len * storage.shader_dtype().size()) as u64,
-            2,
-        )?;
-    }
+    check_tensors(ctx, storage, &[a.len(), b.len(), c.len()])?;
     let mut plan = Plan::default();
     let (ab, bb, cb) = match storage {
         Storage::WidenedF16 => (
