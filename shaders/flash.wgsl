@@ -321,7 +321,10 @@ fn flash_scan(
         for (var part = 0u; part < parts; part++) {
             x += kv[base + g * stride + part * per];
         }
-        kv[base + g * stride] = run;
+        // Only causal outputs read the slots before the total.
+        if (has(FLAG_CAUSAL)) {
+            kv[base + g * stride] = run;
+        }
         run += x;
     }
     kv[base + p.groups * stride] = run;
