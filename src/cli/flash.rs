@@ -234,9 +234,9 @@ fn flash_flops(sh: &FlashShape, causal: bool) -> f64 {
 /// `quick` takes n 1K and 2K (exact attention at 1K only, briefly sampled); the full run n up
 /// to 64K. Exact attention is quadratic, so it goes on to the next n only while one pass took
 /// under [`EXACT_PASS_LIMIT`] (a 64K pass is minutes on a software adapter), and takes fewer
-/// samples once a pass is long. Sizes the adapter cannot bind are reported and skipped.
+/// samples once a pass is long. The full run then repeats FLASH for n below 16K with 64K
+/// tokens in every call (b = 64K / n). Sizes the adapter cannot bind are reported and skipped.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
-    let (s, e, chunk) = (128usize, 1536usize, 256usize);
     let ns: &[usize] = if quick {
         &[1024, 2048]
     } else {
@@ -244,9 +244,13 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
     };
     let mut rows = Vec::new();
     let mut exact_pass = Duration::ZERO;
+    let mut flash_pass = Duration::ZERO;
     for &n in ns {
-        match flash_rows(ctx, n, s, e, chunk, baseline) {
-            Ok(r) => rows.extend(r),
+        match flash_rows(ctx, 1, n, baseline, false) {
+            Ok(r) => {
+                flash_pass = r.iter().map(|r| r.timing.best()).fold(flash_pass, Duration::max);
+                rows.extend(r)
+            }
             Err(Error::LimitExceeded { limit, needed, max }) => eprintln!(
                 "seqk bench flash: n = {n} skipped, {limit} needs {needed} but the device allows {max}"
             ),
@@ -273,8 +277,31 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
             );
         }
     }
+    // Short sequences batched to 64K tokens per call (b = 64K / n): the time per token when
+    // batching fills the GPU, beside the b = 1 rows above. Their calls take about as long as
+    // the longest b = 1 call: sampled less when that was long.
+    if !quick {
+        for &n in ns.iter().filter(|&&n| n < BATCHED_BELOW) {
+            let long = flash_pass > LONG_PASS;
+            match flash_rows(ctx, BATCHED_TOKENS / n, n, baseline, long) {
+                Ok(r) => rows.extend(r),
+                Err(Error::LimitExceeded { limit, needed, max }) => eprintln!(
+                    "seqk bench flash: b = {}, n = {n} skipped, {limit} needs {needed} but the device allows {max}",
+                    BATCHED_TOKENS / n
+                ),
+                Err(err) => return Err(err),
+            }
+        }
+    }
     Ok(rows)
 }
+
+/// s, e and C of the bench rows.
+const BENCH_SHAPE: (usize, usize, usize) = (128, 1536, 256);
+/// Tokens per call (b n) of the batched FLASH rows, and the n they are run below (from there
+/// b = 1 already fills a large GPU).
+const BATCHED_TOKENS: usize = 65536;
+const BATCHED_BELOW: usize = 16384;
 
 /// The longest exact-attention pass after which the exact series stops growing n.
 const EXACT_PASS_LIMIT: Duration = Duration::from_millis(3000);
@@ -287,17 +314,18 @@ fn per_token(timing: &Timing, n: usize) -> String {
 
 fn flash_rows(
     ctx: &Context,
+    b: usize,
     n: usize,
-    s: usize,
-    e: usize,
-    chunk: usize,
     baseline: &Baseline,
+    long: bool,
 ) -> Result<Vec<BenchRow>, Error> {
+    let (s, e, chunk) = BENCH_SHAPE;
+    let (warmup, samples) = if long { (1, 3) } else { (WARMUP, SAMPLES) };
     let up = |seed, w: usize| -> Result<GpuTensor<f32>, Error> {
-        ctx.upload(&random_values(n * w, seed, -1.0, 1.0), [1, n, w])
+        ctx.upload(&random_values(b * n * w, seed, -1.0, 1.0), [b, n, w])
     };
     let (qq, kq, ql, kl, v) = (up(1, s)?, up(2, s)?, up(3, s)?, up(4, s)?, up(5, e)?);
-    let out = ctx.zeros::<f32>([1, n, e])?;
+    let out = ctx.zeros::<f32>([b, n, e])?;
     let inputs = FlashInputs::new(&qq, &kq, &ql, &kl, &v);
     let mut rows = Vec::new();
     for causal in [false, true] {
@@ -309,16 +337,21 @@ fn flash_rows(
         let plan = Flash::new(ctx, &opts)?.plan(&inputs, &out)?;
         let flops = flash_flops(&inputs.shape(&opts)?, causal);
         // Several calls per timed submit at small n, as for every other kernel's rows.
-        let bytes = (n * (4 * s + 2 * e) * 4) as u64;
-        let timing = time_passes(ctx, WARMUP, SAMPLES, iterations(bytes), |pass| {
+        let bytes = (b * n * (4 * s + 2 * e) * 4) as u64;
+        let timing = time_passes(ctx, warmup, samples, iterations(bytes), |pass| {
             plan.record(pass)
         })?;
         rows.push(BenchRow {
             kernel: "flash",
             case: format!(
-                "n{n} s{s} e{e} C{chunk}{} {}",
+                "{}n{n} s{s} e{e} C{chunk}{} {}",
+                if b > 1 {
+                    format!("b{b} ")
+                } else {
+                    String::new()
+                },
                 if causal { " causal" } else { "" },
-                per_token(&timing, n)
+                per_token(&timing, b * n)
             ),
             timing,
             bytes: None,
