@@ -234,8 +234,9 @@ fn flash_flops(sh: &FlashShape, causal: bool) -> f64 {
 /// `quick` takes n 1K and 2K (exact attention at 1K only, briefly sampled); the full run n up
 /// to 64K. Exact attention is quadratic, so it goes on to the next n only while one pass took
 /// under [`EXACT_PASS_LIMIT`] (a 64K pass is minutes on a software adapter), and takes fewer
-/// samples once a pass is long. The full run then repeats FLASH for n below 16K with 64K
-/// tokens in every call (b = 64K / n). Sizes the adapter cannot bind are reported and skipped.
+/// samples once a pass is long. After the 64K rows the full run repeats FLASH for n below 16K
+/// on the same 64K tokens batched (b = 64K / n). Sizes the adapter cannot bind are reported
+/// and skipped.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
     let ns: &[usize] = if quick {
         &[1024, 2048]
@@ -244,13 +245,15 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
     };
     let mut rows = Vec::new();
     let mut exact_pass = Duration::ZERO;
-    let mut flash_pass = Duration::ZERO;
     for &n in ns {
-        match flash_rows(ctx, 1, n, baseline, false) {
-            Ok(r) => {
-                flash_pass = r.iter().map(|r| r.timing.best()).fold(flash_pass, Duration::max);
-                rows.extend(r)
-            }
+        // After the 64K rows, the batched ones on the same tensors.
+        let batched: Vec<usize> = if !quick && n == BATCHED_TOKENS {
+            ns.iter().copied().filter(|&m| m < BATCHED_BELOW).collect()
+        } else {
+            Vec::new()
+        };
+        match flash_series(ctx, n, &batched, baseline) {
+            Ok(r) => rows.extend(r),
             Err(Error::LimitExceeded { limit, needed, max }) => eprintln!(
                 "seqk bench flash: n = {n} skipped, {limit} needs {needed} but the device allows {max}"
             ),
@@ -277,22 +280,6 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
             );
         }
     }
-    // Short sequences batched to 64K tokens per call (b = 64K / n): the time per token when
-    // batching fills the GPU, beside the b = 1 rows above. Their calls take about as long as
-    // the longest b = 1 call: sampled less when that was long.
-    if !quick {
-        for &n in ns.iter().filter(|&&n| n < BATCHED_BELOW) {
-            let long = flash_pass > LONG_PASS;
-            match flash_rows(ctx, BATCHED_TOKENS / n, n, baseline, long) {
-                Ok(r) => rows.extend(r),
-                Err(Error::LimitExceeded { limit, needed, max }) => eprintln!(
-                    "seqk bench flash: b = {}, n = {n} skipped, {limit} needs {needed} but the device allows {max}",
-                    BATCHED_TOKENS / n
-                ),
-                Err(err) => return Err(err),
-            }
-        }
-    }
     Ok(rows)
 }
 
@@ -312,21 +299,78 @@ fn per_token(timing: &Timing, n: usize) -> String {
     format!("{:.2} us/tok", timing.best().as_secs_f64() * 1e6 / n as f64)
 }
 
+/// Random FLASH inputs [b, n, s] x 4 and [b, n, e], and an output, of the bench shape.
+struct BenchTensors {
+    qq: GpuTensor<f32>,
+    kq: GpuTensor<f32>,
+    ql: GpuTensor<f32>,
+    kl: GpuTensor<f32>,
+    v: GpuTensor<f32>,
+    out: GpuTensor<f32>,
+}
+
+impl BenchTensors {
+    fn new(ctx: &Context, b: usize, n: usize) -> Result<Self, Error> {
+        let (s, e, _) = BENCH_SHAPE;
+        let up = |seed, w: usize| -> Result<GpuTensor<f32>, Error> {
+            ctx.upload(&random_values(b * n * w, seed, -1.0, 1.0), [b, n, w])
+        };
+        Ok(Self {
+            qq: up(1, s)?,
+            kq: up(2, s)?,
+            ql: up(3, s)?,
+            kl: up(4, s)?,
+            v: up(5, e)?,
+            out: ctx.zeros([b, n, e])?,
+        })
+    }
+
+    /// The same tensors seen as [b, n, .] (b n unchanged).
+    fn reshape(&self, b: usize, n: usize) -> Result<Self, Error> {
+        let (s, e, _) = BENCH_SHAPE;
+        Ok(Self {
+            qq: self.qq.reshape([b, n, s])?,
+            kq: self.kq.reshape([b, n, s])?,
+            ql: self.ql.reshape([b, n, s])?,
+            kl: self.kl.reshape([b, n, s])?,
+            v: self.v.reshape([b, n, e])?,
+            out: self.out.reshape([b, n, e])?,
+        })
+    }
+}
+
+/// FLASH rows at b = 1 and n, then at the same tokens batched as b = n / m for each m in
+/// `batched`: the time per token when batching fills the GPU. The batched rows reshape the
+/// b = 1 tensors rather than make new ones: on an H200, calls on tensors of 64K tokens made
+/// anew in a process that had already made and dropped such tensors sometimes ran 2-4x slower
+/// (BENCHMARKS.md). Their calls take as long as the b = 1 call: sampled less when that was
+/// long.
+fn flash_series(
+    ctx: &Context,
+    n: usize,
+    batched: &[usize],
+    baseline: &Baseline,
+) -> Result<Vec<BenchRow>, Error> {
+    let x = BenchTensors::new(ctx, 1, n)?;
+    let mut rows = flash_rows(ctx, &x, baseline, false)?;
+    let long = rows.iter().any(|r| r.timing.best() > LONG_PASS);
+    for &m in batched {
+        rows.extend(flash_rows(ctx, &x.reshape(n / m, m)?, baseline, long)?);
+    }
+    Ok(rows)
+}
+
 fn flash_rows(
     ctx: &Context,
-    b: usize,
-    n: usize,
+    x: &BenchTensors,
     baseline: &Baseline,
     long: bool,
 ) -> Result<Vec<BenchRow>, Error> {
     let (s, e, chunk) = BENCH_SHAPE;
+    let (b, n) = (x.v.shape()[0], x.v.shape()[1]);
     let (warmup, samples) = if long { (1, 3) } else { (WARMUP, SAMPLES) };
-    let up = |seed, w: usize| -> Result<GpuTensor<f32>, Error> {
-        ctx.upload(&random_values(b * n * w, seed, -1.0, 1.0), [b, n, w])
-    };
-    let (qq, kq, ql, kl, v) = (up(1, s)?, up(2, s)?, up(3, s)?, up(4, s)?, up(5, e)?);
-    let out = ctx.zeros::<f32>([b, n, e])?;
-    let inputs = FlashInputs::new(&qq, &kq, &ql, &kl, &v);
+    let out = &x.out;
+    let inputs = FlashInputs::new(&x.qq, &x.kq, &x.ql, &x.kl, &x.v);
     let mut rows = Vec::new();
     for causal in [false, true] {
         let opts = FlashOptions {
@@ -334,7 +378,7 @@ fn flash_rows(
             causal,
             ..Default::default()
         };
-        let plan = Flash::new(ctx, &opts)?.plan(&inputs, &out)?;
+        let plan = Flash::new(ctx, &opts)?.plan(&inputs, out)?;
         let flops = flash_flops(&inputs.shape(&opts)?, causal);
         // Several calls per timed submit at small n, as for every other kernel's rows.
         let bytes = (b * n * (4 * s + 2 * e) * 4) as u64;
