@@ -32,7 +32,8 @@
 //! passes have many waves of workgroups (`b n / C` chunks times the 64 x 64 blocks of s x e
 //! and C x e). On an H200 with s = 128, e = 1536, C = 256 and b = 1, a token costs 0.085 us
 //! at n = 64K and 0.12 us at n = 1K, where each pass is one or two waves (BENCHMARKS.md).
-//! Batching sequences into one call (larger b) is the way to fill the GPU with short ones.
+//! Batching sequences into one call (larger b) is the way to fill the GPU with short ones:
+//! 64 sequences of 1K in one call cost 0.085 us per token too.
 //!
 //! ```no_run
 //! use seq_kernels::{Context, FlashInputs, FlashOptions};
