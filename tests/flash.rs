@@ -433,8 +433,8 @@ fn padding_changes_nothing_for_real_tokens() {
     }
 }
 
-/// Feeds `data` to a decoder in blocks of the given sizes (cycled) and returns the outputs.
-/// Decodes `data` in blocks of the given sizes (cycled); `mixed` alternates host and GPU steps.
+/// Feeds `data` to a decoder in blocks of the given sizes (cycled) and returns the outputs;
+/// `mixed` alternates host and GPU steps.
 fn decode(
     ctx: &Context,
     data: &Data,
@@ -479,7 +479,7 @@ fn decode(
                 .flat_map(|bi| m[bi * n + pos..bi * n + pos + t].to_vec())
                 .collect()
         });
-        // Odd steps feed GPU tensors when `mixed`, the others host slices.
+        // When `mixed`, every second step feeds GPU tensors, the others host slices.
         steps += 1;
         let y = if mixed && steps % 2 == 0 {
             let up = |x: &[f32], w: usize| ctx.upload(x, [b, t, w]).unwrap();
