@@ -99,6 +99,7 @@ fn bad_input_exits_2_with_one_line() {
     );
     save(&d.join("xd.npy"), &[2, 3], &[1.0f64; 6], npyz::Order::C);
     save(&d.join("m.npy"), &[3, 2], &[true; 6], npyz::Order::C);
+    save(&d.join("xi.npy"), &[2, 3], &[1i32; 6], npyz::Order::C);
     let p = |f: &str| d.join(f).display().to_string();
     let out = p("out.npy");
     let input = |name: &str, file: &str| vec!["--in".to_string(), format!("{name}={}", p(file))];
@@ -106,6 +107,14 @@ fn bad_input_exits_2_with_one_line() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (input("x", "xf.npy"), "Fortran order"),
         (input("x", "xd.npy"), "dtype"),
+        (
+            input("x", "xi.npy"),
+            "input x has dtype int32; expected [.., n] float32 or float16",
+        ),
+        (
+            [input("x", "x.npy"), input("mask", "x.npy")].concat(),
+            "input mask has dtype float32; expected (the shape of x) bool",
+        ),
         (
             [input("x", "x.npy"), input("mask", "m.npy")].concat(),
             "input mask has shape",

@@ -3,7 +3,7 @@
 use half::f16;
 
 use super::report::{iterations, Baseline, BenchRow, Check, SAMPLES, WARMUP};
-use super::{usage, Array, CliError, Data, RunIo};
+use super::{Array, CliError, Data, RunIo};
 use crate::kernels::attention::{attention_shape, matmul_plan};
 use crate::profile::time_passes;
 use crate::reference::{attention as reference, random_values, row_error};
@@ -289,17 +289,6 @@ fn calls(flops: f64) -> usize {
     (1e9 / flops).clamp(1.0, 16.0) as usize
 }
 
-fn floats(a: &Array, name: &str) -> Result<(Vec<f32>, bool), CliError> {
-    match &a.data {
-        Data::F32(v) => Ok((v.clone(), false)),
-        Data::F16(v) => Ok((v.iter().map(|h| h.to_f32()).collect(), true)),
-        other => Err(usage(format!(
-            "input {name} has dtype {}; expected float32 or float16",
-            other.dtype_name()
-        ))),
-    }
-}
-
 /// `seqk run attention --in q=Q.npy --in k=K.npy --in v=V.npy [--in mask=M.npy] --out O.npy
 /// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=..]`
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
@@ -314,25 +303,16 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         ..Default::default()
     };
     io.check_unused()?;
-    let mask: Option<(Vec<bool>, Vec<usize>)> = match mask {
-        None => None,
-        Some(m) => Some((
-            match m.data {
-                Data::Bool(v) => v,
-                Data::U8(v) => v.into_iter().map(|b| b != 0).collect(),
-                other => {
-                    return Err(usage(format!(
-                        "input mask has dtype {}; expected bool",
-                        other.dtype_name()
-                    )))
-                }
-            },
-            m.shape,
-        )),
-    };
-    let (qv, qh) = floats(&q, "q")?;
-    let (kv, kh) = floats(&k, "k")?;
-    let (vv, vh) = floats(&v, "v")?;
+    let mask: Option<(Vec<bool>, Vec<usize>)> = mask
+        .map(|m| {
+            let shape = m.shape.clone();
+            m.bools("mask", "[m, n] or [b|1, 1|hq, m, n]")
+                .map(|v| (v, shape))
+        })
+        .transpose()?;
+    let (qv, qh) = q.floats("q", "[b, hq, m, d]")?;
+    let (kv, kh) = k.floats("k", "[b, hkv, n, d]")?;
+    let (vv, vh) = v.floats("v", "[b, hkv, n, dv]")?;
     let s = attention_shape(
         &q.shape,
         &k.shape,

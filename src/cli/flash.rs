@@ -5,7 +5,7 @@ use half::f16;
 use std::time::Duration;
 
 use super::report::{iterations, Baseline, BenchRow, Check, SAMPLES, WARMUP};
-use super::{usage, Array, CliError, Data, RunIo};
+use super::{Array, CliError, Data, RunIo};
 use crate::kernels::flash::FlashShape;
 use crate::profile::{time_passes, Timing};
 use crate::reference::flash::{flash as reference, FlashHost};
@@ -446,17 +446,6 @@ fn exact_rows(
     Ok(rows)
 }
 
-fn floats(a: &Array, name: &str) -> Result<(Vec<f32>, bool), CliError> {
-    match &a.data {
-        Data::F32(v) => Ok((v.clone(), false)),
-        Data::F16(v) => Ok((v.iter().map(|h| h.to_f32()).collect(), true)),
-        other => Err(usage(format!(
-            "input {name} has dtype {}; expected float32 or float16",
-            other.dtype_name()
-        ))),
-    }
-}
-
 /// `seqk run flash --in qq=.. --in kq=.. --in ql=.. --in kl=.. --in v=.. [--in gate=..]
 /// [--in bias=..] [--in key_mask=..] --out Y.npy [--set chunk=.. causal=.. attn_fn=..
 /// quad_scale=.. lin_norm=.. lin_scale=..]`
@@ -491,37 +480,28 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         &opts,
     )?;
     let mut half = true;
-    let mut take = |a: &Array, name: &str| -> Result<Vec<f32>, CliError> {
-        let (x, h) = floats(a, name)?;
+    let mut take = |a: &Array, name: &str, shape: &str| -> Result<Vec<f32>, CliError> {
+        let (x, h) = a.floats(name, shape)?;
         half &= h;
         Ok(x)
     };
     let x = [
-        take(&qk[0], "qq")?,
-        take(&qk[1], "kq")?,
-        take(&qk[2], "ql")?,
-        take(&qk[3], "kl")?,
-        take(&v, "v")?,
+        take(&qk[0], "qq", "[b, n, s]")?,
+        take(&qk[1], "kq", "[b, n, s]")?,
+        take(&qk[2], "ql", "[b, n, s]")?,
+        take(&qk[3], "kl", "[b, n, s]")?,
+        take(&v, "v", "[b, n, e]")?,
     ];
-    let gate = gate.as_ref().map(|g| take(g, "gate")).transpose()?;
+    let gate = gate
+        .as_ref()
+        .map(|g| take(g, "gate", "[b, n, e]"))
+        .transpose()?;
     // The bias is f32 whatever the storage type; its dtype does not pick the storage.
     let bias = bias
         .as_ref()
-        .map(|b| floats(b, "bias").map(|x| x.0))
+        .map(|b| b.floats("bias", "[C, C]").map(|x| x.0))
         .transpose()?;
-    let mask = match mask {
-        None => None,
-        Some(m) => Some(match m.data {
-            Data::Bool(v) => v,
-            Data::U8(v) => v.into_iter().map(|b| b != 0).collect(),
-            other => {
-                return Err(usage(format!(
-                    "input key_mask has dtype {}; expected bool",
-                    other.dtype_name()
-                )))
-            }
-        }),
-    };
+    let mask = mask.map(|m| m.bools("key_mask", "[b, n]")).transpose()?;
     let host = Host {
         dims: [sh.b, sh.n, sh.s, sh.e],
         x,

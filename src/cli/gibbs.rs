@@ -397,17 +397,6 @@ fn beside_cpu(
     ]
 }
 
-fn floats(a: Array, name: &str, expected: &str) -> Result<Vec<f32>, CliError> {
-    match a.data {
-        Data::F32(v) => Ok(v),
-        Data::F16(v) => Ok(v.iter().map(|h| h.to_f32()).collect()),
-        other => Err(usage(format!(
-            "input {name} has dtype {}; expected float32 {expected}",
-            other.dtype_name()
-        ))),
-    }
-}
-
 fn ints(a: Array, name: &str, vocab: usize) -> Result<Vec<u32>, CliError> {
     let v: Vec<i64> = match a.data {
         Data::I32(v) => v.into_iter().map(i64::from).collect(),
@@ -428,17 +417,6 @@ fn ints(a: Array, name: &str, vocab: usize) -> Result<Vec<u32>, CliError> {
     let out: Vec<u32> = v.into_iter().map(|t| t as u32).collect();
     check_tokens(&out, vocab, name)?;
     Ok(out)
-}
-
-fn bools(a: Array, name: &str) -> Result<Vec<bool>, CliError> {
-    match a.data {
-        Data::Bool(v) => Ok(v),
-        Data::U8(v) => Ok(v.into_iter().map(|b| b != 0).collect()),
-        other => Err(usage(format!(
-            "input {name} has dtype {}; expected bool",
-            other.dtype_name()
-        ))),
-    }
 }
 
 fn token_array(shape: Vec<usize>, t: &[u32]) -> Array {
@@ -478,7 +456,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
                     w.shape
                 )));
             }
-            HostPairwise::Dense(floats(w, "pairwise", "[V, V]")?)
+            HostPairwise::Dense(w.floats("pairwise", "[V, V]")?.0)
         }
         (None, Some(a), Some(b)) => {
             let rank = a.shape.get(1).copied().unwrap_or(0);
@@ -489,8 +467,8 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
                 )));
             }
             HostPairwise::Factored {
-                a: floats(a, "pair_a", "[V, r]")?,
-                b: floats(b, "pair_b", "[V, r]")?,
+                a: a.floats("pair_a", "[V, r]")?.0,
+                b: b.floats("pair_b", "[V, r]")?.0,
                 rank,
             }
         }
@@ -502,7 +480,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         }
     };
     let model = HostModel {
-        unary: floats(unary, "unary", "[L, V] or [b, L, V]")?,
+        unary: unary.floats("unary", "[L, V] or [b, L, V]")?.0,
         unary_shape,
         pairwise,
     };
@@ -511,7 +489,9 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     // Shapes first, so a mismatch names the shapes rather than a token.
     model.shape(&shape, clamp_shape.as_deref())?;
     let init = ints(init, "init", v)?;
-    let clamp = clamp.map(|c| bools(c, "clamp")).transpose()?;
+    let clamp = clamp
+        .map(|c| c.bools("clamp", "[L] or [b, L]"))
+        .transpose()?;
     let clamp_ref = clamp.as_deref().zip(clamp_shape.as_deref());
     let (out, best) = if io.cpu {
         let mut t = init;
@@ -553,7 +533,7 @@ pub fn run_sample(io: &mut RunIo) -> Result<(), CliError> {
     let shape = logits.shape.clone();
     let (b, v) = logits_shape(&shape)
         .map_err(|_| usage(format!("input logits has shape {shape:?}; expected [b, V]")))?;
-    let x = floats(logits, "logits", "[b, V]")?;
+    let x = logits.floats("logits", "[b, V]")?.0;
     let out = if io.cpu {
         reference::sample_logits(&x, &shape, &opts)?
     } else {

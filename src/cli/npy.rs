@@ -7,6 +7,8 @@ use std::path::Path;
 use half::f16;
 use npyz::WriterBuilder;
 
+use super::{usage, CliError};
+
 /// Element data of an .npy array.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Data {
@@ -43,6 +45,33 @@ impl Data {
             Data::I64(_) => "int64",
             Data::Bool(_) => "bool",
             Data::U8(_) => "uint8",
+        }
+    }
+}
+
+impl Array {
+    /// The elements as f32, and whether they were float16. Other dtypes are an error naming
+    /// the input and its expected `shape`.
+    pub fn floats(&self, name: &str, shape: &str) -> Result<(Vec<f32>, bool), CliError> {
+        match &self.data {
+            Data::F32(v) => Ok((v.clone(), false)),
+            Data::F16(v) => Ok((v.iter().map(|h| h.to_f32()).collect(), true)),
+            other => Err(usage(format!(
+                "input {name} has dtype {}; expected {shape} float32 or float16",
+                other.dtype_name()
+            ))),
+        }
+    }
+
+    /// The elements of a mask: bool, or uint8 with nonzero = true.
+    pub fn bools(self, name: &str, shape: &str) -> Result<Vec<bool>, CliError> {
+        match self.data {
+            Data::Bool(v) => Ok(v),
+            Data::U8(v) => Ok(v.into_iter().map(|b| b != 0).collect()),
+            other => Err(usage(format!(
+                "input {name} has dtype {}; expected {shape} bool",
+                other.dtype_name()
+            ))),
         }
     }
 }

@@ -372,16 +372,8 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
             Some(Positions::new(values, p.shape)?)
         }
     };
-    let (values, storage) = match &x.data {
-        Data::F32(v) => (v.clone(), Storage::F32),
-        Data::F16(v) => (v.iter().map(|h| h.to_f32()).collect(), Storage::F16),
-        other => {
-            return Err(usage(format!(
-                "input x has dtype {}; expected float32 or float16",
-                other.dtype_name()
-            )))
-        }
-    };
+    let (values, half) = x.floats("x", "[b, s, h, d] or [b, h, s, d]")?;
+    let storage = if half { Storage::F16 } else { Storage::F32 };
     let out: Vec<f32> = if io.cpu {
         let xf: Vec<f64> = values.iter().map(|&v| v as f64).collect();
         reference::rope(&xf, shape, positions.as_ref(), &opts)?

@@ -198,28 +198,10 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
                     m.shape, x.shape
                 )));
             }
-            Some(match m.data {
-                Data::Bool(v) => v,
-                Data::U8(v) => v.into_iter().map(|b| b != 0).collect(),
-                other => {
-                    return Err(usage(format!(
-                        "input mask has dtype {}; expected bool",
-                        other.dtype_name()
-                    )))
-                }
-            })
+            Some(m.bools("mask", "(the shape of x)")?)
         }
     };
-    let (values, half) = match &x.data {
-        Data::F32(v) => (v.clone(), false),
-        Data::F16(v) => (v.iter().map(|h| h.to_f32()).collect(), true),
-        other => {
-            return Err(usage(format!(
-                "input x has dtype {}; expected float32 or float16",
-                other.dtype_name()
-            )))
-        }
-    };
+    let (values, half) = x.floats("x", "[.., n]")?;
     let out: Vec<f32> = if io.cpu {
         reference::softmax(&values, &x.shape, mask.as_deref(), &opts)?
             .iter()
