@@ -318,7 +318,12 @@ impl Context {
 
     /// A scratch storage buffer of at least `bytes` bytes (rounded up to whole words).
     pub fn scratch(&self, bytes: u64) -> Result<wgpu::Buffer> {
-        let size = bytes.div_ceil(4).max(1) * 4;
+        self.storage_buffer(bytes.div_ceil(4).max(1) * 4, "scratch memory")
+    }
+
+    /// A storage buffer of `size` bytes that can be copied to and from, if the device allows
+    /// one that large; `what` names it in errors.
+    pub(crate) fn storage_buffer(&self, size: u64, what: &str) -> Result<wgpu::Buffer> {
         let max = self.limits().max_buffer_size;
         if size > max {
             return Err(Error::LimitExceeded {
@@ -327,9 +332,9 @@ impl Context {
                 max,
             });
         }
-        self.checked("allocating scratch memory", || {
+        self.checked(&format!("allocating {what}"), || {
             self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("scratch"),
+                label: Some(what),
                 size,
                 usage: wgpu::BufferUsages::STORAGE
                     | wgpu::BufferUsages::COPY_SRC

@@ -159,25 +159,7 @@ impl Context {
                 "tensor shape {shape:?} is empty; every dimension must be at least 1"
             )));
         }
-        let size = padded_bytes(numel(&shape), T::DTYPE);
-        let max = self.limits().max_buffer_size;
-        if size > max {
-            return Err(Error::LimitExceeded {
-                limit: "max_buffer_size",
-                needed: size,
-                max,
-            });
-        }
-        let buffer = self.checked("allocating a tensor", || {
-            self.device().create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        })?;
+        let buffer = self.storage_buffer(padded_bytes(numel(&shape), T::DTYPE), "a tensor")?;
         Ok(GpuTensor {
             ctx: self.clone(),
             buffer: Arc::new(buffer),

@@ -663,35 +663,20 @@ pub fn matmul_plan<T: Element>(
     })?;
     let e = wgpu::Buffer::as_entire_buffer_binding;
     let dtype = storage.shader_dtype();
-    let step = if transpose_b {
-        Step::new(
-            ctx,
-            &variant(dtype, dp, dvp, "matmul"),
-            // The tile engine's reader names every source; B fills the unused one.
-            &[
-                (0, e(&ab)),
-                (1, e(&bb)),
-                (2, e(&bb)),
-                (3, e(&cb)),
-                (5, e(&params)),
-            ],
-            (qtiles * ntiles) as u64,
-        )?
-    } else {
-        Step::new(
-            ctx,
-            &variant(dtype, dp, dvp, "matmul_nn"),
-            &[
-                (0, e(&ab)),
-                (1, e(&bb)),
-                (2, e(&bb)),
-                (3, e(&cb)),
-                (5, e(&params)),
-            ],
-            (qtiles * ntiles) as u64,
-        )?
-    };
-    plan.push(step);
+    let entry = if transpose_b { "matmul" } else { "matmul_nn" };
+    plan.push(Step::new(
+        ctx,
+        &variant(dtype, dp, dvp, entry),
+        // The tile engine's reader names every source; B fills the unused one.
+        &[
+            (0, e(&ab)),
+            (1, e(&bb)),
+            (2, e(&bb)),
+            (3, e(&cb)),
+            (5, e(&params)),
+        ],
+        (qtiles * ntiles) as u64,
+    )?);
     if storage == Storage::WidenedF16 {
         convert::narrow(ctx, &mut plan, &cb, c.buffer(), c.len())?;
     }
