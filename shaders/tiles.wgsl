@@ -23,58 +23,41 @@ var<workgroup> tile_b: array<f32, T * D>;   // [T, D]  e.g. keys, or B of A B^T
 var<workgroup> tile_v: array<f32, T * DV>;  // [T, DV] e.g. values, or B of A B
 var<workgroup> tile_p: array<f32, T * T>;   // [T, T]  probabilities, or an A chunk of A B
 
-// Element (row0 + r, c) of a matrix with `stride` elements per row starting at `base` is
-// read when row0 + r < rows and c < cols.
-fn tile_in(row0: u32, r: u32, rows: u32, c: u32, cols: u32) -> bool {
-    return row0 + r < rows && c < cols;
+// Element e of a tile `width` wide: (row0 + e / width, e % width) of a matrix with `stride`
+// elements per row starting at `base`, or zero outside `rows` x `cols`.
+fn tile_elem(
+    src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, e: u32, width: u32,
+) -> f32 {
+    let r = e / width;
+    let c = e % width;
+    if (row0 + r < rows && c < cols) {
+        return tile_read(src, base + (row0 + r) * stride + c);
+    }
+    return 0.0;
 }
 
 fn tile_load_a(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
     for (var e = lid; e < T * D; e += WG) {
-        let r = e / D;
-        let c = e % D;
-        var x = 0.0;
-        if (tile_in(row0, r, rows, c, cols)) {
-            x = tile_read(src, base + (row0 + r) * stride + c);
-        }
-        tile_a[e] = x;
+        tile_a[e] = tile_elem(src, base, stride, row0, rows, cols, e, D);
     }
 }
 
 fn tile_load_b(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
     for (var e = lid; e < T * D; e += WG) {
-        let r = e / D;
-        let c = e % D;
-        var x = 0.0;
-        if (tile_in(row0, r, rows, c, cols)) {
-            x = tile_read(src, base + (row0 + r) * stride + c);
-        }
-        tile_b[e] = x;
+        tile_b[e] = tile_elem(src, base, stride, row0, rows, cols, e, D);
     }
 }
 
 fn tile_load_v(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
     for (var e = lid; e < T * DV; e += WG) {
-        let r = e / DV;
-        let c = e % DV;
-        var x = 0.0;
-        if (tile_in(row0, r, rows, c, cols)) {
-            x = tile_read(src, base + (row0 + r) * stride + c);
-        }
-        tile_v[e] = x;
+        tile_v[e] = tile_elem(src, base, stride, row0, rows, cols, e, DV);
     }
 }
 
 // A [T, T] block of the A matrix into tile_p (the left factor of tile_pv).
 fn tile_load_p(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
     for (var e = lid; e < T * T; e += WG) {
-        let r = e / T;
-        let c = e % T;
-        var x = 0.0;
-        if (tile_in(row0, r, rows, c, cols)) {
-            x = tile_read(src, base + (row0 + r) * stride + c);
-        }
-        tile_p[e] = x;
+        tile_p[e] = tile_elem(src, base, stride, row0, rows, cols, e, T);
     }
 }
 
