@@ -2,24 +2,29 @@
 # Device script for benches/results/2026-11-26-prefetch-fold-experiment.patch (run from the
 # repository root with .gl/ and .dev/ carried; .dev/ holds stripped builds of the patched tree:
 # flash_probe (the example), flash_tests (target/release/deps/flash-*) and seqk).
-# 1. Every FLASH GPU test with each knob setting. 2. Fresh-process timings, two rounds, of
-# b = 1 calls at n 64 (fixed cost) to 64K, causal and not, for prefetch off/on x fold off/on.
+# Knobs: SEQK_X_GEMM = old (as committed) | prefetch (reads one step ahead; the patch's
+# default) | dbuf (prefetch + two workgroup buffers, one barrier a step) | bk32 (prefetch,
+# depth 32 a step); SEQK_X_FOLD = most KV parts whose scan the output pass folds in (0 = the
+# scan pass always runs; 8 = the patch's default).
+# 1. Every FLASH GPU test per variant, the fold forced on. 2. Fresh-process timings, two
+# rounds, of b = 1 calls at n 64 (fixed cost), 1K, 4K and 64K, causal and not.
 for f in .gl/*.deb; do dpkg -x $f /; done >/dev/null 2>&1; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 mkdir -p target/release /work/main/target/release
 cp .dev/seqk target/release/; cp .dev/seqk /work/main/target/release/
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > $OUT/gpu.txt
-for pf in 1 0; do for fold in 100000 0; do
-    SEQK_REQUIRE_GPU=1 SEQK_X_PREFETCH=$pf SEQK_X_FOLD=$fold timeout 90 .dev/flash_tests \
-        > $OUT/tests-prefetch$pf-fold$fold.txt 2>&1
-    echo "prefetch $pf fold $fold: $(grep 'test result' $OUT/tests-prefetch$pf-fold$fold.txt)"
-done; done
+for v in "prefetch 0" "old 100000" "prefetch 100000" "dbuf 100000" "bk32 100000"; do
+    set -- $v
+    SEQK_REQUIRE_GPU=1 SEQK_X_GEMM=$1 SEQK_X_FOLD=$2 timeout 90 .dev/flash_tests \
+        > $OUT/tests-$1-fold$2.txt 2>&1
+    echo "gemm $1 fold $2: $(grep 'test result' $OUT/tests-$1-fold$2.txt)"
+done
 P=$OUT/probe.jsonl
 for round in 1 2; do
-    for n in 64 1024 2048 4096 65536; do for causal in 0 1; do
-        for v in "0 0" "0 8" "1 0" "1 8"; do
+    for n in 64 1024 4096 65536; do for causal in 0 1; do
+        for v in "old 0" "old 8" "prefetch 0" "prefetch 8" "dbuf 8" "bk32 8"; do
             set -- $v
-            SEQK_X_PREFETCH=$1 SEQK_X_FOLD=$2 timeout 30 .dev/flash_probe 1 $n $causal >> $P 2>> $OUT/log.txt
+            SEQK_X_GEMM=$1 SEQK_X_FOLD=$2 timeout 30 .dev/flash_probe 1 $n $causal >> $P 2>> $OUT/log.txt
         done
     done; done
 done
@@ -28,7 +33,8 @@ import json, sys, collections
 rows = [json.loads(l) for l in open(sys.argv[1])]
 t = collections.defaultdict(list)
 for r in rows:
-    t[(r["n"], r["causal"], r["prefetch"], r["fold"])].append(r["us_per_call"])
+    t[(r["n"], r["causal"], r["gemm"], r["fold"])].append(r["us_per_call"])
+print("n causal gemm fold: us per call, each round")
 for k in sorted(t):
     print(*k, " ".join(f"{x:9.2f}" for x in t[k]))
 PY
