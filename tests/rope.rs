@@ -352,13 +352,16 @@ fn reference_yarn_inverse_is_the_transpose() {
 fn gpu_matches_reference_over_shapes() {
     let Some(ctx) = gpu() else { return };
     let mut case = 0u64;
-    for d in [2usize, 6, 64, 80, 256] {
-        for s in [1usize, 1000] {
-            for h in [1usize, 7] {
+    for (di, d) in [2usize, 6, 64, 80, 256].into_iter().enumerate() {
+        for (si, s) in [1usize, 1000].into_iter().enumerate() {
+            for (hi, h) in [1usize, 7].into_iter().enumerate() {
                 case += 1;
-                // Rotate styles, layouts, partial dims and in/out of place across the cases.
-                let style = [RopeStyle::Half, RopeStyle::Interleaved][case as usize % 2];
-                let layout = [RopeLayout::Bshd, RopeLayout::Bhsd][(case as usize / 2) % 2];
+                // Rotate styles, layouts, partial dims and in/out of place across the cases:
+                // style, layout and place from independent parities of the indices, so every
+                // s and h meets every combination of them.
+                let style = [RopeStyle::Half, RopeStyle::Interleaved][(di + hi) % 2];
+                let layout = [RopeLayout::Bshd, RopeLayout::Bhsd][(di + si) % 2];
+                let in_place = (di + si + hi) % 2 == 1;
                 let rotary_dim = (case % 3 == 0 && d > 2).then_some((d / 2) & !1);
                 let opts = RopeOptions {
                     style,
@@ -375,10 +378,10 @@ fn gpu_matches_reference_over_shapes() {
                 let n = b * s * h * d;
                 let x = random(n, case, -3.0, 3.0);
                 let want = reference::rope(&f64s(&x), shape, None, &opts).unwrap();
-                let got = if case % 2 == 0 {
-                    gpu_rope(ctx, &x, shape, None, &opts)
-                } else {
+                let got = if in_place {
                     gpu_rope_in_place(ctx, &x, shape, None, &opts)
+                } else {
+                    gpu_rope(ctx, &x, shape, None, &opts)
                 };
                 // Spec section 0: 1e-6 of the row scale (f32 cos/sin and two products).
                 let err = max_row_error(&got, &want, d);
