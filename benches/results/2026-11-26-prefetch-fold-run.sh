@@ -2,10 +2,11 @@
 # Device script for benches/results/2026-11-26-prefetch-fold-experiment.patch (run from the
 # repository root with .gl/ and .dev/ carried; .dev/ holds stripped builds of the patched tree:
 # flash_probe (the example), flash_tests (target/release/deps/flash-*) and seqk).
-# Knobs: SEQK_X_GEMM = old (as committed) | prefetch (reads one step ahead; the patch's
-# default) | dbuf (prefetch + two workgroup buffers, one barrier a step) | bk32 (prefetch,
-# depth 32 a step); SEQK_X_FOLD = most KV parts whose scan the output pass folds in (0 = the
-# scan pass always runs; 8 = the patch's default).
+# Knobs: SEQK_X_GEMM = old (as committed) | bk32old (old, depth 32 a step) | prefetch (reads
+# one step ahead; the patch's default; tried on 2026-11-25 together with other changes, 3-5%
+# slower, never alone) | dbuf (prefetch + two workgroup buffers, one barrier a step) | bk32
+# (prefetch, depth 32 a step); SEQK_X_FOLD = most KV parts whose scan the output pass folds
+# in (0 = the scan pass always runs; 8 = the patch's default).
 # 1. Every FLASH GPU test per variant, the fold forced on. 2. Fresh-process timings, two
 # rounds, of b = 1 calls at n 64 (fixed cost), 1K, 4K and 64K, causal and not.
 for f in .gl/*.deb; do dpkg -x $f /; done >/dev/null 2>&1; ldconfig
@@ -13,7 +14,7 @@ export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 mkdir -p target/release /work/main/target/release
 cp .dev/seqk target/release/; cp .dev/seqk /work/main/target/release/
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > $OUT/gpu.txt
-for v in "prefetch 0" "old 100000" "prefetch 100000" "dbuf 100000" "bk32 100000"; do
+for v in "old 100000" "bk32old 100000" "prefetch 100000" "dbuf 100000" "bk32 100000"; do
     set -- $v
     SEQK_REQUIRE_GPU=1 SEQK_X_GEMM=$1 SEQK_X_FOLD=$2 timeout 90 .dev/flash_tests \
         > $OUT/tests-$1-fold$2.txt 2>&1
@@ -22,7 +23,7 @@ done
 P=$OUT/probe.jsonl
 for round in 1 2; do
     for n in 64 1024 4096 65536; do for causal in 0 1; do
-        for v in "old 0" "old 8" "prefetch 0" "prefetch 8" "dbuf 8" "bk32 8"; do
+        for v in "old 0" "old 8" "bk32old 8" "prefetch 8" "dbuf 8" "bk32 8"; do
             set -- $v
             SEQK_X_GEMM=$1 SEQK_X_FOLD=$2 timeout 30 .dev/flash_probe 1 $n $causal >> $P 2>> $OUT/log.txt
         done
