@@ -22,11 +22,13 @@ for v in "old 100000" "bk32old 100000" "prefetch 100000" "dbuf 100000" "bk32 100
 done
 P=$OUT/probe.jsonl
 # Per n, the (gemm fold kv) configurations worth timing there (kv "-" = the default target of
-# 384 KV workgroups; the fold only applies with at most `fold` KV parts in the call).
+# 384 KV workgroups; the fold only applies with at most `fold` KV parts in the call). At 1K
+# (4 chunks, 48 KV blocks each): kv 192 = no split, 4 parts to fold; default = 2 parts each,
+# 8 to fold; kv 768 = 4 parts each, 16 to fold.
 configs() {
     case $1 in
         64) echo "old,0,- old,8,- bk32old,8,- prefetch,8,- dbuf,8,- bk32,8,-" ;;
-        1024) echo "old,0,- old,8,- old,8,256 old,8,768 bk32old,8,- prefetch,8,- dbuf,8,- bk32,8,-" ;;
+        1024) echo "old,0,- old,8,- old,8,192 old,16,768 bk32old,8,- prefetch,8,- dbuf,8,- bk32,8,-" ;;
         2048) echo "old,0,- old,8,- bk32old,8,-" ;;
         4096) echo "old,0,- old,8,- old,16,- bk32old,8,- prefetch,8,- dbuf,8,- bk32,8,-" ;;
         65536) echo "old,0,- bk32old,0,- prefetch,0,- dbuf,0,- bk32,0,-" ;;
