@@ -358,7 +358,8 @@ fn gpu_matches_reference_over_shapes() {
                 case += 1;
                 // Rotate styles, layouts, partial dims and in/out of place across the cases:
                 // style, layout and place from independent parities of the indices, so every
-                // s and h meets every combination of them.
+                // s and every h runs each style, each layout and both places, and the grid
+                // holds all eight combinations of the three.
                 let style = [RopeStyle::Half, RopeStyle::Interleaved][(di + hi) % 2];
                 let layout = [RopeLayout::Bshd, RopeLayout::Bhsd][(di + si) % 2];
                 let in_place = (di + si + hi) % 2 == 1;
