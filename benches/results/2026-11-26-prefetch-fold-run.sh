@@ -1,7 +1,8 @@
 #!/bin/bash
 # Device script for benches/results/2026-11-26-prefetch-fold-experiment.patch (run from the
 # repository root with .gl/ and .dev/ carried; .dev/ holds stripped builds of the patched tree:
-# flash_probe (the example), flash_tests (target/release/deps/flash-*) and seqk).
+# flash_probe and pipeline_stats (the examples), flash_tests (target/release/deps/flash-*)
+# and seqk).
 # Knobs: SEQK_X_GEMM = old (as committed) | bk32old (old, depth 32 a step) | prefetch (reads
 # one step ahead; the patch's default; tried on 2026-11-25 together with other changes, 3-5%
 # slower, never alone) | dbuf (prefetch + two workgroup buffers, one barrier a step) | bk32
@@ -10,9 +11,11 @@
 # runtime checks the shader modules drop (noloop: the loop-bounding counters naga adds to
 # every loop; nobounds: those and the index clamps; none: also the integer-division guards;
 # unset: all kept, as committed).
-# 1. Every FLASH GPU test per variant, the fold forced on. 2. Fresh-process timings, two
-# rounds (the second only at 1K and 64K), of b = 1 calls at n 64 (fixed cost), 1K, 2K, 4K and 64K, causal and not; between
-# the rounds `seqk bench --quick` of every kernel with all checks and with none.
+# 1. Every FLASH GPU test per variant, the fold forced on, and the driver's statistics of each
+# shader variant (.dev/pipeline_stats: register count etc.). 2. Fresh-process timings, two
+# rounds (the second only at 1K and 64K), of b = 1 calls at n 64 (fixed cost), 1K, 2K, 4K
+# and 64K, causal and not; between the rounds `seqk bench --quick` of every kernel with all
+# checks and with none.
 for f in .gl/*.deb; do dpkg -x $f /; done >/dev/null 2>&1; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 mkdir -p target/release /work/main/target/release
@@ -26,6 +29,25 @@ for v in "old 100000 -" "old 100000 none" "bk32old 100000 -" "prefetch 100000 -"
     echo "gemm $1 fold $2 checks $3: $(grep 'test result' $OUT/tests-$1-fold$2-checks$3.txt)"
 done
 unset SEQK_X_CHECKS
+# What the driver's compiler made of each variant (register count etc.), for occupancy.
+S=$OUT/pipeline-stats.jsonl
+for gemm in old bk32old prefetch dbuf bk32; do for checks in - noloop none; do
+    [ "$checks" = "-" ] && unset SEQK_X_CHECKS || export SEQK_X_CHECKS=$checks
+    SEQK_X_GEMM=$gemm timeout 60 .dev/pipeline_stats flash >> $S 2>> $OUT/log.txt
+done; done
+for checks in - none; do
+    [ "$checks" = "-" ] && unset SEQK_X_CHECKS || export SEQK_X_CHECKS=$checks
+    SEQK_X_GEMM=old timeout 120 .dev/pipeline_stats softmax attention rope gibbs copy >> $S 2>> $OUT/log.txt
+done
+unset SEQK_X_CHECKS
+python3 - $S <<'PY'
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    keep = {k: v for k, v in r.items() if any(w in k.lower() for w in ("regist", "spill", "local", "shared", "stack"))}
+    if r["shader"].startswith("flash"):
+        print(r["shader"], r.get("gemm"), r.get("checks") or "-", r.get("subgroup"), keep)
+PY
 P=$OUT/probe.jsonl
 # Per n, the (gemm fold kv checks) configurations worth timing there (kv "-" = the default
 # target of 384 KV workgroups; the fold only applies with at most `fold` KV parts in the call;
