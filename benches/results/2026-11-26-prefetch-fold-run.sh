@@ -7,36 +7,51 @@
 # one step ahead; the patch's default; tried on 2026-11-25 together with other changes, 3-5%
 # slower, never alone) | dbuf (prefetch + two workgroup buffers, one barrier a step) | bk32
 # (prefetch, depth 32 a step); SEQK_X_FOLD = most KV parts whose scan the output pass folds
-# in (0 = the scan pass always runs; 8 = the patch's default); SEQK_X_CHECKS = which of naga's
-# runtime checks the shader modules drop (noloop: the loop-bounding counters naga adds to
-# every loop; nobounds: those and the index clamps; none: also the integer-division guards;
-# unset: all kept, as committed).
-# 1. Every FLASH GPU test per variant, the fold forced on, and the driver's statistics of each
-# shader variant (.dev/pipeline_stats: register count etc.). 2. Fresh-process timings, two
-# rounds (the second only at 1K and 64K), of b = 1 calls at n 64 (fixed cost), 1K, 2K, 4K
-# and 64K, causal and not; between the rounds `seqk bench --quick` of every kernel with all
-# checks and with none.
+# in (0 = the scan pass always runs; 8 = the patch's default); SEQK_X_KV = KV split target;
+# SEQK_X_CHECKS = which of naga's runtime checks the shader modules drop (noloop: the
+# loop-bounding counters naga adds to every loop; nobounds: those and the index clamps; none:
+# also the integer-division guards; unset: all kept, as committed).
+# Most telling first, so that a run cut short still answers the main questions:
+# 1. the driver's statistics of each shader variant (.dev/pipeline_stats: register count...);
+# 2. fresh-process timings of b = 1 calls at 1K, 64K, 4K and 2K, causal and not: committed,
+#    fold, loop bounding dropped, both, prefetch;
+# 3. the FLASH GPU tests with the fold forced on, for those variants;
+# 4. `seqk bench --quick` of every kernel with all checks and with none;
+# 5. the other variants (n = 64, KV split targets, bk32old, dbuf, bk32) and their tests;
+# 6. a second round of step 2 at 1K and 64K; a summary table.
 for f in .gl/*.deb; do dpkg -x $f /; done >/dev/null 2>&1; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 mkdir -p target/release /work/main/target/release
 cp .dev/seqk target/release/; cp .dev/seqk /work/main/target/release/
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > $OUT/gpu.txt
-for v in "old 100000 -" "old 100000 none" "bk32old 100000 -" "prefetch 100000 -" "dbuf 100000 -" "bk32 100000 -"; do
-    set -- $v
-    [ "$3" = "-" ] && unset SEQK_X_CHECKS || export SEQK_X_CHECKS=$3
-    SEQK_REQUIRE_GPU=1 SEQK_X_GEMM=$1 SEQK_X_FOLD=$2 timeout 90 .dev/flash_tests \
-        > $OUT/tests-$1-fold$2-checks$3.txt 2>&1
-    echo "gemm $1 fold $2 checks $3: $(grep 'test result' $OUT/tests-$1-fold$2-checks$3.txt)"
-done
-unset SEQK_X_CHECKS
-# What the driver's compiler made of each variant (register count etc.), for occupancy.
+P=$OUT/probe.jsonl
 S=$OUT/pipeline-stats.jsonl
+knob() { [ "$2" = "-" ] && unset $1 || export $1=$2; }
+# probe N CAUSAL "gemm,fold,kv,checks ..." (kv or checks "-" = the default)
+probe() {
+    for c in $3; do
+        IFS=, read gemm fold kv checks <<< "$c"
+        knob SEQK_X_KV $kv; knob SEQK_X_CHECKS $checks
+        SEQK_X_GEMM=$gemm SEQK_X_FOLD=$fold timeout 30 .dev/flash_probe 1 $1 $2 >> $P 2>> $OUT/log.txt
+    done
+    unset SEQK_X_KV SEQK_X_CHECKS
+}
+# tests GEMM CHECKS: the 14 FLASH GPU tests, the fold forced on wherever it can apply.
+tests() {
+    knob SEQK_X_CHECKS $2
+    SEQK_REQUIRE_GPU=1 SEQK_X_GEMM=$1 SEQK_X_FOLD=100000 timeout 90 .dev/flash_tests \
+        > $OUT/tests-$1-checks$2.txt 2>&1
+    echo "tests gemm $1 checks $2: $(grep 'test result' $OUT/tests-$1-checks$2.txt)"
+    unset SEQK_X_CHECKS
+}
+
+# 1.
 for gemm in old bk32old prefetch dbuf bk32; do for checks in - noloop none; do
-    [ "$checks" = "-" ] && unset SEQK_X_CHECKS || export SEQK_X_CHECKS=$checks
+    knob SEQK_X_CHECKS $checks
     SEQK_X_GEMM=$gemm timeout 60 .dev/pipeline_stats flash >> $S 2>> $OUT/log.txt
 done; done
 for checks in - none; do
-    [ "$checks" = "-" ] && unset SEQK_X_CHECKS || export SEQK_X_CHECKS=$checks
+    knob SEQK_X_CHECKS $checks
     SEQK_X_GEMM=old timeout 120 .dev/pipeline_stats softmax attention rope gibbs copy >> $S 2>> $OUT/log.txt
 done
 unset SEQK_X_CHECKS
@@ -48,42 +63,41 @@ for l in open(sys.argv[1]):
     if r["shader"].startswith("flash"):
         print(r["shader"], r.get("gemm"), r.get("checks") or "-", r.get("subgroup"), keep)
 PY
-P=$OUT/probe.jsonl
-# Per n, the (gemm fold kv checks) configurations worth timing there (kv "-" = the default
-# target of 384 KV workgroups; the fold only applies with at most `fold` KV parts in the call;
-# checks "-" = all kept). At 1K
-# (4 chunks, 48 KV blocks each): kv 192 = no split, 4 parts to fold; default = 2 parts each,
-# 8 to fold; kv 768 = 4 parts each, 16 to fold.
-configs() {
-    case $1 in
-        64) echo "old,0,-,- old,8,-,- old,8,-,none bk32old,8,-,- prefetch,8,-,- dbuf,8,-,- bk32,8,-,-" ;;
-        1024) echo "old,0,-,- old,8,-,- old,0,-,none old,8,-,noloop old,8,-,nobounds old,8,-,none prefetch,8,-,none old,8,192,- old,16,768,- bk32old,8,-,- prefetch,8,-,- dbuf,8,-,- bk32,8,-,-" ;;
-        2048) echo "old,0,-,- old,8,-,- bk32old,8,-,-" ;;
-        4096) echo "old,0,-,- old,8,-,- old,8,-,none old,16,-,- bk32old,8,-,- prefetch,8,-,- dbuf,8,-,- bk32,8,-,-" ;;
-        65536) echo "old,0,-,- old,0,-,noloop old,0,-,none prefetch,0,-,none bk32old,0,-,- prefetch,0,-,- dbuf,0,-,- bk32,0,-,-" ;;
-    esac
+
+# 2. At 1K (4 chunks, 2 KV parts each) the fold applies with fold 8; at 64K never.
+MAIN_SMALL="old,0,-,- old,8,-,- old,0,-,noloop old,8,-,noloop old,8,-,none prefetch,8,-,- prefetch,8,-,noloop"
+MAIN_LARGE="old,0,-,- old,0,-,noloop old,0,-,none prefetch,0,-,- prefetch,0,-,noloop"
+main_round() {
+    for causal in 0 1; do
+        probe 1024 $causal "$MAIN_SMALL"
+        probe 65536 $causal "$MAIN_LARGE"
+    done
 }
-for round in 1 2; do
-    ns="64 1024 2048 4096 65536"
-    [ $round = 2 ] && ns="1024 65536"
-    for n in $ns; do for causal in 0 1; do
-        for c in $(configs $n); do
-            IFS=, read gemm fold kv checks <<< "$c"
-            [ "$kv" = "-" ] && unset SEQK_X_KV || export SEQK_X_KV=$kv
-            [ "$checks" = "-" ] && unset SEQK_X_CHECKS || export SEQK_X_CHECKS=$checks
-            SEQK_X_GEMM=$gemm SEQK_X_FOLD=$fold timeout 30 .dev/flash_probe 1 $n $causal >> $P 2>> $OUT/log.txt
-        done
-        unset SEQK_X_KV SEQK_X_CHECKS
-    done; done
-    if [ $round = 1 ]; then
-        for checks in - none; do
-            [ "$checks" = "-" ] && unset SEQK_X_CHECKS || export SEQK_X_CHECKS=$checks
-            timeout 150 .dev/seqk bench --quick --json > $OUT/bench-quick-checks$checks.json 2>> $OUT/log.txt
-            echo "bench --quick checks $checks: rc $?"
-        done
-        unset SEQK_X_CHECKS
-    fi
+main_round
+for n in 4096 2048; do for causal in 0 1; do probe $n $causal "$MAIN_SMALL"; done; done
+
+# 3.
+tests old -; tests old noloop; tests old none; tests prefetch -
+
+# 4.
+for checks in - none; do
+    knob SEQK_X_CHECKS $checks
+    timeout 150 .dev/seqk bench --quick --json > $OUT/bench-quick-checks$checks.json 2>> $OUT/log.txt
+    echo "bench --quick checks $checks: rc $?"
 done
+unset SEQK_X_CHECKS
+
+# 5. At 1K: kv 192 = no split (4 parts to fold); kv 768 = 4 parts each (16 to fold).
+for causal in 0 1; do
+    probe 64 $causal "old,0,-,- old,8,-,- old,8,-,noloop bk32old,8,-,- dbuf,8,-,- bk32,8,-,-"
+    probe 1024 $causal "old,8,192,- old,16,768,- bk32old,8,-,- dbuf,8,-,- bk32,8,-,-"
+    probe 4096 $causal "old,16,-,- bk32old,8,-,- dbuf,8,-,- bk32,8,-,-"
+    probe 65536 $causal "bk32old,0,-,- dbuf,0,-,- bk32,0,-,-"
+done
+tests bk32old -; tests dbuf -; tests bk32 -
+
+# 6.
+main_round
 python3 - $P <<'PY'
 import json, sys, collections
 rows = [json.loads(l) for l in open(sys.argv[1])]
