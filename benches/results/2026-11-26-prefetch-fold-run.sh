@@ -10,11 +10,13 @@
 # in (0 = the scan pass always runs; 8 = the patch's default); SEQK_X_KV = KV split target;
 # SEQK_X_CHECKS = which of naga's runtime checks the shader modules drop (noloop: the
 # loop-bounding counters naga adds to every loop; nobounds: those and the index clamps; none:
-# also the integer-division guards; unset: all kept, as committed).
+# also the integer-division guards; unset: all kept, as committed); SEQK_X_EPI = const: the
+# FLASH epilogues take the rows of the accumulator by constant index only (no loop over them).
+# Probe calls per timed submit: 100 (SEQK_X_ITERS), except at 64K (32).
 # Most telling first, so that a run cut short still answers the main questions:
 # 1. the driver's statistics of each shader variant (.dev/pipeline_stats: register count...);
 # 2. fresh-process timings of b = 1 calls at 1K, 64K, 4K and 2K, causal and not: committed,
-#    fold, loop bounding dropped, both, prefetch;
+#    fold, loop bounding dropped, constant-index epilogues, prefetch, and combinations;
 # 3. the FLASH GPU tests with the fold forced on, for those variants;
 # 4. `seqk bench --quick` of every kernel with all checks and with none;
 # 5. the other variants (n = 64, KV split targets, bk32old, dbuf, bk32) and their tests;
@@ -27,22 +29,24 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 
 P=$OUT/probe.jsonl
 S=$OUT/pipeline-stats.jsonl
 knob() { [ "$2" = "-" ] && unset $1 || export $1=$2; }
-# probe N CAUSAL "gemm,fold,kv,checks ..." (kv or checks "-" = the default)
+# probe N CAUSAL "gemm,fold,kv,checks,epi ..." (kv, checks or epi "-" = the default)
 probe() {
+    local iters=100
+    [ $1 -ge 65536 ] && iters=32
     for c in $3; do
-        IFS=, read gemm fold kv checks <<< "$c"
-        knob SEQK_X_KV $kv; knob SEQK_X_CHECKS $checks
-        SEQK_X_GEMM=$gemm SEQK_X_FOLD=$fold timeout 30 .dev/flash_probe 1 $1 $2 >> $P 2>> $OUT/log.txt
+        IFS=, read gemm fold kv checks epi <<< "$c"
+        knob SEQK_X_KV $kv; knob SEQK_X_CHECKS $checks; knob SEQK_X_EPI ${epi:--}
+        SEQK_X_ITERS=$iters SEQK_X_GEMM=$gemm SEQK_X_FOLD=$fold timeout 30 .dev/flash_probe 1 $1 $2 >> $P 2>> $OUT/log.txt
     done
-    unset SEQK_X_KV SEQK_X_CHECKS
+    unset SEQK_X_KV SEQK_X_CHECKS SEQK_X_EPI
 }
-# tests GEMM CHECKS: the 14 FLASH GPU tests, the fold forced on wherever it can apply.
+# tests GEMM CHECKS EPI: the 14 FLASH GPU tests, the fold forced on wherever it can apply.
 tests() {
-    knob SEQK_X_CHECKS $2
+    knob SEQK_X_CHECKS $2; knob SEQK_X_EPI $3
     SEQK_REQUIRE_GPU=1 SEQK_X_GEMM=$1 SEQK_X_FOLD=100000 timeout 90 .dev/flash_tests \
-        > $OUT/tests-$1-checks$2.txt 2>&1
-    echo "tests gemm $1 checks $2: $(grep 'test result' $OUT/tests-$1-checks$2.txt)"
-    unset SEQK_X_CHECKS
+        > $OUT/tests-$1-checks$2-epi$3.txt 2>&1
+    echo "tests gemm $1 checks $2 epi $3: $(grep 'test result' $OUT/tests-$1-checks$2-epi$3.txt)"
+    unset SEQK_X_CHECKS SEQK_X_EPI
 }
 
 # 1.
@@ -50,6 +54,10 @@ for gemm in old bk32old prefetch dbuf bk32; do for checks in - noloop none; do
     knob SEQK_X_CHECKS $checks
     SEQK_X_GEMM=$gemm timeout 60 .dev/pipeline_stats flash >> $S 2>> $OUT/log.txt
 done; done
+for checks in - noloop; do
+    knob SEQK_X_CHECKS $checks
+    SEQK_X_EPI=const SEQK_X_GEMM=old timeout 60 .dev/pipeline_stats flash >> $S 2>> $OUT/log.txt
+done
 for checks in - none; do
     knob SEQK_X_CHECKS $checks
     SEQK_X_GEMM=old timeout 120 .dev/pipeline_stats softmax attention rope gibbs copy >> $S 2>> $OUT/log.txt
@@ -61,12 +69,12 @@ for l in open(sys.argv[1]):
     r = json.loads(l)
     keep = {k: v for k, v in r.items() if any(w in k.lower() for w in ("regist", "spill", "local", "shared", "stack"))}
     if r["shader"].startswith("flash"):
-        print(r["shader"], r.get("gemm"), r.get("checks") or "-", r.get("subgroup"), keep)
+        print(r["shader"], r.get("gemm"), r.get("epi") or "-", r.get("checks") or "-", r.get("subgroup"), keep)
 PY
 
 # 2. At 1K (4 chunks, 2 KV parts each) the fold applies with fold 8; at 64K never.
-MAIN_SMALL="old,0,-,- old,8,-,- old,0,-,noloop old,8,-,noloop old,8,-,none prefetch,8,-,- prefetch,8,-,noloop"
-MAIN_LARGE="old,0,-,- old,0,-,noloop old,0,-,none prefetch,0,-,- prefetch,0,-,noloop"
+MAIN_SMALL="old,0,-,- old,8,-,- old,0,-,noloop old,8,-,noloop old,8,-,none old,8,-,-,const old,8,-,noloop,const prefetch,8,-,- prefetch,8,-,noloop"
+MAIN_LARGE="old,0,-,- old,0,-,noloop old,0,-,none old,0,-,-,const old,0,-,noloop,const prefetch,0,-,- prefetch,0,-,noloop"
 main_round() {
     for causal in 0 1; do
         probe 1024 $causal "$MAIN_SMALL"
@@ -77,7 +85,8 @@ main_round
 for n in 4096 2048; do for causal in 0 1; do probe $n $causal "$MAIN_SMALL"; done; done
 
 # 3.
-tests old -; tests old noloop; tests old none; tests prefetch -
+tests old - -; tests old noloop -; tests old none -; tests old - const; tests old noloop const
+tests prefetch - -
 
 # 4.
 for checks in - none; do
@@ -94,7 +103,7 @@ for causal in 0 1; do
     probe 4096 $causal "old,16,-,- bk32old,8,-,- dbuf,8,-,- bk32,8,-,-"
     probe 65536 $causal "bk32old,0,-,- dbuf,0,-,- bk32,0,-,-"
 done
-tests bk32old -; tests dbuf -; tests bk32 -
+tests bk32old - -; tests dbuf - -; tests bk32 - -
 
 # 6.
 main_round
@@ -103,8 +112,8 @@ import json, sys, collections
 rows = [json.loads(l) for l in open(sys.argv[1])]
 t = collections.defaultdict(list)
 for r in rows:
-    t[(r["n"], r["causal"], r["gemm"], r["fold"], r["kv"] or "-", r.get("checks") or "-")].append(r["us_per_call"])
-print("n causal gemm fold kv checks: us per call, each round")
+    t[(r["n"], r["causal"], r["gemm"], r["fold"], r["kv"] or "-", r.get("checks") or "-", r.get("epi") or "-")].append(r["us_per_call"])
+print("n causal gemm fold kv checks epi: us per call, each round")
 for k in sorted(t):
     print(*k, " ".join(f"{x:9.2f}" for x in t[k]))
 PY
