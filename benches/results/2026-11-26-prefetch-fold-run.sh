@@ -1,8 +1,8 @@
 #!/bin/bash
 # Device script for benches/results/2026-11-26-prefetch-fold-experiment.patch (run from the
 # repository root with .gl/ and .dev/ carried; .dev/ holds stripped builds of the patched tree:
-# flash_probe and pipeline_stats (the examples), flash_tests (target/release/deps/flash-*)
-# and seqk).
+# flash_probe, pipeline_stats and realloc_probe (the examples), flash_tests
+# (target/release/deps/flash-*) and seqk).
 # Knobs: SEQK_X_GEMM = old (as committed) | bk32old (old, depth 32 a step) | prefetch (reads
 # one step ahead; the patch's default; tried on 2026-11-25 together with other changes, 3-5%
 # slower, never alone) | dbuf (prefetch + two workgroup buffers, one barrier a step) | bk32
@@ -20,7 +20,8 @@
 # 3. the FLASH GPU tests with the fold forced on, for those variants;
 # 4. `seqk bench --quick` of every kernel with all checks and with none;
 # 5. the other variants (n = 64, KV split targets, bk32old, dbuf, bk32) and their tests;
-# 6. a second round of step 2 at 1K and 64K; a summary table.
+# 6. a second round of step 2 at 1K and 64K; a summary table;
+# 7. the re-made tensors probe (.dev/realloc_probe).
 for f in .gl/*.deb; do dpkg -x $f /; done >/dev/null 2>&1; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 mkdir -p target/release /work/main/target/release
@@ -116,4 +117,17 @@ for r in rows:
 print("n causal gemm fold kv checks epi: us per call, each round")
 for k in sorted(t):
     print(*k, " ".join(f"{x:9.2f}" for x in t[k]))
+PY
+# 7. Re-made tensors (b 64 x n 1K in one process, 10 rounds a mode): slower from the fourth
+# set on an H200 before; does waiting for the device between drop and make change that?
+for mode in inputs inputs-wait inputs-overlap plan; do
+    timeout 60 .dev/realloc_probe $mode 10 >> $OUT/realloc.jsonl 2>> $OUT/log.txt
+done
+python3 - $OUT/realloc.jsonl <<'PY'
+import json, sys, collections
+t = collections.defaultdict(list)
+for l in open(sys.argv[1]):
+    r = json.loads(l); t[r["mode"]].append(r["us_per_tok"])
+for m, v in t.items():
+    print("realloc", m, " ".join(f"{x:.4f}" for x in v))
 PY
