@@ -30,9 +30,13 @@ for f in .gl/*.deb; do dpkg -x $f /; done >/dev/null 2>&1; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 mkdir -p target/release /work/main/target/release
 cp .dev/seqk target/release/; cp .dev/seqk /work/main/target/release/
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > $OUT/gpu.txt
+# At most 8 files come back from $OUT: log.txt (GPU, choice, verify, every test output, errors),
+# probe.jsonl, pipeline-stats.jsonl, bench_flash.json, torch_flash.json, two quick benches and
+# realloc.jsonl. Test outputs are kept in $T for the choice, and appended to the log.
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > $OUT/log.txt
 P=$OUT/probe.jsonl
 S=$OUT/pipeline-stats.jsonl
+T=/tmp/seqk-tests; mkdir -p $T
 knob() { [ "$2" = "-" ] && unset $1 || export $1=$2; }
 # probe N CAUSAL "gemm,fold,kv,checks,epi ..." (kv, checks or epi "-" = the default)
 probe() {
@@ -48,9 +52,10 @@ probe() {
 # tests GEMM CHECKS EPI: the 14 FLASH GPU tests, the fold forced on wherever it can apply.
 tests() {
     knob SEQK_X_CHECKS $2; knob SEQK_X_EPI $3
-    SEQK_REQUIRE_GPU=1 SEQK_X_GEMM=$1 SEQK_X_FOLD=100000 timeout 90 .dev/flash_tests \
-        > $OUT/tests-$1-checks$2-epi$3.txt 2>&1
-    echo "tests gemm $1 checks $2 epi $3: $(grep 'test result' $OUT/tests-$1-checks$2-epi$3.txt)"
+    local f=$T/tests-$1-checks$2-epi$3.txt
+    SEQK_REQUIRE_GPU=1 SEQK_X_GEMM=$1 SEQK_X_FOLD=100000 timeout 90 .dev/flash_tests > $f 2>&1
+    echo "tests gemm $1 checks $2 epi $3: $(grep 'test result' $f)"
+    { echo "=== $f"; cat $f; } >> $OUT/log.txt
     unset SEQK_X_CHECKS SEQK_X_EPI
 }
 
@@ -74,7 +79,7 @@ for l in open(sys.argv[1]):
     r = json.loads(l)
     keep = {k: v for k, v in r.items() if any(w in k.lower() for w in ("regist", "spill", "local", "shared", "stack"))}
     if r["shader"].startswith("flash"):
-        print(r["shader"], r.get("gemm"), r.get("epi") or "-", r.get("checks") or "-", r.get("subgroup"), keep)
+        print(r["shader"].split("/")[-1], r.get("gemm"), r.get("epi") or "-", r.get("checks") or "-", keep)
 PY
 
 # 2. At 1K (4 chunks, 2 KV parts each) the fold applies with fold 8; at 64K never.
@@ -94,7 +99,7 @@ tests old - -; tests old noloop -; tests old none -; tests old - const; tests ol
 tests prefetch - -; tests prefetch noloop -
 
 # 4.
-CHOICE=$(python3 - $P $OUT <<'PY'
+CHOICE=$(python3 - $P $T <<'PY'
 import json, sys, collections, glob, re
 t = collections.defaultdict(list)
 for l in open(sys.argv[1]):
@@ -121,9 +126,10 @@ PY
 )
 set -- $CHOICE
 echo "landing candidate: gemm $1 fold $2 checks $3 epi $4"
-echo "$CHOICE" > $OUT/choice.txt
+echo "landing candidate: $CHOICE" >> $OUT/log.txt
 knob SEQK_X_CHECKS $3; knob SEQK_X_EPI $4; export SEQK_X_GEMM=$1 SEQK_X_FOLD=$2
-timeout 120 .dev/seqk verify > $OUT/verify.txt 2>&1; echo "verify rc $? $(tail -1 $OUT/verify.txt)"
+timeout 120 .dev/seqk verify > $T/verify.txt 2>&1; echo "verify rc $? $(tail -1 $T/verify.txt)"
+{ echo "=== seqk verify"; cat $T/verify.txt; } >> $OUT/log.txt
 timeout 240 .dev/seqk bench flash --json > $OUT/bench_flash.json 2>> $OUT/log.txt; echo "bench flash rc $?"
 unset SEQK_X_CHECKS SEQK_X_EPI SEQK_X_GEMM SEQK_X_FOLD
 timeout 200 python3 benches/peers/torch_peers.py --json flash > $OUT/torch_flash.json 2>> $OUT/log.txt
