@@ -11,12 +11,12 @@
 //                 when the call is small), and the chunk's valid-key count.
 //   flash_scan    one invocation per (batch, KV element or count): the exclusive prefix over
 //                 chunks in place, adding the parts (slot g = state + sum_{h<g} KV_h, slot
-//                 G = state + all), and, when decoding, the new state.
+//                 G = state + all), and, when decoding or in segments, the new state.
 //   flash_out     one workgroup per (batch, chunk, 64 x 64 block of the chunk's C x e output):
 //                 y = z ql KV_slot + P v (causal: key blocks up to the diagonal), gate, write.
 // Each score is computed once and read by every column block of the output. Masked and padded
-// keys contribute nothing: their v rows read as zero and their scores are never passed to the
-// activation. Positions of fused RoPE come from a host (cos, sin) table (the RoPE family's),
+// keys contribute nothing: their kl and v rows read as zero and their scores are never passed
+// to the activation. Positions of fused RoPE come from a host (cos, sin) table (the RoPE family's),
 // indexed by row; rows are rotated as the block products read them.
 
 // When the whole call would not fit storage bindings, the host runs it as segments (one batch
@@ -42,6 +42,10 @@ const FLAG_LAPLACE: u32 = 32u;
 const FLAG_UPDATE_STATE: u32 = 64u;
 const FLAG_TOTAL_FROM_STATE: u32 = 128u;
 const FLAG_NO_STATE: u32 = 256u;        // nothing before this call: KV slot 0 is zero
+// Causal `length` over several segments needs every key's count before any output: a first
+// sweep only counts into the state, the second takes the total count from it.
+const FLAG_COUNTS_ONLY: u32 = 512u;
+const FLAG_COUNT_FROM_STATE: u32 = 1024u;
 
 // How z is found: the constant lin_scale, 1 / (all valid keys), or 1 / (keys in the prefix).
 const NORM_CONSTANT: u32 = 0u;
@@ -129,7 +133,11 @@ fn qk(src: u32, t: u32, c: u32) -> f32 {
 fn gemm_a(src: u32, m: u32, k: u32) -> f32 {
     switch src {
         case SRC_QQ, SRC_QL: { return qk(src, cur_c0 + m, k); }
-        case SRC_KL: { return qk(src, cur_c0 + k, m); }
+        case SRC_KL: {
+            // A masked key's row is zero, like its v row: whatever it holds (inf, NaN) must
+            // not reach the sums as inf * 0.
+            return select(0.0, qk(src, cur_c0 + k, m), key_ok(cur_batch, cur_c0 + k));
+        }
         default: { return scores[cur_base + m * p.pstride + k]; }
     }
 }
@@ -219,7 +227,7 @@ fn scores_block(w: u32, lid: u32) {
     // diagonal (causal), or wholly before the first output row.
     if (blk.batch >= p.batch || blk.row0 >= len || blk.col0 >= len
         || (has(FLAG_CAUSAL) && blk.col0 > blk.row0 + GEMM_BLOCK - 1u)
-        || cur_c0 + blk.row0 + GEMM_BLOCK <= p.row_begin) {
+        || cur_c0 + blk.row0 + GEMM_BLOCK <= p.row_begin || has(FLAG_COUNTS_ONLY)) {
         return;
     }
     var acc = gemm_zero();
@@ -261,7 +269,7 @@ fn kv_block(w: u32, lid: u32) {
     // Causal outputs read only the sums before their chunk, so the last chunk's KV matters
     // only to a state that gains it.
     let unread = has(FLAG_CAUSAL) && !has(FLAG_UPDATE_STATE) && chunk + 1u == p.groups;
-    if (!unread) {
+    if (!unread && !has(FLAG_COUNTS_ONLY)) {
         let depth = min(len - k0, p.split_len);
         gemm_product(&acc, SRC_KL, SRC_V, blk.row0, p.s, blk.col0, p.e, depth, true, true, lid);
     }
@@ -310,9 +318,13 @@ fn flash_scan(
     } else {
         return;
     }
+    let is_count = idx >= elems;
+    if (has(FLAG_COUNTS_ONLY) && !is_count) {
+        return;
+    }
     var run = state[st];
-    if (has(FLAG_TOTAL_FROM_STATE)) {
-        // Non-causal over several segments: the state already holds every chunk's sum.
+    if (has(FLAG_TOTAL_FROM_STATE) || (has(FLAG_COUNT_FROM_STATE) && is_count)) {
+        // The state already holds every chunk's sum (non-causal segments) or count.
         kv[base + p.groups * stride] = run;
         return;
     }

@@ -199,6 +199,34 @@ fn wide_values_and_batches() {
 }
 
 #[test]
+fn largest_widths_and_chunks() {
+    let Some(ctx) = gpu() else { return };
+    // The limits of the issue: s = 256 with e = 4096; C = 512 with full chunks, a bias and a
+    // mask; and a chunk that is no multiple of the 64-row blocks.
+    let cases = [
+        (Data::new(1, 300, 256, 4096, 90), 256),
+        (
+            Data::new(1, 1100, 32, 48, 91)
+                .with_bias(512, 92)
+                .with_mask(93, 0.8),
+            512,
+        ),
+        (Data::new(2, 450, 40, 70, 94).with_mask(95, 0.8), 200),
+    ];
+    for (data, chunk) in &cases {
+        for causal in [false, true] {
+            let opts = FlashOptions {
+                chunk: *chunk,
+                causal,
+                lin_norm: LinNorm::Prefix,
+                ..Default::default()
+            };
+            check(ctx, data, &opts, "largest");
+        }
+    }
+}
+
+#[test]
 fn options_gate_bias_mask_norms_and_laplace() {
     let Some(ctx) = gpu() else { return };
     // C = 128 makes two chunks, each KV product split in two parts over its keys (a small
@@ -399,7 +427,13 @@ fn padding_changes_nothing_for_real_tokens() {
     let Some(ctx) = gpu() else { return };
     let (n, pad, s, e) = (90, 45, 32, 40);
     let real = Data::new(1, n, s, e, 61).with_gate(62).with_mask(63, 0.9);
-    let junk = Data::new(1, pad, s, e, 64).with_gate(65);
+    let mut junk = Data::new(1, pad, s, e, 64).with_gate(65);
+    // Masked keys may hold anything: non-finite keys and values must not reach the sums
+    // (0 * inf is NaN).
+    let bad = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    for x in [&mut junk.kq, &mut junk.kl, &mut junk.v] {
+        x.iter_mut().enumerate().for_each(|(i, x)| *x = bad[i % 3]);
+    }
     let cat = |a: &[f32], b: &[f32]| [a, b].concat();
     let padded = Data {
         dims: [1, n + pad, s, e],
@@ -814,10 +848,16 @@ fn seqk_run_flash_matches_cpu() {
         &random((b * n * e) as usize, 6, -1.0, 1.0),
     );
     save("bias.npy", &[c, c], &random((c * c) as usize, 7, -0.5, 0.5));
+    // A u8 key mask, as numpy writes one from a uint8 array (about one key in five masked).
+    let mask: Vec<u8> = random((b * n) as usize, 8, 0.0, 1.0)
+        .iter()
+        .map(|&x| u8::from(x < 0.8))
+        .collect();
+    save_npy(&dir.join("key_mask.npy"), &[b, n], &mask);
     let arg = |k: &str| format!("{k}={}", dir.join(format!("{k}.npy")).display());
     let run = |extra: &[&str], out: &str| {
         let o = dir.join(out).display().to_string();
-        let ins: Vec<String> = ["qq", "kq", "ql", "kl", "v", "gate", "bias"]
+        let ins: Vec<String> = ["qq", "kq", "ql", "kl", "v", "gate", "bias", "key_mask"]
             .iter()
             .map(|k| arg(k))
             .collect();
@@ -916,6 +956,8 @@ fn calls_too_big_for_one_binding_run_in_segments() {
         (false, LinNorm::Length, None),
         (false, LinNorm::Chunk, Some(FlashRope::default())),
         (true, LinNorm::Prefix, None),
+        // z = 1 / (valid keys of the whole sequence), which causal segments see only later.
+        (true, LinNorm::Length, None),
         (
             true,
             LinNorm::Chunk,

@@ -77,6 +77,8 @@ const FLAG_LAPLACE: u32 = 32;
 const FLAG_UPDATE_STATE: u32 = 64;
 const FLAG_TOTAL_FROM_STATE: u32 = 128;
 const FLAG_NO_STATE: u32 = 256;
+const FLAG_COUNTS_ONLY: u32 = 512;
+const FLAG_COUNT_FROM_STATE: u32 = 1024;
 /// Small calls split each chunk's KV product over its keys until the chunk pass has about
 /// this many KV workgroups. On an H200 at s 128, e 1536, C 256: 384 beat 512 by 2% at n = 1K
 /// and 6% at 2K (2% slower causal), and 512 beat 1024, 2048 and no split at n <= 4K.
@@ -498,6 +500,11 @@ enum Scan {
     PrefixIntoState,
     /// The total slot is the state, which already holds every chunk (non-causal segments).
     TotalFromState,
+    /// Only the state's valid-key count gains this call's chunks (no scores, no KV sums).
+    CountsIntoState,
+    /// As `PrefixIntoState`, but the total slot's count is the state's, which already holds
+    /// every chunk's (after `CountsIntoState` over all segments).
+    PrefixIntoStateCountFromState,
 }
 
 /// Rows one sequence of passes works on: the whole call, or, when a tensor or scratch buffer
@@ -763,11 +770,17 @@ impl Flash {
         } else {
             // Segments: each batch item's chunks in order, the state carrying the KV sum from
             // one segment to the next. Non-causal outputs need every chunk's sum first: one
-            // sweep sums, a second writes.
-            let sweeps: &[(Scan, bool)] = if self.opts.causal {
-                &[(Scan::PrefixIntoState, true)]
-            } else {
-                &[(Scan::PrefixIntoState, false), (Scan::TotalFromState, true)]
+            // sweep sums, a second writes. Causal `length` needs every chunk's count first:
+            // one sweep counts, a second writes.
+            let whole_count =
+                self.opts.lin_norm == LinNorm::Length && self.opts.lin_scale.is_none();
+            let sweeps: &[(Scan, bool)] = match (self.opts.causal, whole_count) {
+                (false, _) => &[(Scan::PrefixIntoState, false), (Scan::TotalFromState, true)],
+                (true, false) => &[(Scan::PrefixIntoState, true)],
+                (true, true) => &[
+                    (Scan::CountsIntoState, false),
+                    (Scan::PrefixIntoStateCountFromState, true),
+                ],
             };
             let scratch = segs
                 .iter()
@@ -881,8 +894,16 @@ fn passes(
         | flag(bound.key_mask.is_some(), FLAG_MASK)
         | flag(opts.rope.is_some(), FLAG_ROPE)
         | flag(opts.attn_fn == AttnFn::Laplace, FLAG_LAPLACE)
-        | flag(call.scan == Scan::PrefixIntoState, FLAG_UPDATE_STATE)
+        | flag(
+            call.scan != Scan::Prefix && call.scan != Scan::TotalFromState,
+            FLAG_UPDATE_STATE,
+        )
         | flag(call.scan == Scan::TotalFromState, FLAG_TOTAL_FROM_STATE)
+        | flag(call.scan == Scan::CountsIntoState, FLAG_COUNTS_ONLY)
+        | flag(
+            call.scan == Scan::PrefixIntoStateCountFromState,
+            FLAG_COUNT_FROM_STATE,
+        )
         | flag(call.state.is_none(), FLAG_NO_STATE);
     let tiles = pstride.div_ceil(GEMM_BLOCK);
     let stiles = s.div_ceil(GEMM_BLOCK);
