@@ -150,6 +150,52 @@ fn bad_input_exits_2_with_one_line() {
 }
 
 #[test]
+fn empty_set_value_is_the_default() {
+    // The option tables write options without a default as `key=`; given so, it is unset.
+    let d = dir("empty-set");
+    save(
+        &d.join("x.npy"),
+        &[3, 5],
+        &common::random(15, 21, -3.0, 3.0),
+        npyz::Order::C,
+    );
+    let x = format!("x={}", d.join("x.npy").display());
+    let (plain, empty) = (d.join("plain.npy"), d.join("empty.npy"));
+    for (out, sets) in [
+        (&plain, vec![]),
+        (&empty, vec!["--set", "temperature=", "--set", "log= "]),
+    ] {
+        let mut args = vec![
+            "run",
+            "softmax",
+            "--cpu",
+            "--in",
+            &x,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(sets);
+        let o = seqk(&args);
+        assert!(o.status.success(), "seqk {args:?} failed: {}", stderr(&o));
+    }
+    assert_eq!(load_f32(&plain), load_f32(&empty));
+    // An empty value is not a licence for typos: the key must still be known.
+    let o = seqk(&[
+        "run",
+        "softmax",
+        "--cpu",
+        "--in",
+        &x,
+        "--out",
+        empty.to_str().unwrap(),
+        "--set",
+        "tempreature=",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("unknown option"), "{}", stderr(&o));
+}
+
+#[test]
 fn verify_and_info_as_json() {
     let Some(_) = common::gpu() else { return };
     let o = seqk(&["verify", "--quick", "--json"]);

@@ -93,7 +93,7 @@ struct RunArgs {
     /// A secondary output, NAME=FILE.npy (e.g. lse=lse.npy).
     #[arg(long, value_name = "NAME=FILE")]
     out2: Vec<String>,
-    /// An option, KEY=VALUE (repeatable).
+    /// An option, KEY=VALUE (repeatable); an empty VALUE leaves the option at its default.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// Run the CPU reference instead of the GPU.
@@ -412,11 +412,13 @@ impl RunIo {
         Ok(self.set_opt(key)?.unwrap_or(default))
     }
 
-    /// An option's value, if set.
+    /// An option's value, if set. An empty value (`--set lin_scale=`, as the option tables
+    /// write an option without a default) is the same as leaving the option out.
     pub fn set_opt<T: FromStr>(&mut self, key: &str) -> Result<Option<T>, CliError> {
         self.used_sets.push(key.to_string());
         match self.sets.get(key) {
             None => Ok(None),
+            Some(v) if v.trim().is_empty() => Ok(None),
             Some(v) => v.trim().parse().map(Some).map_err(|_| {
                 usage(format!(
                     "--set {key}={v}: cannot parse {v:?} as {}",
