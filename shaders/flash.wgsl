@@ -16,8 +16,8 @@
 //                 y = z ql KV_slot + P v (causal: key blocks up to the diagonal), gate, write.
 // Each score is computed once and read by every column block of the output. Masked and padded
 // keys contribute nothing: their kl and v rows read as zero and their scores are never passed
-// to the activation. Positions of fused RoPE come from a host (cos, sin) table (the RoPE family's),
-// indexed by row; rows are rotated as the block products read them.
+// to the activation. Positions of fused RoPE come from a host (cos, sin) table (the RoPE
+// family's), indexed by row; rows are rotated as the block products read them.
 
 // When the whole call would not fit storage bindings, the host runs it as segments (one batch
 // item's run of chunks, rows renumbered from 0, n = the segment's rows) and binds each tensor

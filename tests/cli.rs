@@ -161,10 +161,7 @@ fn empty_set_value_is_the_default() {
     );
     let x = format!("x={}", d.join("x.npy").display());
     let (plain, empty) = (d.join("plain.npy"), d.join("empty.npy"));
-    for (out, sets) in [
-        (&plain, vec![]),
-        (&empty, vec!["--set", "temperature=", "--set", "log= "]),
-    ] {
+    let softmax = |out: &Path, sets: &[&str]| {
         let mut args = vec![
             "run",
             "softmax",
@@ -175,22 +172,18 @@ fn empty_set_value_is_the_default() {
             out.to_str().unwrap(),
         ];
         args.extend(sets);
-        let o = seqk(&args);
-        assert!(o.status.success(), "seqk {args:?} failed: {}", stderr(&o));
+        seqk(&args)
+    };
+    for (out, sets) in [
+        (&plain, &[][..]),
+        (&empty, &["--set", "temperature=", "--set", "log= "]),
+    ] {
+        let o = softmax(out, sets);
+        assert!(o.status.success(), "seqk {sets:?} failed: {}", stderr(&o));
     }
     assert_eq!(load_f32(&plain), load_f32(&empty));
     // An empty value is not a licence for typos: the key must still be known.
-    let o = seqk(&[
-        "run",
-        "softmax",
-        "--cpu",
-        "--in",
-        &x,
-        "--out",
-        empty.to_str().unwrap(),
-        "--set",
-        "tempreature=",
-    ]);
+    let o = softmax(&empty, &["--set", "tempreature="]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("unknown option"), "{}", stderr(&o));
 }

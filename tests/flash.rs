@@ -897,6 +897,16 @@ fn seqk_run_flash_matches_cpu() {
     assert!(l.status.success(), "{}", String::from_utf8_lossy(&l.stderr));
     let (_, lo) = load("ol.npy");
     assert!(row_error(&lo, &want, e as usize) > 1e-3);
+    // So does the mask (it is read, not dropped): keeping every key changes the answer.
+    save_npy(
+        &dir.join("key_mask.npy"),
+        &[b, n],
+        &vec![1u8; (b * n) as usize],
+    );
+    let k = run(&[], "ok.npy");
+    assert!(k.status.success(), "{}", String::from_utf8_lossy(&k.stderr));
+    let (_, ko) = load("ok.npy");
+    assert!(row_error(&ko, &want, e as usize) > 1e-3);
     // A bias that is not [C, C]: exit 2 and one line naming the problem.
     let bad = run(
         &[

@@ -895,7 +895,10 @@ fn passes(
         | flag(opts.rope.is_some(), FLAG_ROPE)
         | flag(opts.attn_fn == AttnFn::Laplace, FLAG_LAPLACE)
         | flag(
-            call.scan != Scan::Prefix && call.scan != Scan::TotalFromState,
+            matches!(
+                call.scan,
+                Scan::PrefixIntoState | Scan::CountsIntoState | Scan::PrefixIntoStateCountFromState
+            ),
             FLAG_UPDATE_STATE,
         )
         | flag(call.scan == Scan::TotalFromState, FLAG_TOTAL_FROM_STATE)
