@@ -21,14 +21,17 @@ struct Params {
 const FLAG_CAUSAL: u32 = 1u;
 const FLAG_MASK: u32 = 2u;
 const FLAG_LSE: u32 = 4u;
-const SENTINEL: f32 = -3.0e38;
+const FLAG_ADDITIVE: u32 = 8u;   // the mask holds f32 terms (bits), not bytes
+// The lowest finite f32: every finite score is at least this, so a row whose scores all lie
+// below -3e38 still finds its maximum (a higher sentinel would read it as fully masked).
+const SENTINEL: f32 = -3.4028234663852886e38;
 const NEG_INF_BITS: u32 = 0xff800000u;
 
 @group(0) @binding(0) var<storage, read> q: array<elem>;
 @group(0) @binding(1) var<storage, read> k: array<elem>;
 @group(0) @binding(2) var<storage, read> v: array<elem>;
 @group(0) @binding(3) var<storage, read_write> out: array<elem>;
-@group(0) @binding(4) var<storage, read> mask: array<u32>;          // bytes packed 4 per word
+@group(0) @binding(4) var<storage, read> mask: array<u32>;  // bytes packed 4 per word, or f32 bits
 @group(0) @binding(5) var<uniform> p: Params;
 @group(0) @binding(6) var<storage, read_write> lse: array<u32>;     // f32 bits, [b, hq, m]
 @group(0) @binding(7) var<storage, read_write> part_o: array<f32>;  // [bh, m, splits, dv]
@@ -53,7 +56,12 @@ fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
 }
 
-// Whether query i of (batch bi, head h) may attend key j.
+fn mask_index(bi: u32, h: u32, i: u32, j: u32) -> u32 {
+    return bi * p.mask_batch + h * p.mask_head + i * p.n + j;
+}
+
+// Whether query i of (batch bi, head h) may attend key j. An additive -inf is compared as
+// bits, so no infinity enters the arithmetic.
 fn visible(bi: u32, h: u32, i: u32, j: u32) -> bool {
     if (i >= p.m || j >= p.n) {
         return false;
@@ -63,12 +71,23 @@ fn visible(bi: u32, h: u32, i: u32, j: u32) -> bool {
         return false;
     }
     if (has(FLAG_MASK)) {
-        let e = bi * p.mask_batch + h * p.mask_head + i * p.n + j;
+        let e = mask_index(bi, h, i, j);
+        if (has(FLAG_ADDITIVE)) {
+            return mask[e] != NEG_INF_BITS;
+        }
         if (((mask[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu) == 0u) {
             return false;
         }
     }
     return true;
+}
+
+// The additive mask's term of a visible (query, key) pair; 0 without one.
+fn mask_term(bi: u32, h: u32, i: u32, j: u32) -> f32 {
+    if (has(FLAG_ADDITIVE)) {
+        return bitcast<f32>(mask[mask_index(bi, h, i, j)]);
+    }
+    return 0.0;
 }
 
 fn score(dot: f32) -> f32 {
@@ -86,6 +105,18 @@ fn write_lse(row: u32, m_run: f32, l_run: f32) {
     } else {
         lse[row] = NEG_INF_BITS;
     }
+}
+
+// (P V)[r, col] over the keys row r may see. A hidden key's p = 0 is not enough: 0 times a
+// non-finite value (junk in a masked slot of a KV cache) is NaN.
+fn pv_visible(r: u32, col: u32) -> f32 {
+    var s = 0.0;
+    for (var j = 0u; j < T; j++) {
+        if (tile_f[r * T + j] != 0u) {
+            s = fma(tile_p[r * T + j], tile_v[j * DV + col], s);
+        }
+    }
+    return s;
 }
 
 @compute @workgroup_size(WG)
@@ -141,18 +172,22 @@ fn attention(
             var s = 0.0;
             var ok = 0u;
             if (visible(bi, h, q0 + rr, j0 + cc)) {
-                s = score(tile_dot_ab(rr, cc, p.d));
+                s = score(tile_dot_ab(rr, cc, p.d)) + mask_term(bi, h, q0 + rr, j0 + cc);
                 ok = 1u;
             }
             tile_s[e] = s;
             tile_f[e] = ok;
         }
         workgroupBarrier();
-        // Row max over the valid scores (each invocation of the row, redundantly).
+        // Row max over the valid scores (each invocation of the row, redundantly), and
+        // whether the row sees every real key of the tile.
         var m_new = m_run;
+        var sees_all = true;
         for (var c = 0u; c < T; c++) {
             if (tile_f[r * T + c] != 0u) {
                 m_new = max(m_new, tile_s[r * T + c]);
+            } else if (j0 + c < p.n) {
+                sees_all = false;
             }
         }
         for (var c = cg; c < T; c += C) {
@@ -174,7 +209,13 @@ fn attention(
         l_run = alpha * l_run + rowsum;
         m_run = m_new;
         for (var c = 0u; c < ACC; c++) {
-            acc[c] = fma(alpha, acc[c], tile_pv(r, cg + c * C));
+            var pv: f32;
+            if (sees_all) {
+                pv = tile_pv(r, cg + c * C);
+            } else {
+                pv = pv_visible(r, cg + c * C);
+            }
+            acc[c] = fma(alpha, acc[c], pv);
         }
     }
 

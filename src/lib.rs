@@ -30,7 +30,7 @@ pub mod tensor;
 pub use context::{Context, ContextOptions};
 pub use dispatch::Plan;
 pub use error::{Error, Result};
-pub use kernels::attention::{Attention, AttentionOptions, Layout};
+pub use kernels::attention::{Attention, AttentionOptions, AttnMask, HostMask, Layout};
 pub use kernels::flash::{
     AttnFn, Flash, FlashBlock, FlashDecoder, FlashGpuBlock, FlashInputs, FlashOptions, FlashRope,
     LinNorm,

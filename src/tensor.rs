@@ -111,9 +111,34 @@ impl<T: Element> std::fmt::Debug for GpuTensor<T> {
     }
 }
 
-/// Number of elements of a shape.
+/// Number of elements of a shape (of a tensor, whose product is known to fit).
 pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
+}
+
+/// Number of elements of a shape, or `None` when the product overflows `usize`.
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x))
+}
+
+/// Elements of a tensor shape of `dtype`: every axis at least 1, and the element and byte
+/// counts representable (a wrapped product would make a tensor smaller than its shape).
+fn tensor_len(shape: &[usize], dtype: DType) -> Result<usize> {
+    if shape.is_empty() || shape.contains(&0) {
+        return Err(Error::shape(format!(
+            "tensor shape {shape:?} is empty; every dimension must be at least 1"
+        )));
+    }
+    checked_numel(shape)
+        .filter(|n| {
+            n.checked_mul(dtype.size())
+                .is_some_and(|b| b <= isize::MAX as usize)
+        })
+        .ok_or_else(|| {
+            Error::shape(format!(
+                "tensor shape {shape:?} has more elements than memory can address"
+            ))
+        })
 }
 
 /// Bytes of a buffer holding `n` elements of `dtype`, padded to a whole word (at least one).
@@ -129,10 +154,10 @@ impl Context {
         shape: impl Into<Vec<usize>>,
     ) -> Result<GpuTensor<T>> {
         let shape = shape.into();
-        if numel(&shape) != data.len() {
+        let len = tensor_len(&shape, T::DTYPE)?;
+        if len != data.len() {
             return Err(Error::shape(format!(
-                "upload: shape {shape:?} holds {} elements but {} were given",
-                numel(&shape),
+                "upload: shape {shape:?} holds {len} elements but {} were given",
                 data.len()
             )));
         }
@@ -154,12 +179,8 @@ impl Context {
     /// A zero-filled tensor of `shape`.
     pub fn zeros<T: Element>(&self, shape: impl Into<Vec<usize>>) -> Result<GpuTensor<T>> {
         let shape = shape.into();
-        if shape.is_empty() || numel(&shape) == 0 {
-            return Err(Error::shape(format!(
-                "tensor shape {shape:?} is empty; every dimension must be at least 1"
-            )));
-        }
-        let buffer = self.storage_buffer(padded_bytes(numel(&shape), T::DTYPE), "a tensor")?;
+        let len = tensor_len(&shape, T::DTYPE)?;
+        let buffer = self.storage_buffer(padded_bytes(len, T::DTYPE), "a tensor")?;
         Ok(GpuTensor {
             ctx: self.clone(),
             buffer: Arc::new(buffer),
@@ -177,10 +198,7 @@ impl<T: Element> GpuTensor<T> {
         shape: impl Into<Vec<usize>>,
     ) -> Result<Self> {
         let shape = shape.into();
-        if shape.is_empty() || numel(&shape) == 0 {
-            return Err(Error::shape(format!("tensor shape {shape:?} is empty")));
-        }
-        let need = (numel(&shape) * T::DTYPE.size()) as u64;
+        let need = (tensor_len(&shape, T::DTYPE)? * T::DTYPE.size()) as u64;
         if buffer.size() < need {
             return Err(Error::shape(format!(
                 "buffer of {} bytes is too small for {shape:?} {} ({need} bytes)",
@@ -226,7 +244,7 @@ impl<T: Element> GpuTensor<T> {
     /// The same buffer viewed with another shape of the same number of elements.
     pub fn reshape(&self, shape: impl Into<Vec<usize>>) -> Result<Self> {
         let shape = shape.into();
-        if numel(&shape) != self.len() {
+        if tensor_len(&shape, T::DTYPE)? != self.len() {
             return Err(Error::shape(format!(
                 "cannot reshape {:?} ({} elements) to {shape:?}",
                 self.shape,

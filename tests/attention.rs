@@ -3,11 +3,11 @@
 
 mod common;
 
-use common::{gpu, random, random_mask};
+use common::{gpu, random, random_mask, small_bindings};
 use half::f16;
 use seq_kernels::kernels::attention::attention_shape;
 use seq_kernels::reference::{attention as reference, row_error};
-use seq_kernels::{AttentionOptions, Context, Error, Layout};
+use seq_kernels::{AttentionOptions, AttnMask, Context, Error, HostMask, Layout};
 
 /// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage (f32
 /// accumulation over up to a few hundred keys with an online rescale), 2e-3 for f16 storage
@@ -27,6 +27,8 @@ struct Case {
     opts: AttentionOptions,
     /// Mask shape and probability of keep.
     mask: Option<(Vec<usize>, f32)>,
+    /// The mask as additive terms: -inf where hidden, a random term in [-2, 2) where kept.
+    additive: bool,
     half: bool,
     seed: u64,
 }
@@ -43,6 +45,7 @@ impl Case {
             dv: d,
             opts: AttentionOptions::default(),
             mask: None,
+            additive: false,
             half: false,
             seed: (b * 7 + hq * 11 + m * 13 + n * 17 + d * 19) as u64,
         }
@@ -60,11 +63,14 @@ impl Case {
     }
 }
 
+#[derive(Clone)]
 struct Data {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     mask: Option<Vec<bool>>,
+    /// The additive form of `mask`, for additive cases.
+    terms: Option<Vec<f32>>,
 }
 
 fn data(c: &Case) -> Data {
@@ -78,37 +84,67 @@ fn data(c: &Case) -> Data {
             *x = f16::from_f32(*x).to_f32();
         }
     }
-    let mask = c
-        .mask
-        .as_ref()
-        .map(|(s, p)| random_mask(n(s), c.seed + 3, *p));
-    Data { q, k, v, mask }
+    let mask = c.mask.as_ref().map(|(s, p)| {
+        let mut keep = random_mask(n(s), c.seed + 3, *p);
+        // Mask rows 1 and the last hide every key: empty rows beside full ones in a tile.
+        let rows = keep.len() / c.n;
+        for r in [1.min(rows - 1), rows - 1] {
+            keep[r * c.n..(r + 1) * c.n].fill(false);
+        }
+        keep
+    });
+    let terms = mask.as_ref().filter(|_| c.additive).map(|keep| {
+        let u = random(keep.len(), c.seed + 4, -2.0, 2.0);
+        keep.iter()
+            .zip(u)
+            .map(|(&k, u)| if k { u } else { f32::NEG_INFINITY })
+            .collect()
+    });
+    Data {
+        q,
+        k,
+        v,
+        mask,
+        terms,
+    }
+}
+
+impl Data {
+    fn host_mask(&self) -> Option<HostMask<'_>> {
+        match (&self.terms, &self.mask) {
+            (Some(t), _) => Some(HostMask::Add(t)),
+            (None, Some(m)) => Some(HostMask::Keep(m)),
+            (None, None) => None,
+        }
+    }
 }
 
 /// GPU output and lse.
 fn run_gpu(ctx: &Context, c: &Case, x: &Data) -> (Vec<f32>, Vec<f32>) {
     let [qs, ks, vs] = c.shapes();
-    let mask = x.mask.as_ref().map(|m| {
-        ctx.upload_mask(m, c.mask.as_ref().unwrap().0.clone())
-            .unwrap()
-    });
+    let mshape = || c.mask.as_ref().unwrap().0.clone();
+    let (keep, add) = match x.host_mask() {
+        None => (None, None),
+        Some(HostMask::Keep(m)) => (Some(ctx.upload_mask(m, mshape()).unwrap()), None),
+        Some(HostMask::Add(t)) => (None, Some(ctx.upload(t, mshape()).unwrap())),
+    };
+    let mask = keep
+        .as_ref()
+        .map(AttnMask::from)
+        .or(add.as_ref().map(AttnMask::from));
     if c.half {
         let h = |v: &[f32]| v.iter().map(|&a| f16::from_f32(a)).collect::<Vec<_>>();
         let q = ctx.upload(&h(&x.q), qs).unwrap();
         let k = ctx.upload(&h(&x.k), ks).unwrap();
         let v = ctx.upload(&h(&x.v), vs).unwrap();
-        let (o, l) = ctx
-            .attention_lse(&q, &k, &v, mask.as_ref(), &c.opts)
-            .unwrap();
+        let (o, l) = ctx.attention_lse(&q, &k, &v, mask, &c.opts).unwrap();
         let o = o.download().unwrap().iter().map(|a| a.to_f32()).collect();
         (o, l.download().unwrap())
     } else {
         let q = ctx.upload(&x.q, qs).unwrap();
         let k = ctx.upload(&x.k, ks).unwrap();
         let v = ctx.upload(&x.v, vs).unwrap();
-        let (o, l) = ctx
-            .attention_lse(&q, &k, &v, mask.as_ref(), &c.opts)
-            .unwrap();
+        let (o, l) = ctx.attention_lse(&q, &k, &v, mask, &c.opts).unwrap();
         (o.download().unwrap(), l.download().unwrap())
     }
 }
@@ -119,8 +155,7 @@ fn run_ref(c: &Case, x: &Data) -> reference::AttentionOutput {
         (&x.q, &qs),
         (&x.k, &ks),
         (&x.v, &vs),
-        x.mask
-            .as_deref()
+        x.host_mask()
             .map(|m| (m, c.mask.as_ref().unwrap().0.as_slice())),
         &c.opts,
     )
@@ -129,9 +164,12 @@ fn run_ref(c: &Case, x: &Data) -> reference::AttentionOutput {
 
 /// Runs a case on the GPU and the reference and checks output and lse.
 fn check(ctx: &Context, c: &Case) {
-    let x = data(c);
-    let (o, l) = run_gpu(ctx, c, &x);
-    let want = run_ref(c, &x);
+    check_data(ctx, c, &data(c));
+}
+
+fn check_data(ctx: &Context, c: &Case, x: &Data) {
+    let (o, l) = run_gpu(ctx, c, x);
+    let want = run_ref(c, x);
     let tol = if c.half { TOL_F16 } else { TOL_F32 };
     let err = row_error(&o, &want.out, c.dv);
     assert!(err <= tol, "{c:?}: output error {err:e} > {tol:e}");
@@ -218,7 +256,7 @@ fn masks_with_empty_rows_scale_and_softcap() {
         vec![b, hq, m, n],
         vec![1, hq, m, n],
     ] {
-        // Keep-probability 0.15 over 40 keys: some rows are fully masked.
+        // Keep-probability 0.15 over 40 keys, and two mask rows fully masked (see `data`).
         let mut c = Case::new(b, hq, 2, m, n, 64);
         c.mask = Some((shape.clone(), 0.15));
         check(ctx, &c);
@@ -236,6 +274,163 @@ fn masks_with_empty_rows_scale_and_softcap() {
         "fully masked rows must be zero"
     );
     assert!(l.iter().all(|&v| v == f32::NEG_INFINITY));
+}
+
+#[test]
+fn additive_masks_match_reference_and_equal_boolean_ones() {
+    let Some(ctx) = gpu() else { return };
+    let (b, hq, m, n) = (2, 4, 17, 40);
+    for shape in [vec![m, n], vec![b, hq, m, n], vec![1, hq, m, n]] {
+        let mut c = Case::new(b, hq, 2, m, n, 64);
+        c.mask = Some((shape, 0.6));
+        c.additive = true;
+        check(ctx, &c);
+        // The terms come after the cap (the reference adds them there).
+        c.opts.causal = true;
+        c.opts.softcap = 0.5;
+        check(ctx, &c);
+        c.half = true;
+        check(ctx, &c);
+    }
+    // Terms of 0 and -inf are the boolean mask, to the bit.
+    let mut c = Case::new(1, 2, 1, 33, 70, 32);
+    c.mask = Some((vec![33, 70], 0.5));
+    let x = data(&c);
+    let (o_keep, l_keep) = run_gpu(ctx, &c, &x);
+    let zero_or_hidden = x
+        .mask
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|&k| if k { 0.0 } else { f32::NEG_INFINITY })
+        .collect();
+    let x = Data {
+        terms: Some(zero_or_hidden),
+        ..x
+    };
+    let (o_add, l_add) = run_gpu(ctx, &c, &x);
+    assert_eq!(o_keep, o_add);
+    assert_eq!(l_keep, l_add);
+}
+
+/// Junk (NaN, +-inf) in the values of keys a row may not see never reaches that row, as in
+/// the masked slots of a preallocated KV cache (spec 3: perturbing v[j] leaves the rows that
+/// cannot see j; fully masked rows are zeros). A hidden key's p = 0 alone would give NaN.
+#[test]
+fn junk_values_of_hidden_keys_never_reach_outputs() {
+    let Some(ctx) = gpu() else { return };
+    // (case, hidden key j, queries that cannot see j, their mask rows to clear key j in)
+    let mut cases = Vec::new();
+    // Boolean and additive masks: key 3 hidden from every query; query 0 sees nothing.
+    for additive in [false, true] {
+        let mut c = Case::new(1, 1, 1, 4, 8, 8);
+        c.mask = Some((vec![4, 8], 1.0));
+        c.additive = additive;
+        cases.push((c, 3, vec![0, 1, 2, 3]));
+    }
+    // Causal: key 25 of 30 is seen by queries 15.. of 20.
+    let mut c = Case::new(1, 1, 1, 20, 30, 8);
+    c.opts.causal = true;
+    cases.push((c, 25, (0..15).collect()));
+    // Decode with split keys (m <= 4, n >= 1024): key 700 hidden from query 1 only.
+    let mut c = Case::new(1, 2, 1, 3, 1100, 16);
+    c.mask = Some((vec![3, 1100], 1.0));
+    cases.push((c, 700, vec![1]));
+    for (c, j, blind) in cases {
+        let mut x = data(&c);
+        if let Some(keep) = x.mask.as_mut() {
+            keep.fill(true);
+            for &i in &blind {
+                keep[i * c.n + j] = false;
+            }
+            if c.m == 4 {
+                keep[..c.n].fill(false); // query 0 sees nothing
+            }
+        }
+        if c.additive {
+            x.terms = x.mask.as_ref().map(|keep| {
+                keep.iter()
+                    .map(|&k| if k { 0.5 } else { f32::NEG_INFINITY })
+                    .collect()
+            });
+        }
+        let (clean, _) = run_gpu(ctx, &c, &x);
+        for junk in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut y = x.clone();
+            // Heads share the kv head (hkv = 1): key j of it.
+            y.v[j * c.dv..(j + 1) * c.dv].fill(junk);
+            let (got, _) = run_gpu(ctx, &c, &y);
+            for h in 0..c.hq {
+                for &i in &blind {
+                    let row = (h * c.m + i) * c.dv..(h * c.m + i + 1) * c.dv;
+                    let (a, b) = (&clean[row.clone()], &got[row]);
+                    assert!(
+                        a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{c:?}: v[{j}] = {junk} changed row {i} of head {h}: {b:?} (was {a:?})"
+                    );
+                }
+            }
+            if c.m == 4 {
+                assert!(got[..c.dv].iter().all(|&a| a == 0.0), "fully masked row");
+            }
+        }
+    }
+}
+
+/// Finite scores far below -3e38 are scores, not a mask: all equal, the row is the mean of v.
+#[test]
+fn scores_near_the_lowest_f32_still_count() {
+    let Some(ctx) = gpu() else { return };
+    let mut c = Case::new(1, 1, 1, 1, 4, 8);
+    c.opts.scale = Some(4e37); // each score -8 * 4e37 = -3.2e38, finite in f32
+    let mut x = data(&c);
+    x.q.fill(1.0);
+    x.k.fill(-1.0);
+    check_data(ctx, &c, &x);
+}
+
+/// Masks and lse outputs past the device's storage binding limit are `LimitExceeded`, named,
+/// before anything is recorded.
+#[test]
+fn masks_larger_than_a_binding_are_limit_errors() {
+    let Some(_) = gpu() else { return };
+    let small = small_bindings(64 << 10);
+    let (m, d) = (300, 8);
+    let q = small.zeros::<f32>([1, 1, m, d]).unwrap(); // 9.6 KB
+    let keep = small.upload_mask(&vec![true; m * m], [m, m]).unwrap(); // 90 KB
+    let add = small.zeros::<f32>([m / 2, m / 2]).unwrap(); // 90 KB
+    let (q2, add_ok) = (
+        small.zeros::<f32>([1, 1, m / 2, d]).unwrap(),
+        small.zeros::<f32>([m / 4, m / 4]).unwrap(),
+    );
+    let o = AttentionOptions::default();
+    let limit = |r: Result<_, Error>| {
+        matches!(
+            r,
+            Err(Error::LimitExceeded {
+                limit: "max_storage_buffer_binding_size",
+                ..
+            })
+        )
+    };
+    assert!(limit(small.attention(
+        &q,
+        &q,
+        &q,
+        Some(AttnMask::Keep(&keep)),
+        &o
+    )));
+    assert!(limit(small.attention(
+        &q2,
+        &q2,
+        &q2,
+        Some(AttnMask::Add(&add)),
+        &o
+    )));
+    let q4 = small.zeros::<f32>([1, 1, m / 4, d]).unwrap();
+    assert!(small
+        .attention(&q4, &q4, &q4, Some(AttnMask::Add(&add_ok)), &o)
+        .is_ok());
 }
 
 #[test]
@@ -258,6 +453,10 @@ fn decode_splits_keys_and_merges() {
         c.opts.causal = causal;
         check(ctx, &c);
     }
+    // A split larger than the keys (usize::MAX: never split) is one split.
+    let mut c = Case::new(1, 4, 2, 2, 1100, 64);
+    c.opts.key_split = Some(usize::MAX);
+    check(ctx, &c);
     let mut c = Case::new(1, 2, 1, 2, 1030, 128);
     c.mask = Some((vec![2, 1030], 0.01));
     c.half = true;
@@ -347,6 +546,7 @@ fn gqa_equals_repeated_kv_heads() {
         k: rep(&x.k),
         v: rep(&x.v),
         mask: None,
+        terms: None,
     };
     let (o2, _) = run_gpu(ctx, &c2, &x2);
     assert_eq!(o, o2, "GQA must equal attention over repeated kv heads");
@@ -523,6 +723,25 @@ fn seqk_run_attention_matches_cpu() {
     for (a, b) in lg.iter().zip(&lc) {
         assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "lse {a} vs {b}");
     }
+    // A float mask is additive: GPU against CPU, and the terms change the answer.
+    let terms: Vec<f32> = random(45, 4, -3.0, 3.0)
+        .into_iter()
+        .map(|t| if t < -2.0 { f32::NEG_INFINITY } else { t })
+        .collect();
+    save("mask.npy", &[5, 9], &terms);
+    let m = arg("mask");
+    let g = run(&["--in", &m], "omg.npy", "lmg.npy");
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let c = run(&["--in", &m, "--cpu"], "omc.npy", "lmc.npy");
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    let (_, gm) = load("omg.npy");
+    let (_, cm) = load("omc.npy");
+    let want: Vec<f64> = cm.iter().map(|&x| x as f64).collect();
+    assert!(row_error(&gm, &want, 8) <= TOL_F32);
+    assert!(
+        row_error(&go, &want, 8) > 1e-2,
+        "the additive mask must change the output"
+    );
     // v with another length than k: exit 2 and one line naming the problem.
     save("v.npy", &[1, 2, 8, 8], &random(128, 3, -1.0, 1.0));
     let bad = run(&["--cpu"], "ob.npy", "lb.npy");

@@ -5,7 +5,7 @@ mod common;
 
 use common::gpu;
 use seq_kernels::reference::copy as reference;
-use seq_kernels::Error;
+use seq_kernels::{Error, GpuTensor};
 
 #[test]
 fn copies_exactly() {
@@ -53,4 +53,27 @@ fn tensor_write_replaces_contents() {
     assert_eq!(t.download().unwrap(), vec![9, 8, 7, 6, 5]);
     assert!(matches!(t.write(&[1, 2, 3]), Err(Error::Shape(_))));
     assert_eq!(t.download().unwrap(), vec![9, 8, 7, 6, 5]);
+}
+
+/// Shapes whose element count overflows are errors at every way a tensor is made: a wrapped
+/// product would give a tensor smaller than its shape, which kernels would then index past.
+#[test]
+fn tensor_shapes_that_overflow_are_errors() {
+    let Some(ctx) = gpu() else { return };
+    let wraps = [1, 1, (1usize << 56) + 1, 256]; // 2^64 + 256 elements: wraps to 256
+    let shape_err = |r: Result<GpuTensor<f32>, Error>| matches!(r, Err(Error::Shape(_)));
+    assert!(shape_err(ctx.upload(&[0.0f32; 256], wraps)));
+    assert!(shape_err(ctx.zeros::<f32>(wraps)));
+    assert!(shape_err(ctx.zeros::<f32>([usize::MAX / 2, 3])));
+    let t = ctx.zeros::<f32>([256]).unwrap();
+    assert!(shape_err(t.reshape(wraps)));
+    assert!(shape_err(t.reshape([0, 256])));
+    assert_eq!(t.reshape([4, 64]).unwrap().shape(), &[4, 64]);
+    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 1024,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    assert!(shape_err(GpuTensor::<f32>::from_buffer(ctx, buffer, wraps)));
 }

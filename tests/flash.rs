@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{gpu, random, random_mask};
+use common::{gpu, random, random_mask, small_bindings};
 use half::f16;
 use seq_kernels::kernels::flash::flash_shape;
 use seq_kernels::reference::flash::{flash as reference, gau, FlashHost};
@@ -924,31 +924,6 @@ fn seqk_run_flash_matches_cpu() {
     assert_eq!(msg.lines().count(), 1, "{msg}");
     assert!(msg.contains("bias"), "{msg}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A second device on the test adapter whose storage bindings hold at most `bytes`, so that
-/// FLASH has to run calls as segments.
-fn small_bindings(bytes: u64) -> Context {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
-        &instance, None,
-    ))
-    .expect("the adapter of the GPU tests");
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_limits: wgpu::Limits {
-            max_storage_buffer_binding_size: bytes,
-            ..adapter.limits()
-        },
-        ..Default::default()
-    }))
-    .expect("a device with smaller storage bindings");
-    assert_eq!(
-        device.limits().max_storage_buffer_binding_size,
-        bytes,
-        "the device must keep the smaller binding limit, or nothing here is split"
-    );
-    Context::from_device(device, queue)
 }
 
 #[test]

@@ -4,7 +4,7 @@ use half::f16;
 
 use super::report::{iterations, Baseline, BenchRow, Check, SAMPLES, WARMUP};
 use super::{Array, CliError, Data, RunIo};
-use crate::kernels::attention::{attention_shape, matmul_plan};
+use crate::kernels::attention::{attention_shape, matmul_plan, AttnMask, HostMask};
 use crate::profile::time_passes;
 use crate::reference::{attention as reference, random_values, row_error};
 use crate::{Attention, AttentionOptions, Context, Element, Error, GpuTensor};
@@ -13,12 +13,35 @@ use crate::{Attention, AttentionOptions, Context, Element, Error, GpuTensor};
 const TOL_F32: f64 = 1e-4;
 const TOL_F16: f64 = 2e-3;
 
+/// Which mask a verify case draws.
+#[derive(Clone, Copy, PartialEq)]
+enum Masking {
+    Off,
+    Keep,
+    Add,
+}
+
 struct Case {
     /// b, hq, hkv, m, n, d, dv
     dims: [usize; 7],
     opts: AttentionOptions,
-    masked: bool,
+    mask: Masking,
     half: bool,
+}
+
+/// A mask's values on the host, owned.
+enum Mask {
+    Keep(Vec<bool>),
+    Add(Vec<f32>),
+}
+
+impl Mask {
+    fn host(&self) -> HostMask<'_> {
+        match self {
+            Mask::Keep(v) => HostMask::Keep(v),
+            Mask::Add(v) => HostMask::Add(v),
+        }
+    }
 }
 
 pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
@@ -31,13 +54,13 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
         Case {
             dims: [1, 2, 2, 17, 33, 64, 64],
             opts: d.clone(),
-            masked: false,
+            mask: Masking::Off,
             half: false,
         },
         Case {
             dims: [2, 8, 2, 9, 40, 40, 40],
             opts: causal.clone(),
-            masked: true,
+            mask: Masking::Keep,
             half: false,
         },
         Case {
@@ -47,19 +70,19 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
                 scale: Some(0.3),
                 ..causal.clone()
             },
-            masked: false,
+            mask: Masking::Add,
             half: false,
         },
         Case {
             dims: [1, 4, 2, 2, 1100, 64, 64],
             opts: d.clone(),
-            masked: false,
+            mask: Masking::Off,
             half: false,
         },
         Case {
             dims: [1, 2, 1, 20, 31, 256, 256],
             opts: causal.clone(),
-            masked: false,
+            mask: Masking::Off,
             half: true,
         },
     ];
@@ -68,13 +91,13 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
             Case {
                 dims: [2, 4, 4, 257, 257, 64, 64],
                 opts: causal.clone(),
-                masked: false,
+                mask: Masking::Off,
                 half: false,
             },
             Case {
                 dims: [1, 8, 2, 1, 4097, 128, 128],
                 opts: causal.clone(),
-                masked: true,
+                mask: Masking::Keep,
                 half: true,
             },
         ]);
@@ -94,25 +117,36 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
                 *x = f16::from_f32(*x).to_f32();
             }
         }
-        let mask: Option<Vec<bool>> = c.masked.then(|| {
-            random_values(m * n, seed + 9, 0.0, 1.0)
-                .iter()
-                .map(|&u| u < 0.7)
-                .collect()
-        });
+        let u = random_values(m * n, seed + 9, 0.0, 1.0);
+        let mask = match c.mask {
+            Masking::Off => None,
+            Masking::Keep => Some(Mask::Keep(u.iter().map(|&u| u < 0.7).collect())),
+            // Terms of either sign, and -inf hiding about a third of the keys.
+            Masking::Add => Some(Mask::Add(
+                u.iter()
+                    .map(|&u| {
+                        if u < 0.3 {
+                            f32::NEG_INFINITY
+                        } else {
+                            4.0 * u - 2.0
+                        }
+                    })
+                    .collect(),
+            )),
+        };
         let mshape = [m, n];
         let want = reference::attention(
             (&vals[0], &shapes[0]),
             (&vals[1], &shapes[1]),
             (&vals[2], &shapes[2]),
-            mask.as_deref().map(|mk| (mk, &mshape[..])),
+            mask.as_ref().map(|mk| (mk.host(), &mshape[..])),
             &c.opts,
         )?;
         let (got, _) = run_gpu(
             ctx,
             [&vals[0], &vals[1], &vals[2]],
             &shapes,
-            mask.as_deref().map(|mk| (mk, &mshape[..])),
+            mask.as_ref().map(|mk| (mk.host(), &mshape[..])),
             c.half,
             &c.opts,
             false,
@@ -124,8 +158,10 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
         if c.opts.softcap > 0.0 {
             case.push_str(&format!(" softcap={}", c.opts.softcap));
         }
-        if c.masked {
-            case.push_str(" mask");
+        match c.mask {
+            Masking::Off => {}
+            Masking::Keep => case.push_str(" mask"),
+            Masking::Add => case.push_str(" additive mask"),
         }
         if c.half {
             case.push_str(" f16");
@@ -146,27 +182,33 @@ fn run_gpu(
     ctx: &Context,
     vals: [&[f32]; 3],
     shapes: &[Vec<usize>; 3],
-    mask: Option<(&[bool], &[usize])>,
+    mask: Option<(HostMask<'_>, &[usize])>,
     half: bool,
     opts: &AttentionOptions,
     want_lse: bool,
 ) -> Result<Out, Error> {
-    let mask = mask
-        .map(|(m, s)| ctx.upload_mask(m, s.to_vec()))
-        .transpose()?;
+    let (keep, add) = match mask {
+        None => (None, None),
+        Some((HostMask::Keep(m), s)) => (Some(ctx.upload_mask(m, s.to_vec())?), None),
+        Some((HostMask::Add(m), s)) => (None, Some(ctx.upload(m, s.to_vec())?)),
+    };
+    let mask: Option<AttnMask> = keep
+        .as_ref()
+        .map(AttnMask::from)
+        .or(add.as_ref().map(AttnMask::from));
     if half {
         let up = |i: usize| -> Result<GpuTensor<f16>, Error> {
             let h: Vec<f16> = vals[i].iter().map(|&v| f16::from_f32(v)).collect();
             ctx.upload(&h, shapes[i].clone())
         };
         let (q, k, v) = (up(0)?, up(1)?, up(2)?);
-        let (o, l) = ctx.attention_lse(&q, &k, &v, mask.as_ref(), opts)?;
+        let (o, l) = ctx.attention_lse(&q, &k, &v, mask, opts)?;
         let o = o.download()?.iter().map(|x| x.to_f32()).collect();
         Ok((o, want_lse.then(|| l.download()).transpose()?))
     } else {
         let up = |i: usize| ctx.upload(vals[i], shapes[i].clone());
         let (q, k, v) = (up(0)?, up(1)?, up(2)?);
-        let (o, l) = ctx.attention_lse(&q, &k, &v, mask.as_ref(), opts)?;
+        let (o, l) = ctx.attention_lse(&q, &k, &v, mask, opts)?;
         Ok((o.download()?, want_lse.then(|| l.download()).transpose()?))
     }
 }
@@ -303,11 +345,16 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         ..Default::default()
     };
     io.check_unused()?;
-    let mask: Option<(Vec<bool>, Vec<usize>)> = mask
+    // A float mask is additive, a bool or uint8 one boolean.
+    let mask_shape = "[m, n] or [b|1, 1|hq, m, n]";
+    let mask: Option<(Mask, Vec<usize>)> = mask
         .map(|m| {
             let shape = m.shape.clone();
-            m.bools("mask", "[m, n] or [b|1, 1|hq, m, n]")
-                .map(|v| (v, shape))
+            let values = match m.data {
+                Data::F32(_) | Data::F16(_) => Mask::Add(m.floats("mask", mask_shape)?.0),
+                _ => Mask::Keep(m.bools("mask", mask_shape)?),
+            };
+            Ok::<_, CliError>((values, shape))
         })
         .transpose()?;
     let (qv, qh) = q.floats("q", "[b, hq, m, d]")?;
@@ -322,7 +369,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     )?;
     let shapes = [q.shape.clone(), k.shape.clone(), v.shape.clone()];
     let want_lse = io.wants_out2("lse");
-    let mask_ref = mask.as_ref().map(|(m, sh)| (m.as_slice(), sh.as_slice()));
+    let mask_ref = mask.as_ref().map(|(m, sh)| (m.host(), sh.as_slice()));
     let (out, lse) = if io.cpu {
         let r = reference::attention(
             (&qv, &shapes[0]),

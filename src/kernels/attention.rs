@@ -8,9 +8,11 @@
 //!   `h / (hq / hkv)`); d and dv up to 256. The optional lse is `[b, hq, m]`.
 //! - Options: `scale` (default `1/sqrt(d)`), `causal` with bottom-right alignment (query i sees
 //!   key j iff `j <= i + (n - m)`; PyTorch SDPA's `is_causal` is top-left aligned when m != n),
-//!   boolean mask `[m, n]` or `[b|1, 1|hq, m, n]` (nonzero byte = keep), `softcap` c
-//!   (`S = c tanh(S / c)`, 0 = off).
-//! - Rows without any valid key give zeros and lse = -inf.
+//!   `softcap` c (`S = c tanh(S / c)`, 0 = off).
+//! - Mask [`AttnMask`], `[m, n]` or `[b|1, 1|hq, m, n]`: boolean (a nonzero byte keeps the
+//!   key) or additive (f32, added to the soft-capped scores; -inf hides the key).
+//! - Rows without any valid key give zeros and lse = -inf. A hidden key's value is never
+//!   read into a sum, so junk (NaN, inf) in masked slots of a KV cache stays out.
 //! - One workgroup per (batch, head, query tile) streams K and V tiles through workgroup memory
 //!   with the online softmax in registers; key tiles entirely above the causal diagonal are
 //!   never visited. Decode shapes (few queries, many keys) split the keys across workgroups
@@ -19,7 +21,7 @@
 //!   accumulation f32.
 //!
 //! ```no_run
-//! use seq_kernels::{AttentionOptions, Context};
+//! use seq_kernels::{AttentionOptions, AttnMask, Context};
 //! let ctx = Context::new()?;
 //! let (b, h, m, n, d) = (1, 2, 5, 7, 64);
 //! let q = ctx.upload(&vec![0.1f32; b * h * m * d], [b, h, m, d])?;
@@ -27,6 +29,12 @@
 //! let v = ctx.upload(&vec![0.3f32; b * h * n * d], [b, h, n, d])?;
 //! let o = ctx.attention(&q, &k, &v, None, &AttentionOptions { causal: true, ..Default::default() })?;
 //! assert_eq!(o.shape(), &[b, h, m, d]);
+//! // An additive mask: the last key hidden from every query, a term of 0.5 on the others.
+//! let terms: Vec<f32> = (0..m * n)
+//!     .map(|e| if e % n == n - 1 { f32::NEG_INFINITY } else { 0.5 })
+//!     .collect();
+//! let terms = ctx.upload(&terms, [m, n])?;
+//! let o = ctx.attention(&q, &k, &v, Some(AttnMask::Add(&terms)), &Default::default())?;
 //! # Ok::<(), seq_kernels::Error>(())
 //! ```
 
@@ -64,6 +72,75 @@ fn check_tensors(ctx: &Context, storage: Storage, lens: &[usize]) -> Result<()> 
 const FLAG_CAUSAL: u32 = 1;
 const FLAG_MASK: u32 = 2;
 const FLAG_LSE: u32 = 4;
+const FLAG_ADDITIVE: u32 = 8;
+
+/// The mask of an attention call, `[m, n]` or `[b|1, 1|hq, m, n]`.
+#[derive(Clone, Copy, Debug)]
+pub enum AttnMask<'a> {
+    /// Boolean: a nonzero byte keeps the key.
+    Keep(&'a GpuTensor<u8>),
+    /// Additive, f32 whatever the storage of q, k and v: added to the scores after the scale
+    /// and the soft cap. -inf hides the key as a false boolean would (its row gives zeros if
+    /// every key is hidden); every other value must be finite.
+    Add(&'a GpuTensor<f32>),
+}
+
+impl<'a> From<&'a GpuTensor<u8>> for AttnMask<'a> {
+    fn from(t: &'a GpuTensor<u8>) -> Self {
+        Self::Keep(t)
+    }
+}
+
+impl<'a> From<&'a GpuTensor<f32>> for AttnMask<'a> {
+    fn from(t: &'a GpuTensor<f32>) -> Self {
+        Self::Add(t)
+    }
+}
+
+impl<'a> AttnMask<'a> {
+    /// The mask's shape.
+    pub fn shape(&self) -> &'a [usize] {
+        match self {
+            Self::Keep(t) => t.shape(),
+            Self::Add(t) => t.shape(),
+        }
+    }
+    fn buffer(&self) -> &wgpu::Buffer {
+        match self {
+            Self::Keep(t) => t.buffer(),
+            Self::Add(t) => t.buffer(),
+        }
+    }
+    fn bytes(&self) -> u64 {
+        match self {
+            Self::Keep(t) => t.bytes(),
+            Self::Add(t) => t.bytes(),
+        }
+    }
+}
+
+/// Host values of a mask for the CPU reference, laid out as [`AttnMask`].
+#[derive(Clone, Copy, Debug)]
+pub enum HostMask<'a> {
+    /// true keeps the key.
+    Keep(&'a [bool]),
+    /// Added to the scores; -inf hides the key.
+    Add(&'a [f32]),
+}
+
+impl HostMask<'_> {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Keep(v) => v.len(),
+            Self::Add(v) => v.len(),
+        }
+    }
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// Memory layout of q, k, v and the output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -191,13 +268,26 @@ impl AttnShape {
             Layout::Bshd => vec![self.b, self.m, self.hq, self.dv],
         }
     }
-    /// Whether query i of (batch b, head h) may attend key j under causality and `mask`
-    /// (flat booleans laid out as the validated mask shape).
-    pub fn visible(&self, b: usize, h: usize, i: usize, j: usize, mask: Option<&[bool]>) -> bool {
+    /// What the mask adds to the score of query i and key j of (batch b, head h), or `None`
+    /// where the key is hidden from the query (causality, a false boolean, an additive -inf).
+    /// `mask` is laid out as the validated mask shape.
+    pub fn mask_term(
+        &self,
+        b: usize,
+        h: usize,
+        i: usize,
+        j: usize,
+        mask: Option<HostMask<'_>>,
+    ) -> Option<f64> {
         if self.causal && j as i64 > i as i64 + self.n as i64 - self.m as i64 {
-            return false;
+            return None;
         }
-        mask.is_none_or(|mk| mk[b * self.mask_batch + h * self.mask_head + i * self.n + j])
+        let e = b * self.mask_batch + h * self.mask_head + i * self.n + j;
+        match mask {
+            None => Some(0.0),
+            Some(HostMask::Keep(keep)) => keep[e].then_some(0.0),
+            Some(HostMask::Add(add)) => (add[e] != f32::NEG_INFINITY).then_some(add[e] as f64),
+        }
     }
 }
 
@@ -421,7 +511,7 @@ impl Attention {
         q: &GpuTensor<T>,
         k: &GpuTensor<T>,
         v: &GpuTensor<T>,
-        mask: Option<&GpuTensor<u8>>,
+        mask: Option<AttnMask<'_>>,
         out: &GpuTensor<T>,
         lse: Option<&GpuTensor<f32>>,
     ) -> Result<()> {
@@ -435,7 +525,7 @@ impl Attention {
         q: &GpuTensor<T>,
         k: &GpuTensor<T>,
         v: &GpuTensor<T>,
-        mask: Option<&GpuTensor<u8>>,
+        mask: Option<AttnMask<'_>>,
         out: &GpuTensor<T>,
         lse: Option<&GpuTensor<f32>>,
     ) -> Result<Plan> {
@@ -471,6 +561,12 @@ impl Attention {
         }
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         check_tensors(ctx, storage, &[q.len(), k.len(), v.len(), out.len()])?;
+        if let Some(m) = mask {
+            check_binding(ctx, ELEMENTS, m.bytes(), 1)?;
+        }
+        if let Some(l) = lse {
+            check_binding(ctx, ELEMENTS, l.bytes(), 4)?;
+        }
 
         let mut plan = Plan::default();
         let (qb, kb, vb, ob) = match storage {
@@ -493,7 +589,8 @@ impl Attention {
 
         // Key splits: decode shapes (few queries, many keys) or on request.
         let chunk = match self.opts.key_split {
-            Some(c) => c.div_ceil(t) * t,
+            // Clamped first: a huge request (usize::MAX = never split) must not wrap.
+            Some(c) => c.min(s.n).div_ceil(t) * t,
             None if s.m <= 4 && s.n >= 1024 => 256usize.max((s.n.div_ceil(64)).div_ceil(t) * t),
             None => s.n,
         };
@@ -504,6 +601,7 @@ impl Attention {
 
         let flags = ((s.causal as u32) * FLAG_CAUSAL)
             | ((mask.is_some() as u32) * FLAG_MASK)
+            | ((matches!(mask, Some(AttnMask::Add(_))) as u32) * FLAG_ADDITIVE)
             | ((lse.is_some() as u32) * FLAG_LSE);
         let u = |x: usize| x as u32;
         let params = ctx.uniform(&Params {
@@ -549,6 +647,7 @@ impl Attention {
         let (part_o, part_ml) = if splits > 1 {
             let rows = (bh * s.m * splits) as u64;
             check_binding(ctx, ELEMENTS, rows * s.dv as u64 * 4, 4)?;
+            check_binding(ctx, ELEMENTS, rows * 8, 8)?;
             (ctx.scratch(rows * s.dv as u64 * 4)?, ctx.scratch(rows * 8)?)
         } else {
             (ctx.scratch(16)?, ctx.scratch(16)?)
@@ -692,7 +791,7 @@ impl Context {
         q: &GpuTensor<T>,
         k: &GpuTensor<T>,
         v: &GpuTensor<T>,
-        mask: Option<&GpuTensor<u8>>,
+        mask: Option<AttnMask<'_>>,
         opts: &AttentionOptions,
     ) -> Result<GpuTensor<T>> {
         let s = attention_shape(
@@ -716,7 +815,7 @@ impl Context {
         q: &GpuTensor<T>,
         k: &GpuTensor<T>,
         v: &GpuTensor<T>,
-        mask: Option<&GpuTensor<u8>>,
+        mask: Option<AttnMask<'_>>,
         opts: &AttentionOptions,
     ) -> Result<(GpuTensor<T>, GpuTensor<f32>)> {
         let s = attention_shape(

@@ -40,7 +40,7 @@ use crate::context::Context;
 use crate::dispatch::{sub_binding as sub, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
-use crate::tensor::{DType, Element, GpuTensor};
+use crate::tensor::{checked_numel, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/rope.wgsl");
 
@@ -455,7 +455,7 @@ impl Positions {
     ) -> Result<Self> {
         let values: Vec<i64> = values.as_ref().iter().map(|&v| v.into()).collect();
         let shape = shape.into();
-        if shape.is_empty() || shape.len() > 2 || shape.iter().product::<usize>() != values.len() {
+        if shape.is_empty() || shape.len() > 2 || checked_numel(&shape) != Some(values.len()) {
             return Err(Error::shape(format!(
                 "rope positions must have shape [s] or [b, s] matching their {} values, got {shape:?}",
                 values.len()

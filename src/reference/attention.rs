@@ -2,11 +2,12 @@
 //! naively (full score matrix per row, plain softmax).
 
 use crate::error::{Error, Result};
-use crate::kernels::attention::{attention_shape, AttentionOptions, AttnShape};
+use crate::kernels::attention::{attention_shape, AttentionOptions, AttnShape, HostMask};
+use crate::tensor::checked_numel;
 
 /// The result of the reference: the output in the layout of `q` (with `dv` as the last axis)
-/// and the log-sum-exp of the scaled (and soft-capped) scores, `[b, hq, m]`, `-inf` for rows
-/// without a valid key.
+/// and the log-sum-exp of the scores (scaled, soft-capped, plus an additive mask's terms),
+/// `[b, hq, m]`, `-inf` for rows without a valid key.
 pub struct AttentionOutput {
     /// `[b, hq, m, dv]` (or `[b, m, hq, dv]` for the bshd layout).
     pub out: Vec<f64>,
@@ -14,25 +15,27 @@ pub struct AttentionOutput {
     pub lse: Vec<f64>,
 }
 
-/// Naive softmax attention in f64. `mask` is `(values, shape)` with true = keep.
+/// Naive softmax attention in f64. `mask` is `(values, shape)`: booleans (true = keep) or
+/// terms added to the soft-capped scores (-inf hides the key).
 pub fn attention(
     q: (&[f32], &[usize]),
     k: (&[f32], &[usize]),
     v: (&[f32], &[usize]),
-    mask: Option<(&[bool], &[usize])>,
+    mask: Option<(HostMask<'_>, &[usize])>,
     opts: &AttentionOptions,
 ) -> Result<AttentionOutput> {
-    let s = attention_shape(q.1, k.1, v.1, mask.map(|m| m.1), opts)?;
-    let numel = |sh: &[usize]| sh.iter().product::<usize>();
-    if q.0.len() != numel(q.1)
-        || k.0.len() != numel(k.1)
-        || v.0.len() != numel(v.1)
-        || mask.is_some_and(|(m, sh)| m.len() != numel(sh))
+    // Lengths first: a shape whose product overflows never reaches the index arithmetic.
+    let fits = |len: usize, sh: &[usize]| checked_numel(sh) == Some(len);
+    if !fits(q.0.len(), q.1)
+        || !fits(k.0.len(), k.1)
+        || !fits(v.0.len(), v.1)
+        || mask.is_some_and(|(m, sh)| !fits(m.len(), sh))
     {
         return Err(Error::shape(
             "attention reference: data length does not match its shape",
         ));
     }
+    let s = attention_shape(q.1, k.1, v.1, mask.map(|m| m.1), opts)?;
     let AttnShape {
         b, hq, m, n, d, dv, ..
     } = s;
@@ -47,9 +50,9 @@ pub fn attention(
                 // Scores of the keys row i may see.
                 let mut scores: Vec<(usize, f64)> = Vec::new();
                 for j in 0..n {
-                    if !s.visible(bi, h, i, j, mask.map(|m| m.0)) {
+                    let Some(term) = s.mask_term(bi, h, i, j, mask.map(|m| m.0)) else {
                         continue;
-                    }
+                    };
                     let dot: f64 = (0..d)
                         .map(|c| {
                             q.0[s.q.index(bi, h, i, c)] as f64 * k.0[s.k.index(bi, hk, j, c)] as f64
@@ -59,7 +62,7 @@ pub fn attention(
                     if cap > 0.0 {
                         x = cap * (x / cap).tanh();
                     }
-                    scores.push((j, x));
+                    scores.push((j, x + term));
                 }
                 if scores.is_empty() {
                     continue; // fully masked: zeros, lse = -inf

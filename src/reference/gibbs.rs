@@ -8,6 +8,7 @@ use crate::kernels::gibbs::{
     chain_shape, check_tokens, logits_shape, mh_shape, ChainShape, GibbsOptions, MhOptions,
     SampleOptions,
 };
+use crate::tensor::checked_numel;
 
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
@@ -108,7 +109,7 @@ impl HostModel {
             }
         };
         let s = chain_shape(&self.unary_shape, &pairs, tokens, clamp)?;
-        if self.unary.len() != self.unary_shape.iter().product::<usize>() {
+        if checked_numel(&self.unary_shape) != Some(self.unary.len()) {
             return Err(Error::shape(
                 "reference unary length does not match its shape",
             ));
@@ -213,7 +214,7 @@ fn check_run(
         ));
     }
     if let Some((m, ms)) = clamp {
-        if m.len() != ms.iter().product::<usize>() {
+        if checked_numel(ms) != Some(m.len()) {
             return Err(Error::shape(
                 "reference clamp length does not match its shape",
             ));

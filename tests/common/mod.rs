@@ -43,6 +43,33 @@ pub fn random_mask(n: usize, seed: u64, p: f32) -> Vec<bool> {
         .collect()
 }
 
+/// A second device on the test adapter whose storage bindings hold at most `bytes` (with the
+/// optional features the adapter has), for the paths that split work across bindings or
+/// report `LimitExceeded`.
+pub fn small_bindings(bytes: u64) -> Context {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
+        &instance, None,
+    ))
+    .expect("the adapter of the GPU tests");
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_features: adapter.features() & seq_kernels::context::OPTIONAL_FEATURES,
+        required_limits: wgpu::Limits {
+            max_storage_buffer_binding_size: bytes,
+            ..adapter.limits()
+        },
+        ..Default::default()
+    }))
+    .expect("a device with smaller storage bindings");
+    assert_eq!(
+        device.limits().max_storage_buffer_binding_size,
+        bytes,
+        "the device must keep the smaller binding limit, or nothing is split"
+    );
+    Context::from_device(device, queue)
+}
+
 /// Writes `data` in C order to the .npy file `path` with shape `shape`.
 #[cfg(feature = "cli")]
 pub fn save_npy<T: npyz::AutoSerialize + Copy>(path: &std::path::Path, shape: &[u64], data: &[T]) {
