@@ -1,6 +1,8 @@
 // f16 storage on adapters without SHADER_F16: f16 values stay packed two per u32 word and are
 // widened to an f32 scratch before a kernel and narrowed after it. Each invocation owns one
-// whole word, so no two invocations write the same word. Prepended: shaders/grid.wgsl.
+// whole word, so no two invocations write the same word; the high half of an odd tensor's last
+// word is not the tensor's (a wrapped buffer may hold more) and is kept. Prepended:
+// shaders/grid.wgsl.
 
 override WG: u32 = 256u;
 
@@ -43,9 +45,10 @@ fn narrow_f16(
     if (e >= p.len) {
         return;
     }
-    var hi = 0.0;
     if (e + 1u < p.len) {
-        hi = wide_in[e + 1u];
+        packed_out[w] = pack2x16float(vec2<f32>(wide_in[e], wide_in[e + 1u]));
+    } else {
+        let lo = pack2x16float(vec2<f32>(wide_in[e], 0.0)) & 0xffffu;
+        packed_out[w] = lo | (packed_out[w] & 0xffff0000u);
     }
-    packed_out[w] = pack2x16float(vec2<f32>(wide_in[e], hi));
 }

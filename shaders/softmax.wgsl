@@ -24,7 +24,9 @@ const FLAG_LOG: u32 = 1u;
 const FLAG_MASK: u32 = 2u;
 const FLAG_CAUSAL: u32 = 4u;
 const FLAG_PLUS: u32 = 8u;
-const SENTINEL: f32 = -3.0e38;
+// The lowest finite f32: every finite logit is at least this, so rows whose valid logits all
+// lie below -3e38 still find their maximum (a higher sentinel would win the max: 0 / 0).
+const SENTINEL: f32 = -3.4028234663852886e38;
 const NEG_INF_BITS: u32 = 0xff800000u;
 const LOG_512: f32 = 6.2383246250395077;
 

@@ -108,6 +108,11 @@ fn theta_check_values() {
         (m - (0.1 * 10f64.ln() + 1.0)).abs() < 1e-15,
         "yarn mscale {m}"
     );
+    // As HF's get_mscale: a factor of at most 1 stretches nothing and scales nothing.
+    for s in [0.5, 1.0] {
+        let yarn = RopeScaling::named("yarn", Some(s), Some(2048)).unwrap();
+        assert_eq!(o(yarn).frequencies(128, 1).unwrap().1, 1.0, "yarn s = {s}");
+    }
 
     let llama3 = RopeScaling::named("llama3", Some(10.0), Some(2048)).unwrap();
     let (t, _) = o(llama3).frequencies(128, 1).unwrap();
@@ -947,6 +952,21 @@ fn gpu_bad_input_is_an_error() {
         rope.plan(&RopeTarget::in_place_view(&x, past), None, None),
         Err(Error::Shape(_))
     ));
+    // Views whose extent overflows usize: a shape error, not a wrapped end that passes.
+    for huge in [
+        RopeView::strided([1 << 40, 3, 2, 4], 0, 1 << 40),
+        RopeView {
+            shape: [usize::MAX / 2 + 2, 1, 1, 4],
+            offset: 0,
+            strides: [2, 4, 4],
+        },
+        RopeView::contiguous([(1 << 62) + 1, 1, 1, 4]),
+    ] {
+        assert!(matches!(
+            rope.plan(&RopeTarget::in_place_view(&x, huge), None, None),
+            Err(Error::Shape(_))
+        ));
+    }
     let overlap = RopeView::strided([1, 3, 2, 4], 0, 4);
     assert!(matches!(
         rope.plan(&RopeTarget::in_place_view(&x, overlap), None, None),

@@ -7,7 +7,7 @@ use common::{gpu, random, random_mask};
 use half::f16;
 use proptest::prelude::*;
 use seq_kernels::reference::{row_error, softmax as reference};
-use seq_kernels::{Context, Error, SoftmaxOptions};
+use seq_kernels::{Context, Error, GpuTensor, Softmax, SoftmaxOptions};
 
 /// Runs the GPU kernel (f32 storage) and returns its output.
 fn run(
@@ -218,6 +218,86 @@ fn f16_storage_matches_reference() {
             "f16 {shape:?} {opts:?}: relative error {err:e}"
         );
     }
+}
+
+/// Logits below -3e38 are still logits: the running max must not be a sentinel they lose to
+/// (that gave 0 / 0). Rows of 2, 40 and 5000 take the one-invocation, workgroup and long-row
+/// paths.
+#[test]
+fn logits_near_the_lowest_f32_are_still_logits() {
+    let Some(ctx) = gpu() else { return };
+    for n in [2usize, 40, 5000] {
+        // Spread below -3e38 (one-hot at the largest), all equal (uniform), and large
+        // positive logits under a negative scale.
+        let spread: Vec<f32> = (0..n)
+            .map(|j| -3.40e38 + 1.0e36 * (j as f32 / n as f32))
+            .collect();
+        let negate = SoftmaxOptions {
+            scale: -1.0,
+            ..Default::default()
+        };
+        for (x, opts) in [
+            (spread, SoftmaxOptions::default()),
+            (vec![-3.3e38; n], SoftmaxOptions::default()),
+            (vec![3.3e38; n], negate),
+        ] {
+            let got = run(ctx, &x, &[1, n], None, &opts);
+            let want = reference::softmax(&x, &[1, n], None, &opts).unwrap();
+            let err = row_error(&got, &want, n);
+            assert!(
+                err <= 1e-6,
+                "n = {n} {opts:?}: error {err:e}, got {:?}",
+                &got[..2]
+            );
+        }
+    }
+}
+
+/// An odd f16 tensor wrapped over a larger buffer shares its last word with what follows it;
+/// the output leaves that half alone (the packed-f16 path narrows whole words).
+#[test]
+fn odd_f16_output_leaves_the_rest_of_its_buffer() {
+    let Some(ctx) = gpu() else { return };
+    let words: Vec<u16> = [1.0f32, 2.0, 3.0, 42.0]
+        .iter()
+        .map(|&v| f16::from_f32(v).to_bits())
+        .collect();
+    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 8,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    ctx.queue()
+        .write_buffer(&buffer, 0, bytemuck::cast_slice(&words));
+    let y = GpuTensor::<f16>::from_buffer(ctx, buffer.clone(), [3]).unwrap();
+    let x = ctx
+        .upload(
+            &[f16::from_f32(0.5), f16::from_f32(1.5), f16::from_f32(2.5)],
+            [3],
+        )
+        .unwrap();
+    let k = Softmax::new(ctx, &SoftmaxOptions::default()).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    k.encode(&mut encoder, &x, &y).unwrap();
+    ctx.queue().submit([encoder.finish()]);
+    let all = GpuTensor::<f16>::from_buffer(ctx, buffer, [4])
+        .unwrap()
+        .download()
+        .unwrap();
+    assert_eq!(all[3].to_f32(), 42.0, "the value after the tensor: {all:?}");
+    let want =
+        reference::softmax(&[0.5, 1.5, 2.5], &[3], None, &SoftmaxOptions::default()).unwrap();
+    // f16 storage (spec section 0): 2e-3 relative.
+    assert!(
+        row_error(
+            &[all[0].to_f32(), all[1].to_f32(), all[2].to_f32()],
+            &want,
+            3
+        ) <= 2e-3
+    );
 }
 
 #[test]

@@ -130,7 +130,7 @@ pub enum RopeScaling {
         current_len: Option<usize>,
     },
     /// YaRN: a ramp between interpolation and extrapolation per frequency, and cos and sin
-    /// multiplied by `mscale` (default `0.1 ln(s) + 1`, as Hugging Face does).
+    /// multiplied by `mscale` (default `0.1 ln(s) + 1`, or 1 for s <= 1, as Hugging Face does).
     Yarn {
         /// s > 0.
         factor: f64,
@@ -392,7 +392,13 @@ impl RopeOptions {
                         t * (1.0 - ramp) + (t / factor) * ramp
                     })
                     .collect();
-                (theta, mscale.unwrap_or(0.1 * factor.ln() + 1.0))
+                // As HF's get_mscale: no magnitude change unless the context is stretched.
+                let default = if *factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * factor.ln() + 1.0
+                };
+                (theta, mscale.unwrap_or(default))
             }
             RopeScaling::Llama3 {
                 factor,
@@ -573,7 +579,12 @@ impl RopeView {
         Self {
             shape,
             offset: 0,
-            strides: [a1 * a2 * d, a2 * d, d],
+            // Saturated: an overflowing view then fails its end check instead of wrapping.
+            strides: [
+                a1.saturating_mul(a2).saturating_mul(d),
+                a2.saturating_mul(d),
+                d,
+            ],
         }
     }
     /// Rows of axis 1 `row_stride` elements apart (axis 2 packed inside a row), starting at
@@ -583,17 +594,15 @@ impl RopeView {
         Self {
             shape,
             offset,
-            strides: [shape[1] * row_stride, row_stride, shape[3]],
+            strides: [shape[1].saturating_mul(row_stride), row_stride, shape[3]],
         }
     }
 
-    /// One past the largest element index.
-    fn end(&self) -> usize {
-        self.offset
-            + (0..3)
-                .map(|a| (self.shape[a] - 1) * self.strides[a])
-                .sum::<usize>()
-            + self.shape[3]
+    /// One past the largest element index, or `None` past `usize` (axes at least 1).
+    fn end(&self) -> Option<usize> {
+        (0..3).try_fold(self.offset.checked_add(self.shape[3])?, |end, a| {
+            end.checked_add((self.shape[a] - 1).checked_mul(self.strides[a])?)
+        })
     }
 
     fn check(&self, what: &str, len: usize) -> Result<()> {
@@ -603,14 +612,17 @@ impl RopeView {
                 self.shape
             )));
         }
-        if self.end() > len {
-            return Err(Error::shape(format!(
-                "rope {what}: view {:?} (offset {}, strides {:?}) reaches element {} of a tensor of {len}",
-                self.shape,
-                self.offset,
-                self.strides,
-                self.end()
-            )));
+        match self.end() {
+            Some(end) if end <= len => {}
+            end => {
+                return Err(Error::shape(format!(
+                    "rope {what}: view {:?} (offset {}, strides {:?}) reaches element {} of a tensor of {len}",
+                    self.shape,
+                    self.offset,
+                    self.strides,
+                    end.map_or("past usize::MAX".to_string(), |e| e.to_string())
+                )))
+            }
         }
         // No two rows overlap: sorted by stride, each axis steps past everything below it.
         let mut axes: Vec<(usize, usize)> = (0..3)
