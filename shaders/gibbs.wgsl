@@ -37,7 +37,9 @@ const FLAG_UNARY_PER_CHAIN: u32 = 1u;
 const FLAG_CLAMP: u32 = 2u;
 const FLAG_CLAMP_PER_CHAIN: u32 = 4u;
 const FLAG_BEST_INIT: u32 = 8u;
-const SENTINEL: f32 = -3.0e38;
+// The lowest finite f32, not -3.0e38: finite logits below -3.0e38 (f32::MIN as a mask value)
+// must still compare above it, or the argmax and the sampler's row maximum lose them.
+const SENTINEL: f32 = -0x1.fffffep+127f;
 const NONE: u32 = 0xffffffffu;
 // Candidate index of a lane without the maximum, for the min-index reduction (as -index).
 const NO_CANDIDATE: f32 = -16777216.0;
@@ -192,14 +194,18 @@ fn sweep_thread(
 }
 
 // Workgroup argmax of (z, v) with ties to the lowest v: the maximum, then the lowest index
-// among the lanes holding it. Call in uniform control flow.
+// among the lanes holding it. Call in uniform control flow. Lanes without a candidate hold
+// SENTINEL, at or below every finite z, so some candidate holds the maximum; only
+// non-finite z (outside WGSL's finite math) can leave none, and then the result is token 0,
+// the lowest of a row that ties throughout, never an index outside the vocabulary.
 fn workgroup_argmax(b: Best, lanes: Lanes) -> u32 {
     let m = reduce_max_sum(vec2<f32>(b.z, 0.0), lanes).x;
     var cand = NO_CANDIDATE;
     if (b.v != NONE && b.z == m) {
         cand = -f32(b.v);
     }
-    return u32(-reduce_max_sum(vec2<f32>(cand, 0.0), lanes).x);
+    let v = u32(-reduce_max_sum(vec2<f32>(cand, 0.0), lanes).x);
+    return select(0u, v, v < p.vocab);
 }
 
 // ---- large V: one workgroup per site, tokens in blocks of 4 (one Philox call) per lane ----

@@ -654,6 +654,56 @@ fn same_seed_same_output() {
     assert_ne!(a, c, "a different seed gave the same chains");
 }
 
+// ------------------------------------------------------- edge values, buffers, binding limits
+
+/// Unary energies below the shaders' old sentinel (-3.0e38) still give a token of the
+/// vocabulary, the reference's: site 0 holds f32::MIN for every token (ties: token 0), site 2
+/// also but -3.2e38 at token 3 (itself below -3.0e38, it must win). W of a few units cannot
+/// move values this large, nor can Gumbel noise, so these two sites are exact at any T; the
+/// rest are ordinary sites. One invocation per site (V <= 64) and one workgroup per site.
+#[test]
+fn energies_below_the_sentinel_give_the_reference_token() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l) = (3usize, 4usize);
+    for v in [5usize, 64, 65, 300] {
+        let mut unary = random(l * v, 91, -1.0, 1.0);
+        unary[..v].fill(f32::MIN);
+        unary[2 * v..3 * v].fill(f32::MIN);
+        unary[2 * v + 3] = -3.2e38;
+        let w = random(v * v, 92, -1.0, 1.0);
+        let m = Model {
+            unary: ctx.upload(&unary, [l, v]).unwrap(),
+            pa: ctx.upload(&w, [v, v]).unwrap(),
+            pb: None,
+            host: HostModel {
+                unary,
+                unary_shape: vec![l, v],
+                pairwise: HostPairwise::Dense(w),
+            },
+        };
+        let init = random_tokens(b * l, v, 93);
+        for temperature in [0.0, 1.0] {
+            let opts = GibbsOptions {
+                sweeps: 2,
+                temperature,
+                seed: 94,
+                ..Default::default()
+            };
+            let (got, _) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+            let mut want = init.clone();
+            reference::gibbs(&m.host, &mut want, &[b, l], None, &opts).unwrap();
+            for c in 0..b {
+                assert_eq!(
+                    (want[c * l], want[c * l + 2]),
+                    (0, 3),
+                    "V={v} T={temperature}: the reference"
+                );
+            }
+            assert_eq!(got, want, "V={v} T={temperature}");
+        }
+    }
+}
+
 // ------------------------------------------------------------------------ logits sampling
 
 #[test]
@@ -746,6 +796,61 @@ fn sampling_frequencies_match_the_truncated_softmax() {
             p > 1e-4,
             "{o:?}: p = {p:e}, counts {counts:?}, probs {probs:?}"
         );
+    }
+}
+
+/// Logits below the shaders' old sentinel (-3.0e38), such as f32::MIN used as a mask value,
+/// still give a token of the vocabulary, the reference's: token 0 where a whole row ties
+/// (ties go to the lowest v), and the largest where one entry stands above f32::MIN
+/// (-3.2e38, itself below -3.0e38). Gumbel noise (|T g| of a few units) cannot move values
+/// this large, so the answers are exact at T > 0 too. V below and above the workgroup size.
+#[test]
+fn logits_below_the_sentinel_give_the_reference_token() {
+    let Some(ctx) = gpu() else { return };
+    let opts = [
+        SampleOptions {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        SampleOptions::default(),
+        SampleOptions {
+            top_k: 2,
+            seed: 2,
+            ..Default::default()
+        },
+        SampleOptions {
+            top_p: 0.5,
+            temperature: 0.7,
+            seed: 3,
+            ..Default::default()
+        },
+    ];
+    for v in [5usize, 300] {
+        // Row 0: all f32::MIN; row r > 0: f32::MIN but -3.2e38 at token (7 r) % V.
+        let b = 4;
+        let mut logits = vec![f32::MIN; b * v];
+        for r in 1..b {
+            logits[r * v + (7 * r) % v] = -3.2e38;
+        }
+        let x = ctx.upload(&logits, [b, v]).unwrap();
+        for o in &opts {
+            let got = ctx.sample_logits(&x, o).unwrap().download().unwrap();
+            let want = reference::sample_logits(&logits, &[b, v], o).unwrap();
+            let expect: Vec<u32> = (0..b).map(|r| ((7 * r) % v) as u32).collect();
+            assert_eq!(want, expect, "V={v} {o:?}: the reference");
+            assert_eq!(got, want, "V={v} {o:?}");
+        }
+        // -inf lies outside WGSL's finite math (spec section 0), so only the firm promise is
+        // checked: a token inside the vocabulary.
+        let inf = vec![f32::NEG_INFINITY; b * v];
+        let x = ctx.upload(&inf, [b, v]).unwrap();
+        for o in &opts[..3] {
+            let got = ctx.sample_logits(&x, o).unwrap().download().unwrap();
+            assert!(
+                got.iter().all(|&t| (t as usize) < v),
+                "V={v} {o:?}: {got:?}"
+            );
+        }
     }
 }
 
