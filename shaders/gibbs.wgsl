@@ -263,9 +263,13 @@ fn chain_score(
 
 // ---- sampling from given logits [b, V]: temperature, then top-k, then top-p ----
 
-// Order-preserving map of a finite f32 to u32.
+// Order-preserving map of a finite f32 to u32; -0.0 takes +0.0's key, as the two compare
+// equal (a tie at the top-k / top-p threshold keeps both).
 fn order_key(x: f32) -> u32 {
-    let u = bitcast<u32>(x);
+    var u = bitcast<u32>(x);
+    if (u == 0x80000000u) {
+        u = 0u;
+    }
     if ((u & 0x80000000u) != 0u) {
         return ~u;
     }

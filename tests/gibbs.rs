@@ -854,6 +854,41 @@ fn logits_below_the_sentinel_give_the_reference_token() {
     }
 }
 
+/// -0.0 and +0.0 are equal logits, so a threshold at one keeps the other (the reference's
+/// IEEE >=): with top_k = 1 or a top_p that the first zero reaches, both zeros stay in the
+/// kept set and are drawn about equally often, as the reference draws them.
+#[test]
+fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
+    let Some(ctx) = gpu() else { return };
+    let b = 400;
+    for row in [[-0.0f32, 0.0, -5.0], [0.0, -0.0, -5.0]] {
+        let logits: Vec<f32> = (0..b).flat_map(|_| row).collect();
+        let x = ctx.upload(&logits, [b, 3]).unwrap();
+        for o in [
+            SampleOptions {
+                top_k: 1,
+                seed: 1,
+                ..Default::default()
+            },
+            SampleOptions {
+                top_p: 0.3,
+                seed: 1,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(reference::kept_tokens(&row, &o), [true, true, false]);
+            let got = ctx.sample_logits(&x, &o).unwrap().download().unwrap();
+            let want = reference::sample_logits(&logits, &[b, 3], &o).unwrap();
+            let a = agreement(&got, &want);
+            assert!(a >= 0.999, "{row:?} {o:?}: agreement {a}");
+            for t in [0, 1] {
+                let n = got.iter().filter(|&&x| x == t).count();
+                assert!(n > b / 4, "{row:?} {o:?}: token {t} drawn {n} of {b} times");
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------- MH step
 
 #[test]
