@@ -704,6 +704,42 @@ fn energies_below_the_sentinel_give_the_reference_token() {
     }
 }
 
+/// An initial state whose buffer is larger than the tensor (as `GpuTensor::from_buffer`
+/// allows) runs like the same state uploaded on its own.
+#[test]
+fn initial_state_in_a_larger_buffer() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (2usize, 3usize, 4usize);
+    let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, 95);
+    let init = random_tokens(b * l, v, 96);
+    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 256,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let big = GpuTensor::<u32>::from_buffer(ctx, buffer, [b, l]).unwrap();
+    big.write(&init).unwrap();
+    let opts = GibbsOptions {
+        sweeps: 3,
+        seed: 97,
+        ..Default::default()
+    };
+    let got = ctx
+        .gibbs(&m.gpu(), &big, None, &opts)
+        .unwrap()
+        .tokens
+        .download()
+        .unwrap();
+    let (plain, _) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+    assert_eq!(got, plain);
+    let mut want = init.clone();
+    reference::gibbs(&m.host, &mut want, &[b, l], None, &opts).unwrap();
+    assert_eq!(got, want);
+}
+
 // ------------------------------------------------------------------------ logits sampling
 
 #[test]

@@ -986,7 +986,8 @@ impl Context {
             best.as_ref().map(|(t, s)| (t, s)),
         )?;
         let mut encoder = self.encoder();
-        encoder.copy_buffer_to_buffer(init.buffer(), 0, tokens.buffer(), 0, init.buffer().size());
+        // The tensor's bytes, not its buffer's: a buffer may be larger than its tensor.
+        encoder.copy_buffer_to_buffer(init.buffer(), 0, tokens.buffer(), 0, init.bytes());
         plan.encode(&mut encoder);
         self.submit_and_wait(encoder)?;
         Ok(GibbsOutput { tokens, best })
