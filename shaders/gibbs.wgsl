@@ -47,11 +47,11 @@ const NO_CANDIDATE: f32 = -16777216.0;
 @group(0) @binding(0) var<storage, read> unary: array<f32>;        // [L, V] or [b, L, V]; logits [b, V]
 @group(0) @binding(1) var<storage, read> pair_a: array<f32>;       // W [V, V] or A [V, r]
 @group(0) @binding(2) var<storage, read> pair_b: array<f32>;       // B [V, r] (dense: unused)
-@group(0) @binding(3) var<storage, read_write> tokens: array<u32>; // [b, L]; samples [b]
+@group(0) @binding(3) var<storage, read_write> tokens: array<u32>; // [b, L]; samples [b] (all rows)
 @group(0) @binding(4) var<storage, read> clamp_mask: array<u32>;   // [L] or [b, L] bytes, 4 per word
 @group(0) @binding(5) var<uniform> p: Params;
 @group(0) @binding(6) var<storage, read_write> best_tokens: array<u32>; // [b, L]
-@group(0) @binding(7) var<storage, read_write> best_score: array<f32>;  // [b]
+@group(0) @binding(7) var<storage, read_write> best_score: array<f32>;  // [b] (all chains)
 @group(0) @binding(8) var<storage, read> proposal: array<u32>;          // MH: y [b, L]
 @group(0) @binding(9) var<storage, read_write> score_x: array<f32>;     // MH: score(x) [b]
 @group(0) @binding(10) var<storage, read> score_y: array<f32>;          // MH: score(y) [b]
@@ -253,8 +253,11 @@ fn chain_score(
         }
         prev = x;
     }
-    if (has(FLAG_BEST_INIT) || s > best_score[c]) {
-        best_score[c] = s;
+    // Scores and samples, 4 bytes a row, are bound whole and indexed by the global row, so
+    // chunk starts need not make their offsets aligned.
+    let g = p.chain_offset + c;
+    if (has(FLAG_BEST_INIT) || s > best_score[g]) {
+        best_score[g] = s;
         for (var i = 0u; i < p.len; i++) {
             best_tokens[row + i] = tokens[row + i];
         }
@@ -361,7 +364,7 @@ fn sample_logits(
     }
     let v = workgroup_argmax(b, lanes);
     if (lid == 0u) {
-        tokens[row] = v;
+        tokens[p.chain_offset + row] = v;
     }
 }
 

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{gpu, random};
+use common::{gpu, random, small_binding_context};
 use seq_kernels::kernels::gibbs::{chain_shape, philox_gpu};
 use seq_kernels::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use seq_kernels::{
@@ -740,6 +740,52 @@ fn initial_state_in_a_larger_buffer() {
     assert_eq!(got, want);
 }
 
+/// Per-chain unary, clamp masks and best states that fit a binding only a few chains at a
+/// time run in chunks of chains. L is the offset alignment, so every per-chain row is a
+/// whole multiple of it and a chunk may start at any chain; the binding holds 3 chains, fewer
+/// than the alignment counts bytes, which the chunking once required. Both sweep paths.
+#[test]
+fn chains_split_past_the_binding_limit() {
+    let Some(gpu_ctx) = gpu() else { return };
+    let l = gpu_ctx.limits().min_storage_buffer_offset_alignment as usize;
+    let b = 7;
+    for v in [16usize, 80] {
+        let chain_bytes = (l * v * 4) as u64;
+        let ctx = &small_binding_context(3 * chain_bytes + 256);
+        assert_eq!(ctx.limits().min_storage_buffer_offset_alignment as usize, l);
+        let m = Model::new(ctx, Some(b), l, v, 0, 1.0, 1.0, 98);
+        let init = random_tokens(b * l, v, 99);
+        let mask = common::random_mask(b * l, 100, 0.3);
+        let opts = GibbsOptions {
+            sweeps: 3,
+            temperature: 1.5,
+            seed: 101,
+            track_best: true,
+            ..Default::default()
+        };
+        let clamp = Some((&mask[..], &[b, l][..]));
+        let (got, best) = run_gpu(ctx, &m, &init, [b, l], clamp, &opts);
+        let (bt, bs) = best.unwrap();
+        let mut want = init.clone();
+        let host_best = reference::gibbs(&m.host, &mut want, &[b, l], clamp, &opts)
+            .unwrap()
+            .unwrap();
+        let a = agreement(&got, &want);
+        assert!(a >= 0.999, "V={v}: agreement {a}");
+        let a = agreement(&bt, &host_best.tokens);
+        assert!(a >= 0.999, "V={v}: best-state agreement {a}");
+        // Every chain's score lands in its own slot (f32 sums of O(1) terms: 1e-4).
+        for c in 0..b {
+            let true_score = m.host.score(c, &bt[c * l..(c + 1) * l]);
+            assert!(
+                (bs[c] as f64 - true_score).abs() < 1e-4,
+                "V={v} chain {c}: {} vs {true_score}",
+                bs[c]
+            );
+        }
+    }
+}
+
 // ------------------------------------------------------------------------ logits sampling
 
 #[test]
@@ -922,6 +968,36 @@ fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
                 assert!(n > b / 4, "{row:?} {o:?}: token {t} drawn {n} of {b} times");
             }
         }
+    }
+}
+
+/// Logits rows that fit a binding only a few at a time run in chunks of rows, one row's size
+/// being a whole multiple of the offset alignment: each chunk starts at any row.
+#[test]
+fn sampling_splits_rows_past_the_binding_limit() {
+    let Some(_) = gpu() else { return };
+    let ctx = &small_binding_context(8192);
+    let align = ctx.limits().min_storage_buffer_offset_alignment as usize;
+    // A row of 16 x align bytes; the 8 KiB binding holds fewer rows than the alignment counts
+    // bytes, which the chunking once required.
+    let (b, v) = (70usize, 4 * align);
+    assert!(8192 / (4 * v) < align && b * v * 4 > 8192);
+    let logits = random(b * v, 17, -3.0, 3.0);
+    let x = ctx.upload(&logits, [b, v]).unwrap();
+    for o in [
+        SampleOptions::default(),
+        SampleOptions {
+            top_k: 9,
+            top_p: 0.8,
+            seed: 4,
+            step: 2,
+            ..Default::default()
+        },
+    ] {
+        let got = ctx.sample_logits(&x, &o).unwrap().download().unwrap();
+        let want = reference::sample_logits(&logits, &[b, v], &o).unwrap();
+        let a = agreement(&got, &want);
+        assert!(a >= 0.999, "{o:?}: agreement {a}");
     }
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{gpu, random};
+use common::{gpu, random, small_binding_context};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use seq_kernels::kernels::rope::{yarn_range, MAX_POSITION};
@@ -1034,26 +1034,6 @@ fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
 }
 
 // ---------------------------------------------------------------- binding limits
-
-/// A context on the default adapter whose storage bindings are limited to `max` bytes.
-fn small_binding_context(max: u64) -> Context {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapter = pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
-        &instance, None,
-    ))
-    .unwrap();
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_features: adapter.features() & seq_kernels::context::OPTIONAL_FEATURES,
-        required_limits: wgpu::Limits {
-            max_storage_buffer_binding_size: max,
-            ..adapter.limits()
-        },
-        ..Default::default()
-    }))
-    .unwrap();
-    Context::from_device(device, queue)
-}
 
 #[test]
 fn gpu_splits_bindings_past_the_device_limit() {

@@ -32,6 +32,32 @@ pub fn gpu() -> Option<&'static Context> {
     ctx.as_ref()
 }
 
+/// A second context on the test adapter, with its optional features, whose storage bindings
+/// hold at most `max` bytes, so that calls must split their work across bindings.
+pub fn small_binding_context(max: u64) -> Context {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
+        &instance, None,
+    ))
+    .expect("the adapter of the GPU tests");
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_features: adapter.features() & seq_kernels::context::OPTIONAL_FEATURES,
+        required_limits: wgpu::Limits {
+            max_storage_buffer_binding_size: max,
+            ..adapter.limits()
+        },
+        ..Default::default()
+    }))
+    .expect("a device with smaller storage bindings");
+    assert_eq!(
+        device.limits().max_storage_buffer_binding_size,
+        max,
+        "the device must keep the smaller binding limit, or nothing is split"
+    );
+    Context::from_device(device, queue)
+}
+
 /// Deterministic pseudo-random values in [lo, hi).
 pub use seq_kernels::reference::random_values as random;
 
