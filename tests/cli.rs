@@ -256,6 +256,36 @@ fn bench_softmax_quick_as_json() {
     }
 }
 
+/// `bench sample` (a KERNEL of spec section 6) times the sampler alone: the copy row, then
+/// sample rows only, each GPU row beside its CPU reference row.
+#[test]
+fn bench_sample_quick_as_json() {
+    let Some(_) = common::gpu() else { return };
+    let o = seqk(&["bench", "sample", "--quick", "--json"]);
+    assert!(o.status.success(), "bench failed: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json is JSON");
+    let rows = v["results"].as_array().expect("results array");
+    assert_eq!(rows[0]["kernel"], "copy", "{v:#}");
+    assert!(rows.len() > 1, "no sample rows: {v:#}");
+    for r in &rows[1..] {
+        assert_eq!(r["kernel"], "sample", "{r:#}");
+        assert_eq!(r["rate_unit"], "tokens/s", "{r:#}");
+        assert!(
+            r["rate"].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
+            "{r:#}"
+        );
+    }
+    let cpu = rows[1..]
+        .iter()
+        .filter(|r| r["case"].as_str().is_some_and(|c| c.contains(" cpu (")))
+        .count();
+    assert_eq!(
+        2 * cpu,
+        rows.len() - 1,
+        "a CPU row beside each GPU row: {v:#}"
+    );
+}
+
 /// No adapter: asking wgpu for Metal where it is not compiled in (Linux, Windows) leaves
 /// none. Every command that needs a device exits 1 with one line naming how to get one.
 #[cfg(not(target_vendor = "apple"))]

@@ -66,7 +66,7 @@ enum Command {
     },
     /// GPU time, GB/s or FLOP/s, and the ratio to the copy kernel's bandwidth.
     Bench {
-        /// Kernel families to run (default: all).
+        /// Kernels to run (default: all).
         kernels: Vec<String>,
         #[arg(long)]
         json: bool,
@@ -125,7 +125,7 @@ fn usage(msg: impl Into<String>) -> CliError {
     CliError::Usage(msg.into())
 }
 
-/// A kernel family's entries in `verify` and `bench`.
+/// A kernel's entries in `verify` and `bench`; its name is a KERNEL of `bench` and `run`.
 struct Family {
     name: &'static str,
     verify: fn(&Context, bool) -> Result<Vec<Check>, Error>,
@@ -147,6 +147,11 @@ const FAMILIES: &[Family] = &[
         name: "gibbs",
         verify: gibbs::verify,
         bench: gibbs::bench,
+    },
+    Family {
+        name: "sample",
+        verify: gibbs::verify_sample,
+        bench: gibbs::bench_sample,
     },
     Family {
         name: "attention",
@@ -337,7 +342,7 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
         "flash" => flash::run(&mut io)?,
         k => {
             return Err(usage(format!(
-                "run: unknown kernel {k:?}; known: {}, sample",
+                "run: unknown kernel {k:?}; known: {}",
                 names()
             )))
         }
