@@ -302,6 +302,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         softcap: io.set("softcap", 0.0)?,
         ..Default::default()
     };
+    let want_lse = io.wants_out2("lse");
     io.check_unused()?;
     let mask: Option<(Vec<bool>, Vec<usize>)> = mask
         .map(|m| {
@@ -321,7 +322,6 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         &opts,
     )?;
     let shapes = [q.shape.clone(), k.shape.clone(), v.shape.clone()];
-    let want_lse = io.wants_out2("lse");
     let mask_ref = mask.as_ref().map(|(m, sh)| (m.as_slice(), sh.as_slice()));
     let (out, lse) = if io.cpu {
         let r = reference::attention(

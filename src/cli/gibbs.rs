@@ -457,13 +457,15 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let pair_b = io.input("pair_b");
     let init = io.required("init", "[b, L] int32")?;
     let clamp = io.input("clamp");
+    // Both asked about (no short circuit), so check_unused knows both names.
+    let (best, best_score) = (io.wants_out2("best"), io.wants_out2("best_score"));
     let opts = GibbsOptions {
         sweeps: io.set("sweeps", 100)?,
         temperature: io.set("temperature", 1.0)?,
         anneal_to: io.set_opt("anneal_to")?,
         seed: io.set("seed", 0)?,
         first_sweep: io.set("first_sweep", 0)?,
-        track_best: io.wants_out2("best") || io.wants_out2("best_score"),
+        track_best: best || best_score,
     };
     io.check_unused()?;
     opts.validate()?;

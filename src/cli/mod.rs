@@ -358,6 +358,7 @@ pub struct RunIo {
     used_sets: Vec<String>,
     out: PathBuf,
     out2: BTreeMap<String, PathBuf>,
+    offered_out2: Vec<String>,
     /// Run the CPU reference instead of the GPU.
     pub cpu: bool,
     options: ContextOptions,
@@ -393,6 +394,7 @@ impl RunIo {
             used_sets: Vec::new(),
             out: args.out.clone(),
             out2,
+            offered_out2: Vec::new(),
             cpu: args.cpu,
             options: options.clone(),
         })
@@ -444,8 +446,10 @@ impl RunIo {
             .map_err(|e| CliError::Failure(format!("writing {}: {e}", self.out.display())))
     }
 
-    /// Whether a secondary output was asked for.
-    pub fn wants_out2(&self, name: &str) -> bool {
+    /// Whether a secondary output was asked for. Handlers ask about every secondary output
+    /// they offer before `check_unused`, which refuses the names nobody asked about.
+    pub fn wants_out2(&mut self, name: &str) -> bool {
+        self.offered_out2.push(name.to_string());
         self.out2.contains_key(name)
     }
 
@@ -458,8 +462,9 @@ impl RunIo {
         Ok(())
     }
 
-    /// Fails on inputs, options or outputs the kernel did not take (likely typos). Handlers
-    /// call it after reading their inputs and options, before computing anything.
+    /// Fails on inputs, options or secondary outputs the kernel did not take (likely typos).
+    /// Handlers call it after reading their inputs and options and asking about their
+    /// secondary outputs, before computing or writing anything.
     pub fn check_unused(&self) -> Result<(), CliError> {
         if let Some(name) = self.inputs.keys().next() {
             return Err(usage(format!("unknown input {name:?} for this kernel")));
@@ -469,14 +474,20 @@ impl RunIo {
                 "unknown option --set {key}=... for this kernel"
             )));
         }
+        if let Some(name) = self.out2.keys().find(|k| !self.offered_out2.contains(k)) {
+            return Err(usage(format!(
+                "unknown secondary output {name:?} for this kernel"
+            )));
+        }
         Ok(())
     }
 
     fn finish(&self) -> Result<(), CliError> {
         self.check_unused()?;
+        // A secondary output asked for and offered but never written is a handler's bug.
         if let Some(name) = self.out2.keys().next() {
-            return Err(usage(format!(
-                "unknown secondary output {name:?} for this kernel"
+            return Err(CliError::Failure(format!(
+                "secondary output {name:?} was not written"
             )));
         }
         Ok(())
