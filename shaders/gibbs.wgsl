@@ -37,7 +37,9 @@ const FLAG_UNARY_PER_CHAIN: u32 = 1u;
 const FLAG_CLAMP: u32 = 2u;
 const FLAG_CLAMP_PER_CHAIN: u32 = 4u;
 const FLAG_BEST_INIT: u32 = 8u;
-const SENTINEL: f32 = -3.0e38;
+// The lowest finite f32, not -3.0e38: finite logits below -3.0e38 (f32::MIN as a mask value)
+// must still compare above it, or the argmax and the sampler's row maximum lose them.
+const SENTINEL: f32 = -0x1.fffffep+127f;
 const NONE: u32 = 0xffffffffu;
 // Candidate index of a lane without the maximum, for the min-index reduction (as -index).
 const NO_CANDIDATE: f32 = -16777216.0;
@@ -45,11 +47,11 @@ const NO_CANDIDATE: f32 = -16777216.0;
 @group(0) @binding(0) var<storage, read> unary: array<f32>;        // [L, V] or [b, L, V]; logits [b, V]
 @group(0) @binding(1) var<storage, read> pair_a: array<f32>;       // W [V, V] or A [V, r]
 @group(0) @binding(2) var<storage, read> pair_b: array<f32>;       // B [V, r] (dense: unused)
-@group(0) @binding(3) var<storage, read_write> tokens: array<u32>; // [b, L]; samples [b]
+@group(0) @binding(3) var<storage, read_write> tokens: array<u32>; // [b, L]; samples [b] (all rows)
 @group(0) @binding(4) var<storage, read> clamp_mask: array<u32>;   // [L] or [b, L] bytes, 4 per word
 @group(0) @binding(5) var<uniform> p: Params;
 @group(0) @binding(6) var<storage, read_write> best_tokens: array<u32>; // [b, L]
-@group(0) @binding(7) var<storage, read_write> best_score: array<f32>;  // [b]
+@group(0) @binding(7) var<storage, read_write> best_score: array<f32>;  // [b] (all chains)
 @group(0) @binding(8) var<storage, read> proposal: array<u32>;          // MH: y [b, L]
 @group(0) @binding(9) var<storage, read_write> score_x: array<f32>;     // MH: score(x) [b]
 @group(0) @binding(10) var<storage, read> score_y: array<f32>;          // MH: score(y) [b]
@@ -192,14 +194,18 @@ fn sweep_thread(
 }
 
 // Workgroup argmax of (z, v) with ties to the lowest v: the maximum, then the lowest index
-// among the lanes holding it. Call in uniform control flow.
+// among the lanes holding it. Call in uniform control flow. Lanes without a candidate hold
+// SENTINEL, at or below every finite z, so some candidate holds the maximum; only
+// non-finite z (outside WGSL's finite math) can leave none, and then the result is token 0,
+// the lowest of a row that ties throughout, never an index outside the vocabulary.
 fn workgroup_argmax(b: Best, lanes: Lanes) -> u32 {
     let m = reduce_max_sum(vec2<f32>(b.z, 0.0), lanes).x;
     var cand = NO_CANDIDATE;
     if (b.v != NONE && b.z == m) {
         cand = -f32(b.v);
     }
-    return u32(-reduce_max_sum(vec2<f32>(cand, 0.0), lanes).x);
+    let v = u32(-reduce_max_sum(vec2<f32>(cand, 0.0), lanes).x);
+    return select(0u, v, v < p.vocab);
 }
 
 // ---- large V: one workgroup per site, tokens in blocks of 4 (one Philox call) per lane ----
@@ -247,8 +253,11 @@ fn chain_score(
         }
         prev = x;
     }
-    if (has(FLAG_BEST_INIT) || s > best_score[c]) {
-        best_score[c] = s;
+    // Scores and samples, 4 bytes a row, are bound whole and indexed by the global row, so
+    // chunk starts need not make their offsets aligned.
+    let g = p.chain_offset + c;
+    if (has(FLAG_BEST_INIT) || s > best_score[g]) {
+        best_score[g] = s;
         for (var i = 0u; i < p.len; i++) {
             best_tokens[row + i] = tokens[row + i];
         }
@@ -257,9 +266,13 @@ fn chain_score(
 
 // ---- sampling from given logits [b, V]: temperature, then top-k, then top-p ----
 
-// Order-preserving map of a finite f32 to u32.
+// Order-preserving map of a finite f32 to u32; -0.0 takes +0.0's key, as the two compare
+// equal (a tie at the top-k / top-p threshold keeps both).
 fn order_key(x: f32) -> u32 {
-    let u = bitcast<u32>(x);
+    var u = bitcast<u32>(x);
+    if (u == 0x80000000u) {
+        u = 0u;
+    }
     if ((u & 0x80000000u) != 0u) {
         return ~u;
     }
@@ -351,7 +364,7 @@ fn sample_logits(
     }
     let v = workgroup_argmax(b, lanes);
     if (lid == 0u) {
-        tokens[row] = v;
+        tokens[p.chain_offset + row] = v;
     }
 }
 

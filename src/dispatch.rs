@@ -133,25 +133,48 @@ pub fn binding_chunks(
     max_binding: u64,
     offset_align: u64,
 ) -> Result<Vec<Range<u64>>> {
-    let row_bytes = row_elems * max_elem_bytes;
-    if row_bytes > max_binding {
+    // Any element size: the widest sets the binding size, one-byte elements the alignment.
+    row_chunks(
+        rows,
+        &[row_elems * max_elem_bytes, row_elems],
+        max_binding,
+        offset_align,
+    )
+}
+
+/// Splits `rows` rows into consecutive row ranges bound one range at a time, where
+/// `row_bytes` lists the bytes per row of each tensor so bound: every tensor's range fits in
+/// one binding of `max_binding` bytes and starts at a byte offset that is a multiple of
+/// `offset_align`. Rows per chunk are a multiple of the fewest rows that keep all of them
+/// aligned (1 when every row size is a multiple of the alignment).
+pub fn row_chunks(
+    rows: u64,
+    row_bytes: &[u64],
+    max_binding: u64,
+    offset_align: u64,
+) -> Result<Vec<Range<u64>>> {
+    let widest = row_bytes.iter().copied().max().unwrap_or(0);
+    if widest > max_binding {
         return Err(Error::LimitExceeded {
             limit: "max_storage_buffer_binding_size",
-            needed: row_bytes,
+            needed: widest,
             max: max_binding,
         });
     }
-    if rows * row_bytes <= max_binding {
+    if rows * widest <= max_binding {
         return Ok(std::iter::once(0..rows).collect());
     }
-    // Rows per chunk must keep every chunk start aligned whatever the element size:
-    // rows * row_elems must be a multiple of the alignment.
-    let step = offset_align / gcd(row_elems, offset_align);
-    let per_chunk = (max_binding / row_bytes) / step * step;
+    // r rows of b bytes start aligned iff r is a multiple of align / gcd(b, align).
+    let align = offset_align.max(1);
+    let step = row_bytes.iter().fold(1, |step, &b| {
+        let need = align / gcd(b, align);
+        step / gcd(step, need) * need
+    });
+    let per_chunk = (max_binding / widest) / step * step;
     if per_chunk == 0 {
         return Err(Error::LimitExceeded {
             limit: "max_storage_buffer_binding_size",
-            needed: step * row_bytes,
+            needed: step * widest,
             max: max_binding,
         });
     }
@@ -268,5 +291,35 @@ mod tests {
             Err(Error::LimitExceeded { .. })
         ));
         assert_eq!(binding_chunks(3, 1, 4, 1024, 256).unwrap(), vec![0..3]);
+    }
+
+    #[test]
+    fn row_chunks_step_only_as_far_as_alignment_needs() {
+        // Rows of 1024 and 16 bytes, 32-byte alignment: 2 rows keep both aligned, so a
+        // 3-row binding takes 2 at a time (not 0, as rounding to 32 rows would).
+        assert_eq!(
+            row_chunks(5, &[1024, 16], 3 * 1024, 32).unwrap(),
+            vec![0..2, 2..4, 4..5]
+        );
+        // Rows that are whole multiples of the alignment split one row at a time.
+        assert_eq!(
+            row_chunks(3, &[1024], 1024, 32).unwrap(),
+            vec![0..1, 1..2, 2..3]
+        );
+        // A 4-byte row needs 8 rows per step; 2 rows of the widest fit: refused, naming the
+        // 8 rows it would take.
+        assert!(matches!(
+            row_chunks(5, &[1024, 4], 2 * 1024, 32),
+            Err(Error::LimitExceeded { needed: 8192, .. })
+        ));
+        // Every chunk start is aligned for every tensor.
+        let chunks = row_chunks(300, &[96, 12, 3], 130 * 96, 64).unwrap();
+        assert_eq!(chunks.len(), 3);
+        for c in chunks {
+            for b in [96, 12, 3] {
+                assert_eq!((c.start * b) % 64, 0, "{c:?}");
+            }
+            assert!((c.end - c.start) * 96 <= 130 * 96);
+        }
     }
 }

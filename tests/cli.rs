@@ -256,6 +256,86 @@ fn bench_softmax_quick_as_json() {
     }
 }
 
+/// `bench sample` (a KERNEL of spec section 6) times the sampler alone: the copy row, then
+/// sample rows only, each GPU row beside its CPU reference row.
+#[test]
+fn bench_sample_quick_as_json() {
+    let Some(_) = common::gpu() else { return };
+    let o = seqk(&["bench", "sample", "--quick", "--json"]);
+    assert!(o.status.success(), "bench failed: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json is JSON");
+    let rows = v["results"].as_array().expect("results array");
+    assert_eq!(rows[0]["kernel"], "copy", "{v:#}");
+    assert!(rows.len() > 1, "no sample rows: {v:#}");
+    for r in &rows[1..] {
+        assert_eq!(r["kernel"], "sample", "{r:#}");
+        assert_eq!(r["rate_unit"], "tokens/s", "{r:#}");
+        assert!(
+            r["rate"].as_f64().is_some_and(|x| x > 0.0 && x.is_finite()),
+            "{r:#}"
+        );
+    }
+    let cpu = rows[1..]
+        .iter()
+        .filter(|r| r["case"].as_str().is_some_and(|c| c.contains(" cpu (")))
+        .count();
+    assert_eq!(
+        2 * cpu,
+        rows.len() - 1,
+        "a CPU row beside each GPU row: {v:#}"
+    );
+}
+
+/// An unknown `--out2` name is bad input found with unknown inputs and options, before
+/// anything is computed: exit 2 with one line naming it, and no output file written. The
+/// names a kernel offers still work, all of them together.
+#[test]
+fn unknown_secondary_output_exits_2_before_writing() {
+    let d = dir("out2");
+    let p = |f: &str| d.join(f).display().to_string();
+    save(&d.join("x.npy"), &[2, 3], &[1.0f32; 6], npyz::Order::C);
+    save(&d.join("u.npy"), &[3, 2], &[0.5f32; 6], npyz::Order::C);
+    save(&d.join("w.npy"), &[2, 2], &[0.0f32; 4], npyz::Order::C);
+    save(&d.join("t.npy"), &[2, 3], &[1i32; 6], npyz::Order::C);
+    let (x, u, w, t) = (
+        format!("x={}", p("x.npy")),
+        format!("unary={}", p("u.npy")),
+        format!("pairwise={}", p("w.npy")),
+        format!("init={}", p("t.npy")),
+    );
+    let softmax = vec!["run", "softmax", "--in", x.as_str()];
+    let gibbs = vec!["run", "gibbs", "--in", &u, "--in", &w, "--in", &t];
+    for (kernel_args, name) in [(&softmax, "lse"), (&gibbs, "bset")] {
+        let (out, out2) = (p("out.npy"), format!("{name}={}", p("out2.npy")));
+        let mut args = kernel_args.clone();
+        args.extend(["--cpu", "--out", &out, "--out2", &out2]);
+        let o = seqk(&args);
+        let msg = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {msg}");
+        assert_eq!(msg.lines().count(), 1, "{args:?}: {msg}");
+        assert!(
+            msg.contains(&format!("unknown secondary output {name:?}")),
+            "{args:?}: {msg}"
+        );
+        for f in ["out.npy", "out2.npy"] {
+            assert!(!d.join(f).exists(), "{args:?} wrote {f}");
+        }
+    }
+    let (out, best, score) = (
+        p("out.npy"),
+        format!("best={}", p("best.npy")),
+        format!("best_score={}", p("score.npy")),
+    );
+    let mut args = gibbs.clone();
+    args.extend(["--cpu", "--out", &out, "--out2", &best, "--out2", &score]);
+    let o = seqk(&args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    for f in ["out.npy", "best.npy", "score.npy"] {
+        assert!(d.join(f).exists(), "{args:?} did not write {f}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// No adapter: asking wgpu for Metal where it is not compiled in (Linux, Windows) leaves
 /// none. Every command that needs a device exits 1 with one line naming how to get one.
 #[cfg(not(target_vendor = "apple"))]

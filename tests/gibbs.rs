@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{gpu, random};
+use common::{gpu, random, small_bindings};
 use seq_kernels::kernels::gibbs::{chain_shape, philox_gpu};
 use seq_kernels::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use seq_kernels::{
@@ -654,6 +654,138 @@ fn same_seed_same_output() {
     assert_ne!(a, c, "a different seed gave the same chains");
 }
 
+// ------------------------------------------------------- edge values, buffers, binding limits
+
+/// Unary energies below the shaders' old sentinel (-3.0e38) still give a token of the
+/// vocabulary, the reference's: site 0 holds f32::MIN for every token (ties: token 0), site 2
+/// also but -3.2e38 at token 3 (itself below -3.0e38, it must win). W of a few units cannot
+/// move values this large, nor can Gumbel noise, so these two sites are exact at any T; the
+/// rest are ordinary sites. One invocation per site (V <= 64) and one workgroup per site.
+#[test]
+fn energies_below_the_sentinel_give_the_reference_token() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l) = (3usize, 4usize);
+    for v in [5usize, 64, 65, 300] {
+        let mut unary = random(l * v, 91, -1.0, 1.0);
+        unary[..v].fill(f32::MIN);
+        unary[2 * v..3 * v].fill(f32::MIN);
+        unary[2 * v + 3] = -3.2e38;
+        let w = random(v * v, 92, -1.0, 1.0);
+        let m = Model {
+            unary: ctx.upload(&unary, [l, v]).unwrap(),
+            pa: ctx.upload(&w, [v, v]).unwrap(),
+            pb: None,
+            host: HostModel {
+                unary,
+                unary_shape: vec![l, v],
+                pairwise: HostPairwise::Dense(w),
+            },
+        };
+        let init = random_tokens(b * l, v, 93);
+        for temperature in [0.0, 1.0] {
+            let opts = GibbsOptions {
+                sweeps: 2,
+                temperature,
+                seed: 94,
+                ..Default::default()
+            };
+            let (got, _) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+            let mut want = init.clone();
+            reference::gibbs(&m.host, &mut want, &[b, l], None, &opts).unwrap();
+            for c in 0..b {
+                assert_eq!(
+                    (want[c * l], want[c * l + 2]),
+                    (0, 3),
+                    "V={v} T={temperature}: the reference"
+                );
+            }
+            assert_eq!(got, want, "V={v} T={temperature}");
+        }
+    }
+}
+
+/// An initial state whose buffer is larger than the tensor (as `GpuTensor::from_buffer`
+/// allows) runs like the same state uploaded on its own.
+#[test]
+fn initial_state_in_a_larger_buffer() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (2usize, 3usize, 4usize);
+    let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, 95);
+    let init = random_tokens(b * l, v, 96);
+    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 256,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let big = GpuTensor::<u32>::from_buffer(ctx, buffer, [b, l]).unwrap();
+    big.write(&init).unwrap();
+    let opts = GibbsOptions {
+        sweeps: 3,
+        seed: 97,
+        ..Default::default()
+    };
+    let got = ctx
+        .gibbs(&m.gpu(), &big, None, &opts)
+        .unwrap()
+        .tokens
+        .download()
+        .unwrap();
+    let (plain, _) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+    assert_eq!(got, plain);
+    let mut want = init.clone();
+    reference::gibbs(&m.host, &mut want, &[b, l], None, &opts).unwrap();
+    assert_eq!(got, want);
+}
+
+/// Per-chain unary, clamp masks and best states that fit a binding only a few chains at a
+/// time run in chunks of chains. L is the offset alignment, so every per-chain row is a
+/// whole multiple of it and a chunk may start at any chain; the binding holds 3 chains, fewer
+/// than the alignment counts bytes, which the chunking once required. Both sweep paths.
+#[test]
+fn chains_split_past_the_binding_limit() {
+    let Some(gpu_ctx) = gpu() else { return };
+    let l = gpu_ctx.limits().min_storage_buffer_offset_alignment as usize;
+    let b = 7;
+    for v in [16usize, 80] {
+        let chain_bytes = (l * v * 4) as u64;
+        let ctx = &small_bindings(3 * chain_bytes + 256);
+        assert_eq!(ctx.limits().min_storage_buffer_offset_alignment as usize, l);
+        let m = Model::new(ctx, Some(b), l, v, 0, 1.0, 1.0, 98);
+        let init = random_tokens(b * l, v, 99);
+        let mask = common::random_mask(b * l, 100, 0.3);
+        let opts = GibbsOptions {
+            sweeps: 3,
+            temperature: 1.5,
+            seed: 101,
+            track_best: true,
+            ..Default::default()
+        };
+        let clamp = Some((&mask[..], &[b, l][..]));
+        let (got, best) = run_gpu(ctx, &m, &init, [b, l], clamp, &opts);
+        let (bt, bs) = best.unwrap();
+        let mut want = init.clone();
+        let host_best = reference::gibbs(&m.host, &mut want, &[b, l], clamp, &opts)
+            .unwrap()
+            .unwrap();
+        let a = agreement(&got, &want);
+        assert!(a >= 0.999, "V={v}: agreement {a}");
+        let a = agreement(&bt, &host_best.tokens);
+        assert!(a >= 0.999, "V={v}: best-state agreement {a}");
+        // Every chain's score lands in its own slot (f32 sums of O(1) terms: 1e-4).
+        for c in 0..b {
+            let true_score = m.host.score(c, &bt[c * l..(c + 1) * l]);
+            assert!(
+                (bs[c] as f64 - true_score).abs() < 1e-4,
+                "V={v} chain {c}: {} vs {true_score}",
+                bs[c]
+            );
+        }
+    }
+}
+
 // ------------------------------------------------------------------------ logits sampling
 
 #[test]
@@ -746,6 +878,126 @@ fn sampling_frequencies_match_the_truncated_softmax() {
             p > 1e-4,
             "{o:?}: p = {p:e}, counts {counts:?}, probs {probs:?}"
         );
+    }
+}
+
+/// Logits below the shaders' old sentinel (-3.0e38), such as f32::MIN used as a mask value,
+/// still give a token of the vocabulary, the reference's: token 0 where a whole row ties
+/// (ties go to the lowest v), and the largest where one entry stands above f32::MIN
+/// (-3.2e38, itself below -3.0e38). Gumbel noise (|T g| of a few units) cannot move values
+/// this large, so the answers are exact at T > 0 too. V below and above the workgroup size.
+#[test]
+fn logits_below_the_sentinel_give_the_reference_token() {
+    let Some(ctx) = gpu() else { return };
+    let opts = [
+        SampleOptions {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        SampleOptions::default(),
+        SampleOptions {
+            top_k: 2,
+            seed: 2,
+            ..Default::default()
+        },
+        SampleOptions {
+            top_p: 0.5,
+            temperature: 0.7,
+            seed: 3,
+            ..Default::default()
+        },
+    ];
+    for v in [5usize, 300] {
+        // Row 0: all f32::MIN; row r > 0: f32::MIN but -3.2e38 at token (7 r) % V.
+        let b = 4;
+        let mut logits = vec![f32::MIN; b * v];
+        for r in 1..b {
+            logits[r * v + (7 * r) % v] = -3.2e38;
+        }
+        let x = ctx.upload(&logits, [b, v]).unwrap();
+        for o in &opts {
+            let got = ctx.sample_logits(&x, o).unwrap().download().unwrap();
+            let want = reference::sample_logits(&logits, &[b, v], o).unwrap();
+            let expect: Vec<u32> = (0..b).map(|r| ((7 * r) % v) as u32).collect();
+            assert_eq!(want, expect, "V={v} {o:?}: the reference");
+            assert_eq!(got, want, "V={v} {o:?}");
+        }
+        // -inf lies outside WGSL's finite math (spec section 0), so only the firm promise is
+        // checked: a token inside the vocabulary.
+        let inf = vec![f32::NEG_INFINITY; b * v];
+        let x = ctx.upload(&inf, [b, v]).unwrap();
+        for o in &opts[..3] {
+            let got = ctx.sample_logits(&x, o).unwrap().download().unwrap();
+            assert!(
+                got.iter().all(|&t| (t as usize) < v),
+                "V={v} {o:?}: {got:?}"
+            );
+        }
+    }
+}
+
+/// -0.0 and +0.0 are equal logits, so a threshold at one keeps the other (the reference's
+/// IEEE >=): with top_k = 1 or a top_p that the first zero reaches, both zeros stay in the
+/// kept set and are drawn about equally often, as the reference draws them.
+#[test]
+fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
+    let Some(ctx) = gpu() else { return };
+    let b = 400;
+    for row in [[-0.0f32, 0.0, -5.0], [0.0, -0.0, -5.0]] {
+        let logits: Vec<f32> = (0..b).flat_map(|_| row).collect();
+        let x = ctx.upload(&logits, [b, 3]).unwrap();
+        for o in [
+            SampleOptions {
+                top_k: 1,
+                seed: 1,
+                ..Default::default()
+            },
+            SampleOptions {
+                top_p: 0.3,
+                seed: 1,
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(reference::kept_tokens(&row, &o), [true, true, false]);
+            let got = ctx.sample_logits(&x, &o).unwrap().download().unwrap();
+            let want = reference::sample_logits(&logits, &[b, 3], &o).unwrap();
+            let a = agreement(&got, &want);
+            assert!(a >= 0.999, "{row:?} {o:?}: agreement {a}");
+            for t in [0, 1] {
+                let n = got.iter().filter(|&&x| x == t).count();
+                assert!(n > b / 4, "{row:?} {o:?}: token {t} drawn {n} of {b} times");
+            }
+        }
+    }
+}
+
+/// Logits rows that fit a binding only a few at a time run in chunks of rows, one row's size
+/// being a whole multiple of the offset alignment: each chunk starts at any row.
+#[test]
+fn sampling_splits_rows_past_the_binding_limit() {
+    let Some(_) = gpu() else { return };
+    let ctx = &small_bindings(8192);
+    let align = ctx.limits().min_storage_buffer_offset_alignment as usize;
+    // A row of 16 x align bytes; the 8 KiB binding holds fewer rows than the alignment counts
+    // bytes, which the chunking once required.
+    let (b, v) = (70usize, 4 * align);
+    assert!(8192 / (4 * v) < align && b * v * 4 > 8192);
+    let logits = random(b * v, 17, -3.0, 3.0);
+    let x = ctx.upload(&logits, [b, v]).unwrap();
+    for o in [
+        SampleOptions::default(),
+        SampleOptions {
+            top_k: 9,
+            top_p: 0.8,
+            seed: 4,
+            step: 2,
+            ..Default::default()
+        },
+    ] {
+        let got = ctx.sample_logits(&x, &o).unwrap().download().unwrap();
+        let want = reference::sample_logits(&logits, &[b, v], &o).unwrap();
+        let a = agreement(&got, &want);
+        assert!(a >= 0.999, "{o:?}: agreement {a}");
     }
 }
 

@@ -344,6 +344,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         softcap: io.set("softcap", 0.0)?,
         ..Default::default()
     };
+    let want_lse = io.wants_out2("lse");
     io.check_unused()?;
     // A float mask is additive, a bool or uint8 one boolean.
     let mask_shape = "[m, n] or [b|1, 1|hq, m, n]";
@@ -368,7 +369,6 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         &opts,
     )?;
     let shapes = [q.shape.clone(), k.shape.clone(), v.shape.clone()];
-    let want_lse = io.wants_out2("lse");
     let mask_ref = mask.as_ref().map(|(m, sh)| (m.host(), sh.as_slice()));
     let (out, lse) = if io.cpu {
         let r = reference::attention(

@@ -1,5 +1,6 @@
 //! `seqk` entries of the Gibbs family: `run gibbs`, `run sample`, their `verify` cases (GPU
-//! vs CPU agreement, chi-square against exact marginals) and `bench` cases (site updates/s).
+//! vs CPU agreement, chi-square against exact marginals) and `bench` cases (site updates/s,
+//! sampled tokens/s).
 
 use std::time::{Duration, Instant};
 
@@ -213,7 +214,12 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
             tolerance: 4.0,
         });
     }
-    // Logits sampling with temperature, top-k, top-p.
+    Ok(checks)
+}
+
+/// Logits sampling with temperature, top-k, top-p against the reference.
+pub fn verify_sample(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
+    let mut checks = Vec::new();
     for (i, o) in [
         SampleOptions::default(),
         SampleOptions {
@@ -252,12 +258,16 @@ const BENCH_CASES: [(usize, usize, usize, usize, usize); 3] = [
     (32000, 32, 64, 64, 1),
 ];
 
+/// Wall-clock budget of each CPU measurement: whole chains (rows) are timed one after
+/// another until it is spent, at least one, at most all of them.
+fn cpu_budget(quick: bool) -> Duration {
+    Duration::from_millis(if quick { 200 } else { 2000 })
+}
+
 /// Site updates per second of one chromatic sweep on the GPU, each beside the
-/// single-threaded CPU reference timed in the same run, then logits sampling likewise.
+/// single-threaded CPU reference timed in the same run.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
-    // Wall-clock budget of each CPU measurement: whole chains (rows) are timed one after
-    // another until it is spent, at least one, at most all of them.
-    let budget = Duration::from_millis(if quick { 200 } else { 2000 });
+    let budget = cpu_budget(quick);
     let mut rows = Vec::new();
     for (v, l, b, r, quick_b) in BENCH_CASES {
         let b = if quick { quick_b } else { b };
@@ -294,7 +304,18 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
             per_chain,
         ));
     }
-    // Logits sampling over a 32000-token vocabulary: plain temperature, then top-k + top-p.
+    Ok(rows)
+}
+
+/// Tokens per second of logits sampling over a 32000-token vocabulary (plain temperature,
+/// then top-k + top-p) on the GPU, each beside the single-threaded CPU reference.
+pub fn bench_sample(
+    ctx: &Context,
+    quick: bool,
+    baseline: &Baseline,
+) -> Result<Vec<BenchRow>, Error> {
+    let budget = cpu_budget(quick);
+    let mut rows = Vec::new();
     let (b, v) = if quick {
         (4usize, 32000usize)
     } else {
@@ -436,13 +457,15 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let pair_b = io.input("pair_b");
     let init = io.required("init", "[b, L] int32")?;
     let clamp = io.input("clamp");
+    // Both asked about (no short circuit), so check_unused knows both names.
+    let (best, best_score) = (io.wants_out2("best"), io.wants_out2("best_score"));
     let opts = GibbsOptions {
         sweeps: io.set("sweeps", 100)?,
         temperature: io.set("temperature", 1.0)?,
         anneal_to: io.set_opt("anneal_to")?,
         seed: io.set("seed", 0)?,
         first_sweep: io.set("first_sweep", 0)?,
-        track_best: io.wants_out2("best") || io.wants_out2("best_score"),
+        track_best: best || best_score,
     };
     io.check_unused()?;
     opts.validate()?;

@@ -66,7 +66,7 @@ enum Command {
     },
     /// GPU time, GB/s or FLOP/s, and the ratio to the copy kernel's bandwidth.
     Bench {
-        /// Kernel families to run (default: all).
+        /// Kernels to run (default: all).
         kernels: Vec<String>,
         #[arg(long)]
         json: bool,
@@ -125,7 +125,7 @@ fn usage(msg: impl Into<String>) -> CliError {
     CliError::Usage(msg.into())
 }
 
-/// A kernel family's entries in `verify` and `bench`.
+/// A kernel's entries in `verify` and `bench`; its name is a KERNEL of `bench` and `run`.
 struct Family {
     name: &'static str,
     verify: fn(&Context, bool) -> Result<Vec<Check>, Error>,
@@ -147,6 +147,11 @@ const FAMILIES: &[Family] = &[
         name: "gibbs",
         verify: gibbs::verify,
         bench: gibbs::bench,
+    },
+    Family {
+        name: "sample",
+        verify: gibbs::verify_sample,
+        bench: gibbs::bench_sample,
     },
     Family {
         name: "attention",
@@ -337,7 +342,7 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
         "flash" => flash::run(&mut io)?,
         k => {
             return Err(usage(format!(
-                "run: unknown kernel {k:?}; known: {}, sample",
+                "run: unknown kernel {k:?}; known: {}",
                 names()
             )))
         }
@@ -353,6 +358,7 @@ pub struct RunIo {
     used_sets: Vec<String>,
     out: PathBuf,
     out2: BTreeMap<String, PathBuf>,
+    offered_out2: Vec<String>,
     /// Run the CPU reference instead of the GPU.
     pub cpu: bool,
     options: ContextOptions,
@@ -388,6 +394,7 @@ impl RunIo {
             used_sets: Vec::new(),
             out: args.out.clone(),
             out2,
+            offered_out2: Vec::new(),
             cpu: args.cpu,
             options: options.clone(),
         })
@@ -439,8 +446,10 @@ impl RunIo {
             .map_err(|e| CliError::Failure(format!("writing {}: {e}", self.out.display())))
     }
 
-    /// Whether a secondary output was asked for.
-    pub fn wants_out2(&self, name: &str) -> bool {
+    /// Whether a secondary output was asked for. Handlers ask about every secondary output
+    /// they offer before `check_unused`, which refuses the names nobody asked about.
+    pub fn wants_out2(&mut self, name: &str) -> bool {
+        self.offered_out2.push(name.to_string());
         self.out2.contains_key(name)
     }
 
@@ -453,8 +462,9 @@ impl RunIo {
         Ok(())
     }
 
-    /// Fails on inputs, options or outputs the kernel did not take (likely typos). Handlers
-    /// call it after reading their inputs and options, before computing anything.
+    /// Fails on inputs, options or secondary outputs the kernel did not take (likely typos).
+    /// Handlers call it after reading their inputs and options and asking about their
+    /// secondary outputs, before computing or writing anything.
     pub fn check_unused(&self) -> Result<(), CliError> {
         if let Some(name) = self.inputs.keys().next() {
             return Err(usage(format!("unknown input {name:?} for this kernel")));
@@ -464,14 +474,20 @@ impl RunIo {
                 "unknown option --set {key}=... for this kernel"
             )));
         }
+        if let Some(name) = self.out2.keys().find(|k| !self.offered_out2.contains(k)) {
+            return Err(usage(format!(
+                "unknown secondary output {name:?} for this kernel"
+            )));
+        }
         Ok(())
     }
 
     fn finish(&self) -> Result<(), CliError> {
         self.check_unused()?;
+        // A secondary output asked for and offered but never written is a handler's bug.
         if let Some(name) = self.out2.keys().next() {
-            return Err(usage(format!(
-                "unknown secondary output {name:?} for this kernel"
+            return Err(CliError::Failure(format!(
+                "secondary output {name:?} was not written"
             )));
         }
         Ok(())

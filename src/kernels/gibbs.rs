@@ -29,7 +29,7 @@
 use std::ops::Range;
 
 use crate::context::Context;
-use crate::dispatch::{sub_binding as sub, Plan, Step};
+use crate::dispatch::{self, sub_binding as sub, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::{DType, Element, GpuTensor};
@@ -339,28 +339,11 @@ fn max_binding(ctx: &Context) -> u64 {
     ctx.limits().max_storage_buffer_binding_size.min(1 << 31) - 4
 }
 
-/// Splits `rows` rows of at most `row_bytes` bytes per tensor into chunks that fit one
-/// binding; chunk starts are multiples of the offset alignment in rows, so every per-row
-/// tensor (bytes, words, rows of V words) starts aligned.
-#[allow(clippy::single_range_in_vec_init)]
-fn row_chunks(ctx: &Context, rows: u64, row_bytes: u64) -> Result<Vec<Range<u64>>> {
-    let max = max_binding(ctx);
-    if rows * row_bytes <= max {
-        return Ok(vec![0..rows]);
-    }
-    let align = ctx.limits().min_storage_buffer_offset_alignment.max(4) as u64;
-    let per = (max / row_bytes) / align * align;
-    if per == 0 {
-        return Err(Error::LimitExceeded {
-            limit: "max_storage_buffer_binding_size",
-            needed: align * row_bytes,
-            max,
-        });
-    }
-    Ok((0..rows)
-        .step_by(per as usize)
-        .map(|r| r..(r + per).min(rows))
-        .collect())
+/// Splits `rows` rows into chunks whose per-row tensors (`row_bytes`: bytes per row of each)
+/// fit one binding and start at the device's offset alignment.
+fn row_chunks(ctx: &Context, rows: u64, row_bytes: &[u64]) -> Result<Vec<Range<u64>>> {
+    let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
+    dispatch::row_chunks(rows, row_bytes, max_binding(ctx), align)
 }
 
 fn check_fits(ctx: &Context, bytes: u64, what: &str) -> Result<()> {
@@ -472,8 +455,20 @@ impl Gibbs {
         } else {
             check_fits(ctx, v * r * 4, "")?;
         }
-        let row_bytes = if s.unary_per_chain { l * v * 4 } else { l * 4 };
-        let chunks = row_chunks(ctx, b, row_bytes)?;
+        // Per-chain tensors bound chunk by chunk: tokens, and where given per-chain unary,
+        // per-chain clamp bytes and best tokens. Best scores are bound whole.
+        let mut row_bytes = vec![l * 4];
+        if s.unary_per_chain {
+            row_bytes.push(l * v * 4);
+        }
+        if s.clamp == Some(true) {
+            row_bytes.push(l);
+        }
+        if best.is_some() {
+            row_bytes.push(l * 4);
+            check_fits(ctx, b * 4, "")?;
+        }
+        let chunks = row_chunks(ctx, b, &row_bytes)?;
 
         let mut plan = Plan::default();
         let dummy = ctx.scratch(16)?;
@@ -539,7 +534,7 @@ impl Gibbs {
                         (3, t_b),
                         (5, p_b),
                         (6, sub(bt.buffer(), rows.start * l * 4, n * l * 4)),
-                        (7, sub(bs.buffer(), rows.start * 4, n * 4)),
+                        (7, sub(bs.buffer(), 0, b * 4)),
                     ];
                     plan.push(Step::new(
                         ctx,
@@ -714,8 +709,10 @@ impl Sampler {
         let (seed_lo, seed_hi) = seed_words(self.opts.seed);
         let wg = group_wg(ctx, v.div_ceil(4));
         let sv = variant(ctx.has_subgroups(), "sample_logits", wg);
+        // Logits are bound chunk by chunk, the sampled tokens whole.
+        check_fits(ctx, b as u64 * 4, "")?;
         let mut plan = Plan::default();
-        for rows in row_chunks(ctx, b as u64, v as u64 * 4)? {
+        for rows in row_chunks(ctx, b as u64, &[v as u64 * 4])? {
             let n = rows.end - rows.start;
             let params = ctx.uniform(&Params {
                 chains: n as u32,
@@ -734,7 +731,7 @@ impl Sampler {
                     0,
                     sub(logits.buffer(), rows.start * v as u64 * 4, n * v as u64 * 4),
                 ),
-                (3, sub(out.buffer(), rows.start * 4, n * 4)),
+                (3, sub(out.buffer(), 0, b as u64 * 4)),
                 (5, params.as_entire_buffer_binding()),
             ];
             plan.push(Step::new(ctx, &sv, &bindings, n)?);
@@ -986,7 +983,8 @@ impl Context {
             best.as_ref().map(|(t, s)| (t, s)),
         )?;
         let mut encoder = self.encoder();
-        encoder.copy_buffer_to_buffer(init.buffer(), 0, tokens.buffer(), 0, init.buffer().size());
+        // The tensor's bytes, not its buffer's: a buffer may be larger than its tensor.
+        encoder.copy_buffer_to_buffer(init.buffer(), 0, tokens.buffer(), 0, init.bytes());
         plan.encode(&mut encoder);
         self.submit_and_wait(encoder)?;
         Ok(GibbsOutput { tokens, best })
