@@ -24,7 +24,7 @@ const FLAG_LSE: u32 = 4u;
 const FLAG_ADDITIVE: u32 = 8u;   // the mask holds f32 terms (bits), not bytes
 // The lowest finite f32: every finite score is at least this, so a row whose scores all lie
 // below -3e38 still finds its maximum (a higher sentinel would read it as fully masked).
-const SENTINEL: f32 = -3.4028234663852886e38;
+const SENTINEL: f32 = -0x1.fffffep+127f;
 const NEG_INF_BITS: u32 = 0xff800000u;
 
 @group(0) @binding(0) var<storage, read> q: array<elem>;

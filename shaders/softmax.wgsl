@@ -26,7 +26,7 @@ const FLAG_CAUSAL: u32 = 4u;
 const FLAG_PLUS: u32 = 8u;
 // The lowest finite f32: every finite logit is at least this, so rows whose valid logits all
 // lie below -3e38 still find their maximum (a higher sentinel would win the max: 0 / 0).
-const SENTINEL: f32 = -3.4028234663852886e38;
+const SENTINEL: f32 = -0x1.fffffep+127f;
 const NEG_INF_BITS: u32 = 0xff800000u;
 const LOG_512: f32 = 6.2383246250395077;
 
