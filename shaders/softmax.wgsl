@@ -13,7 +13,7 @@ struct Params {
     rows: u32,         // rows in this binding chunk
     n: u32,            // row length
     m: u32,            // causal: queries per [m, n] matrix
-    row_offset: u32,   // global index of this chunk's first row (causal query index)
+    row_offset: u32,   // causal query index of this chunk's first row (global row mod m)
     alpha: f32,        // scale / temperature
     flags: u32,        // FLAG_*
     tiles: u32,        // long rows: tiles per row
@@ -52,7 +52,7 @@ fn is_valid(r: u32, j: u32) -> bool {
     }
     if (has(FLAG_CAUSAL)) {
         // Query i may see key j iff j <= i + (n - m).
-        let i = (p.row_offset + r) % p.m;
+        let i = (p.row_offset + r % p.m) % p.m;   // < 2m <= 2^32: no wrap
         return i32(j) <= i32(i) + i32(p.n) - i32(p.m);
     }
     return true;
@@ -76,7 +76,7 @@ fn exp_scale(count: f32) -> f32 {
 // Valid entries of row r when no mask is involved (full row, or the causal band).
 fn band_count(r: u32) -> f32 {
     if (has(FLAG_CAUSAL)) {
-        let i = (p.row_offset + r) % p.m;
+        let i = (p.row_offset + r % p.m) % p.m;   // < 2m <= 2^32: no wrap
         return f32(clamp(i32(i) + i32(p.n) - i32(p.m) + 1, 0, i32(p.n)));
     }
     return f32(p.n);

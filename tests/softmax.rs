@@ -6,6 +6,7 @@ mod common;
 use common::{gpu, random, random_mask};
 use half::f16;
 use proptest::prelude::*;
+use seq_kernels::kernels::softmax::row_shape;
 use seq_kernels::reference::{row_error, softmax as reference};
 use seq_kernels::{Context, Error, GpuTensor, Softmax, SoftmaxOptions};
 
@@ -439,6 +440,18 @@ fn small_temperature_gives_one_hot() {
 
 #[test]
 fn bad_input_is_an_error() {
+    // Causal rows past i32 (the band j <= i + n - m is computed in i32): a named limit.
+    let causal = SoftmaxOptions {
+        causal: true,
+        ..Default::default()
+    };
+    for shape in [[1usize, 1 << 31, 1], [1, 1, 1 << 31]] {
+        assert!(matches!(
+            row_shape(&shape, None, &causal),
+            Err(Error::LimitExceeded { .. })
+        ));
+    }
+    assert!(row_shape(&[1, (1 << 31) - 1, 1], None, &causal).is_ok());
     let Some(ctx) = gpu() else { return };
     let x = ctx.upload(&[1.0f32; 6], [2, 3]).unwrap();
     let bad_t = |t: f32| {

@@ -124,6 +124,14 @@ pub fn row_shape(
     } else {
         1
     };
+    // The causal band is computed in i32 (j <= i + n - m).
+    if opts.causal && m.max(n) > i32::MAX as usize {
+        return Err(Error::LimitExceeded {
+            limit: "causal softmax m and n (i32 band arithmetic)",
+            needed: m.max(n) as u64,
+            max: i32::MAX as u64,
+        });
+    }
     Ok(RowShape {
         rows: shape.iter().product::<usize>() / n,
         n,
@@ -402,7 +410,8 @@ impl Softmax {
                 rows: count as u32,
                 n: n as u32,
                 m: shape.m as u32,
-                row_offset: rows.start as u32,
+                // Only the query index is needed; the global row may pass u32.
+                row_offset: (rows.start % shape.m as u64) as u32,
                 alpha: o.scale / o.temperature,
                 flags,
                 tiles: tiles as u32,
