@@ -10,8 +10,8 @@ pub mod softmax;
 
 /// How far `got` is from the reference `want`, row by row: the largest absolute difference
 /// divided by the row's largest finite reference magnitude (the "row scale" of the spec's
-/// tolerances). Infinite reference values must be matched exactly; a mismatch, or a NaN,
-/// gives `f64::INFINITY`.
+/// tolerances). Infinite reference values must be matched exactly; a mismatch, or a NaN on
+/// either side, gives `f64::INFINITY`.
 pub fn row_error(got: &[f32], want: &[f64], row_len: usize) -> f64 {
     if got.len() != want.len() || row_len == 0 {
         return f64::INFINITY;
@@ -25,7 +25,8 @@ pub fn row_error(got: &[f32], want: &[f64], row_len: usize) -> f64 {
             .max(1e-30);
         for (&a, &b) in g.iter().zip(w) {
             let a = a as f64;
-            if b.is_infinite() || a.is_infinite() || a.is_nan() {
+            // f64::max would skip a NaN difference: NaN on either side is a mismatch.
+            if !b.is_finite() || !a.is_finite() {
                 if a != b {
                     return f64::INFINITY;
                 }
@@ -49,4 +50,20 @@ pub fn random_values(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
             lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_error;
+
+    #[test]
+    fn row_error_counts_nan_on_either_side_and_matches_infinities() {
+        assert_eq!(row_error(&[1.0, 2.0], &[1.0, 2.0], 2), 0.0);
+        assert_eq!(row_error(&[1.0, f32::NAN], &[1.0, 2.0], 2), f64::INFINITY);
+        assert_eq!(row_error(&[1.0, 2.0], &[1.0, f64::NAN], 2), f64::INFINITY);
+        assert_eq!(row_error(&[1.0, f32::NAN], &[1.0, f64::NAN], 2), f64::INFINITY);
+        assert_eq!(row_error(&[f32::NEG_INFINITY], &[f64::NEG_INFINITY], 1), 0.0);
+        assert_eq!(row_error(&[0.0], &[f64::NEG_INFINITY], 1), f64::INFINITY);
+        assert!((row_error(&[1.5, 2.0], &[1.0, 2.0], 2) - 0.25).abs() < 1e-12);
+    }
 }
