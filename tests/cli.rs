@@ -214,6 +214,28 @@ fn verify_and_info_as_json() {
     );
 }
 
+/// Output into a pipe its reader closed early (`seqk info | head -0`) ends seqk quietly by
+/// SIGPIPE, as Unix tools do, instead of a panic in `println!`.
+#[cfg(unix)]
+#[test]
+fn closed_output_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let Some(_) = common::gpu() else { return };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_seqk"))
+        .arg("info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("seqk did not start");
+    drop(child.stdout.take()); // closed before seqk has opened its adapter and printed
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    const SIGPIPE: i32 = 13;
+    assert_eq!(o.status.signal(), Some(SIGPIPE), "{:?}: {err}", o.status);
+}
+
 #[test]
 fn bench_softmax_quick_as_json() {
     let Some(_) = common::gpu() else { return };
