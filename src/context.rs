@@ -77,7 +77,9 @@ impl Context {
             desc.backends = backends;
         }
         let instance = wgpu::Instance::new(desc);
-        let adapter = match &options.adapter_name {
+        // WGPU_ADAPTER_NAME is matched here, not by wgpu's helper, which panics on no match.
+        let env_name = std::env::var("WGPU_ADAPTER_NAME").ok();
+        let adapter = match options.adapter_name.as_ref().or(env_name.as_ref()) {
             Some(wanted) => {
                 let wanted = wanted.to_lowercase();
                 let backends = options
@@ -121,7 +123,11 @@ impl Context {
     }
 
     /// Wraps a device and queue the application already owns. The crate uses only the features
-    /// and limits the device was created with; it leaves the device's error handler alone.
+    /// and limits the device was created with; it leaves the device's error handler alone
+    /// (its own calls run in error scopes). Tensors belong to the context that made them: a
+    /// kernel refuses tensors of another context. FLASH needs 11 storage buffers per shader
+    /// stage (wgpu's default limits allow 8), exact attention 8; a device with fewer gets
+    /// `LimitExceeded` naming the limit.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
         Self::assemble(device, queue, Arc::default())
     }
@@ -141,6 +147,24 @@ impl Context {
                 modules: Mutex::default(),
                 pipelines: Mutex::default(),
             }),
+        }
+    }
+
+    /// Whether `other` is this context (a clone of it), not merely one on the same adapter.
+    pub fn same(&self, other: &Context) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// An error unless every tensor context in `owners` is this one: buffers of another
+    /// context are another wgpu device's, and may even share ids with this one's.
+    pub fn check_owned(&self, owners: &[&Context]) -> Result<()> {
+        if owners.iter().all(|c| self.same(c)) {
+            Ok(())
+        } else {
+            Err(Error::option(
+                "a tensor of another Context was given; upload it to this kernel's Context \
+                 (or make the kernel from the tensor's)",
+            ))
         }
     }
 
@@ -353,7 +377,9 @@ impl Context {
                 mapped_at_creation: false,
             })
         })?;
-        self.inner.queue.write_buffer(&buffer, 0, bytes);
+        self.checked("writing a buffer", || {
+            self.inner.queue.write_buffer(&buffer, 0, bytes)
+        })?;
         Ok(buffer)
     }
 

@@ -24,6 +24,20 @@ impl Step {
         bindings: &[(u32, wgpu::BufferBinding<'_>)],
         workgroups: u64,
     ) -> Result<Self> {
+        // Every binding but the uniform parameters is a storage buffer; a device made with
+        // fewer per stage (wgpu's default limits allow 8) cannot build the pipeline.
+        let storage = bindings
+            .iter()
+            .filter(|(_, b)| !b.buffer.usage().contains(wgpu::BufferUsages::UNIFORM))
+            .count() as u64;
+        let max = ctx.limits().max_storage_buffers_per_shader_stage as u64;
+        if storage > max {
+            return Err(Error::LimitExceeded {
+                limit: "max_storage_buffers_per_shader_stage",
+                needed: storage,
+                max,
+            });
+        }
         let pipeline = ctx.pipeline(variant)?;
         let bind_group = ctx.bind_group(&pipeline, bindings).map_err(|e| match e {
             Error::Device(m) => Error::Device(format!(

@@ -33,7 +33,8 @@ pub enum Error {
     /// A device limit would be exceeded.
     #[error(
         "limit exceeded: {limit} needs {needed} but the device allows {max}; \
-         split the input into smaller calls or use an adapter with a larger {limit}"
+         split the input into smaller calls where the limit is a size, or create the device \
+         with a larger {limit} (up to what the adapter allows)"
     )]
     LimitExceeded {
         /// The wgpu limit's name, e.g. `max_storage_buffer_binding_size`.

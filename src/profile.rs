@@ -133,9 +133,11 @@ impl Timestamps {
 
     fn read(&self, ctx: &Context) -> Result<Duration> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.readback.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
+        ctx.checked("mapping the timestamps", || {
+            self.readback.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            })
+        })?;
         ctx.wait()?;
         rx.recv()
             .map_err(|_| Error::Device("timestamp callback never ran".into()))?

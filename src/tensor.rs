@@ -191,17 +191,22 @@ impl Context {
 }
 
 impl<T: Element> GpuTensor<T> {
-    /// Wraps a buffer the application owns (it needs `STORAGE`, plus `COPY_SRC` to download).
+    /// Wraps a buffer the application owns: `STORAGE`, plus `COPY_SRC` to download and
+    /// `COPY_DST` to write. The buffer holds at least the data padded to whole 4-byte words;
+    /// a kernel writing an odd-byte tensor (u8, f16) keeps the rest of its last word, but
+    /// [`GpuTensor::write`] zeroes those padding bytes.
     pub fn from_buffer(
         ctx: &Context,
         buffer: wgpu::Buffer,
         shape: impl Into<Vec<usize>>,
     ) -> Result<Self> {
         let shape = shape.into();
-        let need = (tensor_len(&shape, T::DTYPE)? * T::DTYPE.size()) as u64;
+        // Whole words: copies and bindings come in 4-byte units.
+        let need = padded_bytes(tensor_len(&shape, T::DTYPE)?, T::DTYPE);
         if buffer.size() < need {
             return Err(Error::shape(format!(
-                "buffer of {} bytes is too small for {shape:?} {} ({need} bytes)",
+                "buffer of {} bytes is too small for {shape:?} {} ({need} bytes, the data \
+                 padded to whole 4-byte words)",
                 buffer.size(),
                 T::DTYPE.name()
             )));
@@ -268,20 +273,24 @@ impl<T: Element> GpuTensor<T> {
                 data.len()
             )));
         }
-        // The buffer is padded to whole words; queue writes come in whole words too.
+        // Queue writes come in whole words: up to 3 padding bytes after the data are zeroed,
+        // nothing past them (a wrapped buffer may hold more than the tensor).
         let mut bytes = bytemuck::cast_slice::<T, u8>(data).to_vec();
-        bytes.resize(self.buffer.size() as usize, 0);
-        self.ctx.queue().write_buffer(&self.buffer, 0, &bytes);
-        Ok(())
+        bytes.resize(padded_bytes(self.len(), T::DTYPE) as usize, 0);
+        self.ctx.checked("writing a tensor", || {
+            self.ctx.queue().write_buffer(&self.buffer, 0, &bytes)
+        })
     }
 
     /// Copies the tensor back to the host, blocking.
     pub fn download(&self) -> Result<Vec<T>> {
         let staging = self.stage_readback()?;
         let (tx, rx) = std::sync::mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
+        self.ctx.checked("mapping the readback buffer", || {
+            staging.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            })
+        })?;
         self.ctx.wait()?;
         rx.recv()
             .map_err(|_| Error::Device("readback callback never ran".into()))?
@@ -295,11 +304,13 @@ impl<T: Element> GpuTensor<T> {
         let staging = self.stage_readback()?;
         let slot: Arc<Mutex<Option<Result<(), wgpu::BufferAsyncError>>>> = Arc::default();
         let sink = slot.clone();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            if let Ok(mut s) = sink.lock() {
-                *s = Some(r);
-            }
-        });
+        self.ctx.checked("mapping the readback buffer", || {
+            staging.map_async(wgpu::MapMode::Read, .., move |r| {
+                if let Ok(mut s) = sink.lock() {
+                    *s = Some(r);
+                }
+            })
+        })?;
         MapFuture {
             ctx: &self.ctx,
             slot,

@@ -387,4 +387,14 @@ fn no_adapter_exits_1_naming_lavapipe() {
         }
         assert!(o.stdout.is_empty(), "{args:?}: no partial output on stdout");
     }
+    // WGPU_ADAPTER_NAME naming no adapter: the same clear exit 1 (wgpu's own helper panics).
+    let o = Command::new(env!("CARGO_BIN_EXE_seqk"))
+        .arg("info")
+        .env("WGPU_ADAPTER_NAME", "no-such-gpu")
+        .output()
+        .expect("seqk did not start");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(stderr(&o).contains("no-such-gpu"), "{err}");
 }

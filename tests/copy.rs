@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::gpu;
+use common::{gpu, limited_device};
 use seq_kernels::reference::copy as reference;
 use seq_kernels::{Error, GpuTensor};
 
@@ -76,4 +76,134 @@ fn tensor_shapes_that_overflow_are_errors() {
         mapped_at_creation: false,
     });
     assert!(shape_err(GpuTensor::<f32>::from_buffer(ctx, buffer, wraps)));
+}
+
+// ---------------------------------------------------------------- shared machinery, embedded
+
+/// In an application's device (`from_device`, wgpu's panicking error handler left in place),
+/// the crate's own queue writes and maps run in error scopes: a bad call is an error, and a
+/// lost device too, never a panic.
+#[test]
+fn embedded_errors_are_errors_not_panics() {
+    let Some(_) = gpu() else { return };
+    let ctx = &limited_device(|_| {});
+    // STORAGE and COPY_SRC only: downloads work, writes cannot.
+    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 16,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let t = GpuTensor::<f32>::from_buffer(ctx, buffer, [4]).unwrap();
+    assert!(matches!(t.write(&[1.0; 4]), Err(Error::Device(_))));
+    assert_eq!(t.download().unwrap(), vec![0.0; 4]);
+    // A destroyed device: errors from every call, no panic.
+    let x = ctx.upload(&[1.0f32, 2.0, 3.0, 4.0], [4]).unwrap();
+    ctx.device().destroy();
+    assert!(ctx.upload(&[1.0f32; 4], [4]).is_err());
+    // A write into a live buffer of a lost device may be dropped quietly: Ok or Err, no panic.
+    let _ = x.write(&[0.0; 4]);
+    assert!(x.download().is_err());
+    assert!(pollster::block_on(x.download_async()).is_err());
+    assert!(ctx.softmax(&x, &Default::default()).is_err());
+}
+
+/// A tensor wrapping part of an application's buffer: writes touch the tensor's words and
+/// nothing after them; a buffer without room for whole words is refused.
+#[test]
+fn wrapped_buffers_keep_what_is_not_the_tensor() {
+    let Some(ctx) = gpu() else { return };
+    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 32,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    ctx.queue()
+        .write_buffer(&buffer, 0, bytemuck::cast_slice(&[7.0f32; 8]));
+    let front = GpuTensor::<f32>::from_buffer(ctx, buffer.clone(), [2]).unwrap();
+    front.write(&[1.0, 2.0]).unwrap();
+    let all = GpuTensor::<f32>::from_buffer(ctx, buffer, [8]).unwrap();
+    assert_eq!(
+        all.download().unwrap(),
+        [1.0, 2.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0]
+    );
+    // f16 [3] is 6 bytes of data in 2 words: an 8-byte buffer at least.
+    let six = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 6,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    assert!(matches!(
+        GpuTensor::<half::f16>::from_buffer(ctx, six, [3]),
+        Err(Error::Shape(_))
+    ));
+}
+
+/// Tensors belong to the context that made them: another context's tensor is refused (its
+/// buffer ids may even equal this context's, which once computed on the wrong buffer).
+#[test]
+fn tensors_of_another_context_are_refused() {
+    let Some(a) = gpu() else { return };
+    let b = &limited_device(|_| {});
+    let xa = a.upload(&[0.0f32; 4], [4]).unwrap();
+    let xb = b.upload(&[1.0f32, 2.0, 3.0, 4.0], [4]).unwrap();
+    assert!(matches!(
+        b.softmax(&xa, &Default::default()),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(matches!(b.copy(&xa), Err(Error::InvalidOption(_))));
+    let q = a.zeros::<f32>([1, 1, 4, 8]).unwrap();
+    let o = b.zeros::<f32>([1, 1, 4, 8]).unwrap();
+    let att = seq_kernels::Attention::new(a, &Default::default()).unwrap();
+    assert!(matches!(
+        att.plan(&q, &q, &q, None, &o, None),
+        Err(Error::InvalidOption(_))
+    ));
+    // Each context still computes on its own tensors.
+    let y = b
+        .softmax(&xb, &Default::default())
+        .unwrap()
+        .download()
+        .unwrap();
+    assert!((y[3] - 0.6439).abs() < 1e-3, "{y:?}");
+}
+
+/// A device with fewer storage buffers per shader stage than a kernel binds (wgpu's default
+/// limits allow 8, downlevel ones 4): `LimitExceeded` naming the limit, before any pipeline.
+#[test]
+fn too_few_storage_buffers_per_stage_is_a_named_limit() {
+    let Some(_) = gpu() else { return };
+    let named = |r: Result<_, Error>| {
+        matches!(
+            r,
+            Err(Error::LimitExceeded {
+                limit: "max_storage_buffers_per_shader_stage",
+                ..
+            })
+        )
+    };
+    let ctx = &limited_device(|l| l.max_storage_buffers_per_shader_stage = 8);
+    let x = ctx.zeros::<f32>([1, 16, 8]).unwrap();
+    let v = ctx.zeros::<f32>([1, 16, 8]).unwrap();
+    let inputs = seq_kernels::FlashInputs::new(&x, &x, &x, &x, &v);
+    let opts = seq_kernels::FlashOptions {
+        chunk: 16,
+        ..Default::default()
+    };
+    assert!(named(ctx.flash(&inputs, &opts).map(|_| ())));
+    let q = ctx.zeros::<f32>([1, 1, 4, 8]).unwrap();
+    assert!(ctx.attention(&q, &q, &q, None, &Default::default()).is_ok());
+    let ctx = &limited_device(|l| l.max_storage_buffers_per_shader_stage = 4);
+    let q = ctx.zeros::<f32>([1, 1, 4, 8]).unwrap();
+    assert!(named(
+        ctx.attention(&q, &q, &q, None, &Default::default())
+            .map(|_| ())
+    ));
+    assert!(ctx
+        .softmax(&ctx.zeros::<f32>([2, 5]).unwrap(), &Default::default())
+        .is_ok());
 }

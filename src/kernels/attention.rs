@@ -98,6 +98,13 @@ impl<'a> From<&'a GpuTensor<f32>> for AttnMask<'a> {
 }
 
 impl<'a> AttnMask<'a> {
+    /// The context of the mask's tensor.
+    pub fn context(&self) -> &'a Context {
+        match self {
+            Self::Keep(t) => t.context(),
+            Self::Add(t) => t.context(),
+        }
+    }
     /// The mask's shape.
     pub fn shape(&self) -> &'a [usize] {
         match self {
@@ -530,6 +537,10 @@ impl Attention {
         lse: Option<&GpuTensor<f32>>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
+        let mut owners = vec![q.context(), k.context(), v.context(), out.context()];
+        owners.extend(mask.map(|m| m.context()));
+        owners.extend(lse.map(|l| l.context()));
+        ctx.check_owned(&owners)?;
         require_float::<T>("attention")?;
         let s = attention_shape(
             q.shape(),
@@ -703,6 +714,7 @@ pub fn matmul_plan<T: Element>(
     c: &GpuTensor<T>,
     transpose_b: bool,
 ) -> Result<Plan> {
+    ctx.check_owned(&[a.context(), b.context(), c.context()])?;
     require_float::<T>("matmul")?;
     let (sa, sb) = (a.shape(), b.shape());
     if sa.len() != 2 || sb.len() != 2 {

@@ -75,6 +75,7 @@ pub fn plan(ctx: &Context, src: &wgpu::Buffer, dst: &wgpu::Buffer, bytes: u64) -
 impl Context {
     /// Copies a tensor with the vec4 copy kernel (its size must be a multiple of 16 bytes).
     pub fn copy<T: Element>(&self, x: &GpuTensor<T>) -> Result<GpuTensor<T>> {
+        self.check_owned(&[x.context()])?;
         let y = self.zeros::<T>(x.shape().to_vec())?;
         plan(self, x.buffer(), y.buffer(), x.bytes())?.run(self)?;
         Ok(y)

@@ -65,8 +65,6 @@ const GEMM_WG: usize = 256;
 const GEMM_BLOCK: usize = 64;
 /// Depth staged per step of shaders/gemm.wgsl.
 const GEMM_BK: usize = 16;
-/// Storage buffers the block-product entry points bind.
-const STORAGE_BUFFERS: u32 = 11;
 
 const FLAG_CAUSAL: u32 = 1;
 const FLAG_GATE: u32 = 2;
@@ -709,6 +707,16 @@ impl Flash {
         out: &GpuTensor<T>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
+        let mut owners = vec![out.context()];
+        owners.extend(
+            [inputs.qq, inputs.kq, inputs.ql, inputs.kl, inputs.v]
+                .into_iter()
+                .chain(inputs.gate)
+                .map(|t| t.context()),
+        );
+        owners.extend(inputs.bias.map(|t| t.context()));
+        owners.extend(inputs.key_mask.map(|t| t.context()));
+        ctx.check_owned(&owners)?;
         require_float::<T>("flash")?;
         let shape = inputs.shape(&self.opts)?;
         if out.shape() != [shape.b, shape.n, shape.e] {
@@ -828,14 +836,6 @@ fn passes(
     seg: &Segment,
 ) -> Result<Plan> {
     let scratch = call.scratch;
-    let have = ctx.limits().max_storage_buffers_per_shader_stage;
-    if have < STORAGE_BUFFERS {
-        return Err(Error::LimitExceeded {
-            limit: "max_storage_buffers_per_shader_stage",
-            needed: STORAGE_BUFFERS as u64,
-            max: have as u64,
-        });
-    }
     let (r0, n) = seg.rows(sh);
     let (b, s, e, g) = (seg.batches, sh.s, sh.e, seg.chunks);
     let pstride = opts.chunk.min(n);
@@ -1235,6 +1235,8 @@ impl FlashDecoder {
                 ))
             }
         }
+        let owners: Vec<&Context> = ins.iter().map(|(_, x, _)| x.context()).collect();
+        self.ctx.check_owned(&owners)?;
         for (name, x, w) in &ins {
             if x.shape() != [b, t, *w] {
                 return Err(Error::shape(format!(

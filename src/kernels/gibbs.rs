@@ -422,6 +422,16 @@ impl Gibbs {
         best: Option<BestState<'_, T>>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
+        let mut owners = vec![model.unary.context(), tokens.context()];
+        match model.pairwise {
+            Pairwise::Dense(w) => owners.push(w.context()),
+            Pairwise::Factored { a, b } => owners.extend([a.context(), b.context()]),
+        }
+        owners.extend(clamp.map(|c| c.context()));
+        if let Some((bt, bs)) = best {
+            owners.extend([bt.context(), bs.context()]);
+        }
+        ctx.check_owned(&owners)?;
         token_dtype::<T>("gibbs")?;
         let s = chain_shape(
             model.unary.shape(),
@@ -697,6 +707,7 @@ impl Sampler {
     /// The dispatches of one draw.
     pub fn plan<T: Element>(&self, logits: &GpuTensor<f32>, out: &GpuTensor<T>) -> Result<Plan> {
         let ctx = &self.ctx;
+        ctx.check_owned(&[logits.context(), out.context()])?;
         token_dtype::<T>("sampled")?;
         let (b, v) = logits_shape(logits.shape())?;
         if out.shape() != [b] {
@@ -845,6 +856,15 @@ impl Metropolis {
     /// The dispatch of one step.
     pub fn plan<T: Element>(&self, t: &MhTensors<'_, T>) -> Result<Plan> {
         let ctx = &self.ctx;
+        ctx.check_owned(&[
+            t.x.context(),
+            t.y.context(),
+            t.score_x.context(),
+            t.score_y.context(),
+            t.log_q_fwd.context(),
+            t.log_q_back.context(),
+            t.accepted.context(),
+        ])?;
         token_dtype::<T>("MH")?;
         let (b, l) = mh_shape(
             t.x.shape(),

@@ -812,6 +812,11 @@ impl Rope {
         positions: Option<&Positions>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
+        let owners: Vec<&Context> = std::iter::once(q)
+            .chain(k)
+            .flat_map(|t| [t.src.context(), t.dst.context()])
+            .collect();
+        ctx.check_owned(&owners)?;
         if storage_code(T::DTYPE).is_none() {
             return Err(Error::Dtype(format!(
                 "rope takes f32, f16 or bf16 tensors, got {}",

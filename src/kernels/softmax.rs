@@ -306,6 +306,9 @@ impl Softmax {
         y: &GpuTensor<T>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
+        let mut owners = vec![x.context(), y.context()];
+        owners.extend(mask.map(|m| m.context()));
+        ctx.check_owned(&owners)?;
         if !matches!(T::DTYPE, DType::F32 | DType::F16) {
             return Err(Error::Dtype(format!(
                 "softmax takes f32 or f16 tensors, got {}",

@@ -61,8 +61,14 @@ mod tests {
         assert_eq!(row_error(&[1.0, 2.0], &[1.0, 2.0], 2), 0.0);
         assert_eq!(row_error(&[1.0, f32::NAN], &[1.0, 2.0], 2), f64::INFINITY);
         assert_eq!(row_error(&[1.0, 2.0], &[1.0, f64::NAN], 2), f64::INFINITY);
-        assert_eq!(row_error(&[1.0, f32::NAN], &[1.0, f64::NAN], 2), f64::INFINITY);
-        assert_eq!(row_error(&[f32::NEG_INFINITY], &[f64::NEG_INFINITY], 1), 0.0);
+        assert_eq!(
+            row_error(&[1.0, f32::NAN], &[1.0, f64::NAN], 2),
+            f64::INFINITY
+        );
+        assert_eq!(
+            row_error(&[f32::NEG_INFINITY], &[f64::NEG_INFINITY], 1),
+            0.0
+        );
         assert_eq!(row_error(&[0.0], &[f64::NEG_INFINITY], 1), f64::INFINITY);
         assert!((row_error(&[1.5, 2.0], &[1.0, 2.0], 2) - 0.25).abs() < 1e-12);
     }

@@ -43,31 +43,36 @@ pub fn random_mask(n: usize, seed: u64, p: f32) -> Vec<bool> {
         .collect()
 }
 
-/// A second device on the test adapter whose storage bindings hold at most `bytes` (with the
-/// optional features the adapter has), for the paths that split work across bindings or
-/// report `LimitExceeded`.
-pub fn small_bindings(bytes: u64) -> Context {
+/// A second device on the test adapter (with the optional features the adapter has) whose
+/// limits are the adapter's changed by `change`, wrapped with `Context::from_device`: wgpu's
+/// default error handler stays, so an error the crate fails to capture panics the test.
+pub fn limited_device(change: impl FnOnce(&mut wgpu::Limits)) -> Context {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapter = pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
         &instance, None,
     ))
     .expect("the adapter of the GPU tests");
+    let mut limits = adapter.limits();
+    change(&mut limits);
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         required_features: adapter.features() & seq_kernels::context::OPTIONAL_FEATURES,
-        required_limits: wgpu::Limits {
-            max_storage_buffer_binding_size: bytes,
-            ..adapter.limits()
-        },
+        required_limits: limits.clone(),
         ..Default::default()
     }))
-    .expect("a device with smaller storage bindings");
+    .expect("a device with the changed limits");
     assert_eq!(
-        device.limits().max_storage_buffer_binding_size,
-        bytes,
-        "the device must keep the smaller binding limit, or nothing is split"
+        device.limits(),
+        limits,
+        "the device must keep the limits asked for"
     );
     Context::from_device(device, queue)
+}
+
+/// A device whose storage bindings hold at most `bytes`, for the paths that split work
+/// across bindings or report `LimitExceeded`.
+pub fn small_bindings(bytes: u64) -> Context {
+    limited_device(|l| l.max_storage_buffer_binding_size = bytes)
 }
 
 /// Writes `data` in C order to the .npy file `path` with shape `shape`.
