@@ -169,7 +169,10 @@ def flash_einsum_rows(dev, n, s=128, e=1536, chunk=256):
         v = torch.empty(1, n, e, device=dev, dtype=dtype).uniform_(-1, 1)
         for causal in (False, True):
             ms = time_ms(lambda: flash_einsum(qq, kq, ql, kl, v, chunk, causal), samples=5, iters=3)
-            flops = n * (2 * chunk * (s + e) / (2 if causal else 1) + 4 * s * e)
+            # As seqk's count: causal needs no last-chunk KV and no chunk-0 linear term.
+            c = min(chunk, n)
+            kv_tokens, ql_tokens = (((n + chunk - 1) // chunk - 1) * c, n - c) if causal else (n, n)
+            flops = n * 2 * c * (s + e) / (2 if causal else 1) + 2 * s * e * (kv_tokens + ql_tokens)
             case = f"torch flash matmuls {name} n{n} s{s} e{e} C{chunk}" + (" causal" if causal else "")
             case += f" {ms * 1e3 / n:.2f} us/tok"
             rows.append({"kernel": "flash", "case": case, "ms": ms, "tflops": flops / ms / 1e9})

@@ -216,8 +216,10 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
     Ok(checks)
 }
 
-/// FLOPs of one call: per token `2 C (s + e)` in the quadratic branch (halved for causal) and
-/// `4 s e` in the linear branch (`kl^T v` and `ql KV`).
+/// FLOPs of one call, the work the maths needs: per token `2 C (s + e)` in the quadratic
+/// branch (halved for causal) and `2 s e` for each of the linear branch's products (`kl^T v`
+/// and `ql KV`). Causal calls need no KV of the last chunk (no later chunk reads it) and no
+/// linear term in chunk 0 (an empty exclusive prefix), and the kernel skips both.
 fn flash_flops(sh: &FlashShape, causal: bool) -> f64 {
     let (n, c, s, e) = (
         sh.n as f64,
@@ -226,7 +228,13 @@ fn flash_flops(sh: &FlashShape, causal: bool) -> f64 {
         sh.e as f64,
     );
     let quad = 2.0 * c * (s + e) / if causal { 2.0 } else { 1.0 };
-    sh.b as f64 * n * (quad + 4.0 * s * e)
+    let (kv_tokens, ql_tokens) = if causal {
+        let chunks = sh.n.div_ceil(sh.chunk) as f64;
+        ((chunks - 1.0) * c, n - c)
+    } else {
+        (n, n)
+    };
+    sh.b as f64 * (n * quad + 2.0 * s * e * (kv_tokens + ql_tokens))
 }
 
 /// FLASH over n with s = 128, e = 1536, C = 256, causal and not, and beside it exact attention
