@@ -49,6 +49,7 @@ pub fn time_passes(
         None
     };
     let mut gpu = Vec::new();
+    let mut gpu_valid = true;
     let mut wall = Vec::new();
     for i in 0..warmup + samples.max(1) {
         let mut encoder = ctx.encoder();
@@ -70,12 +71,17 @@ pub fn time_passes(
         if i >= warmup {
             wall.push(elapsed / iterations as u32);
             if let Some(q) = &queries {
-                gpu.push(q.read(ctx)? / iterations as u32);
+                match q.read(ctx)? {
+                    Some(t) => gpu.push(t / iterations as u32),
+                    None => gpu_valid = false,
+                }
             }
         }
     }
     Ok(Timing {
-        gpu: (!gpu.is_empty()).then(|| median(&mut gpu)),
+        // One unusable pair (an end not after its start) and the GPU clock is not trusted:
+        // the wall clock stands in, and the output says so.
+        gpu: (gpu_valid && !gpu.is_empty()).then(|| median(&mut gpu)),
         wall: median(&mut wall),
     })
 }
@@ -131,7 +137,9 @@ impl Timestamps {
         encoder.copy_buffer_to_buffer(&self.resolved, 0, &self.readback, 0, 16);
     }
 
-    fn read(&self, ctx: &Context) -> Result<Duration> {
+    /// The pass's GPU time, or `None` when the end stamp is not after the start (a wrapped or
+    /// unwritten query), which would otherwise read as an infinitely fast pass.
+    fn read(&self, ctx: &Context) -> Result<Option<Duration>> {
         let (tx, rx) = std::sync::mpsc::channel();
         ctx.checked("mapping the timestamps", || {
             self.readback.map_async(wgpu::MapMode::Read, .., move |r| {
@@ -148,9 +156,9 @@ impl Timestamps {
                 .get_mapped_range(..)
                 .map_err(|e| Error::Device(format!("reading timestamps failed: {e}")))?;
             let t: [u64; 2] = bytemuck::pod_read_unaligned(&view[..16]);
-            t[1].saturating_sub(t[0])
+            t[1].checked_sub(t[0]).filter(|&d| d > 0)
         };
         self.readback.unmap();
-        Ok(Duration::from_nanos((ticks as f64 * self.period_ns) as u64))
+        Ok(ticks.map(|d| Duration::from_nanos((d as f64 * self.period_ns) as u64)))
     }
 }
