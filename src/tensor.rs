@@ -4,7 +4,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Poll};
+use std::task::{Context as TaskContext, Poll, Waker};
 
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -298,8 +298,9 @@ impl<T: Element> GpuTensor<T> {
         self.read_mapped(&staging)
     }
 
-    /// Copies the tensor back to the host without blocking the calling thread; the future
-    /// drives the device with non-blocking polls until the copy is mapped.
+    /// Copies the tensor back to the host without blocking the calling thread: while the copy
+    /// is pending, a helper thread waits on the device and wakes the task (no busy polling).
+    /// Dropping the future early is safe.
     pub async fn download_async(&self) -> Result<Vec<T>> {
         let staging = self.stage_readback()?;
         let slot: Arc<Mutex<Option<Result<(), wgpu::BufferAsyncError>>>> = Arc::default();
@@ -314,6 +315,7 @@ impl<T: Element> GpuTensor<T> {
         MapFuture {
             ctx: &self.ctx,
             slot,
+            waiter: Arc::default(),
         }
         .await?;
         self.read_mapped(&staging)
@@ -354,9 +356,20 @@ impl<T: Element> GpuTensor<T> {
     }
 }
 
+/// Resolves once the readback buffer is mapped. Native wgpu runs map callbacks only inside a
+/// device poll, so one helper thread at a time blocks in a poll and then wakes the task.
 struct MapFuture<'a> {
     ctx: &'a Context,
     slot: Arc<Mutex<Option<Result<(), wgpu::BufferAsyncError>>>>,
+    waiter: Arc<Mutex<Waiter>>,
+}
+
+#[derive(Default)]
+struct Waiter {
+    /// The task's latest waker.
+    waker: Option<Waker>,
+    /// Whether a helper thread is waiting on the device.
+    running: bool,
 }
 
 impl Future for MapFuture<'_> {
@@ -369,13 +382,30 @@ impl Future for MapFuture<'_> {
         }
         let done = self.slot.lock().ok().and_then(|mut s| s.take());
         match done {
-            Some(Ok(())) => Poll::Ready(Ok(())),
-            Some(Err(e)) => Poll::Ready(Err(Error::Device(format!("mapping failed: {e}")))),
-            None => {
-                // Native wgpu only fires map callbacks from a poll; ask to be polled again.
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
+            Some(Ok(())) => return Poll::Ready(Ok(())),
+            Some(Err(e)) => return Poll::Ready(Err(Error::Device(format!("mapping failed: {e}")))),
+            None => {}
         }
+        let Ok(mut w) = self.waiter.lock() else {
+            return Poll::Ready(Err(Error::Device("a download's waiter panicked".into())));
+        };
+        w.waker = Some(cx.waker().clone());
+        if !w.running {
+            w.running = true;
+            let device = self.ctx.device().clone();
+            let waiter = self.waiter.clone();
+            std::thread::spawn(move || {
+                // Runs the map callback (or fails on a lost device); either way the task
+                // looks again.
+                let _ = device.poll(wgpu::PollType::wait_indefinitely());
+                if let Ok(mut w) = waiter.lock() {
+                    w.running = false;
+                    if let Some(waker) = w.waker.take() {
+                        waker.wake();
+                    }
+                }
+            });
+        }
+        Poll::Pending
     }
 }

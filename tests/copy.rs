@@ -207,3 +207,44 @@ fn too_few_storage_buffers_per_stage_is_a_named_limit() {
         .softmax(&ctx.zeros::<f32>([2, 5]).unwrap(), &Default::default())
         .is_ok());
 }
+
+/// `download_async` waits without spinning: the task is polled a handful of times while the
+/// GPU works, not once per spin (it used to wake itself on every poll), and the data arrive.
+#[test]
+fn download_async_waits_without_spinning() {
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::task::{Context as TaskContext, Poll, Wake, Waker};
+    struct Signal(Mutex<mpsc::Sender<()>>);
+    impl Wake for Signal {
+        fn wake(self: Arc<Self>) {
+            let _ = self.0.lock().unwrap().send(());
+        }
+    }
+    let Some(ctx) = gpu() else { return };
+    // Enough softmax work queued ahead of the copy that the download has to wait.
+    let x = ctx.upload(&vec![0.5f32; 1 << 20], [256, 4096]).unwrap();
+    let y = ctx.zeros::<f32>([256, 4096]).unwrap();
+    let k = seq_kernels::Softmax::new(ctx, &Default::default()).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    for _ in 0..8 {
+        k.encode(&mut encoder, &x, &y).unwrap();
+    }
+    ctx.queue().submit([encoder.finish()]);
+    let (tx, rx) = mpsc::channel();
+    let waker = Waker::from(Arc::new(Signal(Mutex::new(tx))));
+    let mut cx = TaskContext::from_waker(&waker);
+    let mut fut = Box::pin(y.download_async());
+    let polls = AtomicUsize::new(0);
+    let got = loop {
+        polls.fetch_add(1, Ordering::Relaxed);
+        if let Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+            break r.unwrap();
+        }
+        rx.recv().unwrap();
+    };
+    assert!(got.iter().all(|&v| (v - 1.0 / 4096.0).abs() < 1e-9));
+    let polls = polls.into_inner();
+    assert!(polls <= 8, "{polls} polls: the future spins");
+}
