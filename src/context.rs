@@ -220,16 +220,18 @@ impl Context {
         }
     }
 
-    /// Runs `f` inside validation and out-of-memory error scopes and turns what they catch
-    /// into [`Error::Device`], so a bad call is an error rather than a panic.
+    /// Runs `f` inside internal, out-of-memory and validation error scopes and turns what
+    /// they catch into [`Error::Device`], so a bad call is an error rather than a panic.
     pub fn checked<R>(&self, what: &str, f: impl FnOnce() -> R) -> Result<R> {
         let device = &self.inner.device;
+        let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let out = f();
         let validation = pollster::block_on(validation.pop());
         let oom = pollster::block_on(oom.pop());
-        match validation.or(oom) {
+        let internal = pollster::block_on(internal.pop());
+        match validation.or(oom).or(internal) {
             Some(e) => Err(Error::Device(format!("{what}: {e}"))),
             None => Ok(out),
         }
