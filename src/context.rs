@@ -78,7 +78,9 @@ impl Context {
         }
         let instance = wgpu::Instance::new(desc);
         // WGPU_ADAPTER_NAME is matched here, not by wgpu's helper, which panics on no match.
-        let env_name = std::env::var("WGPU_ADAPTER_NAME").ok();
+        let env_name = std::env::var("WGPU_ADAPTER_NAME")
+            .ok()
+            .filter(|n| !n.is_empty());
         let adapter = match options.adapter_name.as_ref().or(env_name.as_ref()) {
             Some(wanted) => {
                 let wanted = wanted.to_lowercase();
@@ -125,7 +127,7 @@ impl Context {
     /// Wraps a device and queue the application already owns. The crate uses only the features
     /// and limits the device was created with; it leaves the device's error handler alone
     /// (its own calls run in error scopes). Tensors belong to the context that made them: a
-    /// kernel refuses tensors of another context. FLASH needs 11 storage buffers per shader
+    /// kernel refuses tensors of another context. FLASH needs 10 storage buffers per shader
     /// stage (wgpu's default limits allow 8), exact attention 8; a device with fewer gets
     /// `LimitExceeded` naming the limit.
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {

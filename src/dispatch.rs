@@ -10,6 +10,8 @@ use crate::shader::ShaderVariant;
 
 /// One dispatch: a pipeline, its bind group and a folded grid.
 pub struct Step {
+    /// The context whose device the pipeline and bind group belong to.
+    ctx: Context,
     pipeline: Arc<wgpu::ComputePipeline>,
     bind_group: wgpu::BindGroup,
     grid: [u32; 3],
@@ -24,11 +26,12 @@ impl Step {
         bindings: &[(u32, wgpu::BufferBinding<'_>)],
         workgroups: u64,
     ) -> Result<Self> {
-        // Every binding but the uniform parameters is a storage buffer; a device made with
-        // fewer per stage (wgpu's default limits allow 8) cannot build the pipeline.
+        // Every binding but the uniform parameters (made by Context::uniform, without STORAGE)
+        // is a storage buffer; a device made with fewer per stage (wgpu's default limits
+        // allow 8) cannot build the pipeline.
         let storage = bindings
             .iter()
-            .filter(|(_, b)| !b.buffer.usage().contains(wgpu::BufferUsages::UNIFORM))
+            .filter(|(_, b)| b.buffer.usage().contains(wgpu::BufferUsages::STORAGE))
             .count() as u64;
         let max = ctx.limits().max_storage_buffers_per_shader_stage as u64;
         if storage > max {
@@ -51,6 +54,7 @@ impl Step {
             ctx.limits().max_compute_workgroups_per_dimension,
         )?;
         Ok(Self {
+            ctx: ctx.clone(),
             pipeline,
             bind_group,
             grid,
@@ -107,8 +111,10 @@ impl Plan {
         });
         self.record(&mut pass);
     }
-    /// Encodes, submits and waits.
+    /// Encodes, submits and waits on `ctx`, which must be the context the plan was made in.
     pub fn run(&self, ctx: &Context) -> Result<()> {
+        let owners: Vec<&Context> = self.steps.iter().map(|s| &s.ctx).collect();
+        ctx.check_owned(&owners)?;
         let mut encoder = ctx.encoder();
         self.encode(&mut encoder);
         ctx.submit_and_wait(encoder)

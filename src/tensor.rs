@@ -322,7 +322,8 @@ impl<T: Element> GpuTensor<T> {
     }
 
     fn stage_readback(&self) -> Result<wgpu::Buffer> {
-        let size = self.buffer.size();
+        // The tensor's words only: a wrapped buffer may be larger, or not whole words.
+        let size = padded_bytes(self.len(), T::DTYPE);
         let staging = self.ctx.checked("allocating a readback buffer", || {
             self.ctx.device().create_buffer(&wgpu::BufferDescriptor {
                 label: Some("readback"),
@@ -394,17 +395,30 @@ impl Future for MapFuture<'_> {
             w.running = true;
             let device = self.ctx.device().clone();
             let waiter = self.waiter.clone();
-            std::thread::spawn(move || {
-                // Runs the map callback (or fails on a lost device); either way the task
-                // looks again.
-                let _ = device.poll(wgpu::PollType::wait_indefinitely());
-                if let Ok(mut w) = waiter.lock() {
-                    w.running = false;
-                    if let Some(waker) = w.waker.take() {
+            let spawned = std::thread::Builder::new()
+                .name("seq-kernels download".into())
+                .spawn(move || {
+                    // Waits in short slices: GL holds its context lock through a wait, and
+                    // other callers give up after 6 s. The map callback runs in a poll.
+                    let slice = wgpu::PollType::Wait {
+                        submission_index: None,
+                        timeout: Some(std::time::Duration::from_millis(50)),
+                    };
+                    while let Err(wgpu::PollError::Timeout) = device.poll(slice.clone()) {}
+                    // Woken outside the lock: a waker may poll the task inline.
+                    let waker = waiter.lock().ok().and_then(|mut w| {
+                        w.running = false;
+                        w.waker.take()
+                    });
+                    if let Some(waker) = waker {
                         waker.wake();
                     }
-                }
-            });
+                });
+            if let Err(e) = spawned {
+                return Poll::Ready(Err(Error::Device(format!(
+                    "starting a thread to wait for the download failed: {e}"
+                ))));
+            }
         }
         Poll::Pending
     }

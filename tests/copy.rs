@@ -130,6 +130,19 @@ fn wrapped_buffers_keep_what_is_not_the_tensor() {
         all.download().unwrap(),
         [1.0, 2.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0]
     );
+    // Downloads read the tensor's words only: a buffer not of whole words around them works.
+    let ten = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 10,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let t = GpuTensor::<f32>::from_buffer(ctx, ten, [2]).unwrap();
+    t.write(&[3.0, 4.0]).unwrap();
+    assert_eq!(t.download().unwrap(), [3.0, 4.0]);
+    assert_eq!(pollster::block_on(t.download_async()).unwrap(), [3.0, 4.0]);
     // f16 [3] is 6 bytes of data in 2 words: an 8-byte buffer at least.
     let six = ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: None,
@@ -163,6 +176,24 @@ fn tensors_of_another_context_are_refused() {
         att.plan(&q, &q, &q, None, &o, None),
         Err(Error::InvalidOption(_))
     ));
+    // Gibbs reads and copies its initial state itself; a plan runs only on its own context.
+    let unary = b.zeros::<f32>([3, 4]).unwrap();
+    let w = b.zeros::<f32>([4, 4]).unwrap();
+    let model = seq_kernels::ChainModel {
+        unary: &unary,
+        pairwise: seq_kernels::Pairwise::Dense(&w),
+    };
+    let init = a.zeros::<u32>([2, 3]).unwrap();
+    assert!(matches!(
+        b.gibbs(&model, &init, None, &Default::default()),
+        Err(Error::InvalidOption(_))
+    ));
+    let plan = seq_kernels::Softmax::new(b, &Default::default())
+        .unwrap()
+        .plan(&xb, None, &b.zeros::<f32>([4]).unwrap())
+        .unwrap();
+    assert!(matches!(plan.run(a), Err(Error::InvalidOption(_))));
+    plan.run(b).unwrap();
     // Each context still computes on its own tensors.
     let y = b
         .softmax(&xb, &Default::default())
@@ -197,6 +228,19 @@ fn too_few_storage_buffers_per_stage_is_a_named_limit() {
     assert!(named(ctx.flash(&inputs, &opts).map(|_| ())));
     let q = ctx.zeros::<f32>([1, 1, 4, 8]).unwrap();
     assert!(ctx.attention(&q, &q, &q, None, &Default::default()).is_ok());
+    // A storage binding counts whatever other usages its buffer has (here also UNIFORM).
+    let ctx = &limited_device(|l| l.max_storage_buffers_per_shader_stage = 7);
+    let both = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 4 * 8 * 4,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
+        mapped_at_creation: false,
+    });
+    let q = GpuTensor::<f32>::from_buffer(ctx, both, [1, 1, 4, 8]).unwrap();
+    assert!(named(
+        ctx.attention(&q, &q, &q, None, &Default::default())
+            .map(|_| ())
+    ));
     let ctx = &limited_device(|l| l.max_storage_buffers_per_shader_stage = 4);
     let q = ctx.zeros::<f32>([1, 1, 4, 8]).unwrap();
     assert!(named(

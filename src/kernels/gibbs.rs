@@ -979,6 +979,8 @@ impl Context {
         clamp: Option<&GpuTensor<u8>>,
         opts: &GibbsOptions,
     ) -> Result<GibbsOutput<T>> {
+        // init is read and copied here, before any plan checks its tensors.
+        self.check_owned(&[init.context()])?;
         token_dtype::<T>("gibbs")?;
         let s = chain_shape(
             model.unary.shape(),
