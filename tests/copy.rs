@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{gpu, limited_device};
+use common::{app_buffer, gpu, limited_device};
 use seq_kernels::reference::copy as reference;
 use seq_kernels::{Error, GpuTensor};
 
@@ -69,12 +69,7 @@ fn tensor_shapes_that_overflow_are_errors() {
     assert!(shape_err(t.reshape(wraps)));
     assert!(shape_err(t.reshape([0, 256])));
     assert_eq!(t.reshape([4, 64]).unwrap().shape(), &[4, 64]);
-    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 1024,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    let buffer = app_buffer(ctx, 1024, wgpu::BufferUsages::STORAGE);
     assert!(shape_err(GpuTensor::<f32>::from_buffer(ctx, buffer, wraps)));
 }
 
@@ -88,12 +83,11 @@ fn embedded_errors_are_errors_not_panics() {
     let Some(_) = gpu() else { return };
     let ctx = &limited_device(|_| {});
     // STORAGE and COPY_SRC only: downloads work, writes cannot.
-    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 16,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
+    let buffer = app_buffer(
+        ctx,
+        16,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+    );
     let t = GpuTensor::<f32>::from_buffer(ctx, buffer, [4]).unwrap();
     assert!(matches!(t.write(&[1.0; 4]), Err(Error::Device(_))));
     assert_eq!(t.download().unwrap(), vec![0.0; 4]);
@@ -113,14 +107,11 @@ fn embedded_errors_are_errors_not_panics() {
 #[test]
 fn wrapped_buffers_keep_what_is_not_the_tensor() {
     let Some(ctx) = gpu() else { return };
-    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 32,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let buffer = app_buffer(
+        ctx,
+        32,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    );
     ctx.queue()
         .write_buffer(&buffer, 0, bytemuck::cast_slice(&[7.0f32; 8]));
     let front = GpuTensor::<f32>::from_buffer(ctx, buffer.clone(), [2]).unwrap();
@@ -131,25 +122,21 @@ fn wrapped_buffers_keep_what_is_not_the_tensor() {
         [1.0, 2.0, 7.0, 7.0, 7.0, 7.0, 7.0, 7.0]
     );
     // Downloads read the tensor's words only: a buffer not of whole words around them works.
-    let ten = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 10,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let ten = app_buffer(
+        ctx,
+        10,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    );
     let t = GpuTensor::<f32>::from_buffer(ctx, ten, [2]).unwrap();
     t.write(&[3.0, 4.0]).unwrap();
     assert_eq!(t.download().unwrap(), [3.0, 4.0]);
     assert_eq!(pollster::block_on(t.download_async()).unwrap(), [3.0, 4.0]);
     // f16 [3] is 6 bytes of data in 2 words: an 8-byte buffer at least.
-    let six = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 6,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
+    let six = app_buffer(
+        ctx,
+        6,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+    );
     assert!(matches!(
         GpuTensor::<half::f16>::from_buffer(ctx, six, [3]),
         Err(Error::Shape(_))
@@ -230,12 +217,11 @@ fn too_few_storage_buffers_per_stage_is_a_named_limit() {
     assert!(ctx.attention(&q, &q, &q, None, &Default::default()).is_ok());
     // A storage binding counts whatever other usages its buffer has (here also UNIFORM).
     let ctx = &limited_device(|l| l.max_storage_buffers_per_shader_stage = 7);
-    let both = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 4 * 8 * 4,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
-        mapped_at_creation: false,
-    });
+    let both = app_buffer(
+        ctx,
+        4 * 8 * 4,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
+    );
     let q = GpuTensor::<f32>::from_buffer(ctx, both, [1, 1, 4, 8]).unwrap();
     assert!(named(
         ctx.attention(&q, &q, &q, None, &Default::default())

@@ -712,14 +712,11 @@ fn initial_state_in_a_larger_buffer() {
     let (b, l, v) = (2usize, 3usize, 4usize);
     let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, 95);
     let init = random_tokens(b * l, v, 96);
-    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 256,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let buffer = common::app_buffer(
+        ctx,
+        256,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    );
     let big = GpuTensor::<u32>::from_buffer(ctx, buffer, [b, l]).unwrap();
     big.write(&init).unwrap();
     let opts = GibbsOptions {

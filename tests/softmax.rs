@@ -263,14 +263,11 @@ fn odd_f16_output_leaves_the_rest_of_its_buffer() {
         .iter()
         .map(|&v| f16::from_f32(v).to_bits())
         .collect();
-    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 8,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let buffer = common::app_buffer(
+        ctx,
+        8,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    );
     ctx.queue()
         .write_buffer(&buffer, 0, bytemuck::cast_slice(&words));
     let y = GpuTensor::<f16>::from_buffer(ctx, buffer.clone(), [3]).unwrap();

@@ -69,6 +69,16 @@ pub fn limited_device(change: impl FnOnce(&mut wgpu::Limits)) -> Context {
     Context::from_device(device, queue)
 }
 
+/// A buffer of `size` bytes the way an application makes one, to wrap with `from_buffer`.
+pub fn app_buffer(ctx: &Context, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size,
+        usage,
+        mapped_at_creation: false,
+    })
+}
+
 /// A device whose storage bindings hold at most `bytes`, for the paths that split work
 /// across bindings or report `LimitExceeded`.
 pub fn small_bindings(bytes: u64) -> Context {
