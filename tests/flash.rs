@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{gpu, random, random_mask, small_bindings};
+use common::{gpu, limited_device, random, random_mask, small_bindings};
 use half::f16;
 use seq_kernels::kernels::flash::flash_shape;
 use seq_kernels::reference::flash::{flash as reference, gau, FlashHost};
@@ -992,7 +992,11 @@ fn calls_too_big_for_one_binding_run_in_segments() {
         .unwrap()
         .plan(&FlashInputs::new(&x, &x, &x, &x, &v), &out)
         .unwrap();
-    assert_eq!(plan.len(), 3 * 8, "2 batch items x 4 segments x 3 passes");
+    assert_eq!(
+        plan.len(),
+        3 * 8 + 2,
+        "2 batch items x 4 segments x 3 passes, and a zeroing of each item's state"
+    );
     // One chunk of 256 keys would split its KV product in 4 parts (a small call), but 4 parts
     // of 64 x 256 floats do not fit a 256 KiB binding while one does: the split gives way
     // rather than the call failing.
@@ -1020,4 +1024,126 @@ fn calls_too_big_for_one_binding_run_in_segments() {
         .err()
         .expect("a chunk of 64 x 200 floats cannot fit 32 KiB bindings");
     assert!(matches!(err, Error::LimitExceeded { .. }), "{err}");
+}
+
+/// Segmented plans recorded again start from an empty state (the sweeps leave their sums in
+/// it: a second run was off by 1.0 non-causal, 727 causal); the key mask of a segmented call
+/// is bound by segment, so a mask larger than one binding works (it was a device error).
+#[test]
+fn segmented_plans_rerun_and_bind_their_mask_by_segment() {
+    let Some(_) = gpu() else { return };
+    let small = small_bindings(32 << 10);
+    let data = Data::new(1, 300, 16, 50, 3).with_mask(4, 0.8);
+    for (causal, lin_norm) in [
+        (false, LinNorm::Chunk),
+        (true, LinNorm::Chunk),
+        (true, LinNorm::Length),
+    ] {
+        let opts = FlashOptions {
+            chunk: 32,
+            causal,
+            lin_norm,
+            ..Default::default()
+        };
+        let want = reference(&data.host(), &opts).unwrap();
+        let x = |v: &[f32], w: usize| small.upload(v, [1, 300, w]).unwrap();
+        let (qq, kq, ql, kl, v) = (
+            x(&data.qq, 16),
+            x(&data.kq, 16),
+            x(&data.ql, 16),
+            x(&data.kl, 16),
+            x(&data.v, 50),
+        );
+        let mask = small
+            .upload_mask(data.mask.as_ref().unwrap(), [1, 300])
+            .unwrap();
+        let inputs = FlashInputs {
+            key_mask: Some(&mask),
+            ..FlashInputs::new(&qq, &kq, &ql, &kl, &v)
+        };
+        let out = small.zeros::<f32>([1, 300, 50]).unwrap();
+        let plan = Flash::new(&small, &opts)
+            .unwrap()
+            .plan(&inputs, &out)
+            .unwrap();
+        assert!(plan.len() > 3, "the call must run in segments");
+        for run in 0..3 {
+            plan.run(&small).unwrap();
+            let err = row_error(&out.download().unwrap(), &want, 50);
+            assert!(err <= TOL_F32, "{opts:?} run {run}: error {err:e}");
+        }
+    }
+    // A key mask of 20000 bytes through 16 KiB bindings gives the bits of the same call on
+    // whole bindings. (Against the f64 reference both are 1.7e-4 off here: 313 chunk sums in
+    // f32 over 20000 keys, beyond what the spec's 1e-4 is stated for; the shorter calls above
+    // are held to it.)
+    let tiny = small_bindings(16 << 10);
+    let data = Data::new(1, 20000, 2, 2, 7).with_mask(8, 0.9);
+    let opts = FlashOptions {
+        chunk: 64,
+        causal: true,
+        ..Default::default()
+    };
+    let whole = gpu_f32(gpu().unwrap(), &data, &opts);
+    let split = gpu_f32(&tiny, &data, &opts);
+    assert!(whole
+        .iter()
+        .zip(&split)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+/// The decoder near the binding limit: a step of few rows chooses no more KV parts than the
+/// scratch made for a whole chunk holds (it wrote past it), and chunk rows that cannot fit a
+/// binding are `LimitExceeded` when the decoder is made (a device error at the first step).
+#[test]
+fn decoder_within_its_bindings() {
+    let Some(_) = gpu() else { return };
+    // s 64, e 128, C 256 with RoPE: a whole chunk fits 3 KV parts, one row would take 4.
+    let tight = limited_device(|l| l.max_storage_buffer_binding_size = 262408);
+    let opts = FlashOptions {
+        chunk: 256,
+        causal: true,
+        rope: Some(FlashRope::default()),
+        lin_norm: LinNorm::Prefix,
+        ..Default::default()
+    };
+    let data = Data::new(1, 3, 64, 128, 900);
+    let want = reference(&data.host(), &opts).unwrap();
+    let got = decode(&tight, &data, &opts, &[1], false);
+    let err = row_error(&got, &want, 128);
+    assert!(
+        err <= TOL_F32,
+        "decoder near the binding limit: error {err:e}"
+    );
+    let small = small_bindings(64 << 10);
+    let opts = FlashOptions {
+        chunk: 64,
+        causal: true,
+        ..Default::default()
+    };
+    assert!(matches!(
+        FlashDecoder::new(&small, &opts, 2, 8, 256, false, None),
+        Err(Error::LimitExceeded { .. })
+    ));
+}
+
+/// A RoPE offset whose last position passes u64::MAX is an error (it wrapped past the check).
+#[test]
+fn rope_offsets_past_u64_are_errors() {
+    let Some(ctx) = gpu() else { return };
+    let data = Data::new(1, 5, 8, 4, 1);
+    let opts = FlashOptions {
+        chunk: 16,
+        rope: Some(FlashRope {
+            base: 10000.0,
+            offset: u64::MAX - 1,
+        }),
+        ..Default::default()
+    };
+    let x = |v: &[f32], w: usize| ctx.upload(v, [1, 5, w]).unwrap();
+    let (qq, v) = (x(&data.qq, 8), x(&data.v, 4));
+    assert!(matches!(
+        ctx.flash(&FlashInputs::new(&qq, &qq, &qq, &qq, &v), &opts),
+        Err(Error::InvalidOption(_))
+    ));
 }

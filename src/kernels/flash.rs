@@ -51,6 +51,7 @@ use crate::context::Context;
 use crate::convert::{self, Storage};
 use crate::dispatch::{check_binding, rows_binding, Plan, Step};
 use crate::error::{Error, Result};
+use crate::kernels::copy;
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
 use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
 use crate::tensor::{require_float, DType, Element, GpuTensor};
@@ -736,6 +737,9 @@ impl Flash {
                 "flash cannot run in place; give a separate output tensor",
             ));
         }
+        if let Some(bias) = inputs.bias {
+            check_binding(ctx, "elements of the flash bias", bias.bytes(), 4)?;
+        }
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let elem_bytes = storage.shader_dtype().size() as u64;
         let segs = segments(ctx, &self.opts, &shape, elem_bytes)?;
@@ -794,8 +798,13 @@ impl Flash {
                 .iter()
                 .map(|seg| Scratch::new(ctx, &self.opts, &shape, seg))
                 .collect::<Result<Vec<_>>>()?;
+            // The sweeps leave their sums in the state, and a plan may be recorded again:
+            // every recording first copies zeros over it.
+            let state_bytes = ((shape.s * shape.e + 1) as u64 * 4).next_multiple_of(16);
+            let zeros = ctx.scratch(state_bytes)?;
             for bi in 0..shape.b {
-                let state = ctx.scratch((shape.s * shape.e + 1) as u64 * 4)?;
+                let state = ctx.scratch(state_bytes)?;
+                plan.extend(copy::plan(ctx, &zeros, &state, state_bytes)?);
                 for &(scan, outputs) in sweeps {
                     for (seg, scratch) in segs.iter().zip(&scratch).filter(|(g, _)| g.batch == bi) {
                         let c = Call {
@@ -812,6 +821,7 @@ impl Flash {
                 }
                 plan.keep(state);
             }
+            plan.keep(zeros);
             for sc in &scratch {
                 sc.keep_in(&mut plan);
             }
@@ -840,7 +850,13 @@ fn passes(
     let (b, s, e, g) = (seg.batches, sh.s, sh.e, seg.chunks);
     let pstride = opts.chunk.min(n);
     // kv scratch: KV slots (each in `splits` parts), counts, then the RoPE (cos, sin) table.
-    let splits = seg.kv_splits(ctx, sh, opts.rope.is_some());
+    // No more parts than the call's scratch holds: a decoder's is sized for a whole chunk,
+    // and a step of fewer rows (a smaller RoPE table) could otherwise choose more.
+    let rope = opts.rope.is_some();
+    let splits = (1..=seg.kv_splits(ctx, sh, rope))
+        .rev()
+        .find(|&p| seg.kv_floats(sh, rope, p) * 4 <= scratch.kv.size())
+        .unwrap_or(1);
     // Parts of whole staging steps.
     let split_len = opts.chunk.div_ceil(splits).next_multiple_of(GEMM_BK);
     let slots = b * (g + 1);
@@ -848,8 +864,12 @@ fn passes(
     let rope_base = count_base + slots;
     let table = match &opts.rope {
         Some(r) => {
+            // Checked: an offset near u64::MAX must fail the position check, not wrap.
+            let offset = call.rope_offset.checked_add(r0 as u64).ok_or_else(|| {
+                Error::option("flash rope offset plus the position passes u64::MAX")
+            })?;
             let ropts = RopeOptions {
-                offset: call.rope_offset + r0 as u64,
+                offset,
                 ..r.rope_options()
             };
             let rows = position_rows(&ropts, 1, n, None)?;
@@ -859,11 +879,13 @@ fn passes(
     };
     let kv = &scratch.kv;
     if !table.is_empty() {
-        ctx.queue().write_buffer(
-            kv,
-            rope_base as u64 * 4,
-            bytemuck::cast_slice(table.as_slice()),
-        );
+        ctx.checked("writing the flash RoPE table", || {
+            ctx.queue().write_buffer(
+                kv,
+                rope_base as u64 * 4,
+                bytemuck::cast_slice(table.as_slice()),
+            )
+        })?;
     }
     let state = match call.state {
         Some(st) => st.clone(),
@@ -879,6 +901,11 @@ fn passes(
     let count = (b * batch_rows) as u64;
     let view = |buf, width: usize| {
         rows_binding(buf, width as u64 * elem, first..first + count, align, elem)
+    };
+    // The key mask, one byte a row, bound by the segment's rows as the tensors are.
+    let (mask, mask_base) = match &bound.key_mask {
+        Some(m) => rows_binding(m, 1, first..first + count, align, 1),
+        None => (scratch.absent.as_entire_buffer_binding(), 0),
     };
 
     let (norm, lin_scale) = match (opts.lin_scale, opts.lin_norm) {
@@ -943,7 +970,7 @@ fn passes(
         pstride: u(pstride),
         qk_base,
         v_base,
-        mask_base: first as u32,
+        mask_base,
         batch_rows: u(batch_rows),
         splits: u(splits),
         split_len: u(split_len),
@@ -954,7 +981,6 @@ fn passes(
     // Absent optional inputs are bound to the scratch's small buffer.
     let ent = wgpu::Buffer::as_entire_buffer_binding;
     let bias = bound.bias.as_ref().unwrap_or(&scratch.absent);
-    let mask = bound.key_mask.as_ref().unwrap_or(&scratch.absent);
     let gate = match &bound.gate {
         Some(gb) => view(gb, e).0,
         None => ent(&scratch.absent),
@@ -970,7 +996,7 @@ fn passes(
         (4, v),
         (5, gate),
         (6, out),
-        (7, ent(mask)),
+        (7, mask),
         (8, ent(bias)),
         (9, ent(&params)),
         (10, ent(kv)),
@@ -1120,6 +1146,13 @@ impl FlashDecoder {
             opts,
         )?;
         let c = opts.chunk;
+        // The chunk's rows are bound whole in every step.
+        check_binding(
+            ctx,
+            "elements of the flash decoder's chunk rows",
+            (b * c * s.max(e)) as u64 * 4,
+            4,
+        )?;
         let bias = bias.map(|v| ctx.upload(v, bias_shape)).transpose()?;
         let state = ctx.scratch((b * s * e + b) as u64 * 4)?;
         let widths = [s, s, s, s, e, e];
@@ -1339,7 +1372,11 @@ impl FlashDecoder {
                 Scan::Prefix
             },
             outputs: true,
-            rope_offset: self.opts.rope.map_or(0, |r| r.offset) + self.start,
+            rope_offset: self
+                .opts
+                .rope
+                .map_or(0, |r| r.offset)
+                .saturating_add(self.start),
             batch_rows: Some(c),
             scratch: &self.scratch,
         };

@@ -507,7 +507,8 @@ pub fn position_rows(
     positions: Option<&Positions>,
 ) -> Result<PositionRows> {
     let Some(pos) = positions else {
-        if opts.offset + s as u64 - 1 > MAX_POSITION as u64 {
+        let last = opts.offset.checked_add(s as u64 - 1);
+        if last.is_none_or(|p| p > MAX_POSITION as u64) {
             return Err(Error::option(format!(
                 "rope offset {} + {s} tokens passes the largest position {MAX_POSITION}",
                 opts.offset
