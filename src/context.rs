@@ -212,6 +212,21 @@ impl Context {
         self.take_uncaptured()
     }
 
+    /// Maps `buffer` (MAP_READ, copied into by work already submitted) for reading and
+    /// blocks until it is mapped; `what` names it in errors.
+    pub(crate) fn map_read(&self, buffer: &wgpu::Buffer, what: &str) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.checked(&format!("mapping {what}"), || {
+            buffer.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            })
+        })?;
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Device(format!("{what}: the map callback never ran")))?
+            .map_err(|e| Error::Device(format!("mapping {what} failed: {e}")))
+    }
+
     /// Returns (and clears) the first error the device raised outside any error scope.
     pub(crate) fn take_uncaptured(&self) -> Result<()> {
         let mut errors = self.inner.uncaptured.lock().map_err(|_| poisoned())?;

@@ -29,11 +29,12 @@ impl Step {
         // Every binding but the uniform parameters (made by Context::uniform, without STORAGE)
         // is a storage buffer; a device made with fewer per stage (wgpu's default limits
         // allow 8) cannot build the pipeline.
+        let limits = ctx.limits();
         let storage = bindings
             .iter()
             .filter(|(_, b)| b.buffer.usage().contains(wgpu::BufferUsages::STORAGE))
             .count() as u64;
-        let max = ctx.limits().max_storage_buffers_per_shader_stage as u64;
+        let max = limits.max_storage_buffers_per_shader_stage as u64;
         if storage > max {
             return Err(Error::LimitExceeded {
                 limit: "max_storage_buffers_per_shader_stage",
@@ -49,10 +50,7 @@ impl Step {
             )),
             e => e,
         })?;
-        let grid = fold(
-            workgroups,
-            ctx.limits().max_compute_workgroups_per_dimension,
-        )?;
+        let grid = fold(workgroups, limits.max_compute_workgroups_per_dimension)?;
         Ok(Self {
             ctx: ctx.clone(),
             pipeline,

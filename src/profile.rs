@@ -140,16 +140,7 @@ impl Timestamps {
     /// The pass's GPU time, or `None` when the end stamp is not after the start (a wrapped or
     /// unwritten query), which would otherwise read as an infinitely fast pass.
     fn read(&self, ctx: &Context) -> Result<Option<Duration>> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        ctx.checked("mapping the timestamps", || {
-            self.readback.map_async(wgpu::MapMode::Read, .., move |r| {
-                let _ = tx.send(r);
-            })
-        })?;
-        ctx.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Device("timestamp callback never ran".into()))?
-            .map_err(|e| Error::Device(format!("reading timestamps failed: {e}")))?;
+        ctx.map_read(&self.readback, "the timestamps")?;
         let ticks = {
             let view = self
                 .readback

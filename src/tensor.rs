@@ -285,16 +285,7 @@ impl<T: Element> GpuTensor<T> {
     /// Copies the tensor back to the host, blocking.
     pub fn download(&self) -> Result<Vec<T>> {
         let staging = self.stage_readback()?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.ctx.checked("mapping the readback buffer", || {
-            staging.map_async(wgpu::MapMode::Read, .., move |r| {
-                let _ = tx.send(r);
-            })
-        })?;
-        self.ctx.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Device("readback callback never ran".into()))?
-            .map_err(|e| Error::Device(format!("mapping the readback buffer failed: {e}")))?;
+        self.ctx.map_read(&staging, "the readback buffer")?;
         self.read_mapped(&staging)
     }
 

@@ -236,17 +236,24 @@ fn closed_output_pipe_ends_quietly() {
     assert_eq!(o.status.signal(), Some(SIGPIPE), "{:?}: {err}", o.status);
 }
 
+/// `seqk bench KERNEL --quick --json`: the parsed JSON and its rows, the copy row first.
+fn bench_json(kernel: &str) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let o = seqk(&["bench", kernel, "--quick", "--json"]);
+    assert!(o.status.success(), "bench failed: {}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json is JSON");
+    let rows = v["results"].as_array().expect("results array").clone();
+    assert_eq!(rows[0]["kernel"], "copy", "{v:#}");
+    (v, rows)
+}
+
 #[test]
 fn bench_softmax_quick_as_json() {
     let Some(_) = common::gpu() else { return };
-    let o = seqk(&["bench", "softmax", "--quick", "--json"]);
-    assert!(o.status.success(), "bench failed: {}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json is JSON");
+    let (v, rows) = bench_json("softmax");
     assert!(
         v["adapter"].as_str().is_some_and(|a| !a.is_empty()),
         "{v:#}"
     );
-    let rows = v["results"].as_array().expect("results array");
     let positive = |r: &serde_json::Value, key: &str| {
         let x = r[key].as_f64();
         assert!(
@@ -256,7 +263,6 @@ fn bench_softmax_quick_as_json() {
         x.unwrap()
     };
     // The copy kernel first: the denominator of every ratio, 1.0 against itself.
-    assert_eq!(rows[0]["kernel"], "copy", "{v:#}");
     positive(&rows[0], "gbps");
     assert_eq!(rows[0]["copy_ratio"].as_f64(), Some(1.0), "{v:#}");
     let softmax: Vec<_> = rows.iter().filter(|r| r["kernel"] == "softmax").collect();
@@ -283,11 +289,7 @@ fn bench_softmax_quick_as_json() {
 #[test]
 fn bench_sample_quick_as_json() {
     let Some(_) = common::gpu() else { return };
-    let o = seqk(&["bench", "sample", "--quick", "--json"]);
-    assert!(o.status.success(), "bench failed: {}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench --json is JSON");
-    let rows = v["results"].as_array().expect("results array");
-    assert_eq!(rows[0]["kernel"], "copy", "{v:#}");
+    let (v, rows) = bench_json("sample");
     assert!(rows.len() > 1, "no sample rows: {v:#}");
     for r in &rows[1..] {
         assert_eq!(r["kernel"], "sample", "{r:#}");
