@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::shader::ShaderVariant;
+use crate::shader::{declared_bindings, Access, ShaderVariant};
 
 /// One dispatch: a pipeline, its bind group and a folded grid.
 pub struct Step {
@@ -42,6 +42,7 @@ impl Step {
                 max,
             });
         }
+        check_aliasing(variant, bindings)?;
         let pipeline = ctx.pipeline(variant)?;
         let bind_group = ctx.bind_group(&pipeline, bindings).map_err(|e| match e {
             Error::Device(m) => Error::Device(format!(
@@ -58,6 +59,37 @@ impl Step {
             grid,
         })
     }
+}
+
+/// A buffer the dispatch writes must not also be bound for reading: wgpu refuses the mix at
+/// submit (or panics in the application's `finish`), so the call is refused here, naming both.
+fn check_aliasing(
+    variant: &ShaderVariant,
+    bindings: &[(u32, wgpu::BufferBinding<'_>)],
+) -> Result<()> {
+    let declared = declared_bindings(&variant.source);
+    let find = |i: u32| declared.iter().find(|d| d.index == i);
+    for (k, (i, a)) in bindings.iter().enumerate() {
+        for (j, b) in &bindings[k + 1..] {
+            let (Some(da), Some(db)) = (find(*i), find(*j)) else {
+                continue;
+            };
+            let written = (da.access == Access::ReadWrite) != (db.access == Access::ReadWrite);
+            if written && a.buffer == b.buffer {
+                let (w, r) = if da.access == Access::ReadWrite {
+                    (da, db)
+                } else {
+                    (db, da)
+                };
+                return Err(Error::option(format!(
+                    "{}/{}: `{}` is written but its buffer is also bound as `{}`, which the \
+                     kernel reads; give `{}` a buffer of its own",
+                    variant.family, variant.entry, w.name, r.name, w.name
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A kernel call ready to record: its dispatches in order, and the scratch buffers and

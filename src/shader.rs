@@ -46,3 +46,55 @@ pub fn compose(pieces: &[&str]) -> String {
     }
     s
 }
+
+/// How a shader declares one of its group-0 buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// `var<uniform>`.
+    Uniform,
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+/// A group-0 buffer declaration of a shader: binding index, variable name and access.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Declared {
+    /// `@binding(index)`.
+    pub index: u32,
+    /// The variable's name.
+    pub name: String,
+    /// How it may be accessed.
+    pub access: Access,
+}
+
+/// The buffers a WGSL module declares in group 0, read from lines of the form
+/// `@group(0) @binding(N) var<storage, read_write> name: ...` (the form every shader of the
+/// crate uses; the naga test checks this reading against naga's for every variant).
+pub fn declared_bindings(source: &str) -> Vec<Declared> {
+    source
+        .lines()
+        .filter_map(|line| {
+            let code = line.split("//").next()?.trim();
+            let rest = code.strip_prefix("@group(0)")?.trim_start();
+            let rest = rest.strip_prefix("@binding(")?;
+            let (index, rest) = rest.split_once(')')?;
+            let rest = rest.trim_start().strip_prefix("var<")?;
+            let (space, rest) = rest.split_once('>')?;
+            let name = rest.split(':').next()?.trim();
+            let space: Vec<&str> = space.split(',').map(str::trim).collect();
+            let access = match space[..] {
+                ["uniform"] => Access::Uniform,
+                ["storage"] | ["storage", "read"] => Access::Read,
+                ["storage", "read_write"] => Access::ReadWrite,
+                _ => return None,
+            };
+            Some(Declared {
+                index: index.trim().parse().ok()?,
+                name: name.to_string(),
+                access,
+            })
+        })
+        .collect()
+}

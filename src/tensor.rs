@@ -192,7 +192,9 @@ impl Context {
 
 impl<T: Element> GpuTensor<T> {
     /// Wraps a buffer the application owns: `STORAGE`, plus `COPY_SRC` to download and
-    /// `COPY_DST` to write. The buffer holds at least the data padded to whole 4-byte words;
+    /// `COPY_DST` to write. The buffer must come from the context's own device (wgpu offers
+    /// no check, and kernels would read and write unrelated memory of this device). It
+    /// holds at least the data padded to whole 4-byte words, from offset 0;
     /// a kernel writing an odd-byte tensor (u8, f16) keeps the rest of its last word, but
     /// [`GpuTensor::write`] zeroes those padding bytes.
     pub fn from_buffer(
@@ -342,9 +344,10 @@ impl<T: Element> GpuTensor<T> {
         Ok(out)
     }
 
-    /// The whole buffer as a binding.
+    /// The tensor's bytes (padded to a whole word) as a binding. Not the whole buffer: an
+    /// application's buffer may be larger than a storage binding may be.
     pub fn binding(&self) -> wgpu::BufferBinding<'_> {
-        self.buffer.as_entire_buffer_binding()
+        crate::dispatch::sub_binding(&self.buffer, 0, padded_bytes(self.len(), T::DTYPE))
     }
 }
 

@@ -3,11 +3,14 @@
 
 mod common;
 
-use common::{gpu, random, random_mask, small_bindings};
+use common::{gpu, in_oversized_buffer, random, random_mask, small_bindings};
 use half::f16;
 use seq_kernels::kernels::attention::attention_shape;
+use seq_kernels::kernels::attention::matmul_plan;
 use seq_kernels::reference::{attention as reference, row_error};
-use seq_kernels::{AttentionOptions, AttnMask, Context, Error, HostMask, Layout};
+use seq_kernels::{
+    Attention, AttentionOptions, AttnMask, Context, Error, GpuTensor, HostMask, Layout,
+};
 
 /// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage (f32
 /// accumulation over up to a few hundred keys with an online rescale), 2e-3 for f16 storage
@@ -431,6 +434,117 @@ fn masks_larger_than_a_binding_are_limit_errors() {
     assert!(small
         .attention(&q4, &q4, &q4, Some(AttnMask::Add(&add_ok)), &o)
         .is_ok());
+}
+
+/// Tensors in application buffers larger than a storage binding may be: the kernels bind each
+/// tensor's bytes, not its whole buffer (which was a device error at any tensor size).
+#[test]
+fn tensors_in_buffers_larger_than_a_binding() {
+    let Some(_) = gpu() else { return };
+    let small = small_bindings(1 << 20);
+    for additive in [false, true] {
+        let mut c = Case::new(1, 2, 1, 5, 7, 16);
+        c.mask = Some((vec![5, 7], 0.7));
+        c.additive = additive;
+        let x = data(&c);
+        let [qs, ks, vs] = c.shapes();
+        let big = |v: &[f32], s: Vec<usize>| in_oversized_buffer(&small, v, s);
+        let (q, k, v) = (big(&x.q, qs), big(&x.k, ks), big(&x.v, vs));
+        let out = big(&[0.0; 2 * 5 * 16], vec![1, 2, 5, 16]);
+        let lse = big(&[0.0; 2 * 5], vec![1, 2, 5]);
+        let keep: Vec<u8> = x.mask.as_ref().unwrap().iter().map(|&k| k as u8).collect();
+        let keep = in_oversized_buffer(&small, &keep, [5, 7]);
+        let terms = x.terms.as_ref().map(|t| big(t, vec![5, 7]));
+        let mask = match &terms {
+            Some(t) => AttnMask::Add(t),
+            None => AttnMask::Keep(&keep),
+        };
+        Attention::new(&small, &c.opts)
+            .unwrap()
+            .plan(&q, &k, &v, Some(mask), &out, Some(&lse))
+            .unwrap()
+            .run(&small)
+            .unwrap();
+        let want = run_ref(&c, &x);
+        let err = row_error(&out.download().unwrap(), &want.out, c.dv);
+        assert!(
+            err <= TOL_F32,
+            "additive = {additive}: output error {err:e}"
+        );
+        for (g, w) in lse.download().unwrap().iter().zip(&want.lse) {
+            // Empty rows give -inf on both sides.
+            let same = *g as f64 == *w || (*g as f64 - w).abs() <= TOL_F32 * w.abs().max(1.0);
+            assert!(same, "lse {g} vs {w}");
+        }
+    }
+    // The tile engine's matmul, C = A B^T, all three in oversized buffers.
+    let (a, b) = (random(3 * 4, 1, -1.0, 1.0), random(2 * 4, 2, -1.0, 1.0));
+    let ga = in_oversized_buffer(&small, &a, [3, 4]);
+    let gb = in_oversized_buffer(&small, &b, [2, 4]);
+    let gc: GpuTensor<f32> = in_oversized_buffer(&small, &[0.0; 6], [3, 2]);
+    matmul_plan(&small, &ga, &gb, &gc, true)
+        .unwrap()
+        .run(&small)
+        .unwrap();
+    let want: Vec<f64> = (0..6)
+        .map(|x| {
+            (0..4)
+                .map(|e| a[(x / 2) * 4 + e] as f64 * b[(x % 2) * 4 + e] as f64)
+                .sum()
+        })
+        .collect();
+    // Dot products of 4 f32 terms.
+    assert!(row_error(&gc.download().unwrap(), &want, 2) < 1e-6);
+}
+
+/// A written tensor (out, lse) whose buffer is also an input is refused before recording,
+/// naming both; it was a usage conflict that panicked in the application's `finish`.
+#[test]
+fn written_tensors_sharing_an_input_buffer_are_refused() {
+    let Some(ctx) = gpu() else { return };
+    let q = ctx
+        .upload(&random(2 * 5 * 16, 3, -1.0, 1.0), [1, 2, 5, 16])
+        .unwrap();
+    let out = ctx.zeros::<f32>([1, 2, 5, 16]).unwrap();
+    let lse = GpuTensor::<f32>::from_buffer(ctx, q.buffer().clone(), [1, 2, 5]).unwrap();
+    let keep = ctx.upload_mask(&[true; 25], [5, 5]).unwrap();
+    let mask_in_lse = GpuTensor::<u8>::from_buffer(ctx, out.buffer().clone(), [5, 5]).unwrap();
+    let a = Attention::new(ctx, &AttentionOptions::default()).unwrap();
+    let lse_own = ctx.zeros::<f32>([1, 2, 5]).unwrap();
+    for (mask, lse, written, read) in [
+        (Some(&keep), &lse, "lse", "q"),
+        (Some(&mask_in_lse), &lse_own, "out", "mask"),
+    ] {
+        let mut enc = ctx.encoder();
+        let r = a.encode(
+            &mut enc,
+            &q,
+            &q,
+            &q,
+            mask.map(AttnMask::from),
+            &out,
+            Some(lse),
+        );
+        match r {
+            Err(Error::InvalidOption(m)) => assert!(
+                m.contains(&format!("`{written}` is written")) && m.contains(&format!("`{read}`")),
+                "{m}"
+            ),
+            other => panic!("{written} sharing {read}'s buffer: {other:?}"),
+        }
+    }
+    // The same tensors, each in a buffer of its own, run.
+    a.plan(
+        &q,
+        &q,
+        &q,
+        Some(AttnMask::from(&keep)),
+        &out,
+        Some(&lse_own),
+    )
+    .unwrap()
+    .run(ctx)
+    .unwrap();
 }
 
 #[test]

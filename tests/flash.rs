@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{gpu, limited_device, random, random_mask, small_bindings};
+use common::{gpu, in_oversized_buffer, limited_device, random, random_mask, small_bindings};
 use half::f16;
 use seq_kernels::kernels::flash::flash_shape;
 use seq_kernels::reference::flash::{flash as reference, gau, FlashHost};
@@ -1128,6 +1128,64 @@ fn decoder_within_its_bindings() {
 }
 
 /// A RoPE offset whose last position passes u64::MAX is an error (it wrapped past the check).
+/// Every input, the bias included, and the output in application buffers larger than a
+/// storage binding may be: bound by their bytes (the bias was bound whole, a device error).
+/// A key mask in the output's buffer is refused before recording, naming both.
+#[test]
+fn tensors_in_buffers_larger_than_a_binding() {
+    let Some(_) = gpu() else { return };
+    let small = small_bindings(1 << 20);
+    let (b, n, s, e, c) = (1usize, 40usize, 8usize, 12usize, 16usize);
+    let d = Data::new(b, n, s, e, 71)
+        .with_gate(72)
+        .with_bias(c, 73)
+        .with_mask(74, 0.8);
+    let opts = FlashOptions {
+        chunk: c,
+        ..Default::default()
+    };
+    let big = |x: &[f32], w: usize| in_oversized_buffer(&small, x, [b, n, w]);
+    let (qq, kq, ql, kl, v) = (
+        big(&d.qq, s),
+        big(&d.kq, s),
+        big(&d.ql, s),
+        big(&d.kl, s),
+        big(&d.v, e),
+    );
+    let gate = big(d.gate.as_ref().unwrap(), e);
+    let bias = in_oversized_buffer(&small, d.bias.as_ref().unwrap(), [c, c]);
+    let keep: Vec<u8> = d.mask.as_ref().unwrap().iter().map(|&k| k as u8).collect();
+    let mask = in_oversized_buffer(&small, &keep, [b, n]);
+    let out = big(&vec![0.0; b * n * e], e);
+    let inputs = FlashInputs {
+        gate: Some(&gate),
+        bias: Some(&bias),
+        key_mask: Some(&mask),
+        ..FlashInputs::new(&qq, &kq, &ql, &kl, &v)
+    };
+    let flash = Flash::new(&small, &opts).unwrap();
+    flash.plan(&inputs, &out).unwrap().run(&small).unwrap();
+    let want = reference(&d.host(), &opts).unwrap();
+    let err = row_error(&out.download().unwrap(), &want, e);
+    assert!(err <= TOL_F32, "error {err:e}");
+
+    let mask_in_out = GpuTensor::<u8>::from_buffer(&small, out.buffer().clone(), [b, n]).unwrap();
+    let aliased = FlashInputs {
+        key_mask: Some(&mask_in_out),
+        ..inputs
+    };
+    match flash.plan(&aliased, &out) {
+        Err(Error::InvalidOption(m)) => {
+            assert!(
+                m.contains("`out` is written") && m.contains("`key_mask`"),
+                "{m}"
+            )
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a key mask in the output's buffer was accepted"),
+    }
+}
+
 #[test]
 fn rope_offsets_past_u64_are_errors() {
     let Some(ctx) = gpu() else { return };

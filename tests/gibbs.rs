@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{gpu, random, small_bindings};
+use common::{gpu, in_oversized_buffer, random, small_bindings};
 use seq_kernels::kernels::gibbs::{chain_shape, philox_gpu};
 use seq_kernels::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use seq_kernels::{
@@ -735,6 +735,99 @@ fn initial_state_in_a_larger_buffer() {
     let mut want = init.clone();
     reference::gibbs(&m.host, &mut want, &[b, l], None, &opts).unwrap();
     assert_eq!(got, want);
+}
+
+/// Model, clamp, best-state and MH tensors in application buffers larger than a storage
+/// binding may be: each is bound by its bytes (whole-buffer bindings were a device error).
+#[test]
+fn tensors_in_buffers_larger_than_a_binding() {
+    let Some(_) = gpu() else { return };
+    let small = small_bindings(1 << 20);
+    let (b, l, v) = (2usize, 5usize, 6usize);
+    let m = Model::new(&small, None, l, v, 0, 1.0, 1.0, 51);
+    let big = |t: &GpuTensor<f32>| in_oversized_buffer(&small, &t.download().unwrap(), t.shape());
+    let (unary, w) = (big(&m.unary), big(&m.pa));
+    let keep = [true, false, false, true, false];
+    let keep_bytes: Vec<u8> = keep.iter().map(|&k| k as u8).collect();
+    let clamp = in_oversized_buffer(&small, &keep_bytes, [l]);
+    let init_host = random_tokens(b * l, v, 52);
+    let init = small.upload(&init_host, [b, l]).unwrap();
+    let opts = GibbsOptions {
+        sweeps: 3,
+        seed: 53,
+        track_best: true,
+        ..Default::default()
+    };
+    let model = ChainModel {
+        unary: &unary,
+        pairwise: Pairwise::Dense(&w),
+    };
+    let out = small.gibbs(&model, &init, Some(&clamp), &opts).unwrap();
+    let mut want = init_host.clone();
+    let best = reference::gibbs(&m.host, &mut want, &[b, l], Some((&keep, &[l])), &opts).unwrap();
+    assert_eq!(out.tokens.download().unwrap(), want);
+    let (best_tokens, _) = out.best.as_ref().unwrap();
+    assert_eq!(best_tokens.download().unwrap(), best.unwrap().tokens);
+
+    // A Metropolis-Hastings step with every tensor oversized.
+    let (x, y) = (random_tokens(b * l, v, 54), random_tokens(b * l, v, 55));
+    let sx = [0.5f32, -1.0];
+    let (sy, qf, qb) = ([0.25f32, 2.0], [0.0f32, 0.1], [-0.5f32, 0.0]);
+    let xt = in_oversized_buffer(&small, &x, [b, l]);
+    let f = |d: &[f32]| in_oversized_buffer(&small, d, [b]);
+    let (sxt, acc) = (f(&sx), in_oversized_buffer(&small, &[7u32; 2], [b]));
+    let tensors = MhTensors {
+        x: &xt,
+        y: &in_oversized_buffer(&small, &y, [b, l]),
+        score_x: &sxt,
+        score_y: &f(&sy),
+        log_q_fwd: &f(&qf),
+        log_q_back: &f(&qb),
+        accepted: &acc,
+    };
+    let o = MhOptions {
+        seed: 56,
+        ..Default::default()
+    };
+    small.mh_step(&tensors, v, &o).unwrap();
+    let (mut hx, mut hsx) = (x.clone(), sx.to_vec());
+    let want = reference::mh_step(&mut hx, &y, &[b, l], &mut hsx, &sy, &qf, &qb, &o).unwrap();
+    let got: Vec<bool> = acc.download().unwrap().iter().map(|&a| a == 1).collect();
+    assert_eq!(got, want);
+    assert_eq!(xt.download().unwrap(), hx);
+    assert_eq!(sxt.download().unwrap(), hsx);
+}
+
+/// A written tensor (best scores) whose buffer is also an input (the unary energies) is
+/// refused before recording, naming both; it was a device error at submit.
+#[test]
+fn written_tensors_sharing_an_input_buffer_are_refused() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (2usize, 4usize, 5usize);
+    let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, 61);
+    let init = ctx.upload(&random_tokens(b * l, v, 62), [b, l]).unwrap();
+    let best_tokens = ctx.zeros::<u32>([b, l]).unwrap();
+    let in_unary = GpuTensor::<f32>::from_buffer(ctx, m.unary.buffer().clone(), [b]).unwrap();
+    let g = seq_kernels::Gibbs::new(
+        ctx,
+        &GibbsOptions {
+            sweeps: 1,
+            ..Default::default()
+        },
+    );
+    let r = g
+        .unwrap()
+        .plan(&m.gpu(), &init, None, Some((&best_tokens, &in_unary)));
+    match r {
+        Err(Error::InvalidOption(msg)) => {
+            assert!(
+                msg.contains("`best_score` is written") && msg.contains("`unary`"),
+                "{msg}"
+            )
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("best scores sharing the unary buffer were accepted"),
+    }
 }
 
 /// Per-chain unary, clamp masks and best states that fit a binding only a few chains at a

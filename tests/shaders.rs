@@ -127,3 +127,40 @@ fn every_variant_translates_to_every_backend() {
         "no native-f16 variant was checked against GLSL"
     );
 }
+
+/// `Step::new` refuses a buffer bound both writable and read-only by reading each shader's
+/// declarations as text; that reading must agree with naga's for every variant.
+#[test]
+fn declared_bindings_agree_with_naga() {
+    use seq_kernels::shader::{declared_bindings, Access, Declared};
+    for v in &all_shader_variants() {
+        let module = naga::front::wgsl::parse_str(&v.source).expect("parses (see the test above)");
+        let mut from_naga: Vec<Declared> = module
+            .global_variables
+            .iter()
+            .filter_map(|(_, g)| {
+                let b = g.binding.as_ref().filter(|b| b.group == 0)?;
+                let access = match g.space {
+                    naga::AddressSpace::Uniform => Access::Uniform,
+                    naga::AddressSpace::Storage { access }
+                        if access.contains(naga::StorageAccess::STORE) =>
+                    {
+                        Access::ReadWrite
+                    }
+                    naga::AddressSpace::Storage { .. } => Access::Read,
+                    ref other => panic!("{}: unexpected address space {other:?}", v.family),
+                };
+                Some(Declared {
+                    index: b.binding,
+                    name: g.name.clone().unwrap_or_default(),
+                    access,
+                })
+            })
+            .collect();
+        let mut from_text = declared_bindings(&v.source);
+        from_naga.sort_by_key(|d| d.index);
+        from_text.sort_by_key(|d| d.index);
+        assert!(!from_naga.is_empty(), "{}: no bindings", v.family);
+        assert_eq!(from_text, from_naga, "{}/{}", v.family, v.variant);
+    }
+}

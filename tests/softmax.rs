@@ -489,6 +489,17 @@ fn bad_input_is_an_error() {
         k.encode(&mut enc, &x, &x),
         Err(Error::InvalidOption(_))
     ));
+    // A mask in the output's buffer: refused before recording, naming both (a wgpu usage
+    // conflict at submit otherwise).
+    let y = ctx.zeros::<f32>([2, 3]).unwrap();
+    let mask_in_y = GpuTensor::<u8>::from_buffer(ctx, y.buffer().clone(), [2, 3]).unwrap();
+    match k.plan(&x, Some(&mask_in_y), &y) {
+        Err(Error::InvalidOption(m)) => {
+            assert!(m.contains("`y` is written") && m.contains("`mask`"), "{m}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a mask in the output's buffer was accepted"),
+    }
     // Wrong dtype.
     let xi = ctx.upload(&[1i32; 6], [2, 3]).unwrap();
     assert!(matches!(

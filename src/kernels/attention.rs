@@ -40,7 +40,7 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{check_binding, Plan, Step};
+use crate::dispatch::{check_binding, sub_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
 use crate::tensor::{require_float, DType, Element, GpuTensor};
@@ -647,13 +647,14 @@ impl Attention {
         })?;
         // Unused bindings get small buffers of their own (a buffer bound read-only and
         // read-write in one dispatch is a usage conflict).
-        let mask_b = match mask {
-            Some(m) => m.buffer().clone(),
-            None => ctx.scratch(16)?,
+        // Every buffer is bound over its data only (an application's may exceed a binding).
+        let (mask_b, mask_bytes) = match mask {
+            Some(m) => (m.buffer().clone(), m.bytes()),
+            None => (ctx.scratch(16)?, 16),
         };
-        let lse_b = match lse {
-            Some(l) => l.buffer().clone(),
-            None => ctx.scratch(16)?,
+        let (lse_b, lse_bytes) = match lse {
+            Some(l) => (l.buffer().clone(), l.bytes()),
+            None => (ctx.scratch(16)?, 16),
         };
         let (part_o, part_ml) = if splits > 1 {
             let rows = (bh * s.m * splits) as u64;
@@ -664,17 +665,18 @@ impl Attention {
             (ctx.scratch(16)?, ctx.scratch(16)?)
         };
         let e = wgpu::Buffer::as_entire_buffer_binding;
+        let data = |b, len: usize| sub_binding(b, 0, (len * dtype.size()) as u64);
         plan.push(Step::new(
             ctx,
             &variant(dtype, dp, dvp, "attention"),
             &[
-                (0, e(&qb)),
-                (1, e(&kb)),
-                (2, e(&vb)),
-                (3, e(&ob)),
-                (4, e(&mask_b)),
+                (0, data(&qb, q.len())),
+                (1, data(&kb, k.len())),
+                (2, data(&vb, v.len())),
+                (3, data(&ob, out.len())),
+                (4, sub_binding(&mask_b, 0, mask_bytes)),
                 (5, e(&params)),
-                (6, e(&lse_b)),
+                (6, sub_binding(&lse_b, 0, lse_bytes)),
                 (7, e(&part_o)),
                 (8, e(&part_ml)),
             ],
@@ -685,9 +687,9 @@ impl Attention {
                 ctx,
                 &variant(dtype, dp, dvp, "attention_merge"),
                 &[
-                    (3, e(&ob)),
+                    (3, data(&ob, out.len())),
                     (5, e(&params)),
-                    (6, e(&lse_b)),
+                    (6, sub_binding(&lse_b, 0, lse_bytes)),
                     (7, e(&part_o)),
                     (8, e(&part_ml)),
                 ],
@@ -772,19 +774,19 @@ pub fn matmul_plan<T: Element>(
         splits: 1,
         ..Default::default()
     })?;
-    let e = wgpu::Buffer::as_entire_buffer_binding;
     let dtype = storage.shader_dtype();
+    let data = |buf, len: usize| sub_binding(buf, 0, (len * dtype.size()) as u64);
     let entry = if transpose_b { "matmul" } else { "matmul_nn" };
     plan.push(Step::new(
         ctx,
         &variant(dtype, dp, dvp, entry),
         // The tile engine's reader names every source; B fills the unused one.
         &[
-            (0, e(&ab)),
-            (1, e(&bb)),
-            (2, e(&bb)),
-            (3, e(&cb)),
-            (5, e(&params)),
+            (0, data(&ab, a.len())),
+            (1, data(&bb, b.len())),
+            (2, data(&bb, b.len())),
+            (3, data(&cb, c.len())),
+            (5, params.as_entire_buffer_binding()),
         ],
         (qtiles * ntiles) as u64,
     )?);

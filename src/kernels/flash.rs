@@ -49,7 +49,7 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{check_binding, rows_binding, Plan, Step};
+use crate::dispatch::{check_binding, rows_binding, sub_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::kernels::copy;
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
@@ -980,7 +980,11 @@ fn passes(
     let scores = &scratch.scores;
     // Absent optional inputs are bound to the scratch's small buffer.
     let ent = wgpu::Buffer::as_entire_buffer_binding;
-    let bias = bound.bias.as_ref().unwrap_or(&scratch.absent);
+    // The bias is bound over its [C, C] f32s only: an application's buffer may be larger.
+    let bias = match &bound.bias {
+        Some(bb) => sub_binding(bb, 0, (opts.chunk * opts.chunk * 4) as u64),
+        None => ent(&scratch.absent),
+    };
     let gate = match &bound.gate {
         Some(gb) => view(gb, e).0,
         None => ent(&scratch.absent),
@@ -997,7 +1001,7 @@ fn passes(
         (5, gate),
         (6, out),
         (7, mask),
-        (8, ent(bias)),
+        (8, bias),
         (9, ent(&params)),
         (10, ent(kv)),
         (12, ent(scores)),

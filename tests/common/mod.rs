@@ -79,6 +79,21 @@ pub fn app_buffer(ctx: &Context, size: u64, usage: wgpu::BufferUsages) -> wgpu::
     })
 }
 
+/// `data` in an application buffer larger than a storage binding may be (the device's limit
+/// plus 4 KiB), wrapped with `from_buffer`: kernels must bind only the tensor's bytes.
+pub fn in_oversized_buffer<T: seq_kernels::Element>(
+    ctx: &Context,
+    data: &[T],
+    shape: impl Into<Vec<usize>>,
+) -> seq_kernels::GpuTensor<T> {
+    let size = ctx.limits().max_storage_buffer_binding_size + 4096;
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let t = seq_kernels::GpuTensor::from_buffer(ctx, app_buffer(ctx, size, usage), shape).unwrap();
+    t.write(data).unwrap();
+    t
+}
+
 /// A device whose storage bindings hold at most `bytes`, for the paths that split work
 /// across bindings or report `LimitExceeded`.
 pub fn small_bindings(bytes: u64) -> Context {
