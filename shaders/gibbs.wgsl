@@ -58,6 +58,8 @@ const NO_CANDIDATE: f32 = -16777216.0;
 @group(0) @binding(11) var<storage, read> log_q_fwd: array<f32>;        // MH: log q(y <- x) [b]
 @group(0) @binding(12) var<storage, read> log_q_back: array<f32>;       // MH: log q(x <- y) [b]
 @group(0) @binding(13) var<storage, read_write> accepted: array<u32>;   // MH: 1 = accepted [b]
+// sample_logits: whether top-p splits the tokens tied at its threshold (read uniformly).
+var<workgroup> tie_split: u32;
 
 fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
@@ -298,7 +300,7 @@ fn sample_logits(
     }
     zmax = reduce_max_sum(vec2<f32>(zmax, 0.0), lanes).x;
     // Smallest order key kept; built bit by bit from the top (the largest threshold whose
-    // kept set is still big enough), so ties at the threshold are all kept.
+    // kept set is still big enough), so top-k keeps every tie of its k-th logit.
     var kmin = 0u;
     if (t > 0.0 && p.top_k > 0u && p.top_k < p.vocab) {
         var k = 0u;
@@ -316,6 +318,9 @@ fn sample_logits(
         }
         kmin = k;
     }
+    // Top-p keeps every token above its threshold key and, of those at it, the fewest that
+    // reach the goal, lowest indices first (the smallest set): up to index `last_tied`.
+    var last_tied = 0xffffffffu;
     if (t > 0.0 && p.top_p < 1.0) {
         var total = 0.0;
         for (var v = lid; v < p.vocab; v += WG) {
@@ -340,7 +345,43 @@ fn sample_logits(
                 k = cand;
             }
         }
-        kmin = max(kmin, k);
+        // k >= kmin: every cand up to kmin keeps the whole top-k set, whose mass is total.
+        kmin = k;
+        var above = 0.0;
+        var tied = vec2<f32>(0.0, 0.0);   // (weight of a token at k, how many are)
+        for (var v = lid; v < p.vocab; v += WG) {
+            let z = unary[base + v];
+            let key = order_key(z);
+            if (key > k) {
+                above += exp((z - zmax) / t);
+            } else if (key == k) {
+                tied = vec2<f32>(exp((z - zmax) / t), tied.y + 1.0);
+            }
+        }
+        above = reduce_max_sum(vec2<f32>(0.0, above), lanes).y;
+        tied = reduce_max_sum(tied, lanes);
+        // An underflowed weight (tied.x = 0) keeps the whole group rather than divide by 0.
+        let need = select(tied.y, max(ceil((goal - above) / tied.x), 1.0), tied.x > 0.0);
+        if (lid == 0u) {
+            tie_split = select(0u, 1u, need < tied.y);
+        }
+        if (workgroupUniformLoad(&tie_split) == 1u) {
+            // The largest j with fewer than `need` tokens at k below it: the need-th is j.
+            var j = 0u;
+            for (var bit = i32(firstLeadingBit(p.vocab)); bit >= 0i; bit--) {
+                let cand = j | (1u << u32(bit));
+                var n = 0.0;
+                for (var v = lid; v < min(cand, p.vocab); v += WG) {
+                    if (order_key(unary[base + v]) == k) {
+                        n += 1.0;
+                    }
+                }
+                if (reduce_max_sum(vec2<f32>(0.0, n), lanes).y < need) {
+                    j = cand;
+                }
+            }
+            last_tied = j;
+        }
     }
     var b = Best(SENTINEL, NONE);
     for (var q = lid; 4u * q < p.vocab; q += WG) {
@@ -352,7 +393,8 @@ fn sample_logits(
             let v = 4u * q + j;
             if (v < p.vocab) {
                 let z = unary[base + v];
-                if (order_key(z) >= kmin) {
+                let key = order_key(z);
+                if (key > kmin || (key == kmin && v <= last_tied)) {
                     var y = z;
                     if (t > 0.0) {
                         y += t * gumbel(r[j]);

@@ -1026,9 +1026,9 @@ fn logits_below_the_sentinel_give_the_reference_token() {
     }
 }
 
-/// -0.0 and +0.0 are equal logits, so a threshold at one keeps the other (the reference's
-/// IEEE >=): with top_k = 1 or a top_p that the first zero reaches, both zeros stay in the
-/// kept set and are drawn about equally often, as the reference draws them.
+/// -0.0 and +0.0 are equal logits (the GPU orders logits by an integer key, which once put
+/// -0.0 below +0.0): top_k = 1 keeps both, drawn about equally often; a top_p that one zero
+/// reaches keeps the lower index only, as the smallest set does, whichever sign it has.
 #[test]
 fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
     let Some(ctx) = gpu() else { return };
@@ -1036,28 +1036,87 @@ fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
     for row in [[-0.0f32, 0.0, -5.0], [0.0, -0.0, -5.0]] {
         let logits: Vec<f32> = (0..b).flat_map(|_| row).collect();
         let x = ctx.upload(&logits, [b, 3]).unwrap();
-        for o in [
-            SampleOptions {
-                top_k: 1,
-                seed: 1,
-                ..Default::default()
-            },
-            SampleOptions {
-                top_p: 0.3,
-                seed: 1,
-                ..Default::default()
-            },
+        for (o, kept) in [
+            (
+                SampleOptions {
+                    top_k: 1,
+                    seed: 1,
+                    ..Default::default()
+                },
+                [true, true, false],
+            ),
+            (
+                SampleOptions {
+                    top_p: 0.3,
+                    seed: 1,
+                    ..Default::default()
+                },
+                [true, false, false],
+            ),
         ] {
-            assert_eq!(reference::kept_tokens(&row, &o), [true, true, false]);
+            assert_eq!(reference::kept_tokens(&row, &o), kept);
             let got = ctx.sample_logits(&x, &o).unwrap().download().unwrap();
             let want = reference::sample_logits(&logits, &[b, 3], &o).unwrap();
             let a = agreement(&got, &want);
             assert!(a >= 0.999, "{row:?} {o:?}: agreement {a}");
             for t in [0, 1] {
                 let n = got.iter().filter(|&&x| x == t).count();
-                assert!(n > b / 4, "{row:?} {o:?}: token {t} drawn {n} of {b} times");
+                let expect = if kept[t as usize] { n > b / 4 } else { n == 0 };
+                assert!(expect, "{row:?} {o:?}: token {t} drawn {n} of {b} times");
             }
         }
+    }
+}
+
+/// Top-p keeps the smallest set reaching p (spec section 6, as Hugging Face's samplers): of
+/// logits tied at its threshold, only as many as the goal needs, lowest indices first; the
+/// draws follow the truncated softmax (chi-square at p = 1e-4, fixed seeds). V below and
+/// above the workgroup size, so the tie split crosses lanes.
+#[test]
+fn top_p_splits_ties_at_its_threshold() {
+    let Some(ctx) = gpu() else { return };
+    let base = [2.0f32, 1.0, 0.5, 0.0, -1.0, 1.0, 3.0, -0.3];
+    // Probabilities 0.548 (token 6), 0.2015 (0), 0.0741 (1 and 5, tied): 0.8 needs one of
+    // the tied pair, token 1.
+    let wide: Vec<f32> = (0..700)
+        .map(|i| if i % 3 == 0 { 1.0 } else { -9.0 })
+        .collect();
+    let cases: [(&[f32], f32, Vec<usize>); 3] = [
+        (&base, 0.8, vec![0, 1, 6]),
+        (&[1.0, 3.0, 0.0, 3.0, 3.0, -1.0], 1e-6, vec![1]),
+        // 234 tokens tied at 1.0 and 466 at -9.0 (4.5e-5 of a tied token's weight each):
+        // half the mass, 117.0106 tied weights, needs 118 of the tied tokens.
+        (&wide, 0.5, (0..700).step_by(3).take(118).collect()),
+    ];
+    let b = 4000;
+    for (row, top_p, want_kept) in cases {
+        let v = row.len();
+        let o = SampleOptions {
+            top_p,
+            seed: 21,
+            ..Default::default()
+        };
+        let kept = reference::kept_tokens(row, &o);
+        let kept_idx: Vec<usize> = (0..v).filter(|&i| kept[i]).collect();
+        assert_eq!(kept_idx, want_kept, "reference kept set, top_p {top_p}");
+        let logits: Vec<f32> = (0..b).flat_map(|_| row.iter().copied()).collect();
+        let x = ctx.upload(&logits, [b, v]).unwrap();
+        let got = ctx.sample_logits(&x, &o).unwrap().download().unwrap();
+        let mut counts = vec![0usize; v];
+        for t in got {
+            assert!(
+                kept[t as usize],
+                "top_p {top_p}: token {t} is outside the kept set"
+            );
+            counts[t as usize] += 1;
+        }
+        let w: Vec<f64> = (0..v)
+            .map(|i| if kept[i] { (row[i] as f64).exp() } else { 0.0 })
+            .collect();
+        let total: f64 = w.iter().sum();
+        let probs: Vec<f64> = w.iter().map(|x| x / total).collect();
+        let p = chi2_pvalue(&counts, &probs);
+        assert!(p > 1e-4, "top_p {top_p}: p = {p:e}");
     }
 }
 

@@ -625,7 +625,7 @@ pub struct SampleOptions {
     /// Keep the k largest logits (all ties of the k-th kept); 0 = off.
     pub top_k: usize,
     /// Keep the smallest set of largest logits whose probability reaches p (after top-k;
-    /// ties at the threshold all kept); 1 = off.
+    /// of equal logits at the threshold, the lowest indices first); 1 = off.
     pub top_p: f32,
     /// Philox key.
     pub seed: u64,

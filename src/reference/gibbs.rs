@@ -427,39 +427,51 @@ pub fn ffbs(model: &HostModel, c: usize, len: usize, t: f64, n: usize, seed: u64
     out
 }
 
-/// The kept set of one row of logits: temperature, then top-k (ties of the k-th kept),
-/// then top-p (smallest set of largest logits whose probability reaches p, ties kept).
+/// The kept set of one row of logits: temperature, then top-k (every tie of the k-th logit
+/// kept, as Hugging Face's top-k), then top-p: the smallest set of the largest logits whose
+/// probability reaches p, tokens of equal logit taken lowest index first. -0.0 and +0.0 are
+/// equal logits.
 pub fn kept_tokens(row: &[f32], opts: &SampleOptions) -> Vec<bool> {
     let t = opts.temperature as f64;
     let v = row.len();
     if t == 0.0 {
         return vec![true; v];
     }
-    let mut sorted: Vec<f32> = row.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let mut threshold = f32::NEG_INFINITY;
+    // Logits as the shader orders them (order_key in shaders/gibbs.wgsl).
+    let key = |z: f32| {
+        let u = if z == 0.0 { 0 } else { z.to_bits() };
+        if u & 0x8000_0000 != 0 {
+            !u
+        } else {
+            u | 0x8000_0000
+        }
+    };
+    let mut order: Vec<usize> = (0..v).collect();
+    order.sort_by(|&a, &b| key(row[b]).cmp(&key(row[a])).then(a.cmp(&b)));
+    let mut kept = vec![true; v];
     if opts.top_k > 0 && opts.top_k < v {
-        threshold = sorted[opts.top_k - 1];
+        let kth = key(row[order[opts.top_k - 1]]);
+        for (x, k) in row.iter().zip(&mut kept) {
+            *k = key(*x) >= kth;
+        }
     }
     if opts.top_p < 1.0 {
-        let zmax = sorted[0] as f64;
+        let zmax = row[order[0]] as f64;
         let w = |z: f32| ((z as f64 - zmax) / t).exp();
-        let total: f64 = sorted
-            .iter()
-            .filter(|&&z| z >= threshold)
-            .map(|&z| w(z))
-            .sum();
+        let total: f64 = (0..v).filter(|&i| kept[i]).map(|i| w(row[i])).sum();
         let goal = opts.top_p as f64 * total;
         let mut acc = 0.0;
-        for &z in &sorted {
-            acc += w(z);
-            if acc >= goal {
-                threshold = threshold.max(z);
-                break;
+        let mut reached = false;
+        for &i in &order {
+            if reached {
+                kept[i] = false;
+            } else if kept[i] {
+                acc += w(row[i]);
+                reached = acc >= goal;
             }
         }
     }
-    row.iter().map(|&z| z >= threshold).collect()
+    kept
 }
 
 /// One token per row of logits [b, V]: Gumbel-max over the kept set with counter
