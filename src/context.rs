@@ -37,6 +37,8 @@ struct Inner {
     info: wgpu::AdapterInfo,
     /// Errors nobody captured in a scope (only installed when the crate owns the device).
     uncaptured: Arc<Mutex<Vec<String>>>,
+    /// Why the device was lost, once it is (only known when the crate owns the device).
+    lost: Arc<Mutex<Option<String>>>,
     modules: Mutex<HashMap<(&'static str, String), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
 }
@@ -121,7 +123,15 @@ impl Context {
                 v.push(e.to_string());
             }
         }));
-        Ok(Self::assemble(device, queue, uncaptured))
+        // After a loss every call fails with wgpu's "invalid" messages; say the cause instead.
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let cause = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut l) = cause.lock() {
+                *l = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        Ok(Self::assemble(device, queue, uncaptured, lost))
     }
 
     /// Wraps a device and queue the application already owns. The crate uses only the features
@@ -129,15 +139,17 @@ impl Context {
     /// (its own calls run in error scopes). Tensors belong to the context that made them: a
     /// kernel refuses tensors of another context. FLASH needs 10 storage buffers per shader
     /// stage (wgpu's default limits allow 8), exact attention 8; a device with fewer gets
-    /// `LimitExceeded` naming the limit.
+    /// `LimitExceeded` naming the limit. The device-lost callback stays the application's, so
+    /// after a loss the crate's errors are wgpu's own (an `invalid` object), not "lost".
     pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Self {
-        Self::assemble(device, queue, Arc::default())
+        Self::assemble(device, queue, Arc::default(), Arc::default())
     }
 
     fn assemble(
         device: wgpu::Device,
         queue: wgpu::Queue,
         uncaptured: Arc<Mutex<Vec<String>>>,
+        lost: Arc<Mutex<Option<String>>>,
     ) -> Self {
         let info = device.adapter_info();
         Self {
@@ -146,6 +158,7 @@ impl Context {
                 queue,
                 info,
                 uncaptured,
+                lost,
                 modules: Mutex::default(),
                 pipelines: Mutex::default(),
             }),
@@ -209,7 +222,19 @@ impl Context {
             .device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+        self.check_lost()?;
         self.take_uncaptured()
+    }
+
+    /// An error naming the cause once the device is lost (known only on a device the crate
+    /// made: the device-lost callback of an application's device is the application's).
+    fn check_lost(&self) -> Result<()> {
+        match &*self.inner.lost.lock().map_err(|_| poisoned())? {
+            Some(cause) => Err(Error::Device(format!(
+                "the GPU device was lost ({cause}); make a new Context"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Maps `buffer` (MAP_READ, copied into by work already submitted) for reading and
@@ -249,7 +274,10 @@ impl Context {
         let oom = pollster::block_on(oom.pop());
         let internal = pollster::block_on(internal.pop());
         match validation.or(oom).or(internal) {
-            Some(e) => Err(Error::Device(format!("{what}: {e}"))),
+            Some(e) => {
+                self.check_lost()?;
+                Err(Error::Device(format!("{what}: {e}")))
+            }
             None => Ok(out),
         }
     }

@@ -30,7 +30,9 @@ pub mod tensor;
 pub use context::{Context, ContextOptions};
 pub use dispatch::Plan;
 pub use error::{Error, Result};
-pub use kernels::attention::{Attention, AttentionOptions, AttnMask, HostMask, Layout};
+pub use kernels::attention::{
+    matmul_plan, Attention, AttentionOptions, AttnMask, HostMask, Layout,
+};
 pub use kernels::flash::{
     AttnFn, Flash, FlashBlock, FlashDecoder, FlashGpuBlock, FlashInputs, FlashOptions, FlashRope,
     LinNorm,

@@ -102,6 +102,24 @@ fn embedded_errors_are_errors_not_panics() {
     assert!(ctx.softmax(&x, &Default::default()).is_err());
 }
 
+/// On a device the crate made, a lost device is named as the cause of every later error,
+/// waits included (they were wgpu's "invalid buffer" messages, and `wait` returned Ok).
+#[test]
+fn a_lost_device_is_named_in_errors() {
+    let Some(_) = gpu() else { return };
+    let ctx = seq_kernels::Context::new().unwrap();
+    let x = ctx.upload(&[1.0f32, 2.0, 3.0, 4.0], [4]).unwrap();
+    ctx.device().destroy();
+    let lost = |r: Result<(), Error>| match r {
+        Err(Error::Device(m)) => assert!(m.contains("device was lost"), "{m}"),
+        other => panic!("{other:?}"),
+    };
+    lost(ctx.wait());
+    lost(ctx.upload(&[1.0f32; 4], [4]).map(drop));
+    lost(ctx.softmax(&x, &Default::default()).map(drop));
+    lost(x.download().map(drop));
+}
+
 /// A tensor wrapping part of an application's buffer: writes touch the tensor's words and
 /// nothing after them; a buffer without room for whole words is refused.
 #[test]

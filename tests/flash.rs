@@ -1125,9 +1125,18 @@ fn decoder_within_its_bindings() {
         FlashDecoder::new(&small, &opts, 2, 8, 256, false, None),
         Err(Error::LimitExceeded { .. })
     ));
+    // Too few storage buffers per stage: refused when the decoder is made, not at its first
+    // step (as it was).
+    let eight = limited_device(|l| l.max_storage_buffers_per_shader_stage = 8);
+    assert!(matches!(
+        FlashDecoder::new(&eight, &opts, 1, 8, 16, false, None),
+        Err(Error::LimitExceeded {
+            limit: "max_storage_buffers_per_shader_stage",
+            ..
+        })
+    ));
 }
 
-/// A RoPE offset whose last position passes u64::MAX is an error (it wrapped past the check).
 /// Every input, the bias included, and the output in application buffers larger than a
 /// storage binding may be: bound by their bytes (the bias was bound whole, a device error).
 /// A key mask in the output's buffer is refused before recording, naming both.
@@ -1186,6 +1195,7 @@ fn tensors_in_buffers_larger_than_a_binding() {
     }
 }
 
+/// A RoPE offset whose last position passes u64::MAX is an error (it wrapped past the check).
 #[test]
 fn rope_offsets_past_u64_are_errors() {
     let Some(ctx) = gpu() else { return };

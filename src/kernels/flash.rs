@@ -1168,7 +1168,7 @@ impl FlashDecoder {
         let mask_gpu = ctx.upload_mask(&mask, [b, c])?;
         let full = Self::chunk_shape(b, c, s, e, c);
         let scratch = Scratch::new(ctx, opts, &full, &Segment::whole(&full))?;
-        Ok(Self {
+        let decoder = Self {
             ctx: ctx.clone(),
             opts: opts.clone(),
             b,
@@ -1183,7 +1183,11 @@ impl FlashDecoder {
             scratch,
             fill: 0,
             start: 0,
-        })
+        };
+        // A first step's dispatches, built and dropped: a device that cannot run them is
+        // refused here rather than at the first token, and the pipelines are compiled.
+        decoder.run_piece(1, &ctx.zeros::<f32>([b, 1, e])?)?;
+        Ok(decoder)
     }
 
     /// Tokens consumed so far.
