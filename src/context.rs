@@ -90,13 +90,25 @@ impl Context {
                     .backends
                     .unwrap_or_else(|| wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()));
                 let adapters = instance.enumerate_adapters(backends).await;
-                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                // Each with its backend and device type: one driver may appear on two backends.
+                let names: Vec<String> = adapters
+                    .iter()
+                    .map(|a| {
+                        let i = a.get_info();
+                        format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+                    })
+                    .collect();
                 adapters
                     .into_iter()
                     .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
                     .ok_or_else(|| {
                         Error::NoAdapter(format!(
-                            "no adapter name contains {wanted:?}; available: {names:?}"
+                            "no adapter name contains {wanted:?}; available: {}",
+                            if names.is_empty() {
+                                "none".to_string()
+                            } else {
+                                names.join("; ")
+                            }
                         ))
                     })?
             }

@@ -400,3 +400,310 @@ fn no_adapter_exits_1_naming_lavapipe() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(stderr(&o).contains("no-such-gpu"), "{err}");
 }
+
+/// Runs `seqk run` with `args` and checks a one-line usage error (exit 2) containing every
+/// one of `needles`.
+fn assert_usage_error(args: &[&str], needles: &[&str]) {
+    let o = seqk(args);
+    let msg = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {msg}");
+    assert_eq!(msg.lines().count(), 1, "{args:?}: {msg}");
+    for n in needles {
+        assert!(msg.contains(n), "{args:?}: {msg:?} should mention {n:?}");
+    }
+}
+
+/// A name given twice to `--in`, `--set` or `--out2` is an error naming it, not "the last one
+/// wins".
+#[test]
+fn repeated_names_exit_2() {
+    let d = dir("repeated");
+    let p = |f: &str| d.join(f).display().to_string();
+    save(&d.join("a.npy"), &[2, 3], &[1.0f32; 6], npyz::Order::C);
+    save(&d.join("b.npy"), &[2, 3], &[2.0f32; 6], npyz::Order::C);
+    let (xa, xb, out) = (
+        format!("x={}", p("a.npy")),
+        format!("x={}", p("b.npy")),
+        p("o.npy"),
+    );
+    let softmax = ["run", "softmax", "--cpu", "--out", &out];
+    assert_usage_error(
+        &[&softmax[..], &["--in", &xa, "--in", &xb]].concat(),
+        &["--in x=", "more than once"],
+    );
+    assert_usage_error(
+        &[
+            &softmax[..],
+            &["--in", &xa, "--set", "log=true", "--set", "log=false"],
+        ]
+        .concat(),
+        &["--set log=", "more than once"],
+    );
+    let (b1, b2) = (
+        format!("best={}", p("b1.npy")),
+        format!("best={}", p("b2.npy")),
+    );
+    assert_usage_error(
+        &[&softmax[..], &["--in", &xa, "--out2", &b1, "--out2", &b2]].concat(),
+        &["--out2 best=", "more than once"],
+    );
+    assert!(!d.join("o.npy").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Empty and 0-d arrays are errors naming the input and its expected shape.
+#[test]
+fn empty_and_scalar_inputs_exit_2_naming_the_input() {
+    let d = dir("empty-input");
+    let p = |f: &str| d.join(f).display().to_string();
+    save::<f32>(&d.join("z.npy"), &[3, 0], &[], npyz::Order::C);
+    save(&d.join("s.npy"), &[], &[3.0f32], npyz::Order::C);
+    save(&d.join("x.npy"), &[2, 3], &[1.0f32; 6], npyz::Order::C);
+    save::<bool>(&d.join("m.npy"), &[0, 3], &[], npyz::Order::C);
+    let out = p("o.npy");
+    for (inputs, needles) in [
+        (
+            vec![format!("x={}", p("z.npy"))],
+            &["input x has shape [3, 0]", "expected [.., n]"][..],
+        ),
+        (
+            vec![format!("x={}", p("s.npy"))],
+            &["input x is a 0-d array", "expected [.., n]"][..],
+        ),
+        (
+            vec![format!("x={}", p("x.npy")), format!("mask={}", p("m.npy"))],
+            &["input mask has shape [0, 3]", "expected (the shape of x)"][..],
+        ),
+    ] {
+        let mut args = vec!["run", "softmax", "--cpu", "--out", &out];
+        for i in &inputs {
+            args.extend(["--in", i]);
+        }
+        assert_usage_error(&args, needles);
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Boolean options take true/false, Python's True/False and 1/0; anything else is an error
+/// listing them.
+#[test]
+fn boolean_set_values() {
+    let d = dir("bools");
+    let p = |f: &str| d.join(f).display().to_string();
+    save(
+        &d.join("x.npy"),
+        &[3, 5],
+        &common::random(15, 22, -3.0, 3.0),
+        npyz::Order::C,
+    );
+    let x = format!("x={}", p("x.npy"));
+    let softmax = |out: &str, log: &str| {
+        let set = format!("log={log}");
+        seqk(&[
+            "run", "softmax", "--cpu", "--in", &x, "--out", out, "--set", &set,
+        ])
+    };
+    let mut results = Vec::new();
+    for (i, v) in ["true", "True", "1", "false", "False", "0"]
+        .iter()
+        .enumerate()
+    {
+        let out = p(&format!("o{i}.npy"));
+        let o = softmax(&out, v);
+        assert!(o.status.success(), "log={v}: {}", stderr(&o));
+        results.push(load_f32(Path::new(&out)));
+    }
+    assert!(results[..3].iter().all(|r| *r == results[0]));
+    assert!(results[3..].iter().all(|r| *r == results[3]));
+    assert_ne!(results[0], results[3], "log=true and log=false must differ");
+    let o = softmax(&p("bad.npy"), "yes");
+    let msg = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{msg}");
+    for n in ["log=yes", "true", "False", "1/0"] {
+        assert!(msg.contains(n), "{msg:?} should mention {n:?}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Output paths are checked before computing: an unwritable `--out2` fails (exit 2, naming
+/// it) before the main output is written, and an unwritable `--out` fails the same way.
+#[test]
+fn unwritable_outputs_fail_before_computing() {
+    let d = dir("unwritable");
+    let p = |f: &str| d.join(f).display().to_string();
+    save(&d.join("u.npy"), &[3, 2], &[0.5f32; 6], npyz::Order::C);
+    save(&d.join("w.npy"), &[2, 2], &[0.0f32; 4], npyz::Order::C);
+    save(&d.join("t.npy"), &[2, 3], &[1i32; 6], npyz::Order::C);
+    let (u, w, t) = (
+        format!("unary={}", p("u.npy")),
+        format!("pairwise={}", p("w.npy")),
+        format!("init={}", p("t.npy")),
+    );
+    let missing = d.join("no-such-dir");
+    let gibbs = ["run", "gibbs", "--cpu", "--in", &u, "--in", &w, "--in", &t];
+    let bad_best = format!("best={}", missing.join("best.npy").display());
+    let out = p("out.npy");
+    assert_usage_error(
+        &[&gibbs[..], &["--out", &out, "--out2", &bad_best]].concat(),
+        &["--out2 best=", "no-such-dir", "cannot write"],
+    );
+    assert!(!d.join("out.npy").exists(), "the main output was written");
+    let bad_out = missing.join("out.npy").display().to_string();
+    assert_usage_error(
+        &[&gibbs[..], &["--out", &bad_out]].concat(),
+        &["--out ", "no-such-dir", "cannot write"],
+    );
+    // A directory is not an output file either; a good path still works and leaves no probe.
+    assert_usage_error(
+        &[&gibbs[..], &["--out", &p("")]].concat(),
+        &["--out ", "directory"],
+    );
+    let o = seqk(&[&gibbs[..], &["--out", &out]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.join("out.npy").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Option values are printed as values (NaN, inf), not as Rust's `Some(NaN)`.
+#[test]
+fn option_errors_print_plain_values() {
+    let d = dir("plain-values");
+    let p = |f: &str| d.join(f).display().to_string();
+    save(&d.join("a.npy"), &[1, 4, 2], &[0.5f32; 8], npyz::Order::C);
+    let inputs: Vec<String> = ["qq", "kq", "ql", "kl", "v"]
+        .iter()
+        .map(|n| format!("{n}={}", p("a.npy")))
+        .collect();
+    let out = p("o.npy");
+    for (set, value) in [("lin_scale=nan", "got NaN"), ("quad_scale=inf", "got inf")] {
+        let mut args = vec!["run", "flash", "--cpu", "--out", &out, "--set", set];
+        for i in &inputs {
+            args.extend(["--in", i]);
+        }
+        assert_usage_error(&args, &[value]);
+        assert!(!stderr(&seqk(&args)).contains("Some("));
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// An attention mask of another dtype: the message names both accepted kinds of mask.
+#[test]
+fn attention_int_mask_names_bool_and_float_masks() {
+    let d = dir("int-mask");
+    let p = |f: &str| d.join(f).display().to_string();
+    save(
+        &d.join("q.npy"),
+        &[1, 1, 2, 4],
+        &[0.5f32; 8],
+        npyz::Order::C,
+    );
+    save(&d.join("m.npy"), &[2, 2], &[1i32; 4], npyz::Order::C);
+    let (q, m, out) = (p("q.npy"), format!("mask={}", p("m.npy")), p("o.npy"));
+    let (qa, ka, va) = (format!("q={q}"), format!("k={q}"), format!("v={q}"));
+    let args = [
+        "run",
+        "attention",
+        "--cpu",
+        "--in",
+        &qa,
+        "--in",
+        &ka,
+        "--in",
+        &va,
+        "--in",
+        &m,
+        "--out",
+        &out,
+    ];
+    assert_usage_error(
+        &args,
+        &["input mask has dtype int32", "bool", "float32 or float16"],
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The verify and bench tables keep their columns aligned whatever the case names' lengths,
+/// and `verify --json` case names carry no padding.
+#[test]
+fn verify_and_bench_tables_align() {
+    let Some(_) = common::gpu() else { return };
+    let o = seqk(&["verify", "--quick"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines.iter().position(|l| l.starts_with("kernel")).unwrap();
+    let col = lines[header].find("result").unwrap();
+    let rows = &lines[header + 1..lines.len() - 1];
+    assert!(rows.len() >= 5, "{text}");
+    for row in rows {
+        assert!(
+            row.get(col..).is_some_and(|r| r == "pass" || r == "FAIL"),
+            "misaligned row {row:?} (result column at {col}):\n{text}"
+        );
+    }
+    let o = seqk(&["verify", "--quick", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("verify --json is JSON");
+    for c in v["checks"].as_array().unwrap() {
+        let case = c["case"].as_str().unwrap();
+        assert_eq!(case, case.trim(), "padded case name in {c}");
+    }
+    // rope's bench cases are longer than the old fixed case column.
+    let o = seqk(&["bench", "rope", "--quick"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines.iter().position(|l| l.starts_with("kernel")).unwrap();
+    let end = lines[header].find("clock").unwrap() + "clock".len();
+    for row in &lines[header + 1..] {
+        let clock = [" gpu ", " wall "]
+            .iter()
+            .find_map(|c| row.find(c).map(|i| i + c.len() - 1));
+        assert_eq!(clock, Some(end), "misaligned row {row:?}:\n{text}");
+    }
+}
+
+/// `info` on an adapter without SUBGROUP (GL) says so instead of printing its meaningless
+/// subgroup sizes (null in JSON), and the driver line is never blank.
+#[test]
+fn info_subgroups_and_driver() {
+    let Some(ctx) = common::gpu() else { return };
+    let has = ctx.features().contains(wgpu::Features::SUBGROUP);
+    let o = seqk(&["info", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("info --json is JSON");
+    for key in ["subgroup_min_size", "subgroup_max_size"] {
+        assert_eq!(v[key].is_u64(), has, "{key} with SUBGROUP = {has}: {v:#}");
+        assert_eq!(v[key].is_null(), !has, "{key} with SUBGROUP = {has}: {v:#}");
+    }
+    let o = seqk(&["info"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let line = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} line in:\n{text}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        line("subgroups").contains("not available"),
+        !has,
+        "SUBGROUP = {has}:\n{text}"
+    );
+    let driver = line("driver");
+    assert!(
+        !driver.is_empty() && !driver.starts_with(|c: char| c.is_whitespace()),
+        "{text}"
+    );
+}
+
+/// `--adapter` naming no adapter lists each adapter with its backend and device type, so two
+/// of the same name (llvmpipe on Vulkan and on GL) can be told apart.
+#[test]
+fn adapter_no_match_lists_backends() {
+    let Some(ctx) = common::gpu() else { return };
+    let o = seqk(&["--adapter", "no-such-gpu", "info"]);
+    let msg = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{msg}");
+    let info = ctx.adapter_info();
+    let want = format!("({:?}, {:?})", info.backend, info.device_type);
+    assert!(msg.contains(&want), "{msg:?} should list {want:?}");
+}

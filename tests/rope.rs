@@ -772,6 +772,28 @@ fn bad_options_are_errors() {
         base: 0.0,
         ..Default::default()
     })));
+    // Values print as values, not as Rust's Some(..).
+    for (m, shown) in [
+        (f64::NAN, "got NaN"),
+        (f64::INFINITY, "got inf"),
+        (-1.0, "got -1"),
+    ] {
+        let yarn = RopeScaling::Yarn {
+            factor: 4.0,
+            original_max: 64,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: Some(m),
+        };
+        let err = bad(RopeOptions {
+            scaling: yarn,
+            ..Default::default()
+        });
+        assert!(
+            matches!(&err, Err(Error::InvalidOption(msg)) if msg.ends_with(shown)),
+            "{err:?}"
+        );
+    }
     for f in [0.0, -2.0, f64::NAN, f64::INFINITY] {
         assert!(opt(bad(RopeOptions {
             scaling: RopeScaling::Linear { factor: f },
@@ -876,6 +898,68 @@ fn bad_positions_are_errors() {
         Err(Error::InvalidOption(_))
     ));
     assert!(run(&Positions::new([0i64, 1, MAX_POSITION], [3]).unwrap()).is_ok());
+    // An offset and explicit positions do not go together (spec section 2: one or the other).
+    let offset = RopeOptions {
+        offset: 5,
+        ..Default::default()
+    };
+    let p = Positions::new([0i32, 1, 2], [3]).unwrap();
+    assert!(matches!(
+        reference::rope(&x, [2, 3, 1, 4], Some(&p), &offset),
+        Err(Error::InvalidOption(m)) if m.contains("offset 5")
+    ));
+}
+
+/// Positions `[1, s]` (Hugging Face's `position_ids`) serve every batch, as `[s]` do.
+#[test]
+fn positions_one_by_s_serve_every_batch() {
+    let (b, s, h, d) = (3, 4, 2, 8);
+    let x: Vec<f64> = random(b * s * h * d, 40, -1.0, 1.0)
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let p = [3i32, 9, 0, 77];
+    let opts = RopeOptions::default();
+    let shared = reference::rope(
+        &x,
+        [b, s, h, d],
+        Some(&Positions::new(p, [s]).unwrap()),
+        &opts,
+    );
+    let row = reference::rope(
+        &x,
+        [b, s, h, d],
+        Some(&Positions::new(p, [1, s]).unwrap()),
+        &opts,
+    );
+    assert_eq!(row.unwrap(), shared.unwrap());
+    let Some(ctx) = gpu() else { return };
+    let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    let want = gpu_rope(
+        ctx,
+        &xf,
+        [b, s, h, d],
+        Some(&Positions::new(p, [s]).unwrap()),
+        &opts,
+    );
+    let got = gpu_rope(
+        ctx,
+        &xf,
+        [b, s, h, d],
+        Some(&Positions::new(p, [1, s]).unwrap()),
+        &opts,
+    );
+    assert_eq!(got, want);
+    // With an offset: refused on the GPU as in the reference.
+    let xt = ctx.upload(&xf, [b, s, h, d]).unwrap();
+    let offset = RopeOptions {
+        offset: 2,
+        ..Default::default()
+    };
+    assert!(matches!(
+        ctx.rope(&xt, Some(&Positions::new(p, [s]).unwrap()), &offset),
+        Err(Error::InvalidOption(_))
+    ));
 }
 
 #[test]
@@ -883,17 +967,23 @@ fn gpu_bad_input_is_an_error() {
     let Some(ctx) = gpu() else { return };
     let x = ctx.upload(&[1.0f32; 24], [1, 3, 2, 4]).unwrap();
     let d = RopeOptions::default();
-    assert!(matches!(
-        ctx.rope(
+    // The message names the tensor's d, as the reference's does, whatever r is.
+    for r in [3, 5, 6] {
+        let got = ctx.rope(
             &x,
             None,
             &RopeOptions {
-                rotary_dim: Some(3),
+                rotary_dim: Some(r),
                 ..Default::default()
-            }
-        ),
-        Err(Error::InvalidOption(_))
-    ));
+            },
+        );
+        let want = format!("at most d = 4, got {r}");
+        assert!(
+            matches!(&got, Err(Error::InvalidOption(m)) if m.contains(&want)),
+            "{:?}",
+            got.err()
+        );
+    }
     assert!(matches!(
         ctx.rope(
             &x,
@@ -1050,6 +1140,76 @@ fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
     let msg = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{msg}");
     assert!(msg.contains("mscale"), "{msg}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `seqk run rope`: positions `[1, s]` with b > 1 serve every batch (as `[s]`); an offset with
+/// positions, negative positions and a bad rotary_dim are one-line errors (exit 2) naming the
+/// input or the head dim d, on the GPU as with `--cpu`.
+#[cfg(feature = "cli")]
+#[test]
+fn seqk_run_rope_positions_and_option_errors() {
+    use common::{load_npy, save_npy};
+    use std::process::Command;
+    let Some(_) = gpu() else { return };
+    let dir = std::env::temp_dir().join(format!("seqk-rope-pos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (b, s, h, d) = (2u64, 3u64, 2u64, 8u64);
+    save_npy(
+        &dir.join("x.npy"),
+        &[b, s, h, d],
+        &random((b * s * h * d) as usize, 31, -1.0, 1.0),
+    );
+    save_npy(&dir.join("p.npy"), &[s], &[4i64, 0, 9]);
+    save_npy(&dir.join("p1.npy"), &[1, s], &[4i64, 0, 9]);
+    save_npy(&dir.join("neg.npy"), &[1, s], &[4i32, -1, 9]);
+    let p = |f: &str| dir.join(f).display().to_string();
+    let run = |positions: Option<&str>, out: &str, extra: &[&str]| {
+        let x = format!("x={}", p("x.npy"));
+        let out = p(out);
+        let mut args = vec!["run", "rope", "--in", x.as_str(), "--out", out.as_str()];
+        let pos = positions.map(|f| format!("positions={}", p(f)));
+        if let Some(pos) = &pos {
+            args.extend(["--in", pos.as_str()]);
+        }
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_seqk"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).trim().to_string();
+    for cpu in [&[][..], &["--cpu"]] {
+        let shared = run(Some("p.npy"), "shared.npy", cpu);
+        assert!(shared.status.success(), "{}", err(&shared));
+        let row = run(Some("p1.npy"), "row.npy", cpu);
+        assert!(row.status.success(), "{}", err(&row));
+        assert_eq!(
+            load_npy::<f32>(&dir.join("row.npy")),
+            load_npy::<f32>(&dir.join("shared.npy"))
+        );
+        let bad: [(Option<&str>, &[&str], &[&str]); 3] = [
+            (
+                Some("p.npy"),
+                &["--set", "offset=5"],
+                &["offset", "--in positions"],
+            ),
+            (Some("neg.npy"), &[], &["input positions", "-1"]),
+            (None, &["--set", "rotary_dim=5"], &["d = 8, got 5"]),
+        ];
+        for (positions, extra, needles) in bad {
+            let o = run(positions, "bad.npy", &[extra, cpu].concat());
+            let msg = err(&o);
+            assert_eq!(o.status.code(), Some(2), "{extra:?} {cpu:?}: {msg}");
+            assert_eq!(msg.lines().count(), 1, "{msg}");
+            for n in needles {
+                assert!(
+                    msg.contains(n),
+                    "{extra:?} {cpu:?}: {msg:?} should name {n:?}"
+                );
+            }
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{gpu, random, random_mask};
+use common::{gpu, random, random_mask, small_bindings};
 use half::f16;
 use proptest::prelude::*;
 use seq_kernels::kernels::softmax::row_shape;
@@ -597,4 +597,31 @@ proptest! {
             }
         }
     }
+}
+
+/// A row longer than a storage binding: `LimitExceeded` reports the device's own
+/// `max_storage_buffer_binding_size` (what `seqk info` shows), not a value the kernel derived
+/// from it.
+#[test]
+fn row_past_the_binding_limit_reports_the_device_limit() {
+    let Some(_) = gpu() else { return };
+    let small = small_bindings(1024);
+    let x = small.upload(&random(257, 5, -1.0, 1.0), [1, 257]).unwrap();
+    let err = small.softmax(&x, &SoftmaxOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LimitExceeded {
+                limit: "max_storage_buffer_binding_size",
+                needed: 1028,
+                max: 1024,
+            }
+        ),
+        "{err}"
+    );
+    // A row that fills the binding exactly still runs.
+    let x = small.upload(&random(256, 6, -1.0, 1.0), [1, 256]).unwrap();
+    let y = small.softmax(&x, &SoftmaxOptions::default()).unwrap();
+    let sum: f32 = y.download().unwrap().iter().sum();
+    assert!((sum - 1.0).abs() <= 1e-5, "{sum}");
 }

@@ -3,7 +3,7 @@
 use half::f16;
 
 use super::report::{iterations, Baseline, BenchRow, Check, SAMPLES, WARMUP};
-use super::{Array, CliError, Data, RunIo};
+use super::{usage, Array, CliError, Data, RunIo};
 use crate::kernels::attention::{attention_shape, matmul_plan, AttnMask, HostMask};
 use crate::profile::time_passes;
 use crate::reference::{attention as reference, random_values, row_error};
@@ -331,13 +331,19 @@ fn calls(flops: f64) -> usize {
     (1e9 / flops).clamp(1.0, 16.0) as usize
 }
 
+/// Shapes of the optional mask of `seqk run attention`, and its dtypes: bool (or uint8), true =
+/// keep, or float32/float16, added to the scores.
+const MASK_SHAPE: &str = "[m, n] or [b|1, 1|hq, m, n]";
+const MASK_EXPECTED: &str =
+    "[m, n] or [b|1, 1|hq, m, n] bool (or uint8; true = keep), or float32 or float16 (added to the scores)";
+
 /// `seqk run attention --in q=Q.npy --in k=K.npy --in v=V.npy [--in mask=M.npy] --out O.npy
 /// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=..]`
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let q = io.required("q", "[b, hq, m, d] float32 or float16")?;
     let k = io.required("k", "[b, hkv, n, d] float32 or float16")?;
     let v = io.required("v", "[b, hkv, n, dv] float32 or float16")?;
-    let mask = io.input("mask");
+    let mask = io.input("mask", MASK_EXPECTED)?;
     let opts = AttentionOptions {
         scale: io.set_opt("scale")?,
         causal: io.set("causal", false)?,
@@ -347,15 +353,20 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let want_lse = io.wants_out2("lse");
     io.check_unused()?;
     // A float mask is additive, a bool or uint8 one boolean.
-    let mask_shape = "[m, n] or [b|1, 1|hq, m, n]";
     let mask: Option<(Mask, Vec<usize>)> = mask
         .map(|m| {
             let shape = m.shape.clone();
             let values = match m.data {
-                Data::F32(_) | Data::F16(_) => Mask::Add(m.floats("mask", mask_shape)?.0),
-                _ => Mask::Keep(m.bools("mask", mask_shape)?),
+                Data::F32(_) | Data::F16(_) => Mask::Add(m.floats("mask", MASK_SHAPE)?.0),
+                Data::Bool(_) | Data::U8(_) => Mask::Keep(m.bools("mask", MASK_SHAPE)?),
+                other => {
+                    return Err(usage(format!(
+                        "input mask has dtype {}; expected {MASK_EXPECTED}",
+                        other.dtype_name()
+                    )))
+                }
             };
-            Ok::<_, CliError>((values, shape))
+            Ok((values, shape))
         })
         .transpose()?;
     let (qv, qh) = q.floats("q", "[b, hq, m, d]")?;

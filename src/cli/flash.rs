@@ -464,9 +464,9 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         qk.push(io.required(name, "[b, n, s] float32 or float16")?);
     }
     let v = io.required("v", "[b, n, e] float32 or float16")?;
-    let gate = io.input("gate");
-    let bias = io.input("bias");
-    let mask = io.input("key_mask");
+    let gate = io.input("gate", "[b, n, e] float32 or float16")?;
+    let bias = io.input("bias", "[C, C] float32 or float16")?;
+    let mask = io.input("key_mask", "[b, n] bool")?;
     let chunk: usize = io.set("chunk", 256)?;
     let opts = FlashOptions {
         chunk,

@@ -452,11 +452,11 @@ fn token_array(shape: Vec<usize>, t: &[u32]) -> Array {
 /// `--in pair_a=A.npy --in pair_b=B.npy` give a factorised W = A B^T instead of `pairwise`.
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let unary = io.required("unary", "[L, V] or [b, L, V] float32")?;
-    let pairwise = io.input("pairwise");
-    let pair_a = io.input("pair_a");
-    let pair_b = io.input("pair_b");
+    let pairwise = io.input("pairwise", "[V, V] float32")?;
+    let pair_a = io.input("pair_a", "[V, r] float32")?;
+    let pair_b = io.input("pair_b", "[V, r] float32")?;
     let init = io.required("init", "[b, L] int32")?;
-    let clamp = io.input("clamp");
+    let clamp = io.input("clamp", "[L] or [b, L] bool")?;
     // Both asked about (no short circuit), so check_unused knows both names.
     let (best, best_score) = (io.wants_out2("best"), io.wants_out2("best_score"));
     let opts = GibbsOptions {

@@ -3,7 +3,8 @@
 //!
 //! Each kernel family has a file here with its `verify` cases, `bench` cases and `run`
 //! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check or a device error,
-//! 2 bad input (unknown names, wrong dtypes or shapes, bad options).
+//! 2 bad input (unknown names, wrong dtypes or shapes, bad options, unreadable input or
+//! unwritable output files).
 
 mod attention;
 mod flash;
@@ -14,6 +15,7 @@ mod report;
 mod rope;
 mod softmax;
 
+use std::any::TypeId;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -28,7 +30,10 @@ use report::{Baseline, BenchRow, Check};
 #[command(
     name = "seqk",
     version,
-    about = "GPU kernels for sequence models, checked against a CPU reference"
+    about = "GPU kernels for sequence models, checked against a CPU reference",
+    after_help = "Exit codes: 0 success; 1 a failed check or a device error; 2 bad input \
+                  (unknown names, wrong dtypes or shapes, bad options, an unreadable input or \
+                  an unwritable output file)."
 )]
 struct Cli {
     /// Graphics backend (default: WGPU_BACKEND, else wgpu's choice).
@@ -75,6 +80,14 @@ enum Command {
         quick: bool,
     },
     /// Run one kernel on .npy inputs and write .npy outputs.
+    #[command(
+        after_help = "rope: positions are [s], [1, s] (Hugging Face's position_ids) or \
+        [b, s], and exclude --set offset. Its mscale=M (scaling=yarn) multiplies cos and sin by \
+        M itself, what Hugging Face calls attention_factor; it is not a config's \
+        rope_scaling[\"mscale\"], which DeepSeek-style configs pair with mscale_all_dim: for \
+        those pass mscale = g(factor, mscale) / g(factor, mscale_all_dim), where \
+        g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1)."
+    )]
     Run(RunArgs),
     /// Constrained text generation by Gibbs sampling.
     Generate(generate::GenerateArgs),
@@ -84,16 +97,18 @@ enum Command {
 struct RunArgs {
     /// Kernel name: softmax, rope, attention, flash, gibbs, sample.
     kernel: String,
-    /// An input, NAME=FILE.npy (repeatable).
+    /// An input, NAME=FILE.npy (repeatable, each NAME once).
     #[arg(long = "in", value_name = "NAME=FILE")]
     inputs: Vec<String>,
-    /// The main output file (.npy).
+    /// The main output file (.npy). Every output path is checked to be writable before
+    /// computing; a bad one exits 2 with nothing written.
     #[arg(long)]
     out: PathBuf,
     /// A secondary output, NAME=FILE.npy (e.g. lse=lse.npy).
     #[arg(long, value_name = "NAME=FILE")]
     out2: Vec<String>,
-    /// An option, KEY=VALUE (repeatable); an empty VALUE leaves the option at its default.
+    /// An option, KEY=VALUE (repeatable, each KEY once); an empty VALUE leaves the option at
+    /// its default. Booleans: true/false, True/False or 1/0.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// Run the CPU reference instead of the GPU.
@@ -257,11 +272,17 @@ fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
             l.min_storage_buffer_offset_alignment as u64,
         ),
     ];
+    // The adapter reports subgroup sizes even without SUBGROUP (GL); they mean nothing there.
+    let subgroups = ctx
+        .features()
+        .contains(wgpu::Features::SUBGROUP)
+        .then_some((i.subgroup_min_size, i.subgroup_max_size));
     if json {
         let v = serde_json::json!({
             "adapter": i.name, "backend": format!("{:?}", i.backend), "driver": i.driver,
             "driver_info": i.driver_info, "device_type": format!("{:?}", i.device_type),
-            "subgroup_min_size": i.subgroup_min_size, "subgroup_max_size": i.subgroup_max_size,
+            "subgroup_min_size": subgroups.map(|s| s.0),
+            "subgroup_max_size": subgroups.map(|s| s.1),
             "features": features,
             "limits": limits.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
         });
@@ -269,11 +290,11 @@ fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
     } else {
         println!("adapter   {} ({:?})", i.name, i.device_type);
         println!("backend   {:?}", i.backend);
-        println!("driver    {} {}", i.driver, i.driver_info);
-        println!(
-            "subgroups {}..{} lanes",
-            i.subgroup_min_size, i.subgroup_max_size
-        );
+        println!("driver    {}", report::driver(i));
+        match subgroups {
+            Some((lo, hi)) => println!("subgroups {lo}..{hi} lanes"),
+            None => println!("subgroups not available (no SUBGROUP feature)"),
+        }
         println!(
             "features  {}",
             if features.is_empty() {
@@ -371,23 +392,29 @@ impl RunIo {
                 .map(|(k, v)| (k.trim().to_string(), v.to_string()))
                 .ok_or_else(|| usage(format!("{what} expects NAME=VALUE, got {s:?}")))
         };
+        // NAME=VALUE pairs by name; a name given twice is an error, not "the last one wins".
+        let pairs = |list: &[String], what: &str| -> Result<Vec<(String, String)>, CliError> {
+            let mut out: Vec<(String, String)> = Vec::new();
+            for s in list {
+                let (k, v) = pair(s, what)?;
+                if out.iter().any(|(seen, _)| *seen == k) {
+                    return Err(usage(format!("{what} {k}=... is given more than once")));
+                }
+                out.push((k, v));
+            }
+            Ok(out)
+        };
         let mut inputs = BTreeMap::new();
-        for s in &args.inputs {
-            let (name, file) = pair(s, "--in")?;
+        for (name, file) in pairs(&args.inputs, "--in")? {
             let array = npy::read(&PathBuf::from(&file))
                 .map_err(|e| usage(format!("input {name}: {e}")))?;
             inputs.insert(name, array);
         }
-        let sets = args
-            .sets
-            .iter()
-            .map(|s| pair(s, "--set"))
-            .collect::<Result<_, _>>()?;
-        let out2 = args
-            .out2
-            .iter()
-            .map(|s| pair(s, "--out2").map(|(k, v)| (k, PathBuf::from(v))))
-            .collect::<Result<_, _>>()?;
+        let sets = pairs(&args.sets, "--set")?.into_iter().collect();
+        let out2 = pairs(&args.out2, "--out2")?
+            .into_iter()
+            .map(|(k, v)| (k, PathBuf::from(v)))
+            .collect();
         Ok(Self {
             inputs,
             sets,
@@ -400,14 +427,30 @@ impl RunIo {
         })
     }
 
-    /// Takes an input by name; `None` if it was not given.
-    pub fn input(&mut self, name: &str) -> Option<Array> {
-        self.inputs.remove(name)
+    /// Takes an input by name; `None` if it was not given. No input may be empty or 0-d:
+    /// either is an error naming the input and its `expected` shape and dtype.
+    pub fn input(&mut self, name: &str, expected: &str) -> Result<Option<Array>, CliError> {
+        let Some(array) = self.inputs.remove(name) else {
+            return Ok(None);
+        };
+        if array.shape.is_empty() {
+            return Err(usage(format!(
+                "input {name} is a 0-d array (a scalar); expected {expected}"
+            )));
+        }
+        if array.shape.contains(&0) {
+            return Err(usage(format!(
+                "input {name} has shape {:?}, which holds no elements; expected {expected} \
+                 with every axis at least 1",
+                array.shape
+            )));
+        }
+        Ok(Some(array))
     }
 
     /// Takes a required input.
     pub fn required(&mut self, name: &str, expected: &str) -> Result<Array, CliError> {
-        self.input(name).ok_or_else(|| {
+        self.input(name, expected)?.ok_or_else(|| {
             usage(format!(
                 "missing input {name} (expected {expected}); give --in {name}=FILE.npy"
             ))
@@ -415,23 +458,36 @@ impl RunIo {
     }
 
     /// An option's value, or `default` when not set.
-    pub fn set<T: FromStr>(&mut self, key: &str, default: T) -> Result<T, CliError> {
+    pub fn set<T: FromStr + 'static>(&mut self, key: &str, default: T) -> Result<T, CliError> {
         Ok(self.set_opt(key)?.unwrap_or(default))
     }
 
     /// An option's value, if set. An empty value (`--set lin_scale=`, as the option tables
-    /// write an option without a default) is the same as leaving the option out.
-    pub fn set_opt<T: FromStr>(&mut self, key: &str) -> Result<Option<T>, CliError> {
+    /// write an option without a default) is the same as leaving the option out. A boolean
+    /// is `true` or `false`, also written `True`/`False` (Python's `str`) or `1`/`0`.
+    pub fn set_opt<T: FromStr + 'static>(&mut self, key: &str) -> Result<Option<T>, CliError> {
         self.used_sets.push(key.to_string());
+        let is_bool = TypeId::of::<T>() == TypeId::of::<bool>();
         match self.sets.get(key) {
             None => Ok(None),
             Some(v) if v.trim().is_empty() => Ok(None),
-            Some(v) => v.trim().parse().map(Some).map_err(|_| {
-                usage(format!(
-                    "--set {key}={v}: cannot parse {v:?} as {}",
-                    std::any::type_name::<T>()
-                ))
-            }),
+            Some(v) => {
+                let text = match v.trim() {
+                    "True" | "1" if is_bool => "true",
+                    "False" | "0" if is_bool => "false",
+                    t => t,
+                };
+                text.parse().map(Some).map_err(|_| {
+                    usage(if is_bool {
+                        format!("--set {key}={v}: expected true or false (or True/False, 1/0)")
+                    } else {
+                        format!(
+                            "--set {key}={v}: cannot parse {v:?} as {}",
+                            std::any::type_name::<T>()
+                        )
+                    })
+                })
+            }
         }
     }
 
@@ -462,10 +518,22 @@ impl RunIo {
         Ok(())
     }
 
-    /// Fails on inputs, options or secondary outputs the kernel did not take (likely typos).
-    /// Handlers call it after reading their inputs and options and asking about their
-    /// secondary outputs, before computing or writing anything.
+    /// Fails on inputs, options or secondary outputs the kernel did not take (likely typos),
+    /// and on output files that cannot be written (so that a bad path fails before any
+    /// computing, and before another output is written). Handlers call it after reading their
+    /// inputs and options and asking about their secondary outputs, before computing or
+    /// writing anything.
     pub fn check_unused(&self) -> Result<(), CliError> {
+        self.check_names()?;
+        let out2 = self.out2.iter().map(|(k, p)| (format!("--out2 {k}="), p));
+        for (what, path) in std::iter::once(("--out ".to_string(), &self.out)).chain(out2) {
+            npy::check_writable(path)
+                .map_err(|e| usage(format!("{what}{}: cannot write: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    fn check_names(&self) -> Result<(), CliError> {
         if let Some(name) = self.inputs.keys().next() {
             return Err(usage(format!("unknown input {name:?} for this kernel")));
         }
@@ -483,7 +551,7 @@ impl RunIo {
     }
 
     fn finish(&self) -> Result<(), CliError> {
-        self.check_unused()?;
+        self.check_names()?;
         // A secondary output asked for and offered but never written is a handler's bug.
         if let Some(name) = self.out2.keys().next() {
             return Err(CliError::Failure(format!(

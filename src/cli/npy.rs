@@ -115,6 +115,20 @@ pub fn read(path: &Path) -> Result<Array, String> {
     Ok(Array { shape, data })
 }
 
+/// Checks that `path` can be written without changing anything there: an existing file is
+/// opened for writing (not truncated), a missing one is created and removed again.
+pub fn check_writable(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err("it is a directory".into());
+    }
+    if path.exists() {
+        std::fs::OpenOptions::new().write(true).open(path).map(drop)
+    } else {
+        File::create_new(path).and_then(|_| std::fs::remove_file(path))
+    }
+    .map_err(|e| e.to_string())
+}
+
 /// Writes an array as .npy (C order).
 pub fn write(path: &Path, array: &Array) -> Result<(), String> {
     let file = File::create(path).map_err(|e| e.to_string())?;

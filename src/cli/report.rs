@@ -145,12 +145,23 @@ pub fn iterations(bytes: u64) -> usize {
     ((64u64 << 20) / bytes.max(1)).clamp(1, 64) as usize
 }
 
+/// The driver's name and version info; GL gives no name (its version is in `driver_info`),
+/// so the parts that are there, or "-".
+pub fn driver(i: &wgpu::AdapterInfo) -> String {
+    let parts: Vec<&str> = [i.driver.trim(), i.driver_info.trim()]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
 fn adapter_line(ctx: &Context) -> String {
     let i = ctx.adapter_info();
-    format!(
-        "{} ({:?}, {} {})",
-        i.name, i.backend, i.driver, i.driver_info
-    )
+    format!("{} ({:?}, {})", i.name, i.backend, driver(i))
 }
 
 pub fn print_checks(ctx: &Context, checks: &[Check], json: bool) {
@@ -158,7 +169,7 @@ pub fn print_checks(ctx: &Context, checks: &[Check], json: bool) {
         let rows: Vec<_> = checks
             .iter()
             .map(|c| {
-                serde_json::json!({"kernel": c.kernel, "case": c.case, "error": finite(c.error),
+                serde_json::json!({"kernel": c.kernel, "case": c.case.trim(), "error": finite(c.error),
                     "tolerance": c.tolerance, "passed": c.passed()})
             })
             .collect();
@@ -169,15 +180,16 @@ pub fn print_checks(ctx: &Context, checks: &[Check], json: bool) {
         return;
     }
     println!("seqk verify on {}", adapter_line(ctx));
+    let w = width("case", checks.iter().map(|c| c.case.trim()));
     println!(
-        "{:<10} {:<52} {:>10} {:>9}  result",
+        "{:<10} {:<w$} {:>10} {:>9}  result",
         "kernel", "case", "error", "tolerance"
     );
     for c in checks {
         println!(
-            "{:<10} {:<52} {:>10.2e} {:>9.0e}  {}",
+            "{:<10} {:<w$} {:>10.2e} {:>9.0e}  {}",
             c.kernel,
-            c.case,
+            c.case.trim(),
             c.error,
             c.tolerance,
             if c.passed() { "pass" } else { "FAIL" }
@@ -192,7 +204,7 @@ pub fn print_bench(ctx: &Context, rows: &[BenchRow], json: bool) {
         let out: Vec<_> = rows
             .iter()
             .map(|r| {
-                serde_json::json!({"kernel": r.kernel, "case": r.case,
+                serde_json::json!({"kernel": r.kernel, "case": r.case.trim(),
                     "gpu_ms": r.timing.gpu.map(|d| d.as_secs_f64() * 1e3),
                     "wall_ms": r.timing.wall.as_secs_f64() * 1e3, "clock": r.timing.clock(),
                     "gbps": r.gbps(), "copy_ratio": r.copy_ratio(), "tflops": r.tflops(),
@@ -214,8 +226,9 @@ pub fn print_bench(ctx: &Context, rows: &[BenchRow], json: bool) {
     }
     // The rate column only where some row counts items (keeps the other tables as they were).
     let with_rates = rows.iter().any(|r| r.rate().is_some());
+    let w = width("case", rows.iter().map(|r| r.case.trim()));
     let mut header = format!(
-        "{:<10} {:<36} {:>10} {:>5} {:>9} {:>7} {:>9}",
+        "{:<10} {:<w$} {:>10} {:>5} {:>9} {:>7} {:>9}",
         "kernel", "case", "time ms", "clock", "GB/s", "x copy", "TFLOP/s"
     );
     if with_rates {
@@ -225,9 +238,9 @@ pub fn print_bench(ctx: &Context, rows: &[BenchRow], json: bool) {
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for r in rows {
         let mut line = format!(
-            "{:<10} {:<36} {:>10.3} {:>5} {:>9} {:>7} {:>9}",
+            "{:<10} {:<w$} {:>10.3} {:>5} {:>9} {:>7} {:>9}",
             r.kernel,
-            r.case,
+            r.case.trim(),
             r.timing.best().as_secs_f64() * 1e3,
             r.timing.clock(),
             opt(r.gbps(), 1),
@@ -242,6 +255,13 @@ pub fn print_bench(ctx: &Context, rows: &[BenchRow], json: bool) {
         }
         println!("{line}");
     }
+}
+
+/// The width of a text column: its widest entry or its header.
+fn width<'a>(header: &str, entries: impl Iterator<Item = &'a str>) -> usize {
+    entries
+        .map(|e| e.chars().count())
+        .fold(header.len(), usize::max)
 }
 
 fn finite(v: f64) -> serde_json::Value {

@@ -4,6 +4,7 @@ use half::{bf16, f16};
 
 use super::report::{iterations, Baseline, BenchRow, Check, SAMPLES, WARMUP};
 use super::{usage, Array, CliError, Data, RunIo};
+use crate::kernels::rope::MAX_POSITION;
 use crate::profile::time_passes;
 use crate::reference::{random_values, rope as reference, row_error};
 use crate::{
@@ -260,12 +261,17 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
 }
 
 /// `seqk run rope --in x=X.npy [--in positions=P.npy] --out Y.npy [--set ...]`
+///
+/// Positions are `[s]`, `[1, s]` (Hugging Face's `position_ids`, the same for every batch) or
+/// `[b, s]`; `offset` is for calls without them. `mscale` is yarn's multiplier of cos and sin
+/// itself (Hugging Face's `attention_factor`), not `rope_scaling["mscale"]` (see
+/// [`RopeScaling::Yarn`]).
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let x = io.required(
         "x",
         "[b, s, h, d] (bshd) or [b, h, s, d] (bhsd), float32 or float16",
     )?;
-    let positions = io.input("positions");
+    let positions = io.input("positions", "[s] or [b, s] int32 or int64")?;
     let style: String = io.set("style", "half".to_string())?;
     let layout: String = io.set("layout", "bshd".to_string())?;
     let rotary_dim: Option<usize> = io.set_opt("rotary_dim")?;
@@ -282,6 +288,11 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let high_freq_factor: Option<f64> = io.set_opt("high_freq_factor")?;
     let current_len: Option<usize> = io.set_opt("current_len")?;
     io.check_unused()?;
+    if positions.is_some() && offset != 0 {
+        return Err(usage(
+            "--set offset=... does not apply with --in positions (add the offset to the positions)",
+        ));
+    }
 
     let mut scaling = RopeScaling::named(&scaling_name, factor, original_max)?;
     let misplaced = |key: &str| {
@@ -363,10 +374,16 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
                     )))
                 }
             };
-            if p.shape != [s] && p.shape != [b, s] {
+            if p.shape != [s] && p.shape != [1, s] && p.shape != [b, s] {
                 return Err(usage(format!(
-                    "input positions has shape {:?}; expected [{s}] or [{b}, {s}]",
+                    "input positions has shape {:?}; expected [{s}], [1, {s}] or [{b}, {s}]",
                     p.shape
+                )));
+            }
+            if let Some(bad) = values.iter().find(|&&v| !(0..=MAX_POSITION).contains(&v)) {
+                return Err(usage(format!(
+                    "input positions holds {bad}; expected [s], [1, s] or [b, s] int32 or int64 in \
+                     0..={MAX_POSITION}"
                 )));
             }
             Some(Positions::new(values, p.shape)?)

@@ -88,7 +88,10 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
         });
         let want = reference::softmax(&x, &shape, mask.as_deref(), &opts)?;
         let got = run_gpu(ctx, &x, half, &shape, mask.as_deref(), &opts)?;
-        let mut case = format!("{shape:?} {}", describe(&opts));
+        let mut case = format!("{shape:?}");
+        if !describe(&opts).is_empty() {
+            case = format!("{case} {}", describe(&opts));
+        }
         if masked {
             case.push_str(" mask");
         }
@@ -180,7 +183,7 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
 /// `seqk run softmax --in x=X.npy [--in mask=M.npy] --out Y.npy [--set ...]`
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let x = io.required("x", "[.., n] float32 or float16")?;
-    let mask = io.input("mask");
+    let mask = io.input("mask", "(the shape of x) bool")?;
     let opts = SoftmaxOptions {
         temperature: io.set("temperature", 1.0)?,
         scale: io.set("scale", 1.0)?,

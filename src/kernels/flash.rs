@@ -227,9 +227,9 @@ impl FlashOptions {
             ("quad_scale", self.quad_scale),
             ("lin_scale", self.lin_scale),
         ] {
-            if x.is_some_and(|x| !x.is_finite()) {
+            if let Some(x) = x.filter(|x| !x.is_finite()) {
                 return Err(Error::option(format!(
-                    "flash {name} must be finite, got {x:?}"
+                    "flash {name} must be finite, got {x}"
                 )));
             }
         }

@@ -333,10 +333,11 @@ fn group_wg(ctx: &Context, work: usize) -> u32 {
         .unwrap_or(64)
 }
 
-/// Largest binding the kernels use (indices stay below 2^31 elements; 4 bytes spare for
-/// the rounding of byte masks up to whole words).
+/// Largest binding the kernels use (indices stay below 2^31 elements), rounded down to a
+/// whole word: byte masks are bound rounded up to whole words, which then still fit (and a
+/// limit error reports the device's own limit wherever that is whole words).
 fn max_binding(ctx: &Context) -> u64 {
-    ctx.limits().max_storage_buffer_binding_size.min(1 << 31) - 4
+    ctx.limits().max_storage_buffer_binding_size.min(1 << 31) / 4 * 4
 }
 
 /// Splits `rows` rows into chunks whose per-row tensors (`row_bytes`: bytes per row of each)

@@ -3,7 +3,7 @@
 //! Styles `half` (GPT-NeoX / HF Llama, default) and `interleaved` (RoFormer / GPT-J); partial
 //! `rotary_dim` (features past it pass through bit-identical); layouts `bshd` and `bhsd` with any
 //! row strides, so q and k can be views into a fused QKV buffer; positions from an offset (KV
-//! cache) or an explicit list of shape `[s]` or `[b, s]`; the inverse rotation (backward pass);
+//! cache) or an explicit list of shape `[s]`, `[1, s]` or `[b, s]`; the inverse rotation (backward pass);
 //! q and k with different head counts (GQA) in one dispatch; in place or out of place; the
 //! scalings `linear`, `ntk`, `dynamic`, `yarn` and `llama3`. Storage f32, f16 or bf16 (both
 //! packed two per 32-bit word and converted in the shader, so they need no device feature and
@@ -140,7 +140,11 @@ pub enum RopeScaling {
         beta_fast: f64,
         /// Default 1.
         beta_slow: f64,
-        /// Multiplier of cos and sin; `None`: `0.1 ln(s) + 1`.
+        /// The multiplier of cos and sin itself, what Hugging Face calls `attention_factor`;
+        /// `None`: `0.1 ln(s) + 1` (1 for s <= 1). Not HF's `rope_scaling["mscale"]`: in
+        /// DeepSeek-style configs that one goes with `mscale_all_dim`, and the multiplier they
+        /// give (to pass here) is `g(s, mscale) / g(s, mscale_all_dim)` with
+        /// `g(s, m) = 0.1 m ln(s) + 1` (1 for s <= 1).
         mscale: Option<f64>,
     },
     /// Llama 3.1: keep high frequencies, interpolate low ones, blend in between.
@@ -262,9 +266,9 @@ impl RopeScaling {
                         "rope scaling yarn needs 0 < beta_slow < beta_fast, got {beta_slow}, {beta_fast}"
                     )));
                 }
-                if mscale.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
+                if let Some(m) = mscale.filter(|m| !(*m > 0.0 && m.is_finite())) {
                     return Err(Error::option(format!(
-                        "rope scaling yarn: mscale must be finite and > 0, got {mscale:?}"
+                        "rope scaling yarn: mscale must be finite and > 0, got {m}"
                     )));
                 }
             }
@@ -294,7 +298,8 @@ pub struct RopeOptions {
     pub rotary_dim: Option<usize>,
     /// Frequency base (default 10000).
     pub base: f64,
-    /// Without explicit positions, token t of the sequence sits at `offset + t`.
+    /// Without explicit positions, token t of the sequence sits at `offset + t`. With explicit
+    /// positions it must be 0 (add it to the positions instead): the two are exclusive.
     pub offset: u64,
     /// Rotate by -theta: the backward pass (the transpose). For every scaling but yarn this is
     /// the exact inverse; yarn's `mscale` multiplies in both directions, as its gradient does,
@@ -446,7 +451,8 @@ pub fn yarn_range(
     (lo, hi)
 }
 
-/// Explicit positions of shape `[s]` (shared by every batch) or `[b, s]`.
+/// Explicit positions of shape `[s]` or `[1, s]` (shared by every batch; `[1, s]` is Hugging
+/// Face's usual `position_ids`) or `[b, s]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Positions {
     values: Vec<i64>,
@@ -454,7 +460,7 @@ pub struct Positions {
 }
 
 impl Positions {
-    /// Positions (i32 or i64 values) of `shape` `[s]` or `[b, s]`.
+    /// Positions (i32 or i64 values) of `shape` `[s]`, `[1, s]` or `[b, s]`.
     pub fn new<V: Into<i64> + Copy>(
         values: impl AsRef<[V]>,
         shape: impl Into<Vec<usize>>,
@@ -463,7 +469,7 @@ impl Positions {
         let shape = shape.into();
         if shape.is_empty() || shape.len() > 2 || checked_numel(&shape) != Some(values.len()) {
             return Err(Error::shape(format!(
-                "rope positions must have shape [s] or [b, s] matching their {} values, got {shape:?}",
+                "rope positions must have shape [s], [1, s] or [b, s] matching their {} values, got {shape:?}",
                 values.len()
             )));
         }
@@ -499,7 +505,8 @@ impl PositionRows {
     }
 }
 
-/// Checks positions against `b` batches of `s` tokens (or, without them, the offset).
+/// Checks positions against `b` batches of `s` tokens (or, without them, the offset; with
+/// them the offset must be 0). Positions `[1, s]` serve every batch, as `[s]` do.
 pub fn position_rows(
     opts: &RopeOptions,
     b: usize,
@@ -519,12 +526,19 @@ pub fn position_rows(
             per_batch: false,
         });
     };
+    if opts.offset != 0 {
+        return Err(Error::option(format!(
+            "rope offset {} and explicit positions do not go together: give one (add the \
+             offset to the positions)",
+            opts.offset
+        )));
+    }
     let per_batch = match pos.shape() {
-        [n] if *n == s => false,
+        [n] | [1, n] if *n == s => false,
         [nb, n] if *nb == b && *n == s => true,
         other => {
             return Err(Error::shape(format!(
-                "rope positions have shape {other:?}; expected [{s}] or [{b}, {s}]"
+                "rope positions have shape {other:?}; expected [{s}], [1, {s}] or [{b}, {s}]"
             )))
         }
     };
@@ -775,9 +789,14 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Checks the options that do not depend on shapes.
+    /// Checks the options that do not depend on shapes. `rotary_dim` (and the scalings' needs
+    /// on r) is checked against the head dim d by [`Rope::plan`], which knows d.
     pub fn new(ctx: &Context, opts: &RopeOptions) -> Result<Self> {
-        opts.validate(opts.rotary_dim.unwrap_or(usize::MAX - 1))?;
+        RopeOptions {
+            rotary_dim: None,
+            ..opts.clone()
+        }
+        .validate(usize::MAX - 1)?;
         Ok(Self {
             ctx: ctx.clone(),
             opts: opts.clone(),

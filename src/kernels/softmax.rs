@@ -382,9 +382,10 @@ impl Softmax {
             | ((masked as u32) * FLAG_MASK)
             | ((o.causal as u32) * FLAG_CAUSAL)
             | ((o.softmax_plus as u32) * FLAG_PLUS);
-        // Indices inside one binding stay below 2^31 elements; 4 bytes spare for the
-        // rounding of f16 and mask ranges up to whole words.
-        let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31) - 4;
+        // Indices inside one binding stay below 2^31 elements. Rounded down to a whole word:
+        // f16 and mask ranges are bound rounded up to whole words, which then still fit (and
+        // a limit error reports the device's own limit wherever that is whole words).
+        let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31) / 4 * 4;
         let align = limits.min_storage_buffer_offset_alignment as u64;
         let chunks = binding_chunks(
             shape.rows as u64,
