@@ -58,8 +58,6 @@ const NO_CANDIDATE: f32 = -16777216.0;
 @group(0) @binding(11) var<storage, read> log_q_fwd: array<f32>;        // MH: log q(y <- x) [b]
 @group(0) @binding(12) var<storage, read> log_q_back: array<f32>;       // MH: log q(x <- y) [b]
 @group(0) @binding(13) var<storage, read_write> accepted: array<u32>;   // MH: 1 = accepted [b]
-// sample_logits: whether top-p splits the tokens tied at its threshold (read uniformly).
-var<workgroup> tie_split: u32;
 
 fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
@@ -268,8 +266,20 @@ fn chain_score(
 
 // ---- sampling from given logits [b, V]: temperature, then top-k, then top-p ----
 
+// Top-k kept sets of up to this many tokens are gathered into workgroup memory, so that
+// top-p and the draw visit only them.
+const CANDIDATES: u32 = 1024u;
+
+var<workgroup> digit_count: array<atomic<u32>, 256>;
+var<workgroup> radix_pick: vec2<u32>;   // (digit, rank left within it), read uniformly
+var<workgroup> cand_count: atomic<u32>;
+var<workgroup> cand_total: u32;         // cand_count, read uniformly
+var<workgroup> cand_z: array<f32, CANDIDATES>;
+var<workgroup> cand_v: array<u32, CANDIDATES>;
+var<workgroup> tie_split: u32;          // whether top-p splits its threshold's ties, read uniformly
+
 // Order-preserving map of a finite f32 to u32; -0.0 takes +0.0's key, as the two compare
-// equal (a tie at the top-k / top-p threshold keeps both).
+// equal (a tie at the top-k / top-p threshold).
 fn order_key(x: f32) -> u32 {
     var u = bitcast<u32>(x);
     if (u == 0x80000000u) {
@@ -279,6 +289,63 @@ fn order_key(x: f32) -> u32 {
         return ~u;
     }
     return u | 0x80000000u;
+}
+
+// The order key of the k-th largest logit of the row at `base` (1 <= k <= V): a radix
+// select, 8 bits a pass from the top, each pass counting the keys under the prefix found so
+// far by their next digit. Call in uniform control flow.
+fn kth_largest_key(base: u32, k: u32, lid: u32) -> u32 {
+    var prefix = 0u;
+    var rank = k;
+    for (var level = 0u; level < 4u; level++) {
+        let shift = 24u - 8u * level;
+        let above = ~(0xffffffffu >> (8u * level));   // the digits already chosen
+        for (var i = lid; i < 256u; i += WG) {
+            atomicStore(&digit_count[i], 0u);
+        }
+        workgroupBarrier();
+        for (var v = lid; v < p.vocab; v += WG) {
+            let key = order_key(unary[base + v]);
+            if ((key & above) == prefix) {
+                atomicAdd(&digit_count[(key >> shift) & 255u], 1u);
+            }
+        }
+        workgroupBarrier();
+        if (lid == 0u) {
+            // The digit holding the rank-th largest key under the prefix, from the top.
+            var left = rank;
+            var pick = 0u;
+            for (var d = 255i; d >= 0i; d--) {
+                let c = atomicLoad(&digit_count[u32(d)]);
+                if (c >= left) {
+                    pick = u32(d);
+                    break;
+                }
+                left -= c;
+            }
+            radix_pick = vec2<u32>(pick, left);
+        }
+        let pick = workgroupUniformLoad(&radix_pick);
+        prefix |= pick.x << shift;
+        rank = pick.y;
+    }
+    return prefix;
+}
+
+// Element i of what the sampler visits: the gathered candidates, or the whole row.
+fn element(base: u32, i: u32, gathered: bool) -> Best {
+    if (gathered) {
+        return Best(cand_z[i], cand_v[i]);
+    }
+    return Best(unary[base + i], i);
+}
+
+// Running argmax of (y, v) visited in any order: ties to the lowest v.
+fn offer_lowest(b: Best, y: f32, v: u32) -> Best {
+    if (b.v == NONE || y > b.z || (y == b.z && v < b.v)) {
+        return Best(y, v);
+    }
+    return b;
 }
 
 @compute @workgroup_size(WG)
@@ -299,46 +366,57 @@ fn sample_logits(
         zmax = max(zmax, unary[base + v]);
     }
     zmax = reduce_max_sum(vec2<f32>(zmax, 0.0), lanes).x;
-    // Smallest order key kept; built bit by bit from the top (the largest threshold whose
-    // kept set is still big enough), so top-k keeps every tie of its k-th logit.
+    // Smallest order key kept: top-k keeps every tie of its k-th logit.
     var kmin = 0u;
+    var gathered = false;
+    var count = p.vocab;
     if (t > 0.0 && p.top_k > 0u && p.top_k < p.vocab) {
-        var k = 0u;
-        for (var bit = 31i; bit >= 0i; bit--) {
-            let cand = k | (1u << u32(bit));
-            var n = 0.0;
-            for (var v = lid; v < p.vocab; v += WG) {
-                if (order_key(unary[base + v]) >= cand) {
-                    n += 1.0;
+        kmin = kth_largest_key(base, p.top_k, lid);
+        if (lid == 0u) {
+            atomicStore(&cand_count, 0u);
+        }
+        workgroupBarrier();
+        for (var v = lid; v < p.vocab; v += WG) {
+            let z = unary[base + v];
+            if (order_key(z) >= kmin) {
+                let slot = atomicAdd(&cand_count, 1u);
+                if (slot < CANDIDATES) {
+                    cand_z[slot] = z;
+                    cand_v[slot] = v;
                 }
             }
-            if (reduce_max_sum(vec2<f32>(0.0, n), lanes).y >= f32(p.top_k)) {
-                k = cand;
-            }
         }
-        kmin = k;
+        workgroupBarrier();
+        if (lid == 0u) {
+            cand_total = atomicLoad(&cand_count);
+        }
+        let n = workgroupUniformLoad(&cand_total);
+        // More ties of the k-th logit than fit: visit the whole row.
+        gathered = n <= CANDIDATES;
+        count = select(p.vocab, n, gathered);
     }
     // Top-p keeps every token above its threshold key and, of those at it, the fewest that
     // reach the goal, lowest indices first (the smallest set): up to index `last_tied`.
     var last_tied = 0xffffffffu;
     if (t > 0.0 && p.top_p < 1.0) {
         var total = 0.0;
-        for (var v = lid; v < p.vocab; v += WG) {
-            let z = unary[base + v];
-            if (order_key(z) >= kmin) {
-                total += exp((z - zmax) / t);
+        for (var i = lid; i < count; i += WG) {
+            let e = element(base, i, gathered);
+            if (order_key(e.z) >= kmin) {
+                total += exp((e.z - zmax) / t);
             }
         }
         let goal = p.top_p * reduce_max_sum(vec2<f32>(0.0, total), lanes).y;
+        // The largest key whose kept set still reaches the goal, bit by bit from the top.
         var k = 0u;
         for (var bit = 31i; bit >= 0i; bit--) {
             let cand = k | (1u << u32(bit));
             let lo = max(cand, kmin);
             var mass = 0.0;
-            for (var v = lid; v < p.vocab; v += WG) {
-                let z = unary[base + v];
-                if (order_key(z) >= lo) {
-                    mass += exp((z - zmax) / t);
+            for (var i = lid; i < count; i += WG) {
+                let e = element(base, i, gathered);
+                if (order_key(e.z) >= lo) {
+                    mass += exp((e.z - zmax) / t);
                 }
             }
             if (reduce_max_sum(vec2<f32>(0.0, mass), lanes).y >= goal) {
@@ -349,13 +427,13 @@ fn sample_logits(
         kmin = k;
         var above = 0.0;
         var tied = vec2<f32>(0.0, 0.0);   // (weight of a token at k, how many are)
-        for (var v = lid; v < p.vocab; v += WG) {
-            let z = unary[base + v];
-            let key = order_key(z);
-            if (key > k) {
-                above += exp((z - zmax) / t);
-            } else if (key == k) {
-                tied = vec2<f32>(exp((z - zmax) / t), tied.y + 1.0);
+        for (var i = lid; i < count; i += WG) {
+            let e = element(base, i, gathered);
+            let kz = order_key(e.z);
+            if (kz > k) {
+                above += exp((e.z - zmax) / t);
+            } else if (kz == k) {
+                tied = vec2<f32>(exp((e.z - zmax) / t), tied.y + 1.0);
             }
         }
         above = reduce_max_sum(vec2<f32>(0.0, above), lanes).y;
@@ -371,8 +449,9 @@ fn sample_logits(
             for (var bit = i32(firstLeadingBit(p.vocab)); bit >= 0i; bit--) {
                 let cand = j | (1u << u32(bit));
                 var n = 0.0;
-                for (var v = lid; v < min(cand, p.vocab); v += WG) {
-                    if (order_key(unary[base + v]) == k) {
+                for (var i = lid; i < count; i += WG) {
+                    let e = element(base, i, gathered);
+                    if (order_key(e.z) == k && e.v < cand) {
                         n += 1.0;
                     }
                 }
@@ -384,22 +463,34 @@ fn sample_logits(
         }
     }
     var b = Best(SENTINEL, NONE);
-    for (var q = lid; 4u * q < p.vocab; q += WG) {
-        var r = vec4<u32>(0u);
-        if (t > 0.0) {
-            r = philox4x32_10(vec4<u32>(q, 0u, p.chain_offset + row, p.sweep), key());
+    if (gathered) {
+        // One Philox call per candidate, the word its token takes in the row's stream.
+        for (var i = lid; i < count; i += WG) {
+            let e = element(base, i, true);
+            let kz = order_key(e.z);
+            if (kz > kmin || (kz == kmin && e.v <= last_tied)) {
+                let r = philox4x32_10(vec4<u32>(e.v / 4u, 0u, p.chain_offset + row, p.sweep), key());
+                b = offer_lowest(b, e.z + t * gumbel(r[e.v % 4u]), e.v);
+            }
         }
-        for (var j = 0u; j < 4u; j++) {
-            let v = 4u * q + j;
-            if (v < p.vocab) {
-                let z = unary[base + v];
-                let key = order_key(z);
-                if (key > kmin || (key == kmin && v <= last_tied)) {
-                    var y = z;
-                    if (t > 0.0) {
-                        y += t * gumbel(r[j]);
+    } else {
+        for (var q = lid; 4u * q < p.vocab; q += WG) {
+            var r = vec4<u32>(0u);
+            if (t > 0.0) {
+                r = philox4x32_10(vec4<u32>(q, 0u, p.chain_offset + row, p.sweep), key());
+            }
+            for (var j = 0u; j < 4u; j++) {
+                let v = 4u * q + j;
+                if (v < p.vocab) {
+                    let z = unary[base + v];
+                    let kz = order_key(z);
+                    if (kz > kmin || (kz == kmin && v <= last_tied)) {
+                        var y = z;
+                        if (t > 0.0) {
+                            y += t * gumbel(r[j]);
+                        }
+                        b = offer(b, y, v);
                     }
-                    b = offer(b, y, v);
                 }
             }
         }

@@ -1069,36 +1069,48 @@ fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
 }
 
 /// Top-p keeps the smallest set reaching p (spec section 6, as Hugging Face's samplers): of
-/// logits tied at its threshold, only as many as the goal needs, lowest indices first; the
-/// draws follow the truncated softmax (chi-square at p = 1e-4, fixed seeds). V below and
-/// above the workgroup size, so the tie split crosses lanes.
+/// logits tied at its threshold, only as many as the goal needs, lowest indices first; top-k
+/// keeps every tie of its k-th logit. The draws follow the truncated softmax (chi-square at
+/// p = 1e-4, fixed seeds). V below and above the workgroup size, and top-k kept sets that fit
+/// the sampler's 1024 gathered candidates and that do not (1500 ties: the whole-row path).
 #[test]
-fn top_p_splits_ties_at_its_threshold() {
+fn top_k_and_top_p_at_tied_thresholds() {
     let Some(ctx) = gpu() else { return };
     let base = [2.0f32, 1.0, 0.5, 0.0, -1.0, 1.0, 3.0, -0.3];
-    // Probabilities 0.548 (token 6), 0.2015 (0), 0.0741 (1 and 5, tied): 0.8 needs one of
-    // the tied pair, token 1.
+    let ties = [1.0f32, 3.0, 0.0, 3.0, 3.0, -1.0];
+    // 234 tokens tied at 1.0 and 466 at -9.0 (4.5e-5 of a tied token's weight each).
     let wide: Vec<f32> = (0..700)
         .map(|i| if i % 3 == 0 { 1.0 } else { -9.0 })
         .collect();
-    let cases: [(&[f32], f32, Vec<usize>); 3] = [
-        (&base, 0.8, vec![0, 1, 6]),
-        (&[1.0, 3.0, 0.0, 3.0, 3.0, -1.0], 1e-6, vec![1]),
-        // 234 tokens tied at 1.0 and 466 at -9.0 (4.5e-5 of a tied token's weight each):
-        // half the mass, 117.0106 tied weights, needs 118 of the tied tokens.
-        (&wide, 0.5, (0..700).step_by(3).take(118).collect()),
+    // 1500 tokens tied at 1.0 and 1500 at -9.0.
+    let wider: Vec<f32> = (0..3000)
+        .map(|i| if i % 2 == 0 { 1.0 } else { -9.0 })
+        .collect();
+    let every = |step: usize, n: usize| -> Vec<usize> { (0..).step_by(step).take(n).collect() };
+    let cases: [(&[f32], usize, f32, Vec<usize>); 7] = [
+        // Probabilities 0.548 (token 6), 0.2015 (0), 0.0741 (1 and 5, tied): 0.8 needs one of
+        // the tied pair, token 1.
+        (&base, 0, 0.8, vec![0, 1, 6]),
+        (&ties, 0, 1e-6, vec![1]),
+        (&ties, 2, 1.0, vec![1, 3, 4]),
+        // Half the mass, 117.0106 tied weights, needs 118 of the tied tokens.
+        (&wide, 0, 0.5, every(3, 118)),
+        (&wide, 3, 0.5, every(3, 117)),
+        (&wider, 10, 1.0, every(2, 1500)),
+        (&wider, 10, 0.25, every(2, 375)),
     ];
     let b = 4000;
-    for (row, top_p, want_kept) in cases {
+    for (row, top_k, top_p, want_kept) in cases {
         let v = row.len();
         let o = SampleOptions {
+            top_k,
             top_p,
             seed: 21,
             ..Default::default()
         };
         let kept = reference::kept_tokens(row, &o);
         let kept_idx: Vec<usize> = (0..v).filter(|&i| kept[i]).collect();
-        assert_eq!(kept_idx, want_kept, "reference kept set, top_p {top_p}");
+        assert_eq!(kept_idx, want_kept, "reference kept set, V {v} {o:?}");
         let logits: Vec<f32> = (0..b).flat_map(|_| row.iter().copied()).collect();
         let x = ctx.upload(&logits, [b, v]).unwrap();
         let got = ctx.sample_logits(&x, &o).unwrap().download().unwrap();
@@ -1106,7 +1118,7 @@ fn top_p_splits_ties_at_its_threshold() {
         for t in got {
             assert!(
                 kept[t as usize],
-                "top_p {top_p}: token {t} is outside the kept set"
+                "V {v} {o:?}: token {t} is outside the kept set"
             );
             counts[t as usize] += 1;
         }
@@ -1116,7 +1128,7 @@ fn top_p_splits_ties_at_its_threshold() {
         let total: f64 = w.iter().sum();
         let probs: Vec<f64> = w.iter().map(|x| x / total).collect();
         let p = chi2_pvalue(&counts, &probs);
-        assert!(p > 1e-4, "top_p {top_p}: p = {p:e}");
+        assert!(p > 1e-4, "V {v} {o:?}: p = {p:e}");
     }
 }
 
