@@ -28,7 +28,7 @@ struct Params {
     temperature: f32,
     flags: u32,         // FLAG_*
     top_k: u32,         // sampling: 0 = off
-    top_p: f32,         // sampling: 1 = off
+    top_p: f32,         // sampling: share of the mass top-p keeps (SampleOptions::top_p_goal); 1 = off
     _pad0: u32,
     _pad1: u32,
 }
@@ -272,8 +272,8 @@ const CANDIDATES: u32 = 1024u;
 
 var<workgroup> digit_count: array<atomic<u32>, 256>;
 var<workgroup> radix_pick: vec2<u32>;   // (digit, rank left within it), read uniformly
-var<workgroup> cand_count: atomic<u32>;
-var<workgroup> cand_total: u32;         // cand_count, read uniformly
+var<workgroup> lane_first: array<u32, WG>;   // each lane's first candidate slot
+var<workgroup> cand_total: u32;              // candidates in all, read uniformly
 var<workgroup> cand_z: array<f32, CANDIDATES>;
 var<workgroup> cand_v: array<u32, CANDIDATES>;
 var<workgroup> tie_split: u32;          // whether top-p splits its threshold's ties, read uniformly
@@ -372,27 +372,40 @@ fn sample_logits(
     var count = p.vocab;
     if (t > 0.0 && p.top_k > 0u && p.top_k < p.vocab) {
         kmin = kth_largest_key(base, p.top_k, lid);
-        if (lid == 0u) {
-            atomicStore(&cand_count, 0u);
-        }
-        workgroupBarrier();
+        // Gathered in a fixed order (lane by lane, each lane's in increasing v), so that the
+        // f32 sums over them, and so the kept set, do not depend on scheduling.
+        var mine = 0u;
         for (var v = lid; v < p.vocab; v += WG) {
-            let z = unary[base + v];
-            if (order_key(z) >= kmin) {
-                let slot = atomicAdd(&cand_count, 1u);
-                if (slot < CANDIDATES) {
-                    cand_z[slot] = z;
-                    cand_v[slot] = v;
-                }
+            if (order_key(unary[base + v]) >= kmin) {
+                mine += 1u;
             }
         }
+        lane_first[lid] = mine;
         workgroupBarrier();
         if (lid == 0u) {
-            cand_total = atomicLoad(&cand_count);
+            var run = 0u;
+            for (var i = 0u; i < WG; i++) {
+                let c = lane_first[i];
+                lane_first[i] = run;
+                run += c;
+            }
+            cand_total = run;
         }
         let n = workgroupUniformLoad(&cand_total);
         // More ties of the k-th logit than fit: visit the whole row.
         gathered = n <= CANDIDATES;
+        if (gathered) {
+            var slot = lane_first[lid];
+            for (var v = lid; v < p.vocab; v += WG) {
+                let z = unary[base + v];
+                if (order_key(z) >= kmin) {
+                    cand_z[slot] = z;
+                    cand_v[slot] = v;
+                    slot += 1u;
+                }
+            }
+        }
+        workgroupBarrier();
         count = select(p.vocab, n, gathered);
     }
     // Top-p keeps every token above its threshold key and, of those at it, the fewest that

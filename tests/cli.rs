@@ -558,9 +558,25 @@ fn unwritable_outputs_fail_before_computing() {
         &[&gibbs[..], &["--out", &p("")]].concat(),
         &["--out ", "directory"],
     );
+    // Two outputs into one file.
+    let same_best = format!("best={out}");
+    assert_usage_error(
+        &[&gibbs[..], &["--out", &out, "--out2", &same_best]].concat(),
+        &["--out2 best=", "also --out", "own file"],
+    );
     let o = seqk(&[&gibbs[..], &["--out", &out]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(d.join("out.npy").exists());
+    // A link to a file not there yet is written through, as before outputs were checked.
+    #[cfg(unix)]
+    {
+        let link = d.join("link.npy");
+        std::os::unix::fs::symlink(d.join("target.npy"), &link).unwrap();
+        let link = link.display().to_string();
+        let o = seqk(&[&gibbs[..], &["--out", &link]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(d.join("target.npy").exists());
+    }
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -906,8 +906,20 @@ fn sampling_follows_the_reference() {
             ..Default::default()
         },
     ];
-    for &(b, v) in &[(300usize, 37usize), (6, 5000), (2000, 1)] {
-        let logits = random(b * v, v as u64, -4.0, 4.0);
+    // Logits rounded to quarters as well: ties everywhere, at every threshold.
+    for &(b, v, quantised) in &[
+        (300usize, 37usize, false),
+        (6, 5000, false),
+        (2000, 1, false),
+        (300, 37, true),
+        (40, 2000, true),
+    ] {
+        let mut logits = random(b * v, v as u64, -4.0, 4.0);
+        if quantised {
+            logits
+                .iter_mut()
+                .for_each(|z| *z = (*z * 4.0).round() / 4.0);
+        }
         let t = ctx.upload(&logits, [b, v]).unwrap();
         for o in &opts {
             let got = ctx.sample_logits(&t, o).unwrap().download().unwrap();
@@ -1068,16 +1080,23 @@ fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
     }
 }
 
-/// Top-p keeps the smallest set reaching p (spec section 6, as Hugging Face's samplers): of
-/// logits tied at its threshold, only as many as the goal needs, lowest indices first; top-k
-/// keeps every tie of its k-th logit. The draws follow the truncated softmax (chi-square at
-/// p = 1e-4, fixed seeds). V below and above the workgroup size, and top-k kept sets that fit
-/// the sampler's 1024 gathered candidates and that do not (1500 ties: the whole-row path).
+/// Top-p keeps the smallest set reaching p (spec section 6, as Hugging Face's samplers;
+/// within the relative 2^-12 of `SampleOptions::top_p_goal`): of logits tied at its threshold,
+/// only as many as the goal needs, lowest indices first; top-k keeps every tie of its k-th
+/// logit. Every token of the kept set expected at least 20 times among the draws is drawn,
+/// none outside it, and the draws follow the truncated softmax (chi-square at p = 1e-4,
+/// fixed seeds). V below and above the workgroup size; top-k kept sets that fit the
+/// sampler's 1024 gathered candidates and one that does not (1500 ties: the whole-row path);
+/// ties whose shares land exactly on p (10 ties and p = 0.1 or 0.5), where f32 sums once
+/// kept one token fewer than the reference.
 #[test]
 fn top_k_and_top_p_at_tied_thresholds() {
     let Some(ctx) = gpu() else { return };
     let base = [2.0f32, 1.0, 0.5, 0.0, -1.0, 1.0, 3.0, -0.3];
     let ties = [1.0f32, 3.0, 0.0, 3.0, 3.0, -1.0];
+    let ten = [0.5f32; 10];
+    // Ten ties at 2.0 above 888 logits at -19.0 (a tail of 6.7e-8 of the mass).
+    let ten_tail: Vec<f32> = (0..898).map(|i| if i < 10 { 2.0 } else { -19.0 }).collect();
     // 234 tokens tied at 1.0 and 466 at -9.0 (4.5e-5 of a tied token's weight each).
     let wide: Vec<f32> = (0..700)
         .map(|i| if i % 3 == 0 { 1.0 } else { -9.0 })
@@ -1087,17 +1106,22 @@ fn top_k_and_top_p_at_tied_thresholds() {
         .map(|i| if i % 2 == 0 { 1.0 } else { -9.0 })
         .collect();
     let every = |step: usize, n: usize| -> Vec<usize> { (0..).step_by(step).take(n).collect() };
-    let cases: [(&[f32], usize, f32, Vec<usize>); 7] = [
+    let cases: [(&[f32], usize, f32, Vec<usize>); 12] = [
         // Probabilities 0.548 (token 6), 0.2015 (0), 0.0741 (1 and 5, tied): 0.8 needs one of
         // the tied pair, token 1.
         (&base, 0, 0.8, vec![0, 1, 6]),
         (&ties, 0, 1e-6, vec![1]),
         (&ties, 2, 1.0, vec![1, 3, 4]),
-        // Half the mass, 117.0106 tied weights, needs 118 of the tied tokens.
-        (&wide, 0, 0.5, every(3, 118)),
+        (&ten, 0, 0.1, vec![0]),
+        (&ten, 0, 0.5, every(1, 5)),
+        (&ten_tail, 0, 0.5, every(1, 5)),
+        (&ten_tail, 9, 0.5, every(1, 5)),
+        (&ten_tail, 9, 0.1, vec![0]),
+        // Half the mass (117.01 tied weights, less the slack) needs 117 of the tied tokens.
+        (&wide, 0, 0.5, every(3, 117)),
         (&wide, 3, 0.5, every(3, 117)),
         (&wider, 10, 1.0, every(2, 1500)),
-        (&wider, 10, 0.25, every(2, 375)),
+        (&wider, 10, 0.1, every(2, 150)),
     ];
     let b = 4000;
     for (row, top_k, top_p, want_kept) in cases {
@@ -1127,6 +1151,11 @@ fn top_k_and_top_p_at_tied_thresholds() {
             .collect();
         let total: f64 = w.iter().sum();
         let probs: Vec<f64> = w.iter().map(|x| x / total).collect();
+        for i in 0..v {
+            if probs[i] * b as f64 >= 20.0 {
+                assert!(counts[i] > 0, "V {v} {o:?}: kept token {i} never drawn");
+            }
+        }
         let p = chi2_pvalue(&counts, &probs);
         assert!(p > 1e-4, "V {v} {o:?}: p = {p:e}");
     }

@@ -526,7 +526,18 @@ impl RunIo {
     pub fn check_unused(&self) -> Result<(), CliError> {
         self.check_names()?;
         let out2 = self.out2.iter().map(|(k, p)| (format!("--out2 {k}="), p));
-        for (what, path) in std::iter::once(("--out ".to_string(), &self.out)).chain(out2) {
+        let outputs: Vec<(String, &PathBuf)> = std::iter::once(("--out ".to_string(), &self.out))
+            .chain(out2)
+            .collect();
+        for (i, (what, path)) in outputs.iter().enumerate() {
+            // Two outputs into one file: the second would silently replace the first.
+            if let Some((other, _)) = outputs[..i].iter().find(|(_, p)| p == path) {
+                return Err(usage(format!(
+                    "{what}{} is also {other}{}: give each output its own file",
+                    path.display(),
+                    path.display()
+                )));
+            }
             npy::check_writable(path)
                 .map_err(|e| usage(format!("{what}{}: cannot write: {e}", path.display())))?;
         }

@@ -118,13 +118,25 @@ pub fn read(path: &Path) -> Result<Array, String> {
 /// Checks that `path` can be written without changing anything there: an existing file is
 /// opened for writing (not truncated), a missing one is created and removed again.
 pub fn check_writable(path: &Path) -> Result<(), String> {
+    // A symbolic link is written through (File::create follows it): check what it names,
+    // which may not exist yet.
+    let mut path = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(&path).map_err(|e| e.to_string())?;
+                path = path.parent().unwrap_or(Path::new("")).join(target);
+            }
+            _ => break,
+        }
+    }
     if path.is_dir() {
         return Err("it is a directory".into());
     }
     if path.exists() {
         std::fs::OpenOptions::new().write(true).open(path).map(drop)
     } else {
-        File::create_new(path).and_then(|_| std::fs::remove_file(path))
+        File::create_new(&path).and_then(|_| std::fs::remove_file(&path))
     }
     .map_err(|e| e.to_string())
 }

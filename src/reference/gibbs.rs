@@ -459,7 +459,7 @@ pub fn kept_tokens(row: &[f32], opts: &SampleOptions) -> Vec<bool> {
         let zmax = row[order[0]] as f64;
         let w = |z: f32| ((z as f64 - zmax) / t).exp();
         let total: f64 = (0..v).filter(|&i| kept[i]).map(|i| w(row[i])).sum();
-        let goal = opts.top_p as f64 * total;
+        let goal = opts.top_p_goal() * total;
         let mut acc = 0.0;
         let mut reached = false;
         for &i in &order {
