@@ -533,6 +533,15 @@ fn written_tensors_sharing_an_input_buffer_are_refused() {
             other => panic!("{written} sharing {read}'s buffer: {other:?}"),
         }
     }
+    // Two written tensors in one buffer: wgpu allows it, the rows would collide.
+    let lse_in_out = GpuTensor::<f32>::from_buffer(ctx, out.buffer().clone(), [1, 2, 5]).unwrap();
+    let mut enc = ctx.encoder();
+    match a.encode(&mut enc, &q, &q, &q, None, &out, Some(&lse_in_out)) {
+        Err(Error::InvalidOption(m)) => {
+            assert!(m.contains("lse shares the output's buffer"), "{m}")
+        }
+        other => panic!("lse in the output's buffer: {other:?}"),
+    }
     // The same tensors, each in a buffer of its own, run.
     a.plan(
         &q,

@@ -570,6 +570,12 @@ impl Attention {
                 "attention cannot run in place; give a separate output tensor",
             ));
         }
+        // Both written, so wgpu allows it, but their rows would overwrite each other.
+        if lse.is_some_and(|l| l.buffer() == out.buffer()) {
+            return Err(Error::option(
+                "attention lse shares the output's buffer; give it a buffer of its own",
+            ));
+        }
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         check_tensors(ctx, storage, &[q.len(), k.len(), v.len(), out.len()])?;
         if let Some(m) = mask {
