@@ -778,7 +778,9 @@ impl Flash {
                 batch_rows: None,
                 scratch: &scratch,
             };
-            plan.extend(passes(ctx, &self.opts, &shape, dtype, &bound, &one, whole)?);
+            let (p, table) = passes(ctx, &self.opts, &shape, dtype, &bound, &one, whole)?;
+            RopeTable::write(table, ctx, &scratch.kv)?;
+            plan.extend(p);
         } else {
             // Segments: each batch item's chunks in order, the state carrying the KV sum from
             // one segment to the next. Non-causal outputs need every chunk's sum first: one
@@ -816,7 +818,9 @@ impl Flash {
                             batch_rows: None,
                             scratch,
                         };
-                        plan.extend(passes(ctx, &self.opts, &shape, dtype, &bound, &c, seg)?);
+                        let (p, table) = passes(ctx, &self.opts, &shape, dtype, &bound, &c, seg)?;
+                        RopeTable::write(table, ctx, &scratch.kv)?;
+                        plan.extend(p);
                     }
                 }
                 plan.keep(state);
@@ -835,7 +839,7 @@ impl Flash {
 }
 
 /// The three passes (scores and KV per chunk, prefix scan, output) of one segment of a call
-/// over bound buffers.
+/// over bound buffers, and the RoPE table they read from the scratch (the caller writes it).
 fn passes(
     ctx: &Context,
     opts: &FlashOptions,
@@ -844,7 +848,7 @@ fn passes(
     bound: &Bound,
     call: &Call<'_>,
     seg: &Segment,
-) -> Result<Plan> {
+) -> Result<(Plan, Option<RopeTable>)> {
     let scratch = call.scratch;
     let (r0, n) = seg.rows(sh);
     let (b, s, e, g) = (seg.batches, sh.s, sh.e, seg.chunks);
@@ -878,15 +882,10 @@ fn passes(
         None => Vec::new(),
     };
     let kv = &scratch.kv;
-    if !table.is_empty() {
-        ctx.checked("writing the flash RoPE table", || {
-            ctx.queue().write_buffer(
-                kv,
-                rope_base as u64 * 4,
-                bytemuck::cast_slice(table.as_slice()),
-            )
-        })?;
-    }
+    let table = (!table.is_empty()).then(|| RopeTable {
+        offset: rope_base as u64 * 4,
+        values: table.into_iter().flatten().collect(),
+    });
     let state = match call.state {
         Some(st) => st.clone(),
         None => ctx.scratch((b * s * e + b) as u64 * 4)?,
@@ -1031,7 +1030,39 @@ fn passes(
     }
     plan.keep(params);
     plan.keep(state);
-    Ok(plan)
+    Ok((plan, table))
+}
+
+/// The fused RoPE's (cos, sin) table of a call, for its scratch's `kv` at `offset` bytes:
+/// the passes read it there.
+struct RopeTable {
+    offset: u64,
+    values: Vec<f32>,
+}
+
+impl RopeTable {
+    /// Writes the table now, through the queue: for a call whose scratch is its own.
+    fn write(table: Option<Self>, ctx: &Context, kv: &wgpu::Buffer) -> Result<()> {
+        let Some(t) = table else { return Ok(()) };
+        ctx.checked("writing the flash RoPE table", || {
+            ctx.queue()
+                .write_buffer(kv, t.offset, bytemuck::cast_slice(&t.values))
+        })
+    }
+
+    /// Records the table's copy into `encoder`: for scratch shared by calls recorded one
+    /// after another (a decoder's steps), where a queue write would land before all of them.
+    fn record(
+        table: Option<Self>,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        kv: &wgpu::Buffer,
+    ) -> Result<()> {
+        let Some(t) = table else { return Ok(()) };
+        let src = ctx.upload(&t.values, [t.values.len()])?;
+        encoder.copy_buffer_to_buffer(src.buffer(), 0, kv, t.offset, t.values.len() as u64 * 4);
+        Ok(())
+    }
 }
 
 /// Tokens for one [`FlashDecoder::step`]: `t` new tokens of every batch item, C order.
@@ -1248,6 +1279,27 @@ impl FlashDecoder {
     /// Feeds the tokens of a block on the GPU and returns their outputs, `[b, t, e]`, on the
     /// GPU (t from the block's shapes).
     pub fn step_gpu(&mut self, block: &FlashGpuBlock<'_>) -> Result<GpuTensor<f32>> {
+        let t = block.qq.shape().get(1).copied().unwrap_or(0);
+        let out = self.ctx.zeros::<f32>([self.b, t.max(1), self.e])?;
+        let mut encoder = self.ctx.encoder();
+        self.encode_step(&mut encoder, block, &out)?;
+        let ctx = &self.ctx;
+        ctx.checked("submitting a flash decoding step", || {
+            ctx.queue().submit([encoder.finish()])
+        })?;
+        Ok(out)
+    }
+
+    /// Records the step of a block into `encoder`, its outputs into `out`, `[b, t, e]`; no
+    /// submit. The decoder moves on when the step is recorded, so submit the encoders of
+    /// successive steps in the order they were recorded (everything a step needs, its key
+    /// mask included, travels in the encoder).
+    pub fn encode_step(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        block: &FlashGpuBlock<'_>,
+        out: &GpuTensor<f32>,
+    ) -> Result<()> {
         let (b, s, e, c) = (self.b, self.s, self.e, self.opts.chunk);
         let t = match block.qq.shape() {
             &[bb, t, ss] if bb == b && ss == s && t > 0 => t,
@@ -1276,9 +1328,10 @@ impl FlashDecoder {
                 ))
             }
         }
-        let owners: Vec<&Context> = ins.iter().map(|(_, x, _)| x.context()).collect();
+        let mut owners: Vec<&Context> = ins.iter().map(|(_, x, _)| x.context()).collect();
+        owners.push(out.context());
         self.ctx.check_owned(&owners)?;
-        for (name, x, w) in &ins {
+        for (name, x, w) in ins.iter().chain([&("out", out, e)]) {
             if x.shape() != [b, t, *w] {
                 return Err(Error::shape(format!(
                     "flash decoder {name} is {:?}; expected [b, t, {w}] = {:?}",
@@ -1286,6 +1339,11 @@ impl FlashDecoder {
                     [b, t, *w]
                 )));
             }
+        }
+        if ins.iter().any(|(_, x, _)| x.buffer() == out.buffer()) {
+            return Err(Error::option(
+                "flash decoder output shares an input's buffer; give it a buffer of its own",
+            ));
         }
         if let Some(m) = block.key_mask {
             if m.len() != b * t {
@@ -1297,13 +1355,11 @@ impl FlashDecoder {
             }
         }
         let ctx = &self.ctx;
-        let out = ctx.zeros::<f32>([b, t, e])?;
         let mut done = 0;
         while done < t {
             let take = (c - self.fill).min(t - done);
             // The new rows into the chunk, then one call over the chunk's rows so far that
             // writes only them, then their outputs into place.
-            let mut encoder = ctx.encoder();
             for ((_, src, w), dst) in ins.iter().zip(&self.rows) {
                 let row = (*w * 4) as u64;
                 for bi in 0..b {
@@ -1322,14 +1378,23 @@ impl FlashDecoder {
                         block.key_mask.is_none_or(|m| m[bi * t + done + i]);
                 }
             }
-            let bytes: Vec<u8> = self.mask.iter().map(|&k| k as u8).collect();
-            self.mask_gpu.write(&bytes)?;
+            // The mask goes through the encoder (a queue write would land before every
+            // recorded step, not between them).
+            let mask = ctx.upload_mask(&self.mask, [b, c])?;
+            let size = mask.buffer().size();
+            encoder.copy_buffer_to_buffer(mask.buffer(), 0, self.mask_gpu.buffer(), 0, size);
+            let record = |encoder: &mut wgpu::CommandEncoder, piece: &GpuTensor<f32>| {
+                let (plan, table) = self.run_piece(take, piece)?;
+                RopeTable::record(table, ctx, encoder, &self.scratch.kv)?;
+                plan.encode(encoder);
+                Ok::<_, Error>(())
+            };
             if take == t {
                 // The whole block in one piece: its outputs are the step's.
-                self.run_piece(take, &out)?.encode(&mut encoder);
+                record(encoder, out)?;
             } else {
                 let piece = ctx.zeros::<f32>([b, take, e])?;
-                self.run_piece(take, &piece)?.encode(&mut encoder);
+                record(encoder, &piece)?;
                 let row = (e * 4) as u64;
                 for bi in 0..b {
                     encoder.copy_buffer_to_buffer(
@@ -1341,9 +1406,6 @@ impl FlashDecoder {
                     );
                 }
             }
-            ctx.checked("submitting a flash decoding step", || {
-                ctx.queue().submit([encoder.finish()])
-            })?;
             done += take;
             self.fill += take;
             if self.fill == c {
@@ -1351,12 +1413,12 @@ impl FlashDecoder {
                 self.fill = 0;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The passes over the chunk's rows so far after `take` new ones were copied in, writing
     /// the new rows' outputs into `piece`, `[b, take, e]`.
-    fn run_piece(&self, take: usize, piece: &GpuTensor<f32>) -> Result<Plan> {
+    fn run_piece(&self, take: usize, piece: &GpuTensor<f32>) -> Result<(Plan, Option<RopeTable>)> {
         let (b, n, c) = (self.b, self.fill + take, self.opts.chunk);
         let shape = Self::chunk_shape(b, n, self.s, self.e, c);
         let buf = |i: usize| self.rows[i].buffer().clone();
