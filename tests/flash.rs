@@ -473,6 +473,39 @@ fn padding_changes_nothing_for_real_tokens() {
 
 /// Feeds `data` to a decoder in blocks of the given sizes (cycled) and returns the outputs;
 /// `mixed` alternates host and GPU steps.
+/// Tokens pos..pos + t of every batch item of `data`: the inputs of one decoding step.
+struct StepRows {
+    qq: Vec<f32>,
+    kq: Vec<f32>,
+    ql: Vec<f32>,
+    kl: Vec<f32>,
+    v: Vec<f32>,
+    gate: Option<Vec<f32>>,
+    mask: Option<Vec<bool>>,
+}
+
+fn step_rows(data: &Data, pos: usize, t: usize) -> StepRows {
+    let [b, n, s, e] = data.dims;
+    let take = |x: &[f32], w: usize| -> Vec<f32> {
+        (0..b)
+            .flat_map(|bi| x[(bi * n + pos) * w..(bi * n + pos + t) * w].to_vec())
+            .collect()
+    };
+    StepRows {
+        qq: take(&data.qq, s),
+        kq: take(&data.kq, s),
+        ql: take(&data.ql, s),
+        kl: take(&data.kl, s),
+        v: take(&data.v, e),
+        gate: data.gate.as_ref().map(|g| take(g, e)),
+        mask: data.mask.as_ref().map(|m| {
+            (0..b)
+                .flat_map(|bi| m[bi * n + pos..bi * n + pos + t].to_vec())
+                .collect()
+        }),
+    }
+}
+
 fn decode(
     ctx: &Context,
     data: &Data,
@@ -499,24 +532,15 @@ fn decode(
             break;
         }
         let t = t.min(n - pos);
-        let take = |x: &[f32], w: usize| -> Vec<f32> {
-            (0..b)
-                .flat_map(|bi| x[(bi * n + pos) * w..(bi * n + pos + t) * w].to_vec())
-                .collect()
-        };
-        let (qq, kq, ql, kl, v) = (
-            take(&data.qq, s),
-            take(&data.kq, s),
-            take(&data.ql, s),
-            take(&data.kl, s),
-            take(&data.v, e),
-        );
-        let gate = data.gate.as_ref().map(|g| take(g, e));
-        let mask: Option<Vec<bool>> = data.mask.as_ref().map(|m| {
-            (0..b)
-                .flat_map(|bi| m[bi * n + pos..bi * n + pos + t].to_vec())
-                .collect()
-        });
+        let StepRows {
+            qq,
+            kq,
+            ql,
+            kl,
+            v,
+            gate,
+            mask,
+        } = step_rows(data, pos, t);
         // When `mixed`, every second step feeds GPU tensors, the others host slices.
         steps += 1;
         let y = if mixed && steps % 2 == 0 {
@@ -662,24 +686,17 @@ fn decoding_recorded_into_one_encoder_equals_one_shot() {
             break;
         }
         let t = t.min(n - pos);
-        let take = |x: &[f32], w: usize| {
-            let rows: Vec<f32> = (0..b)
-                .flat_map(|bi| x[(bi * n + pos) * w..(bi * n + pos + t) * w].to_vec())
-                .collect();
-            ctx.upload(&rows, [b, t, w]).unwrap()
-        };
+        let rows = step_rows(&data, pos, t);
+        let up = |x: &[f32], w: usize| ctx.upload(x, [b, t, w]).unwrap();
         let (qq, kq, ql, kl, v) = (
-            take(&data.qq, s),
-            take(&data.kq, s),
-            take(&data.ql, s),
-            take(&data.kl, s),
-            take(&data.v, e),
+            up(&rows.qq, s),
+            up(&rows.kq, s),
+            up(&rows.ql, s),
+            up(&rows.kl, s),
+            up(&rows.v, e),
         );
-        let gate = take(data.gate.as_ref().unwrap(), e);
-        let m = data.mask.as_ref().unwrap();
-        let mask: Vec<bool> = (0..b)
-            .flat_map(|bi| m[bi * n + pos..bi * n + pos + t].to_vec())
-            .collect();
+        let gate = up(rows.gate.as_ref().unwrap(), e);
+        let mask = rows.mask.unwrap();
         let out = ctx.zeros::<f32>([b, t, e]).unwrap();
         let block = FlashGpuBlock {
             qq: &qq,
