@@ -558,12 +558,23 @@ fn unwritable_outputs_fail_before_computing() {
         &[&gibbs[..], &["--out", &p("")]].concat(),
         &["--out ", "directory"],
     );
-    // Two outputs into one file.
-    let same_best = format!("best={out}");
-    assert_usage_error(
-        &[&gibbs[..], &["--out", &out, "--out2", &same_best]].concat(),
-        &["--out2 best=", "also --out", "own file"],
-    );
+    // Two outputs into one file, however spelled (the same path, another spelling of the
+    // directory, a link).
+    let respelled = d.join(".").join("out.npy").display().to_string();
+    let mut spellings = vec![out.clone(), respelled];
+    #[cfg(unix)]
+    {
+        let alias = d.join("alias.npy");
+        std::os::unix::fs::symlink(d.join("out.npy"), &alias).unwrap();
+        spellings.push(alias.display().to_string());
+    }
+    for spelling in spellings {
+        let same_best = format!("best={spelling}");
+        assert_usage_error(
+            &[&gibbs[..], &["--out", &out, "--out2", &same_best]].concat(),
+            &["--out2 best=", "is the file of --out", "own file"],
+        );
+    }
     let o = seqk(&[&gibbs[..], &["--out", &out]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(d.join("out.npy").exists());

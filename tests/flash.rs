@@ -649,6 +649,21 @@ fn incremental_decoding_equals_one_shot() {
         Err(Error::Shape(_))
     ));
     assert_eq!(dec.position(), 0);
+    // Rows the decoder cannot copy (no COPY_SRC): refused before the decoder moves on (the
+    // error once came at submit, with the position already advanced).
+    let storage_only = common::app_buffer(ctx, 2 * 3 * 32 * 4, wgpu::BufferUsages::STORAGE);
+    let stuck = GpuTensor::<f32>::from_buffer(ctx, storage_only, [2, 3, 32]).unwrap();
+    let uncopyable = FlashGpuBlock {
+        qq: &stuck,
+        ..block(&v, Some(&v))
+    };
+    match dec.step_gpu(&uncopyable) {
+        Err(Error::InvalidOption(m)) => {
+            assert!(m.contains("qq needs BufferUsages::COPY_SRC"), "{m}")
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    assert_eq!(dec.position(), 0);
     assert!(dec.step_gpu(&block(&v, Some(&v))).is_ok());
     assert_eq!(dec.position(), 3);
 }

@@ -529,13 +529,19 @@ impl RunIo {
         let outputs: Vec<(String, &PathBuf)> = std::iter::once(("--out ".to_string(), &self.out))
             .chain(out2)
             .collect();
+        let files: Vec<Option<PathBuf>> = outputs
+            .iter()
+            .map(|(_, p)| npy::written_file(p).ok())
+            .collect();
         for (i, (what, path)) in outputs.iter().enumerate() {
-            // Two outputs into one file: the second would silently replace the first.
-            if let Some((other, _)) = outputs[..i].iter().find(|(_, p)| p == path) {
+            // Two outputs into one file (however spelled): the second would silently replace
+            // the first.
+            let same = |j: usize| files[j].is_some() && files[j] == files[i];
+            if let Some((other, other_path)) = (0..i).find(|&j| same(j)).map(|j| &outputs[j]) {
                 return Err(usage(format!(
-                    "{what}{} is also {other}{}: give each output its own file",
+                    "{what}{} is the file of {other}{}: give each output its own file",
                     path.display(),
-                    path.display()
+                    other_path.display()
                 )));
             }
             npy::check_writable(path)

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use half::f16;
 use npyz::WriterBuilder;
@@ -115,11 +115,10 @@ pub fn read(path: &Path) -> Result<Array, String> {
     Ok(Array { shape, data })
 }
 
-/// Checks that `path` can be written without changing anything there: an existing file is
-/// opened for writing (not truncated), a missing one is created and removed again.
-pub fn check_writable(path: &Path) -> Result<(), String> {
-    // A symbolic link is written through (File::create follows it): check what it names,
-    // which may not exist yet.
+/// The file a write to `path` lands in: symbolic links followed (File::create follows them,
+/// and the last may name a file not there yet), the directory made absolute, so that two
+/// spellings of one output compare equal.
+pub fn written_file(path: &Path) -> Result<PathBuf, String> {
     let mut path = path.to_path_buf();
     for _ in 0..40 {
         match std::fs::symlink_metadata(&path) {
@@ -127,9 +126,25 @@ pub fn check_writable(path: &Path) -> Result<(), String> {
                 let target = std::fs::read_link(&path).map_err(|e| e.to_string())?;
                 path = path.parent().unwrap_or(Path::new("")).join(target);
             }
-            _ => break,
+            _ => {
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                return Ok(match (std::fs::canonicalize(dir), path.file_name()) {
+                    (Ok(dir), Some(name)) => dir.join(name),
+                    _ => path,
+                });
+            }
         }
     }
+    Err("too many levels of symbolic links".into())
+}
+
+/// Checks that `path` can be written without changing anything there: an existing file is
+/// opened for writing (not truncated), a missing one is created and removed again.
+pub fn check_writable(path: &Path) -> Result<(), String> {
+    let path = written_file(path)?;
     if path.is_dir() {
         return Err("it is a directory".into());
     }

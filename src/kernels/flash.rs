@@ -1282,11 +1282,16 @@ impl FlashDecoder {
         let t = block.qq.shape().get(1).copied().unwrap_or(0);
         let out = self.ctx.zeros::<f32>([self.b, t.max(1), self.e])?;
         let mut encoder = self.ctx.encoder();
+        let before = self.progress();
         self.encode_step(&mut encoder, block, &out)?;
-        let ctx = &self.ctx;
-        ctx.checked("submitting a flash decoding step", || {
+        let ctx = self.ctx.clone();
+        let submitted = ctx.checked("submitting a flash decoding step", || {
             ctx.queue().submit([encoder.finish()])
-        })?;
+        });
+        if let Err(err) = submitted {
+            self.restore(before);
+            return Err(err);
+        }
         Ok(out)
     }
 
@@ -1354,6 +1359,48 @@ impl FlashDecoder {
                 )));
             }
         }
+        // The copies need COPY_SRC on the inputs, and COPY_DST on the output of a step of
+        // several pieces: checked now, as at submit the decoder would have moved on.
+        for (name, x, _) in &ins {
+            if !x.buffer().usage().contains(wgpu::BufferUsages::COPY_SRC) {
+                return Err(Error::option(format!(
+                    "flash decoder {name} needs BufferUsages::COPY_SRC (its rows are copied into the decoder's chunk)"
+                )));
+            }
+        }
+        if t > c - self.fill && !out.buffer().usage().contains(wgpu::BufferUsages::COPY_DST) {
+            return Err(Error::option(
+                "flash decoder output needs BufferUsages::COPY_DST when a step crosses a chunk's end",
+            ));
+        }
+        // A failure part-way leaves the decoder where it was.
+        let before = self.progress();
+        let recorded = self.record_pieces(encoder, &ins, block.key_mask, out, t);
+        if recorded.is_err() {
+            self.restore(before);
+        }
+        recorded
+    }
+
+    /// Where the decoder stands: chunk fill, chunk start and the chunk's key mask.
+    fn progress(&self) -> (usize, u64, Vec<bool>) {
+        (self.fill, self.start, self.mask.clone())
+    }
+
+    fn restore(&mut self, (fill, start, mask): (usize, u64, Vec<bool>)) {
+        (self.fill, self.start, self.mask) = (fill, start, mask);
+    }
+
+    /// Records a checked step: piece by piece up to the chunk's end, the decoder moving on.
+    fn record_pieces(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        ins: &[(&str, &GpuTensor<f32>, usize)],
+        key_mask: Option<&[bool]>,
+        out: &GpuTensor<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let (b, e, c) = (self.b, self.e, self.opts.chunk);
         let ctx = &self.ctx;
         let mut done = 0;
         while done < t {
@@ -1375,7 +1422,7 @@ impl FlashDecoder {
             for bi in 0..b {
                 for i in 0..take {
                     self.mask[bi * c + self.fill + i] =
-                        block.key_mask.is_none_or(|m| m[bi * t + done + i]);
+                        key_mask.is_none_or(|m| m[bi * t + done + i]);
                 }
             }
             // The mask goes through the encoder (a queue write would land before every

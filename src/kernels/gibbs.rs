@@ -627,9 +627,9 @@ pub struct SampleOptions {
     pub top_k: usize,
     /// Keep the smallest set of largest logits whose probability reaches p (after top-k;
     /// of equal logits at the threshold, the lowest indices first); 1 = off. "Reaches" is
-    /// within a relative 2^-12 ([`SampleOptions::top_p_goal`]): equal logits make sums that
-    /// land exactly on p common (10 ties and p = 0.1), and f32 and f64 sums must decide them
-    /// alike.
+    /// within 2^-14 of probability ([`SampleOptions::top_p_goal`]): equal logits make sums
+    /// that land exactly on p common (10 ties and p = 0.1), and f32 and f64 sums must decide
+    /// them alike.
     pub top_p: f32,
     /// Philox key.
     pub seed: u64,
@@ -650,13 +650,15 @@ impl Default for SampleOptions {
 }
 
 impl SampleOptions {
-    /// The share of the (top-k kept) probability top-p's kept set must reach: `top_p (1 -
-    /// 2^-12)`, or 1 when top-p is off. The slack is far above f32 rounding (about 1e-5 at
-    /// V = 256K) and moves the threshold off the round fractions that tied logits produce,
-    /// so the GPU's f32 sums and the reference's f64 sums keep the same set.
-    pub fn top_p_goal(&self) -> f64 {
+    /// The share of the (top-k kept) probability top-p's kept set must reach, as the f32 the
+    /// shader gets (the reference uses the same value): `top_p - min(2^-14, top_p / 2)`, or 1
+    /// when top-p is off. The slack, 6.1e-5 of probability, is above the f32 rounding of the
+    /// GPU's sums and moves the threshold off the round fractions that tied logits give (10
+    /// equal logits and p = 0.1), so the GPU and the reference keep the same set; only a p
+    /// chosen within f32 rounding of such a fraction plus the slack can still split them.
+    pub fn top_p_goal(&self) -> f32 {
         if self.top_p < 1.0 {
-            self.top_p as f64 * (1.0 - 1.0 / 4096.0)
+            self.top_p - (1.0f32 / 16384.0).min(self.top_p / 2.0)
         } else {
             1.0
         }
@@ -750,7 +752,7 @@ impl Sampler {
                 seed_hi,
                 temperature: self.opts.temperature,
                 top_k: self.opts.top_k as u32,
-                top_p: self.opts.top_p_goal() as f32,
+                top_p: self.opts.top_p_goal(),
                 ..Default::default()
             })?;
             let bindings = [

@@ -429,7 +429,8 @@ pub fn ffbs(model: &HostModel, c: usize, len: usize, t: f64, n: usize, seed: u64
 
 /// The kept set of one row of logits: temperature, then top-k (every tie of the k-th logit
 /// kept, as Hugging Face's top-k), then top-p: the smallest set of the largest logits whose
-/// probability reaches p, tokens of equal logit taken lowest index first. -0.0 and +0.0 are
+/// probability reaches p (within `SampleOptions::top_p_goal`'s 2^-14), tokens of equal logit
+/// taken lowest index first. -0.0 and +0.0 are
 /// equal logits.
 pub fn kept_tokens(row: &[f32], opts: &SampleOptions) -> Vec<bool> {
     let t = opts.temperature as f64;
@@ -459,7 +460,7 @@ pub fn kept_tokens(row: &[f32], opts: &SampleOptions) -> Vec<bool> {
         let zmax = row[order[0]] as f64;
         let w = |z: f32| ((z as f64 - zmax) / t).exp();
         let total: f64 = (0..v).filter(|&i| kept[i]).map(|i| w(row[i])).sum();
-        let goal = opts.top_p_goal() * total;
+        let goal = opts.top_p_goal() as f64 * total;
         let mut acc = 0.0;
         let mut reached = false;
         for &i in &order {
