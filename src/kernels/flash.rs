@@ -1298,7 +1298,9 @@ impl FlashDecoder {
     /// Records the step of a block into `encoder`, its outputs into `out`, `[b, t, e]`; no
     /// submit. The decoder moves on when the step is recorded, so submit the encoders of
     /// successive steps in the order they were recorded (everything a step needs, its key
-    /// mask included, travels in the encoder).
+    /// mask included, travels in the encoder). An error here leaves the decoder where it was;
+    /// an encoder of yours that then fails to finish or submit does not, so make a new
+    /// decoder after that.
     pub fn encode_step(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
