@@ -340,6 +340,39 @@ fn element(base: u32, i: u32, gathered: bool) -> Best {
     return Best(unary[base + i], i);
 }
 
+// The logit whose order key is k (+0.0 for the zeros' shared key).
+fn key_value(k: u32) -> f32 {
+    if ((k & 0x80000000u) != 0u) {
+        return bitcast<f32>(k & 0x7fffffffu);
+    }
+    return bitcast<f32>(~k);
+}
+
+// This lane's share of the weight exp((z - zmax) / t) of the visited tokens whose key is at
+// least lo.
+fn lane_mass(base: u32, count: u32, gathered: bool, lo: u32, zmax: f32, t: f32, lid: u32) -> f32 {
+    var mass = 0.0;
+    for (var i = lid; i < count; i += WG) {
+        let e = element(base, i, gathered);
+        if (order_key(e.z) >= lo) {
+            mass += exp((e.z - zmax) / t);
+        }
+    }
+    return mass;
+}
+
+// This lane's count of the visited tokens whose key is k and index below `below`.
+fn lane_count(base: u32, count: u32, gathered: bool, k: u32, below: u32, lid: u32) -> f32 {
+    var n = 0.0;
+    for (var i = lid; i < count; i += WG) {
+        let e = element(base, i, gathered);
+        if (order_key(e.z) == k && e.v < below) {
+            n += 1.0;
+        }
+    }
+    return n;
+}
+
 // Running argmax of (y, v) visited in any order: ties to the lowest v.
 fn offer_lowest(b: Best, y: f32, v: u32) -> Best {
     if (b.v == NONE || y > b.z || (y == b.z && v < b.v)) {
@@ -412,62 +445,44 @@ fn sample_logits(
     // reach the goal, lowest indices first (the smallest set): up to index `last_tied`.
     var last_tied = 0xffffffffu;
     if (t > 0.0 && p.top_p < 1.0) {
-        var total = 0.0;
-        for (var i = lid; i < count; i += WG) {
-            let e = element(base, i, gathered);
-            if (order_key(e.z) >= kmin) {
-                total += exp((e.z - zmax) / t);
-            }
-        }
-        let goal = p.top_p * reduce_max_sum(vec2<f32>(0.0, total), lanes).y;
+        let total = reduce_max_sum(
+            vec2<f32>(0.0, lane_mass(base, count, gathered, kmin, zmax, t, lid)),
+            lanes,
+        ).y;
+        let goal = p.top_p * total;
         // The largest key whose kept set still reaches the goal, bit by bit from the top.
         var k = 0u;
         for (var bit = 31i; bit >= 0i; bit--) {
             let cand = k | (1u << u32(bit));
-            let lo = max(cand, kmin);
-            var mass = 0.0;
-            for (var i = lid; i < count; i += WG) {
-                let e = element(base, i, gathered);
-                if (order_key(e.z) >= lo) {
-                    mass += exp((e.z - zmax) / t);
-                }
-            }
+            let mass = lane_mass(base, count, gathered, max(cand, kmin), zmax, t, lid);
             if (reduce_max_sum(vec2<f32>(0.0, mass), lanes).y >= goal) {
                 k = cand;
             }
         }
         // k >= kmin: every cand up to kmin keeps the whole top-k set, whose mass is total.
+        // k is a token's key, below 0xffffffff for finite logits, so k + 1 does not wrap.
         kmin = k;
-        var above = 0.0;
-        var tied = vec2<f32>(0.0, 0.0);   // (weight of a token at k, how many are)
-        for (var i = lid; i < count; i += WG) {
-            let e = element(base, i, gathered);
-            let kz = order_key(e.z);
-            if (kz > k) {
-                above += exp((e.z - zmax) / t);
-            } else if (kz == k) {
-                tied = vec2<f32>(exp((e.z - zmax) / t), tied.y + 1.0);
-            }
-        }
-        above = reduce_max_sum(vec2<f32>(0.0, above), lanes).y;
-        tied = reduce_max_sum(tied, lanes);
-        // An underflowed weight (tied.x = 0) keeps the whole group rather than divide by 0.
-        let need = select(tied.y, max(ceil((goal - above) / tied.x), 1.0), tied.x > 0.0);
+        let above = reduce_max_sum(
+            vec2<f32>(0.0, lane_mass(base, count, gathered, k + 1u, zmax, t, lid)),
+            lanes,
+        ).y;
+        let tied = reduce_max_sum(
+            vec2<f32>(0.0, lane_count(base, count, gathered, k, NONE, lid)),
+            lanes,
+        ).y;
+        // The tokens at k weigh the same; an underflowed weight keeps them all rather than
+        // divide by 0.
+        let w = exp((key_value(k) - zmax) / t);
+        let need = select(tied, max(ceil((goal - above) / w), 1.0), w > 0.0);
         if (lid == 0u) {
-            tie_split = select(0u, 1u, need < tied.y);
+            tie_split = select(0u, 1u, need < tied);
         }
         if (workgroupUniformLoad(&tie_split) == 1u) {
             // The largest j with fewer than `need` tokens at k below it: the need-th is j.
             var j = 0u;
             for (var bit = i32(firstLeadingBit(p.vocab)); bit >= 0i; bit--) {
                 let cand = j | (1u << u32(bit));
-                var n = 0.0;
-                for (var i = lid; i < count; i += WG) {
-                    let e = element(base, i, gathered);
-                    if (order_key(e.z) == k && e.v < cand) {
-                        n += 1.0;
-                    }
-                }
+                let n = lane_count(base, count, gathered, k, cand, lid);
                 if (reduce_max_sum(vec2<f32>(0.0, n), lanes).y < need) {
                     j = cand;
                 }
