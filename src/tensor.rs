@@ -146,6 +146,16 @@ pub(crate) fn padded_bytes(n: usize, dtype: DType) -> u64 {
     ((n * dtype.size()).div_ceil(4).max(1) * 4) as u64
 }
 
+/// The first `n` elements of `dtype` in `buffer`, padded to a whole word, as a binding: a
+/// tensor's data, not the whole buffer (an application's may exceed a storage binding).
+pub(crate) fn data_binding(
+    buffer: &wgpu::Buffer,
+    n: usize,
+    dtype: DType,
+) -> wgpu::BufferBinding<'_> {
+    crate::dispatch::sub_binding(buffer, 0, padded_bytes(n, dtype))
+}
+
 impl Context {
     /// Uploads `data` as a tensor of `shape` (C order).
     pub fn upload<T: Element>(
@@ -347,7 +357,7 @@ impl<T: Element> GpuTensor<T> {
     /// The tensor's bytes (padded to a whole word) as a binding. Not the whole buffer: an
     /// application's buffer may be larger than a storage binding may be.
     pub fn binding(&self) -> wgpu::BufferBinding<'_> {
-        crate::dispatch::sub_binding(&self.buffer, 0, padded_bytes(self.len(), T::DTYPE))
+        data_binding(&self.buffer, self.len(), T::DTYPE)
     }
 }
 

@@ -43,7 +43,7 @@ use crate::convert::{self, Storage};
 use crate::dispatch::{check_binding, sub_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
-use crate::tensor::{require_float, DType, Element, GpuTensor};
+use crate::tensor::{data_binding, require_float, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
 /// The tile engine snippet (tiles of row-major matrices in workgroup memory and their
@@ -671,7 +671,7 @@ impl Attention {
             (ctx.scratch(16)?, ctx.scratch(16)?)
         };
         let e = wgpu::Buffer::as_entire_buffer_binding;
-        let data = |b, len: usize| sub_binding(b, 0, (len * dtype.size()) as u64);
+        let data = |b, len| data_binding(b, len, dtype);
         plan.push(Step::new(
             ctx,
             &variant(dtype, dp, dvp, "attention"),
@@ -781,7 +781,7 @@ pub fn matmul_plan<T: Element>(
         ..Default::default()
     })?;
     let dtype = storage.shader_dtype();
-    let data = |buf, len: usize| sub_binding(buf, 0, (len * dtype.size()) as u64);
+    let data = |buf, len| data_binding(buf, len, dtype);
     let entry = if transpose_b { "matmul" } else { "matmul_nn" };
     plan.push(Step::new(
         ctx,

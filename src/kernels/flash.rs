@@ -49,12 +49,12 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{check_binding, rows_binding, sub_binding, Plan, Step};
+use crate::dispatch::{check_binding, rows_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::kernels::copy;
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
 use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
-use crate::tensor::{require_float, DType, Element, GpuTensor};
+use crate::tensor::{data_binding, require_float, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/flash.wgsl");
 /// Largest s (the width of qq, kq, ql, kl).
@@ -981,7 +981,7 @@ fn passes(
     let ent = wgpu::Buffer::as_entire_buffer_binding;
     // The bias is bound over its [C, C] f32s only: an application's buffer may be larger.
     let bias = match &bound.bias {
-        Some(bb) => sub_binding(bb, 0, (opts.chunk * opts.chunk * 4) as u64),
+        Some(bb) => data_binding(bb, opts.chunk * opts.chunk, DType::F32),
         None => ent(&scratch.absent),
     };
     let gate = match &bound.gate {
