@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::shader::ShaderVariant;
+use crate::shader::{declared_bindings, Declared, ShaderVariant};
 
 /// How [`Context::with_options`] picks an adapter. Empty fields defer to wgpu's environment
 /// variables (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `WGPU_POWER_PREF`) and then to wgpu's default.
@@ -39,9 +39,14 @@ struct Inner {
     uncaptured: Arc<Mutex<Vec<String>>>,
     /// Why the device was lost, once it is (only known when the crate owns the device).
     lost: Arc<Mutex<Option<String>>>,
-    modules: Mutex<HashMap<(&'static str, String), wgpu::ShaderModule>>,
+    modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
+    /// Each module's group-0 declarations, read once (every dispatch checks its bindings).
+    declared: Mutex<HashMap<ModuleKey, Arc<Vec<Declared>>>>,
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
 }
+
+/// What identifies a shader module: family and variant.
+type ModuleKey = (&'static str, String);
 
 /// What identifies a compiled pipeline: family, variant, entry point and override constants.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -172,6 +177,7 @@ impl Context {
                 uncaptured,
                 lost,
                 modules: Mutex::default(),
+                declared: Mutex::default(),
                 pipelines: Mutex::default(),
             }),
         }
@@ -365,6 +371,15 @@ impl Context {
             .map_err(|_| poisoned())?
             .insert(key, module.clone());
         Ok(module)
+    }
+
+    /// The group-0 buffers a shader variant declares (read from its source once per module).
+    pub(crate) fn declared(&self, v: &ShaderVariant) -> Result<Arc<Vec<Declared>>> {
+        let mut map = self.inner.declared.lock().map_err(|_| poisoned())?;
+        let entry = map
+            .entry((v.family, v.variant.clone()))
+            .or_insert_with(|| Arc::new(declared_bindings(&v.source)));
+        Ok(entry.clone())
     }
 
     /// A bind group for `pipeline`'s group 0 from (binding index, buffer range) pairs.

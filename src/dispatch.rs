@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::shader::{declared_bindings, Access, ShaderVariant};
+use crate::shader::{Access, Declared, ShaderVariant};
 
 /// One dispatch: a pipeline, its bind group and a folded grid.
 pub struct Step {
@@ -42,7 +42,7 @@ impl Step {
                 max,
             });
         }
-        check_aliasing(variant, bindings)?;
+        check_aliasing(variant, &ctx.declared(variant)?, bindings)?;
         let pipeline = ctx.pipeline(variant)?;
         let bind_group = ctx.bind_group(&pipeline, bindings).map_err(|e| match e {
             Error::Device(m) => Error::Device(format!(
@@ -65,9 +65,9 @@ impl Step {
 /// submit (or panics in the application's `finish`), so the call is refused here, naming both.
 fn check_aliasing(
     variant: &ShaderVariant,
+    declared: &[Declared],
     bindings: &[(u32, wgpu::BufferBinding<'_>)],
 ) -> Result<()> {
-    let declared = declared_bindings(&variant.source);
     let find = |i: u32| declared.iter().find(|d| d.index == i);
     for (k, (i, a)) in bindings.iter().enumerate() {
         for (j, b) in &bindings[k + 1..] {
