@@ -9,7 +9,8 @@
 // lowest v.
 //
 // Prepended by the host: shaders/grid.wgsl, shaders/philox.wgsl and one of
-// shaders/reduce_subgroup.wgsl or shaders/reduce_shared.wgsl (`Lanes`, `reduce_max_sum`).
+// shaders/reduce_subgroup.wgsl or shaders/reduce_shared.wgsl (`Lanes`, `reduce_max_sum`,
+// `reduce_sum4`).
 // No infinities: maxima start at a finite sentinel with "no index yet" = NONE.
 
 override WG: u32 = 64u;
@@ -349,13 +350,25 @@ fn key_value(k: u32) -> f32 {
 }
 
 // This lane's share of the weight exp((z - zmax) / t) of the visited tokens whose key is at
-// least lo.
-fn lane_mass(base: u32, count: u32, gathered: bool, lo: u32, zmax: f32, t: f32, lid: u32) -> f32 {
-    var mass = 0.0;
+// least each of the 4 thresholds max(k | (d << shift), kmin), d = 0..3.
+fn lane_mass(
+    base: u32,
+    count: u32,
+    gathered: bool,
+    k: u32,
+    shift: u32,
+    kmin: u32,
+    zmax: f32,
+    t: f32,
+    lid: u32,
+) -> vec4<f32> {
+    let lo = max(vec4<u32>(k) | (vec4<u32>(0u, 1u, 2u, 3u) << vec4<u32>(shift)), vec4<u32>(kmin));
+    var mass = vec4<f32>(0.0);
     for (var i = lid; i < count; i += WG) {
         let e = element(base, i, gathered);
-        if (order_key(e.z) >= lo) {
-            mass += exp((e.z - zmax) / t);
+        let key = vec4<u32>(order_key(e.z));
+        if (key.x >= lo.x) {
+            mass += select(vec4<f32>(0.0), vec4<f32>(exp((e.z - zmax) / t)), key >= lo);
         }
     }
     return mass;
@@ -445,27 +458,24 @@ fn sample_logits(
     // reach the goal, lowest indices first (the smallest set): up to index `last_tied`.
     var last_tied = 0xffffffffu;
     if (t > 0.0 && p.top_p < 1.0) {
-        let total = reduce_max_sum(
-            vec2<f32>(0.0, lane_mass(base, count, gathered, kmin, zmax, t, lid)),
-            lanes,
-        ).y;
+        let kept = lane_mass(base, count, gathered, kmin, 0u, kmin, zmax, t, lid);
+        let total = reduce_sum4(kept, lanes).x;
         let goal = p.top_p * total;
-        // The largest key whose kept set still reaches the goal, bit by bit from the top.
+        // The largest key whose kept set still reaches the goal, 2 bits a pass from the top
+        // (a row pass and a reduction for each 2 bits, not for each bit). The mass falls as
+        // the threshold rises, so the digit is the largest whose mass reaches the goal.
         var k = 0u;
-        for (var bit = 31i; bit >= 0i; bit--) {
-            let cand = k | (1u << u32(bit));
-            let mass = lane_mass(base, count, gathered, max(cand, kmin), zmax, t, lid);
-            if (reduce_max_sum(vec2<f32>(0.0, mass), lanes).y >= goal) {
-                k = cand;
-            }
+        for (var shift = 30i; shift >= 0i; shift -= 2i) {
+            let lane = lane_mass(base, count, gathered, k, u32(shift), kmin, zmax, t, lid);
+            let reached = reduce_sum4(lane, lanes) >= vec4<f32>(goal);
+            let digits = select(vec4<u32>(0u), vec4<u32>(0u, 1u, 2u, 3u), reached);
+            k |= max(max(digits.x, digits.y), max(digits.z, digits.w)) << u32(shift);
         }
-        // k >= kmin: every cand up to kmin keeps the whole top-k set, whose mass is total.
+        // k >= kmin: every threshold up to kmin keeps the whole top-k set, whose mass is total.
         // k is a token's key, below 0xffffffff for finite logits, so k + 1 does not wrap.
         kmin = k;
-        let above = reduce_max_sum(
-            vec2<f32>(0.0, lane_mass(base, count, gathered, k + 1u, zmax, t, lid)),
-            lanes,
-        ).y;
+        let higher = lane_mass(base, count, gathered, k + 1u, 0u, kmin, zmax, t, lid);
+        let above = reduce_sum4(higher, lanes).x;
         let tied = reduce_max_sum(
             vec2<f32>(0.0, lane_count(base, count, gathered, k, NONE, lid)),
             lanes,

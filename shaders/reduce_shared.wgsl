@@ -23,3 +23,23 @@ fn reduce_max_sum(v: vec2<f32>, l: Lanes) -> vec2<f32> {
     workgroupBarrier();
     return r;
 }
+
+// Both components summed; every invocation gets the result. Call in uniform control flow.
+fn sum_tree(v: vec2<f32>, l: Lanes) -> vec2<f32> {
+    red[l.lid] = v;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if (l.lid < stride) {
+            red[l.lid] += red[l.lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let r = red[0];
+    workgroupBarrier();
+    return r;
+}
+
+// Four sums, two at a time through the scratch. Call in uniform control flow.
+fn reduce_sum4(v: vec4<f32>, l: Lanes) -> vec4<f32> {
+    return vec4<f32>(sum_tree(v.xy, l), sum_tree(v.zw, l));
+}

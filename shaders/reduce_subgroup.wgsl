@@ -1,5 +1,6 @@
 // Workgroup reductions with subgroup operations. Interchangeable with reduce_shared.wgsl:
-// both define `Lanes` (the entry point's invocation builtins) and `reduce_max_sum`.
+// both define `Lanes` (the entry point's invocation builtins), `reduce_max_sum` and
+// `reduce_sum4`.
 // The subgroup size is read from the builtins, never assumed. Needs `override WG`.
 
 struct Lanes {
@@ -24,6 +25,23 @@ fn reduce_max_sum(v: vec2<f32>, l: Lanes) -> vec2<f32> {
         r = vec2<f32>(max(r.x, o.x), r.y + o.y);
     }
     // The scratch is reused by the next reduction.
+    workgroupBarrier();
+    return r;
+}
+
+// Four sums; every invocation gets them. Call in uniform control flow. Each subgroup's total
+// takes two scratch slots, which fit: subgroups have at least 4 invocations.
+fn reduce_sum4(v: vec4<f32>, l: Lanes) -> vec4<f32> {
+    let s = subgroupAdd(v);
+    if (l.sg_lane == 0u) {
+        red[2u * l.sg_id] = s.xy;
+        red[2u * l.sg_id + 1u] = s.zw;
+    }
+    workgroupBarrier();
+    var r = vec4<f32>(red[0], red[1]);
+    for (var i = 1u; i < l.sg_count; i++) {
+        r += vec4<f32>(red[2u * i], red[2u * i + 1u]);
+    }
     workgroupBarrier();
     return r;
 }

@@ -308,7 +308,7 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
 }
 
 /// Tokens per second of logits sampling over a 32000-token vocabulary (plain temperature,
-/// then top-k + top-p) on the GPU, each beside the single-threaded CPU reference.
+/// then top-k + top-p, then top-p alone) on the GPU, each beside the single-threaded CPU reference.
 pub fn bench_sample(
     ctx: &Context,
     quick: bool,
@@ -331,6 +331,10 @@ pub fn bench_sample(
             top_p: 0.9,
             ..Default::default()
         },
+        SampleOptions {
+            top_p: 0.9,
+            ..Default::default()
+        },
     ] {
         let plan = Sampler::new(ctx, &opts)?.plan(&x, &out)?;
         let bytes = (b * v * 4 + b * 4) as u64;
@@ -343,7 +347,10 @@ pub fn bench_sample(
         })?;
         let mut case = format!("b{b} V{v}");
         if opts.top_k > 0 {
-            case.push_str(&format!(" k{} p{}", opts.top_k, opts.top_p));
+            case.push_str(&format!(" k{}", opts.top_k));
+        }
+        if opts.top_p < 1.0 {
+            case.push_str(&format!(" p{}", opts.top_p));
         }
         rows.extend(beside_cpu(
             baseline,
