@@ -139,15 +139,39 @@ fn key() -> vec2<u32> {
     return vec2<u32>(p.seed_lo, p.seed_hi);
 }
 
-// Running argmax of (z, v), v visited in increasing order per lane: strict > keeps the lowest v.
+// Running argmax of z + n over tokens v: z an energy or logit, n its Gumbel noise times T.
 struct Best {
     z: f32,
+    n: f32,
     v: u32,
 }
 
-fn offer(b: Best, z: f32, v: u32) -> Best {
-    if (b.v == NONE || z > b.z) {
-        return Best(z, v);
+// 1, 0 or -1 as z + n is above, equal to or below b.z + b.n. Compared as z - b.z against
+// b.n - n, halved (so neither overflows): adding the noise to a large z first would round
+// it away, and a logit of 1e7 at T = 1 would draw as if T were smaller.
+fn versus(z: f32, n: f32, b: Best) -> i32 {
+    var lhs = z;
+    var rhs = b.z;
+    if (n != b.n) {
+        lhs = 0.5 * z - 0.5 * b.z;
+        rhs = 0.5 * b.n - 0.5 * n;
+    }
+    return select(select(0i, -1i, lhs < rhs), 1i, lhs > rhs);
+}
+
+// v visited in increasing order per lane: strictly above keeps the lowest v.
+fn offer(b: Best, z: f32, n: f32, v: u32) -> Best {
+    if (b.v == NONE || versus(z, n, b) > 0i) {
+        return Best(z, n, v);
+    }
+    return b;
+}
+
+// v visited in any order: ties to the lowest v.
+fn offer_lowest(b: Best, z: f32, n: f32, v: u32) -> Best {
+    let c = versus(z, n, b);
+    if (b.v == NONE || c > 0i || (c == 0i && v < b.v)) {
+        return Best(z, n, v);
     }
     return b;
 }
@@ -162,11 +186,11 @@ fn offer_block(b0: Best, s: Site, q: u32) -> Best {
     for (var j = 0u; j < 4u; j++) {
         let v = 4u * q + j;
         if (v < p.vocab) {
-            var z = site_energy(s.ub, s.i, v, s.left, s.right);
+            var n = 0.0;
             if (p.temperature > 0.0) {
-                z += p.temperature * gumbel(r[j]);
+                n = p.temperature * gumbel(r[j]);
             }
-            b = offer(b, z, v);
+            b = offer(b, site_energy(s.ub, s.i, v, s.left, s.right), n, v);
         }
     }
     return b;
@@ -187,22 +211,29 @@ fn sweep_thread(
     if (is_clamped(s.chain, s.i)) {
         return;
     }
-    var b = Best(SENTINEL, NONE);
+    var b = Best(SENTINEL, 0.0, NONE);
     for (var q = 0u; 4u * q < p.vocab; q++) {
         b = offer_block(b, s, q);
     }
     tokens[s.chain * p.len + s.i] = b.v;
 }
 
-// Workgroup argmax of (z, v) with ties to the lowest v: the maximum, then the lowest index
-// among the lanes holding it. Call in uniform control flow. Lanes without a candidate hold
-// SENTINEL, at or below every finite z, so some candidate holds the maximum; only
-// non-finite z (outside WGSL's finite math) can leave none, and then the result is token 0,
-// the lowest of a row that ties throughout, never an index outside the vocabulary.
+// Workgroup argmax of z + n with ties to the lowest v: the maximum, then the lowest index
+// among the lanes holding it. Call in uniform control flow. Each lane's z + n is taken
+// relative to the largest z held (halved, as in `versus`), which keeps the noise of the
+// contenders. Lanes without a candidate hold SENTINEL, at or below every finite value, so
+// some candidate holds the maximum; only non-finite z (outside WGSL's finite math) can leave
+// none, and then the result is token 0, the lowest of a row that ties throughout, never an
+// index outside the vocabulary.
 fn workgroup_argmax(b: Best, lanes: Lanes) -> u32 {
-    let m = reduce_max_sum(vec2<f32>(b.z, 0.0), lanes).x;
+    let top = reduce_max_sum(vec2<f32>(b.z, 0.0), lanes).x;
+    var y = SENTINEL;
+    if (b.v != NONE) {
+        y = max((0.5 * b.z - 0.5 * top) + 0.5 * b.n, SENTINEL);
+    }
+    let m = reduce_max_sum(vec2<f32>(y, 0.0), lanes).x;
     var cand = NO_CANDIDATE;
-    if (b.v != NONE && b.z == m) {
+    if (b.v != NONE && y == m) {
         cand = -f32(b.v);
     }
     let v = u32(-reduce_max_sum(vec2<f32>(cand, 0.0), lanes).x);
@@ -221,7 +252,7 @@ fn sweep_group(
         return;
     }
     let s = site_of(unit);
-    var b = Best(SENTINEL, NONE);
+    var b = Best(SENTINEL, 0.0, NONE);
     for (var q = lanes.lid; 4u * q < p.vocab; q += WG) {
         b = offer_block(b, s, q);
     }
@@ -333,12 +364,17 @@ fn kth_largest_key(base: u32, k: u32, lid: u32) -> u32 {
     return prefix;
 }
 
+struct Logit {
+    z: f32,
+    v: u32,
+}
+
 // Element i of what the sampler visits: the gathered candidates, or the whole row.
-fn element(base: u32, i: u32, gathered: bool) -> Best {
+fn element(base: u32, i: u32, gathered: bool) -> Logit {
     if (gathered) {
-        return Best(cand_z[i], cand_v[i]);
+        return Logit(cand_z[i], cand_v[i]);
     }
-    return Best(unary[base + i], i);
+    return Logit(unary[base + i], i);
 }
 
 // The logit whose order key is k (+0.0 for the zeros' shared key).
@@ -384,14 +420,6 @@ fn lane_count(base: u32, count: u32, gathered: bool, k: u32, below: u32, lid: u3
         }
     }
     return n;
-}
-
-// Running argmax of (y, v) visited in any order: ties to the lowest v.
-fn offer_lowest(b: Best, y: f32, v: u32) -> Best {
-    if (b.v == NONE || y > b.z || (y == b.z && v < b.v)) {
-        return Best(y, v);
-    }
-    return b;
 }
 
 @compute @workgroup_size(WG)
@@ -500,7 +528,7 @@ fn sample_logits(
             last_tied = j;
         }
     }
-    var b = Best(SENTINEL, NONE);
+    var b = Best(SENTINEL, 0.0, NONE);
     if (gathered) {
         // One Philox call per candidate, the word its token takes in the row's stream.
         for (var i = lid; i < count; i += WG) {
@@ -508,7 +536,7 @@ fn sample_logits(
             let kz = order_key(e.z);
             if (kz > kmin || (kz == kmin && e.v <= last_tied)) {
                 let r = philox4x32_10(vec4<u32>(e.v / 4u, 0u, p.chain_offset + row, p.sweep), key());
-                b = offer_lowest(b, e.z + t * gumbel(r[e.v % 4u]), e.v);
+                b = offer_lowest(b, e.z, t * gumbel(r[e.v % 4u]), e.v);
             }
         }
     } else {
@@ -523,11 +551,11 @@ fn sample_logits(
                     let z = unary[base + v];
                     let kz = order_key(z);
                     if (kz > kmin || (kz == kmin && v <= last_tied)) {
-                        var y = z;
+                        var n = 0.0;
                         if (t > 0.0) {
-                            y += t * gumbel(r[j]);
+                            n = t * gumbel(r[j]);
                         }
-                        b = offer(b, y, v);
+                        b = offer(b, z, n, v);
                     }
                 }
             }

@@ -633,7 +633,11 @@ pub struct SampleOptions {
     pub top_p: f32,
     /// Philox key.
     pub seed: u64,
-    /// Philox counter word 3, to draw afresh at every generation step.
+    /// Philox counter word 3, to draw afresh at every generation step. Row r's token v uses
+    /// counter (v / 4, 0, r, step): the counter [`Context::gibbs`] gives site 0 of chain r at
+    /// sweep `step`. Sampling and Gibbs sweeps under one seed therefore share uniforms
+    /// there (the same logits give the same token); give them different seeds when their
+    /// draws must be independent.
     pub step: u32,
 }
 

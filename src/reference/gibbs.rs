@@ -162,7 +162,9 @@ impl HostModel {
     }
 }
 
-/// The new token of site i: argmax_v (e_v + T g_v), ties to the lowest v.
+/// The new token of site i: argmax_v (e_v + T g_v), ties to the lowest v. The energies are
+/// taken relative to their maximum first: where |e_v| is 2^53 T or more, adding T g_v in f64
+/// would round the noise away.
 fn draw_site(
     model: &HostModel,
     c: usize,
@@ -173,13 +175,17 @@ fn draw_site(
     key: [u32; 2],
 ) -> u32 {
     let vocab = model.vocab();
+    let energies: Vec<f64> = (0..vocab)
+        .map(|v| model.site_energy(c, row, i, v))
+        .collect();
+    let top = energies.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut best = (f64::NEG_INFINITY, u32::MAX);
     let mut r = [0u32; 4];
-    for v in 0..vocab {
+    for (v, e) in energies.iter().enumerate() {
         if t > 0.0 && v % 4 == 0 {
             r = philox4x32_10([(v / 4) as u32, ctr.0, ctr.1, ctr.2], key);
         }
-        let mut z = model.site_energy(c, row, i, v);
+        let mut z = e - top;
         if t > 0.0 {
             z += t * gumbel(r[v % 4]);
         }
@@ -491,12 +497,14 @@ pub fn sample_logits(logits: &[f32], shape: &[usize], opts: &SampleOptions) -> R
         .map(|r| {
             let row = &logits[r * v..(r + 1) * v];
             let kept = kept_tokens(row, opts);
+            // Relative to the row's maximum, as in draw_site.
+            let top = row.iter().fold(f32::MIN, |m, &z| m.max(z)) as f64;
             let mut best = (f64::NEG_INFINITY, u32::MAX);
             for x in 0..v {
                 if !kept[x] {
                     continue;
                 }
-                let mut z = row[x] as f64;
+                let mut z = row[x] as f64 - top;
                 if t > 0.0 {
                     let rr = philox4x32_10([(x / 4) as u32, 0, r as u32, opts.step], key);
                     z += t * gumbel(rr[x % 4]);
