@@ -66,6 +66,21 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// The backends `WGPU_BACKEND` names (empty or unset: all); a value naming none is an error
+/// rather than an instance without backends, whose failure would read as a missing driver.
+fn env_backends() -> Result<wgpu::Backends> {
+    match std::env::var("WGPU_BACKEND") {
+        Ok(v) if !v.trim().is_empty() => match wgpu::Backends::from_env() {
+            Some(b) if !b.is_empty() => Ok(b),
+            _ => Err(Error::InvalidOption(format!(
+                "WGPU_BACKEND={v:?} names no backend; use vulkan, gl, metal or dx12 \
+                 (comma-separated for several)"
+            ))),
+        },
+        _ => Ok(wgpu::Backends::all()),
+    }
+}
+
 impl Context {
     /// Opens the default adapter (honouring `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`), blocking.
     pub fn new() -> Result<Self> {
@@ -80,9 +95,11 @@ impl Context {
     /// Async form of [`Context::with_options`].
     pub async fn with_options_async(options: &ContextOptions) -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-        if let Some(backends) = options.backends {
-            desc.backends = backends;
-        }
+        desc.backends = match options.backends {
+            Some(backends) => backends,
+            None => env_backends()?,
+        };
+        let backends = desc.backends;
         let instance = wgpu::Instance::new(desc);
         // WGPU_ADAPTER_NAME is matched here, not by wgpu's helper, which panics on no match.
         let env_name = std::env::var("WGPU_ADAPTER_NAME")
@@ -91,9 +108,6 @@ impl Context {
         let adapter = match options.adapter_name.as_ref().or(env_name.as_ref()) {
             Some(wanted) => {
                 let wanted = wanted.to_lowercase();
-                let backends = options
-                    .backends
-                    .unwrap_or_else(|| wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all()));
                 let adapters = instance.enumerate_adapters(backends).await;
                 // Each with its backend and device type: one driver may appear on two backends.
                 let names: Vec<String> = adapters
@@ -107,14 +121,15 @@ impl Context {
                     .into_iter()
                     .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
                     .ok_or_else(|| {
-                        Error::NoAdapter(format!(
-                            "no adapter name contains {wanted:?}; available: {}",
-                            if names.is_empty() {
-                                "none".to_string()
-                            } else {
+                        if names.is_empty() {
+                            Error::NoAdapter(format!("no adapter name contains {wanted:?}"))
+                        } else {
+                            Error::InvalidOption(format!(
+                                "no adapter name contains {wanted:?} (--adapter or \
+                                 WGPU_ADAPTER_NAME); available: {}",
                                 names.join("; ")
-                            }
-                        ))
+                            ))
+                        }
                     })?
             }
             None => wgpu::util::initialize_adapter_from_env_or_default(&instance, None)

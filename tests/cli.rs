@@ -734,3 +734,33 @@ fn adapter_no_match_lists_backends() {
     let want = format!("({:?}, {:?})", info.backend, info.device_type);
     assert!(msg.contains(&want), "{msg:?} should list {want:?}");
 }
+
+/// A WGPU_BACKEND naming no backend is reported as such, naming the value, instead of as a
+/// missing driver; an empty one means unset (as an empty WGPU_ADAPTER_NAME does); an adapter
+/// name that matches nothing lists what there is without the driver-install advice.
+#[test]
+fn backend_and_adapter_environment() {
+    let Some(_) = common::gpu() else { return };
+    let with_env = |k: &str, v: &str| {
+        Command::new(env!("CARGO_BIN_EXE_seqk"))
+            .arg("info")
+            .env(k, v)
+            .output()
+            .unwrap()
+    };
+    let o = with_env("WGPU_BACKEND", "nonsense");
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("WGPU_BACKEND=\"nonsense\" names no backend"),
+        "{e}"
+    );
+    assert!(!e.contains("Install a Vulkan driver"), "{e}");
+    let o = with_env("WGPU_BACKEND", "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = with_env("WGPU_ADAPTER_NAME", "no-such-adapter-name");
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("available: "), "{e}");
+    assert!(!e.contains("Install a Vulkan driver"), "{e}");
+}

@@ -4,10 +4,10 @@
 use half::f16;
 use std::time::Duration;
 
-use super::report::{iterations, Baseline, BenchRow, Check, SAMPLES, WARMUP};
+use super::report::{iterations, Baseline, BenchRow, Check, Rate, SAMPLES, WARMUP};
 use super::{Array, CliError, Data, RunIo};
 use crate::kernels::flash::FlashShape;
-use crate::profile::{time_passes, Timing};
+use crate::profile::time_passes;
 use crate::reference::flash::{flash as reference, FlashHost};
 use crate::reference::{random_values, row_error};
 use crate::{
@@ -303,8 +303,13 @@ const EXACT_PASS_LIMIT: Duration = Duration::from_millis(3000);
 /// Passes longer than this are timed with one warm-up and three samples.
 const LONG_PASS: Duration = Duration::from_millis(500);
 
-fn per_token(timing: &Timing, n: usize) -> String {
-    format!("{:.2} us/tok", timing.best().as_secs_f64() * 1e6 / n as f64)
+/// Rows report tokens per second and time per token.
+fn tokens(n: usize) -> Rate {
+    Rate {
+        items: n as f64,
+        unit: "tokens",
+        speedup: None,
+    }
 }
 
 /// Random FLASH inputs [b, n, s] x 4 and [b, n, e], and an output, of the bench shape.
@@ -396,20 +401,19 @@ fn flash_rows(
         rows.push(BenchRow {
             kernel: "flash",
             case: format!(
-                "{}n{n} s{s} e{e} C{chunk}{} {}",
+                "{}n{n} s{s} e{e} C{chunk}{}",
                 if b > 1 {
                     format!("b{b} ")
                 } else {
                     String::new()
                 },
                 if causal { " causal" } else { "" },
-                per_token(&timing, b * n)
             ),
             timing,
             bytes: None,
             flops: Some(flops),
             copy_gbps: baseline.gbps,
-            rate: None,
+            rate: Some(tokens(b * n)),
         });
     }
     Ok(rows)
@@ -439,16 +443,12 @@ fn exact_rows(
         let timing = time_passes(ctx, warmup, samples, 1, |pass| plan.record(pass))?;
         rows.push(BenchRow {
             kernel: "attention",
-            case: format!(
-                "h12 d64 n{n}{} {}",
-                if causal { " causal" } else { "" },
-                per_token(&timing, n)
-            ),
+            case: format!("h12 d64 n{n}{}", if causal { " causal" } else { "" }),
             timing,
             bytes: None,
             flops: Some(flops),
             copy_gbps: baseline.gbps,
-            rate: None,
+            rate: Some(tokens(n)),
         });
     }
     Ok(rows)

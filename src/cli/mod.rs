@@ -71,11 +71,15 @@ enum Command {
     },
     /// GPU time, GB/s or FLOP/s, and the ratio to the copy kernel's bandwidth.
     Bench {
-        /// Kernels to run (default: all).
+        /// Kernels to run: softmax, rope, gibbs, sample, attention, flash (default: all).
         kernels: Vec<String>,
+        /// One JSON object: the adapter and a row per case (times in ms, bytes and FLOPs per
+        /// call, GB/s, x copy, TFLOP/s, items/s and µs per item), printed at the end.
         #[arg(long)]
         json: bool,
-        /// Smaller sizes.
+        /// Smaller sizes, for a software device. The copy baseline then moves 32 MiB, which
+        /// a large GPU's L2 cache can hold: its "x copy" ratios are low there; use the full
+        /// run (256 MiB) for GPU figures.
         #[arg(long)]
         quick: bool,
     },
@@ -277,6 +281,18 @@ fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
         .features()
         .contains(wgpu::Features::SUBGROUP)
         .then_some((i.subgroup_min_size, i.subgroup_max_size));
+    // Every adapter of every backend, whatever chose this one: what --backend and --adapter
+    // can pick from (one driver may appear on two backends under one name).
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters: Vec<String> =
+        pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+            .iter()
+            .map(|a| {
+                let a = a.get_info();
+                format!("{} ({:?}, {:?})", a.name, a.backend, a.device_type)
+            })
+            .collect();
     if json {
         let v = serde_json::json!({
             "adapter": i.name, "backend": format!("{:?}", i.backend), "driver": i.driver,
@@ -285,6 +301,7 @@ fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
             "subgroup_max_size": subgroups.map(|s| s.1),
             "features": features,
             "limits": limits.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "adapters": adapters,
         });
         println!("{v:#}");
     } else {
@@ -305,6 +322,10 @@ fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
         );
         for (k, v) in limits {
             println!("  {k:<40} {v}");
+        }
+        println!("adapters  (every backend; pick with --backend and --adapter)");
+        for a in adapters {
+            println!("  {a}");
         }
     }
     Ok(0)
@@ -332,15 +353,25 @@ fn bench(ctx: &Context, kernels: &[String], json: bool, quick: bool) -> Result<i
             )));
         }
     }
+    let mut out = report::BenchPrinter::new(ctx, json);
+    eprintln!("seqk bench: copy baseline");
     let baseline = report::copy_baseline(ctx, quick)?;
-    let mut rows = vec![baseline.row()];
+    out.rows(&[baseline.row()]);
     for f in FAMILIES
         .iter()
         .filter(|f| kernels.is_empty() || kernels.iter().any(|k| k == f.name))
     {
-        rows.extend((f.bench)(ctx, quick, &baseline)?);
+        eprintln!("seqk bench: {}", f.name);
+        match (f.bench)(ctx, quick, &baseline) {
+            Ok(rows) => out.rows(&rows),
+            Err(e) => {
+                // The rows measured so far are printed (JSON: with the error) before failing.
+                out.finish(Some(&format!("{}: {e}", f.name)));
+                return Err(e.into());
+            }
+        }
     }
-    report::print_bench(ctx, &rows, json);
+    out.finish(None);
     Ok(0)
 }
 

@@ -199,61 +199,112 @@ pub fn print_checks(ctx: &Context, checks: &[Check], json: bool) {
     println!("{} checks, {} failed", checks.len(), failed);
 }
 
-pub fn print_bench(ctx: &Context, rows: &[BenchRow], json: bool) {
-    if json {
-        let out: Vec<_> = rows
-            .iter()
-            .map(|r| {
+/// Prints benchmark rows as each kernel family finishes: a failure or an interrupt later in
+/// the run keeps what was measured. Table rows go to stdout at once; JSON is one object at
+/// the end, with an `"error"` member when the run stopped early.
+pub struct BenchPrinter {
+    json: bool,
+    header: bool,
+    rows: Vec<serde_json::Value>,
+    adapter: String,
+    timestamps: bool,
+}
+
+/// The case column's width, enough for every case the bench has; a longer one would widen
+/// its own family's rows only (the rows print as each family finishes).
+const CASE_WIDTH: usize = 48;
+
+impl BenchPrinter {
+    pub fn new(ctx: &Context, json: bool) -> Self {
+        Self {
+            json,
+            header: false,
+            rows: Vec::new(),
+            adapter: adapter_line(ctx),
+            timestamps: ctx.has_timestamps(),
+        }
+    }
+
+    /// Prints (table) or keeps (JSON) one family's rows.
+    pub fn rows(&mut self, rows: &[BenchRow]) {
+        if self.json {
+            self.rows.extend(rows.iter().map(|r| {
                 serde_json::json!({"kernel": r.kernel, "case": r.case.trim(),
                     "gpu_ms": r.timing.gpu.map(|d| d.as_secs_f64() * 1e3),
                     "wall_ms": r.timing.wall.as_secs_f64() * 1e3, "clock": r.timing.clock(),
+                    "bytes": r.bytes, "flops": r.flops,
                     "gbps": r.gbps(), "copy_ratio": r.copy_ratio(), "tflops": r.tflops(),
+                    "items": r.rate().map(|x| x.items),
                     "rate": r.per_second(), "rate_unit": r.rate().map(|x| format!("{}/s", x.unit)),
+                    "us_per_item": r.per_second().map(|x| 1e6 / x),
                     "speedup_vs_cpu": r.rate().and_then(|x| x.speedup)})
-            })
-            .collect();
-        println!(
-            "{:#}",
-            serde_json::json!({"adapter": adapter_line(ctx), "results": out})
-        );
-        return;
-    }
-    println!("seqk bench on {}", adapter_line(ctx));
-    if !ctx.has_timestamps() {
-        println!(
-            "(no TIMESTAMP_QUERY on this adapter: times are wall clock, submit to completion)"
-        );
-    }
-    // The rate column only where some row counts items (keeps the other tables as they were).
-    let with_rates = rows.iter().any(|r| r.rate().is_some());
-    let w = width("case", rows.iter().map(|r| r.case.trim()));
-    let mut header = format!(
-        "{:<10} {:<w$} {:>10} {:>5} {:>9} {:>7} {:>9}",
-        "kernel", "case", "time ms", "clock", "GB/s", "x copy", "TFLOP/s"
-    );
-    if with_rates {
-        header.push_str("  rate");
-    }
-    println!("{header}");
-    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
-    for r in rows {
-        let mut line = format!(
-            "{:<10} {:<w$} {:>10.3} {:>5} {:>9} {:>7} {:>9}",
-            r.kernel,
-            r.case.trim(),
-            r.timing.best().as_secs_f64() * 1e3,
-            r.timing.clock(),
-            opt(r.gbps(), 1),
-            opt(r.copy_ratio(), 2),
-            opt(r.tflops(), 3)
-        );
-        if let (Some(rate), Some(per_s)) = (r.rate(), r.per_second()) {
-            line.push_str(&format!("  {per_s:.3e} {}/s", rate.unit));
-            if let Some(x) = rate.speedup {
-                line.push_str(&format!(" ({x:.1}x cpu)"));
-            }
+            }));
+            return;
         }
-        println!("{line}");
+        let w = width("case", rows.iter().map(|r| r.case.trim())).max(CASE_WIDTH);
+        if !self.header {
+            self.header = true;
+            println!("seqk bench on {}", self.adapter);
+            if !self.timestamps {
+                println!(
+                    "(no TIMESTAMP_QUERY on this adapter: times are wall clock, submit to completion)"
+                );
+            }
+            println!(
+                "{:<10} {:<w$} {:>10} {:>5} {:>9} {:>7} {:>9}  rate",
+                "kernel", "case", "time ms", "clock", "GB/s", "x copy", "TFLOP/s"
+            );
+        }
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), figure);
+        for r in rows {
+            let mut line = format!(
+                "{:<10} {:<w$} {:>10} {:>5} {:>9} {:>7} {:>9}",
+                r.kernel,
+                r.case.trim(),
+                figure(r.timing.best().as_secs_f64() * 1e3),
+                r.timing.clock(),
+                opt(r.gbps()),
+                opt(r.copy_ratio()),
+                opt(r.tflops())
+            );
+            if let (Some(rate), Some(per_s)) = (r.rate(), r.per_second()) {
+                let one = rate.unit.strip_suffix('s').unwrap_or(rate.unit);
+                line.push_str(&format!(
+                    "  {per_s:.3e} {}/s, {} us/{one}",
+                    rate.unit,
+                    figure(1e6 / per_s)
+                ));
+                if let Some(x) = rate.speedup {
+                    line.push_str(&format!(" ({x:.1}x cpu)"));
+                }
+            }
+            println!("{line}");
+        }
+    }
+
+    /// Ends the output: the JSON object (with the error, if the run stopped early).
+    pub fn finish(self, error: Option<&str>) {
+        if self.json {
+            let mut out = serde_json::json!({"adapter": self.adapter, "results": self.rows});
+            if let Some(e) = error {
+                out["error"] = serde_json::json!(e);
+            }
+            println!("{out:#}");
+        }
+    }
+}
+
+/// Four significant digits, so that small figures (0.034 GB/s, 0.0007 TFLOP/s) do not print
+/// as 0; an exponent outside 1e-3 ..= 1e6.
+fn figure(v: f64) -> String {
+    let a = v.abs();
+    if v == 0.0 || !v.is_finite() {
+        format!("{v}")
+    } else if !(1e-3..1e6).contains(&a) {
+        format!("{v:.3e}")
+    } else {
+        let decimals = (3 - a.log10().floor() as i32).max(0) as usize;
+        format!("{v:.decimals$}")
     }
 }
 
@@ -269,5 +320,22 @@ fn finite(v: f64) -> serde_json::Value {
         serde_json::json!(v)
     } else {
         serde_json::json!("inf")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::figure;
+
+    #[test]
+    fn figures_keep_four_significant_digits() {
+        assert_eq!(figure(0.034), "0.03400");
+        assert_eq!(figure(0.0012345), "0.001234");
+        assert_eq!(figure(0.0007), "7.000e-4");
+        assert_eq!(figure(19.3), "19.30");
+        assert_eq!(figure(4066.2), "4066");
+        assert_eq!(figure(12345.6), "12346");
+        assert_eq!(figure(2.5e6), "2.500e6");
+        assert_eq!(figure(0.0), "0");
     }
 }
