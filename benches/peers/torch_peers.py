@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch peers of `seqk bench`, timed on the same GPU with CUDA events.
 
-Prints a table (or --json) with the same case names and the same metrics as `seqk bench`:
+Prints a table (or --json) with the same metrics as `seqk bench`, each case named as seqk's
+with a "torch <peer>" prefix (e.g. `torch sdpa f32 b4 h32 n512 d64` beside seqk's
+`f32 b4 h32 n512 d64`):
 memory-bound rows as bytes read + written per call / time and the ratio to a plain device copy
 (`dst.copy_(src)`) of 256 MiB measured in the same run; attention as TFLOP/s
 (4 b h m n d, halved for causal) and its decode rows as GB/s of reading K and V once.
@@ -43,6 +45,10 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("kernels", nargs="*", help="families to run (default: all), as `seqk bench`")
     args = ap.parse_args()
+    families = ("softmax", "attention", "rope", "flash")
+    unknown = [k for k in args.kernels if k not in families]
+    if unknown:
+        ap.error(f"no torch peers for {', '.join(unknown)}; known: {', '.join(families)}")
     want = lambda k: not args.kernels or k in args.kernels
     if not torch.cuda.is_available():
         sys.exit("torch_peers: no CUDA device")
@@ -75,14 +81,15 @@ def main():
         print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": rows}, indent=1))
     else:
         print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
-        print(f"{'kernel':<10} {'case':<36} {'time ms':>10} {'GB/s':>9} {'x copy':>7} {'TFLOP/s':>9}")
+        print(f"{'kernel':<10} {'case':<48} {'time ms':>10} {'GB/s':>9} {'x copy':>7} {'TFLOP/s':>9}  us/token")
         def opt(v, prec):
             return "-" if v is None else f"{v:.{prec}f}"
 
         for row in rows:
             print(
-                f"{row['kernel']:<10} {row['case']:<36} {row['ms']:>10.3f} {opt(row['gbps'], 1):>9}"
-                f" {opt(row['copy_ratio'], 2):>7} {opt(row['tflops'], 3):>9}"
+                f"{row['kernel']:<10} {row['case']:<48} {row['ms']:>10.4g} {opt(row['gbps'], 1):>9}"
+                f" {opt(row['copy_ratio'], 3):>7} {opt(row['tflops'], 3):>9}"
+                + ("" if "us_per_item" not in row else f"  {row['us_per_item']:.4g}")
             )
 
 
@@ -127,20 +134,21 @@ def attention_rows(dev, quick):
 
 def flash_peer_rows(dev, quick):
     """SDPA at the shapes `seqk bench flash` sets FLASH beside: a Transformer of the same width
-    (b 1, 12 heads of 64, m = n), n 1K..64K, bf16 and f32, causal and not. The case carries the
-    time per token, as `seqk bench flash` does."""
+    (b 1, 12 heads of 64, m = n), n 1K..64K, bf16 and f32, causal and not. Rows carry the time
+    per token as us_per_item, as `seqk bench flash --json` does."""
     import torch.nn.functional as F
 
     rows = []
     h, d = 12, 64
-    for n in [1024, 2048, 4096] if quick else [1024 << i for i in range(7)]:
+    for n in [1024, 2048] if quick else [1024 << i for i in range(7)]:
         for dtype, name in [(torch.bfloat16, "bf16"), (torch.float32, "f32")]:
             q, k, v = (torch.empty(1, h, n, d, device=dev, dtype=dtype).uniform_(-1, 1) for _ in range(3))
             for causal in (False, True):
                 ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), samples=5, iters=3)
                 flops = 4 * h * n * n * d / (2 if causal else 1)
-                case = f"torch sdpa {name} h12 d64 n{n}" + (" causal" if causal else "") + f" {ms * 1e3 / n:.2f} us/tok"
-                rows.append({"kernel": "flash", "case": case, "ms": ms, "tflops": flops / ms / 1e9})
+                case = f"torch sdpa {name} h12 d64 n{n}" + (" causal" if causal else "")
+                rows.append({"kernel": "flash", "case": case, "ms": ms, "tflops": flops / ms / 1e9,
+                             "us_per_item": ms * 1e3 / n})
             del q, k, v
         rows += flash_einsum_rows(dev, n)
     return rows
@@ -174,8 +182,8 @@ def flash_einsum_rows(dev, n, s=128, e=1536, chunk=256):
             kv_tokens, ql_tokens = (((n + chunk - 1) // chunk - 1) * c, n - c) if causal else (n, n)
             flops = n * 2 * c * (s + e) / (2 if causal else 1) + 2 * s * e * (kv_tokens + ql_tokens)
             case = f"torch flash matmuls {name} n{n} s{s} e{e} C{chunk}" + (" causal" if causal else "")
-            case += f" {ms * 1e3 / n:.2f} us/tok"
-            rows.append({"kernel": "flash", "case": case, "ms": ms, "tflops": flops / ms / 1e9})
+            rows.append({"kernel": "flash", "case": case, "ms": ms, "tflops": flops / ms / 1e9,
+                         "us_per_item": ms * 1e3 / n})
         del qq, kq, ql, kl, v
     return rows
 
