@@ -764,3 +764,20 @@ fn backend_and_adapter_environment() {
     assert!(e.contains("available: "), "{e}");
     assert!(!e.contains("Install a Vulkan driver"), "{e}");
 }
+
+/// A dtype no input takes (float64) is refused by the input that gets it, naming the input,
+/// its expected shape and its dtypes, not by a list of every dtype some input takes.
+#[test]
+fn float64_input_names_the_expected_shape_and_dtype() {
+    let d = dir("f64-input");
+    let p = |f: &str| d.join(f).display().to_string();
+    save(&d.join("l.npy"), &[2, 3], &[0.5f64; 6], npyz::Order::C);
+    let (l, out) = (format!("logits={}", p("l.npy")), p("t.npy"));
+    let args = ["run", "sample", "--cpu", "--in", &l, "--out", &out];
+    assert_usage_error(
+        &args,
+        &["input logits has dtype <f8", "[b, V]", "float32 or float16"],
+    );
+    assert!(!stderr(&seqk(&args)).contains("int64"));
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -548,7 +548,8 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `seqk run sample --in logits=L.npy --out T.npy [--set temperature=1 top_k=0 top_p=1 seed=0]`
+/// `seqk run sample --in logits=L.npy --out T.npy [--set temperature=1 top_k=0 top_p=1 seed=0
+/// step=0]`
 pub fn run_sample(io: &mut RunIo) -> Result<(), CliError> {
     let logits = io.required("logits", "[b, V] float32")?;
     let opts = SampleOptions {

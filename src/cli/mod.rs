@@ -90,7 +90,8 @@ enum Command {
         M itself, what Hugging Face calls attention_factor; it is not a config's \
         rope_scaling[\"mscale\"], which DeepSeek-style configs pair with mscale_all_dim: for \
         those pass mscale = g(factor, mscale) / g(factor, mscale_all_dim), where \
-        g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1)."
+        g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1).\n\nsample: --set temperature, top_k, top_p, \
+        seed and step (the Philox counter's last word: a new step draws afresh with one seed)."
     )]
     Run(RunArgs),
     /// Constrained text generation by Gibbs sampling.

@@ -22,6 +22,9 @@ pub enum Data {
     I64(Vec<i64>),
     /// bool
     Bool(Vec<bool>),
+    /// A dtype no input takes (float64, ...), by its .npy name; not read. The input that gets
+    /// it says which dtypes and shape it expects.
+    Other(String),
     /// uint8
     U8(Vec<u8>),
 }
@@ -37,7 +40,7 @@ pub struct Array {
 
 impl Data {
     /// numpy's name of the dtype.
-    pub fn dtype_name(&self) -> &'static str {
+    pub fn dtype_name(&self) -> &str {
         match self {
             Data::F32(_) => "float32",
             Data::F16(_) => "float16",
@@ -45,6 +48,7 @@ impl Data {
             Data::I64(_) => "int64",
             Data::Bool(_) => "bool",
             Data::U8(_) => "uint8",
+            Data::Other(name) => name,
         }
     }
 }
@@ -76,7 +80,8 @@ impl Array {
     }
 }
 
-/// Reads a C-order .npy file of f32, f16, i32, i64, bool or u8.
+/// Reads a C-order .npy file of f32, f16, i32, i64, bool or u8; other plain dtypes are kept
+/// by name only (`Data::Other`), refused where an input is used.
 pub fn read(path: &Path) -> Result<Array, String> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let npy = npyz::NpyFile::new(BufReader::new(file))
@@ -105,12 +110,7 @@ pub fn read(path: &Path) -> Result<Array, String> {
         (Int, 8) => Data::I64(npy.into_vec().map_err(bad)?),
         (Bool, 1) => Data::Bool(npy.into_vec().map_err(bad)?),
         (Uint, 1) => Data::U8(npy.into_vec().map_err(bad)?),
-        _ => {
-            return Err(format!(
-                "{} has dtype {ts}; use float32, float16, int32, int64, bool or uint8",
-                path.display()
-            ))
-        }
+        _ => Data::Other(ts.to_string()),
     };
     Ok(Array { shape, data })
 }
@@ -181,6 +181,11 @@ pub fn write(path: &Path, array: &Array) -> Result<(), String> {
         Data::I64(v) => put(w, &shape, v),
         Data::Bool(v) => put(w, &shape, v),
         Data::U8(v) => put(w, &shape, v),
+        Data::Other(name) => {
+            return Err(format!(
+                "cannot write dtype {name}: only read inputs hold it"
+            ))
+        }
     }
     .map_err(|e| e.to_string())
 }
