@@ -107,6 +107,20 @@ impl Model {
         }
     }
 
+    /// Given unary [L, V] and dense W [V, V].
+    fn dense(ctx: &Context, unary: Vec<f32>, [l, v]: [usize; 2], w: Vec<f32>) -> Self {
+        Self {
+            unary: ctx.upload(&unary, [l, v]).unwrap(),
+            pa: ctx.upload(&w, [v, v]).unwrap(),
+            pb: None,
+            host: HostModel {
+                unary,
+                unary_shape: vec![l, v],
+                pairwise: HostPairwise::Dense(w),
+            },
+        }
+    }
+
     fn gpu(&self) -> ChainModel<'_> {
         ChainModel {
             unary: &self.unary,
@@ -672,16 +686,7 @@ fn energies_below_the_sentinel_give_the_reference_token() {
         unary[2 * v..3 * v].fill(f32::MIN);
         unary[2 * v + 3] = -3.2e38;
         let w = random(v * v, 92, -1.0, 1.0);
-        let m = Model {
-            unary: ctx.upload(&unary, [l, v]).unwrap(),
-            pa: ctx.upload(&w, [v, v]).unwrap(),
-            pb: None,
-            host: HostModel {
-                unary,
-                unary_shape: vec![l, v],
-                pairwise: HostPairwise::Dense(w),
-            },
-        };
+        let m = Model::dense(ctx, unary, [l, v], w);
         let init = random_tokens(b * l, v, 93);
         for temperature in [0.0, 1.0] {
             let opts = GibbsOptions {
@@ -1098,16 +1103,7 @@ fn draws_depend_on_differences_only() {
         for &(shift, scale, temperature) in &variants {
             let unary: Vec<f32> = k.iter().map(|&z| shift + z * scale).collect();
             let w: Vec<f32> = w.iter().map(|&z| z * scale).collect();
-            let m = Model {
-                unary: ctx.upload(&unary, [l, v]).unwrap(),
-                pa: ctx.upload(&w, [v, v]).unwrap(),
-                pb: None,
-                host: HostModel {
-                    unary,
-                    unary_shape: vec![l, v],
-                    pairwise: HostPairwise::Dense(w),
-                },
-            };
+            let m = Model::dense(ctx, unary, [l, v], w);
             let opts = GibbsOptions {
                 sweeps: 3,
                 temperature,
