@@ -55,7 +55,7 @@ fn bench(c: &mut Criterion) {
             return;
         }
     };
-    let quick = std::env::var("SEQK_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = common::quick();
     let mut group = c.benchmark_group("gibbs");
     group.sample_size(10);
     let opts = GibbsOptions {

@@ -13,7 +13,7 @@ use seq_kernels::profile::time_passes;
 use seq_kernels::{Context, Element, Rope, RopeOptions, RopeTarget};
 
 fn case<T: Element>(ctx: &Context, c: &mut Criterion, name: &str) {
-    let quick = std::env::var("SEQK_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = common::quick();
     let (b, s, hq, hkv, d) = if quick {
         (1, 128, 32, 8, 128)
     } else {
