@@ -674,18 +674,26 @@ fn verify_and_bench_tables_align() {
         let case = c["case"].as_str().unwrap();
         assert_eq!(case, case.trim(), "padded case name in {c}");
     }
-    // rope's bench cases are longer than the old fixed case column.
-    let o = seqk(&["bench", "rope", "--quick"]);
+    // rope's bench cases are longer than the old fixed case column; sample's copy ratios on
+    // a software device take 8 characters (0.008110).
+    let o = seqk(&["bench", "rope", "sample", "--quick"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     let lines: Vec<&str> = text.lines().collect();
     let header = lines.iter().position(|l| l.starts_with("kernel")).unwrap();
     let end = lines[header].find("clock").unwrap() + "clock".len();
+    // The last figure column ends where its header does (wide figures would push it right).
+    let last = lines[header].find("TFLOP/s").unwrap() + "TFLOP/s".len();
     for row in &lines[header + 1..] {
         let clock = [" gpu ", " wall "]
             .iter()
             .find_map(|c| row.find(c).map(|i| i + c.len() - 1));
         assert_eq!(clock, Some(end), "misaligned row {row:?}:\n{text}");
+        let b = row.as_bytes();
+        assert!(
+            b[last - 1] != b' ' && b.get(last).is_none_or(|&c| c == b' '),
+            "misaligned figures in {row:?}:\n{text}"
+        );
     }
 }
 

@@ -251,14 +251,14 @@ impl BenchPrinter {
                 );
             }
             println!(
-                "{:<10} {:<w$} {:>10} {:>5} {:>9} {:>7} {:>9}  rate",
+                "{:<10} {:<w$} {:>10} {:>5} {:>9} {:>8} {:>9}  rate",
                 "kernel", "case", "time ms", "clock", "GB/s", "x copy", "TFLOP/s"
             );
         }
         let opt = |v: Option<f64>| v.map_or("-".to_string(), figure);
         for r in rows {
             let mut line = format!(
-                "{:<10} {:<w$} {:>10} {:>5} {:>9} {:>7} {:>9}",
+                "{:<10} {:<w$} {:>10} {:>5} {:>9} {:>8} {:>9}",
                 r.kernel,
                 r.case.trim(),
                 figure(r.timing.best().as_secs_f64() * 1e3),
@@ -295,7 +295,8 @@ impl BenchPrinter {
 }
 
 /// Four significant digits, so that small figures (0.034 GB/s, 0.0007 TFLOP/s) do not print
-/// as 0; an exponent outside 1e-3 ..= 1e6.
+/// as 0; an exponent outside 1e-3 ..= 1e6. At most 8 characters for figures >= 0 (the width
+/// of the narrowest figure column).
 fn figure(v: f64) -> String {
     let a = v.abs();
     if v == 0.0 || !v.is_finite() {
@@ -337,5 +338,8 @@ mod tests {
         assert_eq!(figure(12345.6), "12346");
         assert_eq!(figure(2.5e6), "2.500e6");
         assert_eq!(figure(0.0), "0");
+        for v in [0.001, 0.0012345, 0.99999, 999999.0, 1e-9, 3e20] {
+            assert!(figure(v).len() <= 8, "{v}: {}", figure(v));
+        }
     }
 }
