@@ -219,17 +219,20 @@ fn sweep_thread(
 }
 
 // Workgroup argmax of z + n with ties to the lowest v: the maximum, then the lowest index
-// among the lanes holding it. Call in uniform control flow. Each lane's z + n is taken
-// relative to the largest z held (halved, as in `versus`), which keeps the noise of the
-// contenders. Lanes without a candidate hold SENTINEL, at or below every finite value, so
-// some candidate holds the maximum; only non-finite z (outside WGSL's finite math) can leave
-// none, and then the result is token 0, the lowest of a row that ties throughout, never an
-// index outside the vocabulary.
-fn workgroup_argmax(b: Best, lanes: Lanes) -> u32 {
-    let top = reduce_max_sum(vec2<f32>(b.z, 0.0), lanes).x;
-    var y = SENTINEL;
-    if (b.v != NONE) {
-        y = max((0.5 * b.z - 0.5 * top) + 0.5 * b.n, SENTINEL);
+// among the lanes holding it. Call in uniform control flow, `noisy` uniform. With noise,
+// each lane's z + n is taken relative to the largest z held (halved, as in `versus`), which
+// keeps the noise of the contenders; without, z is compared as it is (halving would merge
+// neighbours near the smallest normal). Lanes without a candidate hold SENTINEL, at or below
+// every finite value, so some candidate holds the maximum; only non-finite z (outside
+// WGSL's finite math) can leave none, and then the result is token 0, the lowest of a row
+// that ties throughout, never an index outside the vocabulary.
+fn workgroup_argmax(b: Best, noisy: bool, lanes: Lanes) -> u32 {
+    var y = b.z;
+    if (noisy) {
+        let top = reduce_max_sum(vec2<f32>(b.z, 0.0), lanes).x;
+        if (b.v != NONE) {
+            y = max((0.5 * b.z - 0.5 * top) + 0.5 * b.n, SENTINEL);
+        }
     }
     let m = reduce_max_sum(vec2<f32>(y, 0.0), lanes).x;
     var cand = NO_CANDIDATE;
@@ -256,7 +259,7 @@ fn sweep_group(
     for (var q = lanes.lid; 4u * q < p.vocab; q += WG) {
         b = offer_block(b, s, q);
     }
-    let v = workgroup_argmax(b, lanes);
+    let v = workgroup_argmax(b, p.temperature > 0.0, lanes);
     // Clamped sites are still reduced (uniform control flow), just not written.
     if (lanes.lid == 0u && !is_clamped(s.chain, s.i)) {
         tokens[s.chain * p.len + s.i] = v;
@@ -561,7 +564,7 @@ fn sample_logits(
             }
         }
     }
-    let v = workgroup_argmax(b, lanes);
+    let v = workgroup_argmax(b, t > 0.0, lanes);
     if (lid == 0u) {
         tokens[p.chain_offset + row] = v;
     }

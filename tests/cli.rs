@@ -764,8 +764,27 @@ fn backend_and_adapter_environment() {
         "{e}"
     );
     assert!(!e.contains("Install a Vulkan driver"), "{e}");
+    // An empty WGPU_BACKEND opens an adapter, and info's list is every backend's whatever
+    // WGPU_BACKEND says: the same list with it empty and with it naming one backend.
     let o = with_env("WGPU_BACKEND", "");
     assert!(o.status.success(), "{}", stderr(&o));
+    let list = |o: &Output| {
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let at = text.find("adapters  ").expect("an adapters section");
+        text[at..]
+            .lines()
+            .skip(1)
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let all = list(&o);
+    assert!(!all.is_empty(), "no adapters listed");
+    let backend = if all.iter().any(|a| a.contains("(Vulkan,")) {
+        "vulkan"
+    } else {
+        "gl"
+    };
+    assert_eq!(list(&with_env("WGPU_BACKEND", backend)), all);
     let o = with_env("WGPU_ADAPTER_NAME", "no-such-adapter-name");
     assert!(!o.status.success());
     let e = stderr(&o);

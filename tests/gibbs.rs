@@ -1130,6 +1130,46 @@ fn draws_depend_on_differences_only() {
     }
 }
 
+/// At T = 0 the workgroup argmax compares values as they are: the smallest normal and its
+/// neighbour (which halving would merge) in lanes of one workgroup still give the larger,
+/// for logits sampling and Gibbs sites (L = 1, W = 0) alike. The reference compares an
+/// infinite logit as it is, not relative to itself (inf - inf).
+#[test]
+fn zero_temperature_separates_the_smallest_normals() {
+    let Some(ctx) = gpu() else { return };
+    let v = 300;
+    let mut row = vec![-1.0f32; v];
+    row[0] = f32::MIN_POSITIVE;
+    row[4] = f32::from_bits(0x0080_0001);
+    let greedy = SampleOptions {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let x = ctx.upload(&row, [1, v]).unwrap();
+    let got = ctx.sample_logits(&x, &greedy).unwrap().download().unwrap();
+    assert_eq!(got, [4]);
+    assert_eq!(
+        reference::sample_logits(&row, &[1, v], &greedy).unwrap(),
+        [4]
+    );
+    let m = Model::dense(&ctx, row, [1, v], vec![0.0; v * v]);
+    let opts = GibbsOptions {
+        sweeps: 1,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let (got, _) = run_gpu(ctx, &m, &[0u32], [1, 1], None, &opts);
+    assert_eq!(got, [4]);
+    let inf = [0.0, f32::INFINITY, 1.0];
+    for o in [SampleOptions::default(), greedy] {
+        assert_eq!(
+            reference::sample_logits(&inf, &[1, 3], &o).unwrap(),
+            [1],
+            "{o:?}"
+        );
+    }
+}
+
 /// -0.0 and +0.0 are equal logits (the GPU orders logits by an integer key, which once put
 /// -0.0 below +0.0): top_k = 1 keeps both, drawn about equally often; a top_p that one zero
 /// reaches keeps the lower index only, as the smallest set does, whichever sign it has.

@@ -238,7 +238,8 @@ fn flash_flops(sh: &FlashShape, causal: bool) -> f64 {
 }
 
 /// FLASH over n with s = 128, e = 1536, C = 256, causal and not, and beside it exact attention
-/// for a Transformer of the same width (12 heads of 64, m = n). Time per token is in the case.
+/// for a Transformer of the same width (12 heads of 64, m = n). Rows carry tokens/s and the
+/// time per token as their rate.
 /// `quick` takes n 1K and 2K (exact attention at 1K only, briefly sampled); the full run n up
 /// to 64K. Exact attention is quadratic, so it goes on to the next n only while one pass took
 /// under [`EXACT_PASS_LIMIT`] (a 64K pass is minutes on a software adapter), and takes fewer

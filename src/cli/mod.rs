@@ -284,8 +284,9 @@ fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
         .then_some((i.subgroup_min_size, i.subgroup_max_size));
     // Every adapter of every backend, whatever chose this one: what --backend and --adapter
     // can pick from (one driver may appear on two backends under one name).
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = wgpu::Backends::all();
+    let instance = wgpu::Instance::new(desc);
     let adapters: Vec<String> =
         pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
             .iter()
@@ -356,7 +357,13 @@ fn bench(ctx: &Context, kernels: &[String], json: bool, quick: bool) -> Result<i
     }
     let mut out = report::BenchPrinter::new(ctx, json);
     eprintln!("seqk bench: copy baseline");
-    let baseline = report::copy_baseline(ctx, quick)?;
+    let baseline = match report::copy_baseline(ctx, quick) {
+        Ok(b) => b,
+        Err(e) => {
+            out.finish(Some(&format!("copy: {e}")));
+            return Err(e.into());
+        }
+    };
     out.rows(&[baseline.row()]);
     for f in FAMILIES
         .iter()

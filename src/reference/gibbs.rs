@@ -178,7 +178,7 @@ fn draw_site(
     let energies: Vec<f64> = (0..vocab)
         .map(|v| model.site_energy(c, row, i, v))
         .collect();
-    let top = energies.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let top = finite_or_zero(energies.iter().copied().fold(f64::NEG_INFINITY, f64::max));
     let mut best = (f64::NEG_INFINITY, u32::MAX);
     let mut r = [0u32; 4];
     for (v, e) in energies.iter().enumerate() {
@@ -194,6 +194,16 @@ fn draw_site(
         }
     }
     best.1
+}
+
+/// The maximum the draws are taken relative to; an infinite one would make inf - inf = NaN of
+/// the infinite value itself, so infinities are compared as they are.
+fn finite_or_zero(top: f64) -> f64 {
+    if top.is_finite() {
+        top
+    } else {
+        0.0
+    }
 }
 
 /// Best states and scores of a reference run.
@@ -498,7 +508,7 @@ pub fn sample_logits(logits: &[f32], shape: &[usize], opts: &SampleOptions) -> R
             let row = &logits[r * v..(r + 1) * v];
             let kept = kept_tokens(row, opts);
             // Relative to the row's maximum, as in draw_site.
-            let top = row.iter().fold(f32::MIN, |m, &z| m.max(z)) as f64;
+            let top = finite_or_zero(row.iter().fold(f32::MIN, |m, &z| m.max(z)) as f64);
             let mut best = (f64::NEG_INFINITY, u32::MAX);
             for x in 0..v {
                 if !kept[x] {
