@@ -107,7 +107,7 @@ impl Context {
             .filter(|n| !n.is_empty());
         let adapter = match options.adapter_name.as_ref().or(env_name.as_ref()) {
             Some(wanted) => {
-                let wanted = wanted.to_lowercase();
+                let lower = wanted.to_lowercase();
                 let adapters = instance.enumerate_adapters(backends).await;
                 // Each with its backend and device type: one driver may appear on two backends.
                 let names: Vec<String> = adapters
@@ -119,7 +119,7 @@ impl Context {
                     .collect();
                 adapters
                     .into_iter()
-                    .find(|a| a.get_info().name.to_lowercase().contains(&wanted))
+                    .find(|a| a.get_info().name.to_lowercase().contains(&lower))
                     .ok_or_else(|| {
                         if names.is_empty() {
                             Error::NoAdapter(format!("no adapter name contains {wanted:?}"))

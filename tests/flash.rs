@@ -1004,6 +1004,67 @@ fn seqk_run_flash_matches_cpu() {
     assert_eq!(gs, vec![b, n, e]);
     let want: Vec<f64> = co.iter().map(|&x| x as f64).collect();
     assert!(row_error(&go, &want, e as usize) <= TOL_F32);
+    // Fused RoPE from the CLI: the GPU matches the reference, and the rotation changes the
+    // answer; base or offset without rope is refused.
+    let rope = [
+        "--set",
+        "rope=true",
+        "--set",
+        "base=500",
+        "--set",
+        "offset=7",
+    ];
+    let rg = run(&rope, "org.npy");
+    assert!(
+        rg.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rg.stderr)
+    );
+    let rc = run(&[&rope[..], &["--cpu"]].concat(), "orc.npy");
+    assert!(
+        rc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rc.stderr)
+    );
+    let (_, rgo) = load("org.npy");
+    let (_, rco) = load("orc.npy");
+    let rope_want: Vec<f64> = rco.iter().map(|&x| x as f64).collect();
+    assert!(row_error(&rgo, &rope_want, e as usize) <= TOL_F32);
+    assert!(row_error(&rgo, &want, e as usize) > 1e-3);
+    // The offset moves every position alike, which FLASH does not see (shift invariance,
+    // spec section 4), up to rounding; the base is seen.
+    let rerun = |set: &[&str], out: &str| {
+        let o = run(set, out);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        load(out).1
+    };
+    let moved = rerun(
+        &[
+            "--set",
+            "rope=true",
+            "--set",
+            "base=500",
+            "--set",
+            "offset=900",
+        ],
+        "om.npy",
+    );
+    assert!(row_error(&moved, &rope_want, e as usize) <= TOL_F32);
+    let based = rerun(
+        &[
+            "--set",
+            "rope=true",
+            "--set",
+            "base=600",
+            "--set",
+            "offset=7",
+        ],
+        "ob2.npy",
+    );
+    assert!(row_error(&based, &rope_want, e as usize) > 1e-3);
+    let stray = run(&["--set", "offset=7"], "os.npy");
+    assert_eq!(stray.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&stray.stderr).contains("rope=true"));
     // A different option changes the answer (the keys are read, not ignored).
     let l = run(&["--set", "lin_scale=0.5"], "ol.npy");
     assert!(l.status.success(), "{}", String::from_utf8_lossy(&l.stderr));

@@ -1152,7 +1152,7 @@ fn zero_temperature_separates_the_smallest_normals() {
         reference::sample_logits(&row, &[1, v], &greedy).unwrap(),
         [4]
     );
-    let m = Model::dense(&ctx, row, [1, v], vec![0.0; v * v]);
+    let m = Model::dense(ctx, row, [1, v], vec![0.0; v * v]);
     let opts = GibbsOptions {
         sweeps: 1,
         temperature: 0.0,

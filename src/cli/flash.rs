@@ -5,7 +5,7 @@ use half::f16;
 use std::time::Duration;
 
 use super::report::{iterations, Baseline, BenchRow, Check, Rate, SAMPLES, WARMUP};
-use super::{Array, CliError, Data, RunIo};
+use super::{usage, Array, CliError, Data, RunIo};
 use crate::kernels::flash::FlashShape;
 use crate::profile::time_passes;
 use crate::reference::flash::{flash as reference, FlashHost};
@@ -457,7 +457,8 @@ fn exact_rows(
 
 /// `seqk run flash --in qq=.. --in kq=.. --in ql=.. --in kl=.. --in v=.. [--in gate=..]
 /// [--in bias=..] [--in key_mask=..] --out Y.npy [--set chunk=.. causal=.. attn_fn=..
-/// quad_scale=.. lin_norm=.. lin_scale=..]`
+/// quad_scale=.. lin_norm=.. lin_scale=.. rope=.. base=.. offset=..]`: `rope=true` rotates
+/// qq, kq, ql and kl in the kernel (half style, positions offset .. offset + n - 1).
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let names = ["qq", "kq", "ql", "kl"];
     let mut qk = Vec::new();
@@ -469,6 +470,14 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let bias = io.input("bias", "[C, C] float32 or float16")?;
     let mask = io.input("key_mask", "[b, n] bool")?;
     let chunk: usize = io.set("chunk", 256)?;
+    let rope = io.set("rope", false)?;
+    let base: Option<f64> = io.set_opt("base")?;
+    let offset: Option<u64> = io.set_opt("offset")?;
+    if !rope && (base.is_some() || offset.is_some()) {
+        return Err(usage(
+            "flash: --set base and offset apply to rope=true only",
+        ));
+    }
     let opts = FlashOptions {
         chunk,
         causal: io.set("causal", false)?,
@@ -476,7 +485,13 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         quad_scale: io.set_opt("quad_scale")?,
         lin_norm: LinNorm::parse(&io.set("lin_norm", "chunk".to_string())?)?,
         lin_scale: io.set_opt("lin_scale")?,
-        rope: None,
+        rope: rope.then(|| {
+            let d = FlashRope::default();
+            FlashRope {
+                base: base.unwrap_or(d.base),
+                offset: offset.unwrap_or(d.offset),
+            }
+        }),
     };
     io.check_unused()?;
     let shapes: Vec<&[usize]> = qk.iter().map(|a| a.shape.as_slice()).collect();

@@ -91,7 +91,11 @@ enum Command {
         rope_scaling[\"mscale\"], which DeepSeek-style configs pair with mscale_all_dim: for \
         those pass mscale = g(factor, mscale) / g(factor, mscale_all_dim), where \
         g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1).\n\nsample: --set temperature, top_k, top_p, \
-        seed and step (the Philox counter's last word: a new step draws afresh with one seed)."
+        seed and step (the Philox counter's last word: a new step draws afresh with one seed).\n\n\
+        flash: --set chunk, causal, attn_fn, quad_scale, lin_norm, lin_scale, and rope=true with \
+        base (10000) and offset (0) for the fused RoPE.\n\nInputs all float16: the GPU runs \
+        with f16 storage, so results are rounded to f16 (inf beyond 65504) before they are \
+        written as float32; --cpu computes in f64."
     )]
     Run(RunArgs),
     /// Constrained text generation by Gibbs sampling.
@@ -516,6 +520,15 @@ impl RunIo {
                     "False" | "0" if is_bool => "false",
                     t => t,
                 };
+                // An f32 option written past f32's range would parse as inf and be refused
+                // as if inf had been typed.
+                let finite = text.parse::<f64>().is_ok_and(f64::is_finite);
+                let narrow = text.parse::<f32>().is_ok_and(f32::is_infinite);
+                if TypeId::of::<T>() == TypeId::of::<f32>() && finite && narrow {
+                    return Err(usage(format!(
+                        "--set {key}={v}: beyond float32's range (±3.4e38)"
+                    )));
+                }
                 text.parse().map(Some).map_err(|_| {
                     usage(if is_bool {
                         format!("--set {key}={v}: expected true or false (or True/False, 1/0)")

@@ -110,9 +110,22 @@ pub fn read(path: &Path) -> Result<Array, String> {
         (Int, 8) => Data::I64(npy.into_vec().map_err(bad)?),
         (Bool, 1) => Data::Bool(npy.into_vec().map_err(bad)?),
         (Uint, 1) => Data::U8(npy.into_vec().map_err(bad)?),
-        _ => Data::Other(ts.to_string()),
+        (c, size) => Data::Other(numpy_name(c, size).unwrap_or_else(|| ts.to_string())),
     };
     Ok(Array { shape, data })
+}
+
+/// numpy's name of a plain dtype (float64, int8, ...), for messages; None for the rarer kinds,
+/// which keep their .npy code (<c16, |S5).
+fn numpy_name(c: npyz::TypeChar, size: u64) -> Option<String> {
+    use npyz::TypeChar::*;
+    let kind = match c {
+        Float => "float",
+        Int => "int",
+        Uint => "uint",
+        _ => return None,
+    };
+    Some(format!("{kind}{}", 8 * size))
 }
 
 /// The file a write to `path` lands in: symbolic links followed (File::create follows them,
