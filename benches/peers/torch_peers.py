@@ -95,7 +95,7 @@ def main():
 
 def attention_shapes(quick):
     """(b, h, n, d) of `seqk bench attention` (m = n), in the same order."""
-    ns = [512, 1024] if quick else [512, 1024, 2048, 4096, 8192]
+    ns = [256, 512] if quick else [512, 1024, 2048, 4096, 8192]
     bh = {512: (4, 32), 1024: (4, 16), 2048: (2, 16), 4096: (1, 16), 8192: (1, 8)}
     return [((1, 2) if quick else bh[n]) + (n, d) for d in (64, 128) for n in ns]
 
@@ -117,7 +117,7 @@ def attention_rows(dev, quick):
     # Decode: one query per head over many keys, GQA without repeating K and V
     # (enable_gqa, torch >= 2.5); GB/s of reading K and V once.
     bq, hq, hkv, d = 1, 32, 8, 128
-    n = 4096 if quick else 32768
+    n = 1024 if quick else 32768
     for dtype, name in [(torch.float16, "f16"), (torch.float32, "f32")]:
         q = torch.empty(bq, hq, 1, d, device=dev, dtype=dtype).uniform_(-1, 1)
         k, v = (torch.empty(bq, hkv, n, d, device=dev, dtype=dtype).uniform_(-1, 1) for _ in range(2))

@@ -2,7 +2,7 @@
 
 use half::f16;
 
-use super::report::{iterations, Baseline, BenchRow, Check, SAMPLES, WARMUP};
+use super::report::{iterations, quick_calls, Baseline, BenchRow, Check, SAMPLES, WARMUP};
 use super::{usage, Array, CliError, Data, RunIo};
 use crate::kernels::attention::{attention_shape, matmul_plan, AttnMask, HostMask};
 use crate::profile::time_passes;
@@ -222,8 +222,9 @@ fn run_gpu(
 /// 4096 decode keys.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
     let mut rows = Vec::new();
+    // Quick: shapes a software device runs in seconds.
     let ns: &[usize] = if quick {
-        &[512, 1024]
+        &[256, 512]
     } else {
         &[512, 1024, 2048, 4096, 8192]
     };
@@ -237,17 +238,22 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
                 (false, 4096) => (1, 16),
                 (false, _) => (1, 8),
             };
-            rows.extend(prefill(ctx, baseline, [b, h, n, d])?);
+            rows.extend(prefill(ctx, baseline, [b, h, n, d], quick)?);
         }
     }
-    let n = if quick { 4096 } else { 32768 };
-    rows.push(decode::<f16>(ctx, baseline, n, "f16")?);
-    rows.push(decode::<f32>(ctx, baseline, n, "f32")?);
+    let n = if quick { 1024 } else { 32768 };
+    rows.push(decode::<f16>(ctx, baseline, n, "f16", quick)?);
+    rows.push(decode::<f32>(ctx, baseline, n, "f32", quick)?);
     Ok(rows)
 }
 
 /// f32 attention with m = n, causal and not, then the tile-engine matmul of one head's scores.
-fn prefill(ctx: &Context, baseline: &Baseline, dims: [usize; 4]) -> Result<Vec<BenchRow>, Error> {
+fn prefill(
+    ctx: &Context,
+    baseline: &Baseline,
+    dims: [usize; 4],
+    quick: bool,
+) -> Result<Vec<BenchRow>, Error> {
     let [b, h, n, d] = dims;
     let mut rows = Vec::new();
     let len = b * h * n * d;
@@ -262,7 +268,9 @@ fn prefill(ctx: &Context, baseline: &Baseline, dims: [usize; 4]) -> Result<Vec<B
         };
         let plan = Attention::new(ctx, &opts)?.plan(&q, &k, &v, None, &o, None)?;
         let flops = 4.0 * (b * h * n * n * d) as f64 / if causal { 2.0 } else { 1.0 };
-        let timing = time_passes(ctx, WARMUP, SAMPLES, calls(flops), |pass| plan.record(pass))?;
+        let timing = time_passes(ctx, WARMUP, SAMPLES, calls(flops, quick), |pass| {
+            plan.record(pass)
+        })?;
         rows.push(BenchRow {
             kernel: "attention",
             case: format!(
@@ -284,7 +292,9 @@ fn prefill(ctx: &Context, baseline: &Baseline, dims: [usize; 4]) -> Result<Vec<B
     let c = ctx.zeros::<f32>([r, n])?;
     let plan = matmul_plan(ctx, &a, &bt, &c, true)?;
     let flops = 2.0 * (r * n * d) as f64;
-    let timing = time_passes(ctx, WARMUP, SAMPLES, calls(flops), |pass| plan.record(pass))?;
+    let timing = time_passes(ctx, WARMUP, SAMPLES, calls(flops, quick), |pass| {
+        plan.record(pass)
+    })?;
     rows.push(BenchRow {
         kernel: "matmul",
         case: format!("f32 A B^T {r}x{d} . {d}x{n} (tile engine)"),
@@ -306,6 +316,7 @@ fn decode<T: Element>(
     baseline: &Baseline,
     n: usize,
     name: &str,
+    quick: bool,
 ) -> Result<BenchRow, Error> {
     let (b, hq, hkv, d) = (1, 32, 8, 128);
     let q = ctx.zeros::<T>([b, hq, 1, d])?;
@@ -315,9 +326,8 @@ fn decode<T: Element>(
     let plan =
         Attention::new(ctx, &AttentionOptions::default())?.plan(&q, &k, &v, None, &o, None)?;
     let bytes = k.bytes() + v.bytes();
-    let timing = time_passes(ctx, WARMUP, SAMPLES, iterations(bytes), |pass| {
-        plan.record(pass)
-    })?;
+    let calls = quick_calls(quick, iterations(bytes));
+    let timing = time_passes(ctx, WARMUP, SAMPLES, calls, |pass| plan.record(pass))?;
     Ok(baseline.memory(
         "attention",
         format!("decode {name} b{b} h{hq}/{hkv} m1 n{n} d{d}"),
@@ -326,9 +336,9 @@ fn decode<T: Element>(
     ))
 }
 
-/// Calls per timed submit: about a GFLOP, at most 16.
-fn calls(flops: f64) -> usize {
-    (1e9 / flops).clamp(1.0, 16.0) as usize
+/// Calls per timed submit: about a GFLOP, at most 16 (one with `quick`).
+fn calls(flops: f64, quick: bool) -> usize {
+    quick_calls(quick, (1e9 / flops).clamp(1.0, 16.0) as usize)
 }
 
 /// Shapes of the optional mask of `seqk run attention`, and its dtypes: bool (or uint8), true =

@@ -4,7 +4,7 @@
 use half::f16;
 use std::time::Duration;
 
-use super::report::{iterations, Baseline, BenchRow, Check, Rate, SAMPLES, WARMUP};
+use super::report::{iterations, quick_calls, Baseline, BenchRow, Check, Rate, SAMPLES, WARMUP};
 use super::{usage, Array, CliError, Data, RunIo};
 use crate::kernels::flash::FlashShape;
 use crate::profile::time_passes;
@@ -261,7 +261,7 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
         } else {
             Vec::new()
         };
-        match flash_series(ctx, n, &batched, baseline) {
+        match flash_series(ctx, n, &batched, baseline, quick) {
             Ok(r) => rows.extend(r),
             Err(Error::LimitExceeded { limit, needed, max }) => eprintln!(
                 "seqk bench flash: n = {n} skipped, {limit} needs {needed} but the device allows {max}"
@@ -364,12 +364,19 @@ fn flash_series(
     n: usize,
     batched: &[usize],
     baseline: &Baseline,
+    quick: bool,
 ) -> Result<Vec<BenchRow>, Error> {
     let x = BenchTensors::new(ctx, 1, n)?;
-    let mut rows = flash_rows(ctx, &x, baseline, false)?;
+    let mut rows = flash_rows(ctx, &x, baseline, false, quick)?;
     let long = rows.iter().any(|r| r.timing.best() > LONG_PASS);
     for &m in batched {
-        rows.extend(flash_rows(ctx, &x.reshape(n / m, m)?, baseline, long)?);
+        rows.extend(flash_rows(
+            ctx,
+            &x.reshape(n / m, m)?,
+            baseline,
+            long,
+            quick,
+        )?);
     }
     Ok(rows)
 }
@@ -379,6 +386,7 @@ fn flash_rows(
     x: &BenchTensors,
     baseline: &Baseline,
     long: bool,
+    quick: bool,
 ) -> Result<Vec<BenchRow>, Error> {
     let (s, e, chunk) = BENCH_SHAPE;
     let (b, n) = (x.v.shape()[0], x.v.shape()[1]);
@@ -396,9 +404,8 @@ fn flash_rows(
         let flops = flash_flops(&inputs.shape(&opts)?, causal);
         // Several calls per timed submit at small n, as for every other kernel's rows.
         let bytes = (b * n * (4 * s + 2 * e) * 4) as u64;
-        let timing = time_passes(ctx, warmup, samples, iterations(bytes), |pass| {
-            plan.record(pass)
-        })?;
+        let calls = quick_calls(quick, iterations(bytes));
+        let timing = time_passes(ctx, warmup, samples, calls, |pass| plan.record(pass))?;
         rows.push(BenchRow {
             kernel: "flash",
             case: format!(

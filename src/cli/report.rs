@@ -140,6 +140,16 @@ pub fn copy_baseline(ctx: &Context, quick: bool) -> Result<Baseline, Error> {
     })
 }
 
+/// Calls per timed submit with `seqk bench --quick`: one, as a call on a software device
+/// lasts long enough alone (its attention runs at 0.2-1 GFLOP/s); else `calls`.
+pub fn quick_calls(quick: bool, calls: usize) -> usize {
+    if quick {
+        1
+    } else {
+        calls
+    }
+}
+
 /// Calls per timed submit: enough to amortise launch costs on small inputs.
 pub fn iterations(bytes: u64) -> usize {
     ((64u64 << 20) / bytes.max(1)).clamp(1, 64) as usize
