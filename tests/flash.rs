@@ -403,6 +403,29 @@ fn linear_branch_with_length_norm_is_independent_of_chunk() {
     }
 }
 
+/// Non-causal, every chunk's prefix is all the valid keys (chunk 0's too), so the `prefix`
+/// norm is the `length` norm, on the GPU and in the reference.
+#[test]
+fn non_causal_prefix_norm_is_the_length_norm() {
+    let Some(ctx) = gpu() else { return };
+    let data = Data::new(2, 70, 16, 24, 43).with_mask(44, 0.7);
+    let with = |lin_norm| FlashOptions {
+        chunk: 16,
+        lin_norm,
+        ..Default::default()
+    };
+    let want = reference(&data.host(), &with(LinNorm::Length)).unwrap();
+    let prefix = reference(&data.host(), &with(LinNorm::Prefix)).unwrap();
+    let err = prefix
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(err < 1e-12, "reference: {err:e}");
+    let got = gpu_f32(ctx, &data, &with(LinNorm::Prefix));
+    assert!(row_error(&got, &want, 24) <= TOL_F32);
+}
+
 #[test]
 fn causal_chunk_zero_has_no_linear_term() {
     let Some(ctx) = gpu() else { return };

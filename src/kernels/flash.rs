@@ -132,7 +132,9 @@ pub enum LinNorm {
     /// z = 1/(number of valid keys of the sequence). Needs the whole sequence, so
     /// [`FlashDecoder`] refuses it.
     Length,
-    /// z_g = 1/(valid keys summed into the prefix the chunk reads), 0 when there are none.
+    /// z_g = 1/(valid keys summed into the prefix the chunk reads), 0 when there are none
+    /// (causal chunk 0). Non-causal, every chunk reads all the valid keys, chunk 0 included,
+    /// so it equals `Length`.
     Prefix,
 }
 
