@@ -413,13 +413,23 @@ fn lane_mass(
     return mass;
 }
 
-// This lane's count of the visited tokens whose key is k and index below `below`.
-fn lane_count(base: u32, count: u32, gathered: bool, k: u32, below: u32, lid: u32) -> f32 {
-    var n = 0.0;
+// This lane's count of the visited tokens whose key is k and index below each of the 4
+// bounds j | (d << shift), d = 0..3.
+fn lane_count(
+    base: u32,
+    count: u32,
+    gathered: bool,
+    k: u32,
+    j: u32,
+    shift: u32,
+    lid: u32,
+) -> vec4<f32> {
+    let below = vec4<u32>(j) | (vec4<u32>(0u, 1u, 2u, 3u) << vec4<u32>(shift));
+    var n = vec4<f32>(0.0);
     for (var i = lid; i < count; i += WG) {
         let e = element(base, i, gathered);
-        if (order_key(e.z) == k && e.v < below) {
-            n += 1.0;
+        if (order_key(e.z) == k) {
+            n += select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<u32>(e.v) < below);
         }
     }
     return n;
@@ -507,10 +517,7 @@ fn sample_logits(
         kmin = k;
         let higher = lane_mass(base, count, gathered, k + 1u, 0u, kmin, zmax, t, lid);
         let above = reduce_sum4(higher, lanes).x;
-        let tied = reduce_max_sum(
-            vec2<f32>(0.0, lane_count(base, count, gathered, k, NONE, lid)),
-            lanes,
-        ).y;
+        let tied = reduce_sum4(lane_count(base, count, gathered, k, NONE, 0u, lid), lanes).x;
         // The tokens at k weigh the same; an underflowed weight keeps them all rather than
         // divide by 0.
         let w = exp((key_value(k) - zmax) / t);
@@ -520,13 +527,13 @@ fn sample_logits(
         }
         if (workgroupUniformLoad(&tie_split) == 1u) {
             // The largest j with fewer than `need` tokens at k below it: the need-th is j.
+            // 2 bits a pass, as the threshold search; the count rises with the bound.
             var j = 0u;
-            for (var bit = i32(firstLeadingBit(p.vocab)); bit >= 0i; bit--) {
-                let cand = j | (1u << u32(bit));
-                let n = lane_count(base, count, gathered, k, cand, lid);
-                if (reduce_max_sum(vec2<f32>(0.0, n), lanes).y < need) {
-                    j = cand;
-                }
+            for (var shift = i32(firstLeadingBit(p.vocab) & ~1u); shift >= 0i; shift -= 2i) {
+                let lane = lane_count(base, count, gathered, k, j, u32(shift), lid);
+                let fewer = reduce_sum4(lane, lanes) < vec4<f32>(need);
+                let digits = select(vec4<u32>(0u), vec4<u32>(0u, 1u, 2u, 3u), fewer);
+                j |= max(max(digits.x, digits.y), max(digits.z, digits.w)) << u32(shift);
             }
             last_tied = j;
         }
