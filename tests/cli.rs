@@ -606,6 +606,8 @@ fn option_errors_print_plain_values() {
         ("lin_scale=nan", "got NaN"),
         ("quad_scale=inf", "got inf"),
         ("lin_scale=1e40", "beyond float32's range"),
+        ("lin_scale=1e-50", "too small for float32"),
+        ("base=1e400", "beyond float64's range"),
     ] {
         let mut args = vec!["run", "flash", "--cpu", "--out", &out, "--set", set];
         for i in &inputs {

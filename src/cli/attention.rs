@@ -218,8 +218,8 @@ fn run_gpu(
 /// `Q K^T` as an `[n, d] x [d, n]` product); b h n = 65536 in every case, so FLOPs grow with n.
 /// Then decode (m = 1, many keys, split-key path) as GB/s of reading K and V once, next to the
 /// copy kernel: the target is a copy ratio of at least 1 / 1.5.
-/// `quick` (software devices, about a GFLOP/s) takes b = 1, h = 2, n in {512, 1024} and
-/// 4096 decode keys.
+/// `quick` (software devices, 0.2-1 GFLOP/s) takes b = 1, h = 2, n in {256, 512} and 1024
+/// decode keys, one call per timed submit.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
     let mut rows = Vec::new();
     // Quick: shapes a software device runs in seconds.

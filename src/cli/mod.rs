@@ -415,6 +415,32 @@ fn run(options: &ContextOptions, args: RunArgs) -> Result<i32, CliError> {
     Ok(0)
 }
 
+/// Why a float option's text does not fit its type, where it would parse as inf or 0 and then
+/// be refused (or used) as if inf or 0 had been typed: `temperature=1e-50` would sample
+/// greedily.
+fn outside_float_range<T: 'static>(text: &str) -> Option<String> {
+    let (name, inf, zero) = if TypeId::of::<T>() == TypeId::of::<f32>() {
+        let x = text.parse::<f32>().ok()?;
+        ("float32", x.is_infinite(), x == 0.0)
+    } else if TypeId::of::<T>() == TypeId::of::<f64>() {
+        let x = text.parse::<f64>().ok()?;
+        ("float64", x.is_infinite(), x == 0.0)
+    } else {
+        return None;
+    };
+    let unsigned = text.trim_start_matches(['+', '-']).to_ascii_lowercase();
+    let typed_inf = unsigned == "inf" || unsigned == "infinity";
+    let mantissa = unsigned.split('e').next().unwrap_or_default();
+    let typed_zero = !mantissa.chars().any(|c| ('1'..='9').contains(&c));
+    if inf && !typed_inf {
+        Some(format!("beyond {name}'s range"))
+    } else if zero && !typed_zero {
+        Some(format!("too small for {name} (it would be 0)"))
+    } else {
+        None
+    }
+}
+
 /// Inputs, options and outputs of `seqk run`, with checks that every given name was used.
 pub struct RunIo {
     inputs: BTreeMap<String, Array>,
@@ -520,14 +546,8 @@ impl RunIo {
                     "False" | "0" if is_bool => "false",
                     t => t,
                 };
-                // An f32 option written past f32's range would parse as inf and be refused
-                // as if inf had been typed.
-                let finite = text.parse::<f64>().is_ok_and(f64::is_finite);
-                let narrow = text.parse::<f32>().is_ok_and(f32::is_infinite);
-                if TypeId::of::<T>() == TypeId::of::<f32>() && finite && narrow {
-                    return Err(usage(format!(
-                        "--set {key}={v}: beyond float32's range (±3.4e38)"
-                    )));
+                if let Some(why) = outside_float_range::<T>(text) {
+                    return Err(usage(format!("--set {key}={v}: {why}")));
                 }
                 text.parse().map(Some).map_err(|_| {
                     usage(if is_bool {
