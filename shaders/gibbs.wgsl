@@ -388,6 +388,17 @@ fn key_value(k: u32) -> f32 {
     return bitcast<f32>(~k);
 }
 
+// The searches below fix 2 bits a pass: `x` with its next digit (at `shift`) set to 0..3, and
+// the largest digit whose test holds (the tests hold for a prefix of the digits; 0 if none).
+fn next_digits(x: u32, shift: u32) -> vec4<u32> {
+    return vec4<u32>(x) | (vec4<u32>(0u, 1u, 2u, 3u) << vec4<u32>(shift));
+}
+
+fn last_digit(holds: vec4<bool>) -> u32 {
+    let d = select(vec4<u32>(0u), vec4<u32>(0u, 1u, 2u, 3u), holds);
+    return max(max(d.x, d.y), max(d.z, d.w));
+}
+
 // This lane's share of the weight exp((z - zmax) / t) of the visited tokens whose key is at
 // least each of the 4 thresholds max(k | (d << shift), kmin), d = 0..3.
 fn lane_mass(
@@ -401,7 +412,7 @@ fn lane_mass(
     t: f32,
     lid: u32,
 ) -> vec4<f32> {
-    let lo = max(vec4<u32>(k) | (vec4<u32>(0u, 1u, 2u, 3u) << vec4<u32>(shift)), vec4<u32>(kmin));
+    let lo = max(next_digits(k, shift), vec4<u32>(kmin));
     var mass = vec4<f32>(0.0);
     for (var i = lid; i < count; i += WG) {
         let e = element(base, i, gathered);
@@ -424,7 +435,7 @@ fn lane_count(
     shift: u32,
     lid: u32,
 ) -> vec4<f32> {
-    let below = vec4<u32>(j) | (vec4<u32>(0u, 1u, 2u, 3u) << vec4<u32>(shift));
+    let below = next_digits(j, shift);
     var n = vec4<f32>(0.0);
     for (var i = lid; i < count; i += WG) {
         let e = element(base, i, gathered);
@@ -509,8 +520,7 @@ fn sample_logits(
         for (var shift = 30i; shift >= 0i; shift -= 2i) {
             let lane = lane_mass(base, count, gathered, k, u32(shift), kmin, zmax, t, lid);
             let reached = reduce_sum4(lane, lanes) >= vec4<f32>(goal);
-            let digits = select(vec4<u32>(0u), vec4<u32>(0u, 1u, 2u, 3u), reached);
-            k |= max(max(digits.x, digits.y), max(digits.z, digits.w)) << u32(shift);
+            k |= last_digit(reached) << u32(shift);
         }
         // k >= kmin: every threshold up to kmin keeps the whole top-k set, whose mass is total.
         // k is a token's key, below 0xffffffff for finite logits, so k + 1 does not wrap.
@@ -532,8 +542,7 @@ fn sample_logits(
             for (var shift = i32(firstLeadingBit(p.vocab) & ~1u); shift >= 0i; shift -= 2i) {
                 let lane = lane_count(base, count, gathered, k, j, u32(shift), lid);
                 let fewer = reduce_sum4(lane, lanes) < vec4<f32>(need);
-                let digits = select(vec4<u32>(0u), vec4<u32>(0u, 1u, 2u, 3u), fewer);
-                j |= max(max(digits.x, digits.y), max(digits.z, digits.w)) << u32(shift);
+                j |= last_digit(fewer) << u32(shift);
             }
             last_tied = j;
         }
