@@ -799,8 +799,7 @@ fn bad_input_is_an_error() {
 fn seqk_run_attention_matches_cpu() {
     use common::{load_npy, save_npy};
     let Some(_) = gpu() else { return };
-    let dir = std::env::temp_dir().join(format!("seqk-attention-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("attention");
     let save = |name: &str, shape: &[u64], data: &[f32]| save_npy(&dir.join(name), shape, data);
     let load = |name: &str| load_npy::<f32>(&dir.join(name));
     save("q.npy", &[1, 4, 5, 16], &random(320, 1, -1.0, 1.0));

@@ -16,11 +16,9 @@ fn seqk(args: &[&str]) -> Output {
         .expect("seqk did not start")
 }
 
-/// A scratch directory of this test alone (tests run in parallel).
+/// A scratch directory of this test alone.
 fn dir(test: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("seqk-cli-{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::scratch_dir(&format!("cli-{test}"))
 }
 
 fn load_f32(path: &Path) -> (Vec<u64>, Vec<f32>) {

@@ -959,8 +959,7 @@ fn bad_input_is_an_error() {
 fn seqk_run_flash_matches_cpu() {
     use common::{load_npy, save_npy};
     let Some(_) = gpu() else { return };
-    let dir = std::env::temp_dir().join(format!("seqk-flash-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("flash");
     let save = |name: &str, shape: &[u64], data: &[f32]| save_npy(&dir.join(name), shape, data);
     let load = |name: &str| load_npy::<f32>(&dir.join(name));
     let (b, n, s, e, c) = (2u64, 37u64, 16u64, 24u64, 16u64);

@@ -1580,9 +1580,7 @@ mod cli {
     }
 
     fn dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("seqk-gibbs-test-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        crate::common::scratch_dir("gibbs-test")
     }
 
     /// `seqk run gibbs` and `seqk run sample` on the GPU equal their `--cpu` runs exactly on

@@ -1085,8 +1085,7 @@ fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
     use common::{load_npy, save_npy};
     use std::process::Command;
     let Some(_) = gpu() else { return };
-    let dir = std::env::temp_dir().join(format!("seqk-rope-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("rope");
     let (b, h, s, d) = (2, 3, 5, 8);
     save_npy(
         &dir.join("x.npy"),
@@ -1152,8 +1151,7 @@ fn seqk_run_rope_positions_and_option_errors() {
     use common::{load_npy, save_npy};
     use std::process::Command;
     let Some(_) = gpu() else { return };
-    let dir = std::env::temp_dir().join(format!("seqk-rope-pos-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("rope-pos");
     let (b, s, h, d) = (2u64, 3u64, 2u64, 8u64);
     save_npy(
         &dir.join("x.npy"),

@@ -7,6 +7,14 @@ use std::sync::OnceLock;
 
 use seq_kernels::Context;
 
+/// An empty-or-new scratch directory of one test (tests run in parallel, and test binaries
+/// at once): `name` and the process id.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("seqk-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// The shared context, or `None` (after a loud message) when no adapter exists.
 /// Panics when there is none and `SEQK_REQUIRE_GPU=1`.
 pub fn gpu() -> Option<&'static Context> {
