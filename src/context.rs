@@ -66,6 +66,12 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// An adapter as the crate names it in messages and lists: its name, backend and device type
+/// (one driver may appear on two backends under one name).
+pub fn adapter_label(i: &wgpu::AdapterInfo) -> String {
+    format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+}
+
 /// The backends `WGPU_BACKEND` names (empty or unset: all); a value naming none is an error
 /// rather than an instance without backends, whose failure would read as a missing driver.
 fn env_backends() -> Result<wgpu::Backends> {
@@ -109,13 +115,9 @@ impl Context {
             Some(wanted) => {
                 let lower = wanted.to_lowercase();
                 let adapters = instance.enumerate_adapters(backends).await;
-                // Each with its backend and device type: one driver may appear on two backends.
                 let names: Vec<String> = adapters
                     .iter()
-                    .map(|a| {
-                        let i = a.get_info();
-                        format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
-                    })
+                    .map(|a| adapter_label(&a.get_info()))
                     .collect();
                 adapters
                     .into_iter()

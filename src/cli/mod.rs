@@ -287,17 +287,14 @@ fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
         .contains(wgpu::Features::SUBGROUP)
         .then_some((i.subgroup_min_size, i.subgroup_max_size));
     // Every adapter of every backend, whatever chose this one: what --backend and --adapter
-    // can pick from (one driver may appear on two backends under one name).
+    // can pick from.
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     desc.backends = wgpu::Backends::all();
     let instance = wgpu::Instance::new(desc);
     let adapters: Vec<String> =
         pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
             .iter()
-            .map(|a| {
-                let a = a.get_info();
-                format!("{} ({:?}, {:?})", a.name, a.backend, a.device_type)
-            })
+            .map(|a| crate::context::adapter_label(&a.get_info()))
             .collect();
     if json {
         let v = serde_json::json!({

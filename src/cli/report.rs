@@ -209,9 +209,9 @@ pub fn print_checks(ctx: &Context, checks: &[Check], json: bool) {
     println!("{} checks, {} failed", checks.len(), failed);
 }
 
-/// Prints benchmark rows as each kernel family finishes: a failure or an interrupt later in
-/// the run keeps what was measured. Table rows go to stdout at once; JSON is one object at
-/// the end, with an `"error"` member when the run stopped early.
+/// Prints benchmark rows as each kernel family finishes. Table rows go to stdout at once, so
+/// a failure or an interrupt later in the run keeps what was measured; JSON is one object at
+/// the end, with an `"error"` member when a failure stopped the run early.
 pub struct BenchPrinter {
     json: bool,
     header: bool,
