@@ -92,6 +92,32 @@ fn check_aliasing(
     Ok(())
 }
 
+/// The tensors of one call, by the names its kernel binds them under: a written one may share
+/// its buffer with no other. Checked on the caller's tensors before anything is built, because
+/// a call whose f16 tensors are widened into f32 scratch binds copies, which the check of each
+/// dispatch cannot see through; so both storages refuse the same calls with the same words.
+pub fn check_call_aliasing(
+    family: &str,
+    written: &[(&str, &wgpu::Buffer)],
+    read: &[(&str, &wgpu::Buffer)],
+) -> Result<()> {
+    for (i, (w, wb)) in written.iter().enumerate() {
+        if let Some((r, _)) = read.iter().find(|(_, b)| b == wb) {
+            return Err(Error::option(format!(
+                "{family}: `{w}` is written but its buffer is also bound as `{r}`, which the \
+                 kernel reads; give `{w}` a buffer of its own"
+            )));
+        }
+        if let Some((o, _)) = written[i + 1..].iter().find(|(_, b)| b == wb) {
+            return Err(Error::option(format!(
+                "{family}: `{w}` and `{o}` are both written and share a buffer; give each a \
+                 buffer of its own"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A kernel call ready to record: its dispatches in order, and the scratch buffers and
 /// parameters they use (kept alive as long as the plan). Record it as often as you like.
 #[derive(Default)]

@@ -954,6 +954,66 @@ fn bad_input_is_an_error() {
     assert!(matches!(r, Err(Error::Shape(_))));
 }
 
+/// The output may share its buffer with no input, mask or bias: refused before recording,
+/// naming both, for f32 and for f16 storage (which GL widens into f32 copies, where the check
+/// of each dispatch would not see it). Inputs may share buffers with each other.
+#[test]
+fn an_output_sharing_an_input_buffer_is_refused() {
+    let Some(ctx) = gpu() else { return };
+    refuse_shared_output::<f32>(ctx);
+    refuse_shared_output::<f16>(ctx);
+}
+
+fn refuse_shared_output<T: seq_kernels::Element>(ctx: &Context) {
+    let o = FlashOptions {
+        chunk: 16,
+        ..Default::default()
+    };
+    let x = ctx.zeros::<T>([1, 16, 8]).unwrap();
+    let v = ctx.zeros::<T>([1, 16, 32]).unwrap();
+    // 512 elements: room for a [16, 16] f32 bias at either storage.
+    let out = ctx.zeros::<T>([1, 16, 32]).unwrap();
+    let bias = GpuTensor::<f32>::from_buffer(ctx, out.buffer().clone(), [16, 16]).unwrap();
+    let mask = GpuTensor::<u8>::from_buffer(ctx, out.buffer().clone(), [1, 16]).unwrap();
+    let plain = FlashInputs::new(&x, &x, &x, &x, &v);
+    let flash = Flash::new(ctx, &o).unwrap();
+    let dtype = T::DTYPE.name();
+    for (read, inputs) in [
+        ("v", FlashInputs::new(&x, &x, &x, &x, &out)),
+        (
+            "gate",
+            FlashInputs {
+                gate: Some(&out),
+                ..plain
+            },
+        ),
+        (
+            "bias",
+            FlashInputs {
+                bias: Some(&bias),
+                ..plain
+            },
+        ),
+        (
+            "key_mask",
+            FlashInputs {
+                key_mask: Some(&mask),
+                ..plain
+            },
+        ),
+    ] {
+        match flash.plan(&inputs, &out) {
+            Err(Error::InvalidOption(m)) => assert!(
+                m.contains("`out` is written") && m.contains(&format!("`{read}`")),
+                "{dtype}: {m}"
+            ),
+            Err(e) => panic!("{dtype}, {read}: {e}"),
+            Ok(_) => panic!("{dtype}: {read} in the output's buffer was accepted"),
+        }
+    }
+    flash.plan(&plain, &out).unwrap();
+}
+
 #[cfg(feature = "cli")]
 #[test]
 fn seqk_run_flash_matches_cpu() {

@@ -8,7 +8,7 @@ use half::f16;
 use proptest::prelude::*;
 use seq_kernels::kernels::softmax::row_shape;
 use seq_kernels::reference::{row_error, softmax as reference};
-use seq_kernels::{Context, Error, GpuTensor, Softmax, SoftmaxOptions};
+use seq_kernels::{Context, Element, Error, GpuTensor, Softmax, SoftmaxOptions};
 
 /// Runs the GPU kernel (f32 storage) and returns its output.
 fn run(
@@ -490,16 +490,9 @@ fn bad_input_is_an_error() {
         Err(Error::InvalidOption(_))
     ));
     // A mask in the output's buffer: refused before recording, naming both (a wgpu usage
-    // conflict at submit otherwise).
-    let y = ctx.zeros::<f32>([2, 3]).unwrap();
-    let mask_in_y = GpuTensor::<u8>::from_buffer(ctx, y.buffer().clone(), [2, 3]).unwrap();
-    match k.plan(&x, Some(&mask_in_y), &y) {
-        Err(Error::InvalidOption(m)) => {
-            assert!(m.contains("`y` is written") && m.contains("`mask`"), "{m}")
-        }
-        Err(e) => panic!("{e}"),
-        Ok(_) => panic!("a mask in the output's buffer was accepted"),
-    }
+    // conflict at submit otherwise); f16 alike, also where it is widened into f32 copies (GL).
+    mask_in_output_buffer_is_refused::<f32>(ctx, &k);
+    mask_in_output_buffer_is_refused::<f16>(ctx, &k);
     // Wrong dtype.
     let xi = ctx.upload(&[1i32; 6], [2, 3]).unwrap();
     assert!(matches!(
@@ -518,6 +511,25 @@ fn bad_input_is_an_error() {
         ),
         Err(Error::Shape(_))
     ));
+}
+
+fn mask_in_output_buffer_is_refused<T: Element>(ctx: &Context, k: &Softmax) {
+    let x = ctx.zeros::<T>([2, 3]).unwrap();
+    let y = ctx.zeros::<T>([2, 3]).unwrap();
+    let mask_in_y = GpuTensor::<u8>::from_buffer(ctx, y.buffer().clone(), [2, 3]).unwrap();
+    let dtype = T::DTYPE.name();
+    match k.plan(&x, Some(&mask_in_y), &y) {
+        Err(Error::InvalidOption(m)) => {
+            assert!(
+                m.contains("`y` is written") && m.contains("`mask`"),
+                "{dtype}: {m}"
+            )
+        }
+        Err(e) => panic!("{dtype}: {e}"),
+        Ok(_) => panic!("{dtype}: a mask in the output's buffer was accepted"),
+    }
+    let mask = ctx.upload_mask(&[true; 6], [2, 3]).unwrap();
+    k.plan(&x, Some(&mask), &y).unwrap();
 }
 
 #[test]

@@ -40,7 +40,7 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{check_binding, sub_binding, Plan, Step};
+use crate::dispatch::{check_binding, check_call_aliasing, sub_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
 use crate::tensor::{data_binding, require_float, DType, Element, GpuTensor};
@@ -565,17 +565,11 @@ impl Attention {
                 )));
             }
         }
-        if [q.buffer(), k.buffer(), v.buffer()].contains(&out.buffer()) {
-            return Err(Error::option(
-                "attention cannot run in place; give a separate output tensor",
-            ));
-        }
-        // Both written, so wgpu allows it, but their rows would overwrite each other.
-        if lse.is_some_and(|l| l.buffer() == out.buffer()) {
-            return Err(Error::option(
-                "attention lse shares the output's buffer; give it a buffer of its own",
-            ));
-        }
+        let mut written = vec![("out", out.buffer())];
+        written.extend(lse.map(|l| ("lse", l.buffer())));
+        let mut read = vec![("q", q.buffer()), ("k", k.buffer()), ("v", v.buffer())];
+        read.extend(mask.as_ref().map(|m| ("mask", m.buffer())));
+        check_call_aliasing("attention", &written, &read)?;
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         check_tensors(ctx, storage, &[q.len(), k.len(), v.len(), out.len()])?;
         if let Some(m) = mask {
@@ -747,6 +741,11 @@ pub fn matmul_plan<T: Element>(
             c.shape()
         )));
     }
+    check_call_aliasing(
+        "matmul",
+        &[("c", c.buffer())],
+        &[("a", a.buffer()), ("b", b.buffer())],
+    )?;
     let storage = Storage::for_dtype(ctx, T::DTYPE);
     check_tensors(ctx, storage, &[a.len(), b.len(), c.len()])?;
     let mut plan = Plan::default();

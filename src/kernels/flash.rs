@@ -49,7 +49,7 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{check_binding, rows_binding, Plan, Step};
+use crate::dispatch::{check_binding, check_call_aliasing, rows_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::kernels::copy;
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
@@ -730,15 +730,14 @@ impl Flash {
             )));
         }
         let ins = [inputs.qq, inputs.kq, inputs.ql, inputs.kl, inputs.v];
-        if ins
-            .iter()
-            .chain(inputs.gate.iter())
-            .any(|t| t.buffer() == out.buffer())
-        {
-            return Err(Error::option(
-                "flash cannot run in place; give a separate output tensor",
-            ));
-        }
+        let mut read: Vec<(&str, &wgpu::Buffer)> = ["qq", "kq", "ql", "kl", "v"]
+            .into_iter()
+            .zip(ins.iter().map(|t| t.buffer()))
+            .collect();
+        read.extend(inputs.gate.map(|t| ("gate", t.buffer())));
+        read.extend(inputs.key_mask.map(|t| ("key_mask", t.buffer())));
+        read.extend(inputs.bias.map(|t| ("bias", t.buffer())));
+        check_call_aliasing("flash", &[("out", out.buffer())], &read)?;
         if let Some(bias) = inputs.bias {
             check_binding(ctx, "elements of the flash bias", bias.bytes(), 4)?;
         }

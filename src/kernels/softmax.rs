@@ -16,7 +16,7 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{binding_chunks, sub_binding as sub, Plan, Step};
+use crate::dispatch::{binding_chunks, check_call_aliasing, sub_binding as sub, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
 use crate::tensor::{DType, Element, GpuTensor};
@@ -323,11 +323,9 @@ impl Softmax {
                 x.shape()
             )));
         }
-        if x.buffer() == y.buffer() {
-            return Err(Error::option(
-                "softmax cannot run in place; give a separate output tensor",
-            ));
-        }
+        let mut read = vec![("x", x.buffer())];
+        read.extend(mask.map(|m| ("mask", m.buffer())));
+        check_call_aliasing("softmax", &[("y", y.buffer())], &read)?;
         let mut plan = Plan::default();
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let len = x.len();
