@@ -30,7 +30,7 @@ struct Params {
     flags: u32,         // FLAG_*
     top_k: u32,         // sampling: 0 = off
     top_p: f32,         // sampling: share of the mass top-p keeps (SampleOptions::top_p_goal); 1 = off
-    _pad0: u32,
+    logits_base: u32,   // sampling: element of the binding where this chunk's first row starts
     _pad1: u32,
 }
 
@@ -457,7 +457,7 @@ fn sample_logits(
     if (row >= p.chains) {
         return;
     }
-    let base = row * p.vocab;
+    let base = p.logits_base + row * p.vocab;
     let t = p.temperature;
     var zmax = SENTINEL;
     for (var v = lid; v < p.vocab; v += WG) {

@@ -18,6 +18,8 @@ struct Params {
     flags: u32,        // FLAG_*
     tiles: u32,        // long rows: tiles per row
     tile_len: u32,     // long rows: elements per tile
+    base: u32,         // element of x and y where this chunk's first row starts in the binding
+    mask_base: u32,    // byte of the mask where it starts
 }
 
 const FLAG_LOG: u32 = 1u;
@@ -45,7 +47,7 @@ fn has(flag: u32) -> bool {
 // Whether element j of chunk row r takes part (mask true, inside the causal band).
 fn is_valid(r: u32, j: u32) -> bool {
     if (has(FLAG_MASK)) {
-        let e = r * p.n + j;
+        let e = p.mask_base + r * p.n + j;
         if (((mask[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu) == 0u) {
             return false;
         }
@@ -83,11 +85,11 @@ fn band_count(r: u32) -> f32 {
 }
 
 fn write_out(e: u32, v: f32) {
-    y[e] = elem(v);
+    y[p.base + e] = elem(v);
 }
 
 fn write_neg_inf(e: u32) {
-    y[e] = elem(bitcast<f32>(NEG_INF_BITS));
+    y[p.base + e] = elem(bitcast<f32>(NEG_INF_BITS));
 }
 
 // Output of one element given row statistics: M max, S sum of exp(f (v - M)), C valid count,
@@ -125,7 +127,7 @@ fn softmax_row(
     for (var k = 0u; k < ITEMS; k++) {
         let j = lid + k * WG;
         if (j < p.n) {
-            let v = signed(x[base + j]);
+            let v = signed(x[p.base + base + j]);
             vals[k] = v;
             if (is_valid(r, j)) {
                 valid |= 1u << k;
@@ -166,7 +168,7 @@ fn softmax_thread_row(
     var valid = 0u;
     var mc = vec2<f32>(SENTINEL, 0.0);
     for (var j = 0u; j < p.n; j++) {
-        let v = signed(x[base + j]);
+        let v = signed(x[p.base + base + j]);
         vals[j] = v;
         if (is_valid(r, j)) {
             valid |= 1u << j;
@@ -263,7 +265,7 @@ fn tile_partials(
     var c = 0.0;
     for (var j = j0 + lid; j < j1; j += WG) {
         if (is_valid(r, j)) {
-            let v = signed(x[r * p.n + j]);
+            let v = signed(x[p.base + r * p.n + j]);
             if (c == 0.0) {
                 m = v;
                 s = 1.0;
@@ -340,7 +342,7 @@ fn tile_normalize(
         let ok = is_valid(r, j);
         var v = 0.0;
         if (ok) {
-            v = signed(x[e]);
+            v = signed(x[p.base + e]);
         }
         emit(e, v, ok, st.x, st.y, st.z, st.w);
     }

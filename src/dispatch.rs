@@ -260,6 +260,30 @@ pub fn row_chunks(
         .collect())
 }
 
+/// Splits `rows` rows into consecutive row ranges each bound with [`rows_binding`] (from the
+/// aligned offset at or before its first row, the shader adding that row's element offset),
+/// where `row_bytes` lists the bytes per row of each tensor so bound. Any row may start a
+/// range, so a range takes as many rows as fit one binding less the alignment slack, not a
+/// multiple of the rows that keep starts aligned (up to 256 rows of up to `max_binding`).
+pub fn based_row_chunks(
+    rows: u64,
+    row_bytes: &[u64],
+    max_binding: u64,
+    offset_align: u64,
+) -> Result<Vec<Range<u64>>> {
+    let widest = row_bytes.iter().copied().max().unwrap_or(0).max(1);
+    // A range bound from up to align - 1 bytes before its first row still fits.
+    let per_chunk = max_binding.saturating_sub(offset_align.max(1) - 1) / widest;
+    if rows * widest <= max_binding || per_chunk == 0 {
+        // One binding from offset 0, or rows so wide that only aligned starts fit.
+        return row_chunks(rows, row_bytes, max_binding, offset_align);
+    }
+    Ok((0..rows)
+        .step_by(per_chunk as usize)
+        .map(|r| r..(r + per_chunk).min(rows))
+        .collect())
+}
+
 /// Checks that `bytes` fit one storage binding of the device and that its elements of
 /// `elem_bytes` bytes stay addressable by the shaders' u32 indices; `what` names them.
 pub fn check_binding(ctx: &Context, what: &'static str, bytes: u64, elem_bytes: u64) -> Result<()> {
@@ -397,5 +421,42 @@ mod tests {
             }
             assert!((c.end - c.start) * 96 <= 130 * 96);
         }
+    }
+
+    #[test]
+    fn based_row_chunks_start_anywhere_and_bind_within_the_limit() {
+        // Rows of 4004 and 1001 bytes, 64 KiB bindings, 256-byte alignment: 16 rows a chunk
+        // (the slack before an unaligned first row included), where aligned starts needed
+        // 256 rows.
+        let chunks = based_row_chunks(70, &[4004, 1001], 65536, 256).unwrap();
+        assert_eq!(chunks.len(), 5);
+        assert_eq!(chunks[0], 0..16);
+        for (rows, bytes, max, align) in [
+            (70u64, vec![4004u64, 1001], 65536u64, 256u64),
+            (1000, vec![36], 1024, 64),
+            (9, vec![1000, 250], 1000 + 31, 32),
+            (3, vec![7], 1 << 20, 256),
+        ] {
+            let chunks = based_row_chunks(rows, &bytes, max, align).unwrap();
+            assert_eq!(chunks.first().unwrap().start, 0);
+            assert_eq!(chunks.last().unwrap().end, rows);
+            for w in chunks.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            for c in &chunks {
+                for &b in &bytes {
+                    // As rows_binding binds them: from the aligned offset at or before the
+                    // first row, in whole words.
+                    let offset = c.start * b / align * align;
+                    let size = (c.end * b - offset).div_ceil(4) * 4;
+                    assert!(size <= max, "{c:?} of {b}-byte rows binds {size} > {max}");
+                }
+            }
+        }
+        // A row too wide for the slack but not for the binding: aligned starts, one row each.
+        assert_eq!(
+            based_row_chunks(3, &[1024], 1024, 32).unwrap(),
+            vec![0..1, 1..2, 2..3]
+        );
     }
 }

@@ -833,6 +833,20 @@ fn written_tensors_sharing_an_input_buffer_are_refused() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("best scores sharing the unary buffer were accepted"),
     }
+    // Sampled tokens in the logits' buffer: named by the call's own words.
+    let logits = ctx.upload(&[0.0f32; 6], [2, 3]).unwrap();
+    let out = GpuTensor::<u32>::from_buffer(ctx, logits.buffer().clone(), [2]).unwrap();
+    match seq_kernels::Sampler::new(ctx, &SampleOptions::default())
+        .unwrap()
+        .plan(&logits, &out)
+    {
+        Err(Error::InvalidOption(msg)) => assert!(
+            msg.contains("`out` is written") && msg.contains("`logits`"),
+            "{msg}"
+        ),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("sampled tokens in the logits' buffer were accepted"),
+    }
 }
 
 /// Per-chain unary, clamp masks and best states that fit a binding only a few chains at a
@@ -1301,17 +1315,26 @@ fn top_k_and_top_p_at_tied_thresholds() {
     }
 }
 
-/// Logits rows that fit a binding only a few at a time run in chunks of rows, one row's size
-/// being a whole multiple of the offset alignment: each chunk starts at any row.
+/// Logits rows that fit a binding only a few at a time run in chunks of rows, each chunk
+/// starting at any row (the shader adds the row's offset inside the binding): rows of a whole
+/// multiple of the offset alignment, and rows of an odd number of logits.
 #[test]
 fn sampling_splits_rows_past_the_binding_limit() {
     let Some(_) = gpu() else { return };
-    let ctx = &small_bindings(8192);
-    let align = ctx.limits().min_storage_buffer_offset_alignment as usize;
+    let align = small_bindings(8192)
+        .limits()
+        .min_storage_buffer_offset_alignment as usize;
     // A row of 16 x align bytes; the 8 KiB binding holds fewer rows than the alignment counts
     // bytes, which the chunking once required.
-    let (b, v) = (70usize, 4 * align);
-    assert!(8192 / (4 * v) < align && b * v * 4 > 8192);
+    sample_in_small_bindings(8192, 70, 4 * align);
+    assert!(8192 / (16 * align) < align && 70 * 16 * align > 8192);
+    // Rows of 4004 bytes in 64 KiB bindings: refused while chunks had to start aligned (then
+    // 64 rows, 256 KB, a chunk).
+    sample_in_small_bindings(65536, 70, 1001);
+}
+
+fn sample_in_small_bindings(binding: u64, b: usize, v: usize) {
+    let ctx = &small_bindings(binding);
     let logits = random(b * v, 17, -3.0, 3.0);
     let x = ctx.upload(&logits, [b, v]).unwrap();
     for o in [

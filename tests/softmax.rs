@@ -79,8 +79,9 @@ fn rows_longer_than_two_to_the_24() {
 fn inputs_larger_than_one_binding_are_split() {
     let Some(ctx) = gpu() else { return };
     // Past max_storage_buffer_binding_size (128 MiB on lavapipe; capped at 160 MiB of data
-    // elsewhere, where it may fit in one binding): the rows are split across dispatches at
-    // aligned offsets. Causal and masked, so the chunk's first-row offset matters too.
+    // elsewhere, where it may fit in one binding): the rows are split across dispatches,
+    // each bound from the aligned offset at or before its first row. Causal and masked, so
+    // the chunk's first-row offset matters too.
     let limit = ctx.limits().max_storage_buffer_binding_size.min(160 << 20) as usize;
     let (m, n) = (7usize, 1000usize);
     let rows = (limit / 4 / n + 64).next_multiple_of(m);
@@ -97,6 +98,48 @@ fn inputs_larger_than_one_binding_are_split() {
         },
         10,
     );
+}
+
+/// On a device with 64 KiB bindings, rows whose size is no multiple of the offset alignment
+/// split at any row (the shader adds the row's offset inside the binding), as many rows to a
+/// binding as fit: these shapes were refused when chunks had to start aligned (up to 256 rows
+/// a chunk, which then needed far more than the binding). f16 too, widened or native.
+#[test]
+fn rows_of_any_length_split_across_small_bindings() {
+    let Some(_) = gpu() else { return };
+    let ctx = &small_bindings(65536);
+    let causal_log = SoftmaxOptions {
+        causal: true,
+        log: true,
+        ..Default::default()
+    };
+    for (shape, masked, opts) in [
+        (vec![40, 1000], false, SoftmaxOptions::default()),
+        (vec![7, 9000], true, causal_log.clone()),
+        (vec![2, 7, 5000], true, SoftmaxOptions::default()),
+        (vec![3, 5, 3001], false, causal_log),
+    ] {
+        let len: usize = shape.iter().product();
+        let mask = random_mask(len, 21, 0.7);
+        check(ctx, &shape, masked.then_some(&mask[..]), &opts, 22);
+    }
+    let (rows, n) = (9usize, 9001usize);
+    let x = random(rows * n, 23, -8.0, 8.0);
+    let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    let xr: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+    let t = ctx.upload(&xh, [rows, n]).unwrap();
+    let got: Vec<f32> = ctx
+        .softmax(&t, &SoftmaxOptions::default())
+        .unwrap()
+        .download()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let want = reference::softmax(&xr, &[rows, n], None, &SoftmaxOptions::default()).unwrap();
+    // Spec section 0: 2e-3 for f16 storage.
+    let err = row_error(&got, &want, n);
+    assert!(err <= 2e-3, "f16 [{rows}, {n}]: {err:e}");
 }
 
 #[test]

@@ -29,7 +29,7 @@
 use std::ops::Range;
 
 use crate::context::Context;
-use crate::dispatch::{self, sub_binding as sub, Plan, Step};
+use crate::dispatch::{self, check_call_aliasing, rows_binding, sub_binding as sub, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::{DType, Element, GpuTensor};
@@ -286,7 +286,7 @@ struct Params {
     flags: u32,
     top_k: u32,
     top_p: f32,
-    _pad0: u32,
+    logits_base: u32,
     _pad1: u32,
 }
 
@@ -739,14 +739,23 @@ impl Sampler {
                 out.shape()
             )));
         }
+        check_call_aliasing(
+            "sample",
+            &[("out", out.buffer())],
+            &[("logits", logits.buffer())],
+        )?;
         let (seed_lo, seed_hi) = seed_words(self.opts.seed);
         let wg = group_wg(ctx, v.div_ceil(4));
         let sv = variant(ctx.has_subgroups(), "sample_logits", wg);
         // Logits are bound chunk by chunk, the sampled tokens whole.
         check_fits(ctx, b as u64 * 4, "")?;
         let mut plan = Plan::default();
-        for rows in row_chunks(ctx, b as u64, &[v as u64 * 4])? {
+        let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
+        let row_bytes = v as u64 * 4;
+        for rows in dispatch::based_row_chunks(b as u64, &[row_bytes], max_binding(ctx), align)? {
             let n = rows.end - rows.start;
+            let (logits_b, logits_base) =
+                rows_binding(logits.buffer(), row_bytes, rows.clone(), align, 4);
             let params = ctx.uniform(&Params {
                 chains: n as u32,
                 vocab: v as u32,
@@ -757,13 +766,11 @@ impl Sampler {
                 temperature: self.opts.temperature,
                 top_k: self.opts.top_k as u32,
                 top_p: self.opts.top_p_goal(),
+                logits_base,
                 ..Default::default()
             })?;
             let bindings = [
-                (
-                    0,
-                    sub(logits.buffer(), rows.start * v as u64 * 4, n * v as u64 * 4),
-                ),
+                (0, logits_b),
                 (3, sub(out.buffer(), 0, b as u64 * 4)),
                 (5, params.as_entire_buffer_binding()),
             ];

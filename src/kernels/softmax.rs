@@ -16,7 +16,7 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{binding_chunks, check_call_aliasing, sub_binding as sub, Plan, Step};
+use crate::dispatch::{based_row_chunks, check_call_aliasing, rows_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
 use crate::tensor::{DType, Element, GpuTensor};
@@ -243,6 +243,8 @@ struct Params {
     flags: u32,
     tiles: u32,
     tile_len: u32,
+    base: u32,
+    mask_base: u32,
 }
 
 /// A softmax kernel with fixed options; pipelines are compiled on first use and cached in
@@ -385,13 +387,10 @@ impl Softmax {
         // a limit error reports the device's own limit wherever that is whole words).
         let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31) / 4 * 4;
         let align = limits.min_storage_buffer_offset_alignment as u64;
-        let chunks = binding_chunks(
-            shape.rows as u64,
-            n,
-            dtype.size() as u64,
-            max_binding,
-            align,
-        )?;
+        let elem_bytes = dtype.size() as u64;
+        let mut row_bytes = vec![n * elem_bytes];
+        row_bytes.extend(masked.then_some(n));
+        let chunks = based_row_chunks(shape.rows as u64, &row_bytes, max_binding, align)?;
         let path = row_path(shape.n, max_wg);
         let tiles = n.div_ceil(TILE_LEN as u64);
         let max_rows = chunks.iter().map(|c| c.end - c.start).max().unwrap_or(1);
@@ -405,9 +404,16 @@ impl Softmax {
         } else {
             (dummy.clone(), dummy.clone(), dummy.clone())
         };
-        let elem_bytes = dtype.size() as u64;
         for rows in chunks {
             let count = rows.end - rows.start;
+            // x and y have the same rows, so the same offset and base.
+            let (x_b, base) = rows_binding(x, n * elem_bytes, rows.clone(), align, elem_bytes);
+            let (y_b, _) = rows_binding(y, n * elem_bytes, rows.clone(), align, elem_bytes);
+            let (m_b, mask_base) = if masked {
+                rows_binding(mask, n, rows.clone(), align, 1)
+            } else {
+                (mask.as_entire_buffer_binding(), 0)
+            };
             let params = ctx.uniform(&Params {
                 rows: count as u32,
                 n: n as u32,
@@ -418,14 +424,9 @@ impl Softmax {
                 flags,
                 tiles: tiles as u32,
                 tile_len: TILE_LEN,
+                base,
+                mask_base,
             })?;
-            let x_b = sub(x, rows.start * n * elem_bytes, count * n * elem_bytes);
-            let y_b = sub(y, rows.start * n * elem_bytes, count * n * elem_bytes);
-            let m_b = if masked {
-                sub(mask, rows.start * n, count * n)
-            } else {
-                mask.as_entire_buffer_binding()
-            };
             let p_b = params.as_entire_buffer_binding();
             let io = [
                 (0, x_b.clone()),
