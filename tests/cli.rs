@@ -98,6 +98,9 @@ fn bad_input_exits_2_with_one_line() {
     save(&d.join("xd.npy"), &[2, 3], &[1.0f64; 6], npyz::Order::C);
     save(&d.join("m.npy"), &[3, 2], &[true; 6], npyz::Order::C);
     save(&d.join("xi.npy"), &[2, 3], &[1i32; 6], npyz::Order::C);
+    // x.npy less its last element.
+    let bytes = std::fs::read(d.join("x.npy")).unwrap();
+    std::fs::write(d.join("short.npy"), &bytes[..bytes.len() - 4]).unwrap();
     let p = |f: &str| d.join(f).display().to_string();
     let out = p("out.npy");
     let input = |name: &str, file: &str| vec!["--in".to_string(), format!("{name}={}", p(file))];
@@ -125,7 +128,13 @@ fn bad_input_exits_2_with_one_line() {
             [input("x", "x.npy"), set("tempreature=2")].concat(),
             "unknown option",
         ),
+        // A misspelt name shows beside the missing one.
         (input("y", "x.npy"), "missing input x"),
+        (input("y", "x.npy"), "inputs given: y"),
+        (
+            [input("x", "short.npy"), set("temperature=0.5")].concat(),
+            "ends before the 6 elements its header declares",
+        ),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["run", "softmax", "--cpu", "--out", &out];

@@ -263,7 +263,7 @@ fn annealing_finds_the_exact_maximum_of_a_small_model() {
 
 #[test]
 fn bad_input_exits_2_with_one_line() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 8] = [
         (
             &["--template", "the ___ zeppelin ___ ."],
             "template word \"zeppelin\"",
@@ -273,7 +273,20 @@ fn bad_input_exits_2_with_one_line() {
         (&["--chains", "0"], "--chains"),
         (&["--corpus", "/nonexistent/corpus.txt"], "reading corpus"),
         (&["--discount", "1.5"], "discount"),
+        // A negative value after a space is a value, not an unknown flag.
+        (&["--t0", "-1"], "temperatures must be finite"),
+        (&["--t1", "-0.5"], "temperatures must be finite"),
     ];
+    // The JSON echoes the temperatures as given, not as f32 widened to f64.
+    let o = seqk(&[
+        "generate", "--cpu", "--json", "--sweeps", "1", "--chains", "2", "--t0", "0.3",
+    ]);
+    assert!(o.status.success(), "{:?}", error_lines(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON output");
+    assert_eq!(
+        (v["t0"].as_f64(), v["t1"].as_f64()),
+        (Some(0.3), Some(0.05))
+    );
     for (extra, expected) in cases {
         let mut args = vec!["generate", "--cpu", "--sweeps", "1"];
         args.extend(extra);

@@ -28,6 +28,8 @@ pub const MAX_WORDS: usize = 4096;
 pub const BLANK: &str = "___";
 
 #[derive(clap::Args)]
+// `--t0 -1` is a (bad) temperature, not an unknown flag.
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     /// Words separated by spaces; each ___ is a blank to fill.
     #[arg(long, default_value = "the ___ ___ river ___ ___ .")]
@@ -282,6 +284,11 @@ pub fn parse_template(template: &str, model: &Bigram) -> Result<Vec<Option<u32>>
     Ok(sites)
 }
 
+/// `x` as the f64 of its shortest decimal (0.05, not f32's 0.05000000074505806), for JSON.
+fn shortest(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
 /// The temperature of sweep `s` of `n`: `t0 (t1 / t0)^(s / (n - 1))`, or constant t0.
 fn schedule(t0: f32, t1: f32, s: u32, n: u32) -> f32 {
     if t0 == t1 || n <= 1 {
@@ -516,8 +523,8 @@ pub fn run(options: &ContextOptions, args: GenerateArgs) -> Result<i32, CliError
             "vocab": model.vocab(),
             "chains": spec.chains,
             "sweeps": spec.sweeps,
-            "t0": t0,
-            "t1": t1,
+            "t0": shortest(t0),
+            "t1": shortest(t1),
             "seed": spec.seed,
             "device": device,
             "distinct_states": found.len(),

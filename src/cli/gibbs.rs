@@ -482,8 +482,9 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         (Some(w), None, None) => {
             if w.shape != [v, v] {
                 return Err(usage(format!(
-                    "input pairwise has shape {:?}; expected [{v}, {v}]",
-                    w.shape
+                    "input pairwise has shape {:?}; expected [{v}, {v}], V = {v} being the last \
+                     axis of unary {:?}",
+                    w.shape, unary.shape
                 )));
             }
             HostPairwise::Dense(w.floats("pairwise", "[V, V]")?.0)
@@ -492,8 +493,9 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
             let rank = a.shape.get(1).copied().unwrap_or(0);
             if a.shape != [v, rank] || b.shape != [v, rank] || rank == 0 {
                 return Err(usage(format!(
-                    "inputs pair_a, pair_b have shapes {:?}, {:?}; expected [{v}, r] each",
-                    a.shape, b.shape
+                    "inputs pair_a, pair_b have shapes {:?}, {:?}; expected [{v}, r] each, \
+                     V = {v} being the last axis of unary {:?}",
+                    a.shape, b.shape, unary.shape
                 )));
             }
             HostPairwise::Factored {

@@ -95,7 +95,8 @@ enum Command {
         flash: --set chunk, causal, attn_fn, quad_scale, lin_norm, lin_scale, and rope=true with \
         base (10000) and offset (0) for the fused RoPE.\n\nInputs all float16: the GPU runs \
         with f16 storage, so results are rounded to f16 (inf beyond 65504) before they are \
-        written as float32; --cpu computes in f64."
+        written as float32, except attention's lse, which is kept in f32; --cpu computes in \
+        f64."
     )]
     Run(RunArgs),
     /// Constrained text generation by Gibbs sampling.
@@ -516,9 +517,16 @@ impl RunIo {
 
     /// Takes a required input.
     pub fn required(&mut self, name: &str, expected: &str) -> Result<Array, CliError> {
+        let given: Vec<&str> = self.inputs.keys().map(String::as_str).collect();
+        // Name what was given instead, so a misspelt name shows up beside the missing one.
+        let others = if given.is_empty() {
+            String::new()
+        } else {
+            format!(" (inputs given: {})", given.join(", "))
+        };
         self.input(name, expected)?.ok_or_else(|| {
             usage(format!(
-                "missing input {name} (expected {expected}); give --in {name}=FILE.npy"
+                "missing input {name} (expected {expected}); give --in {name}=FILE.npy{others}"
             ))
         })
     }

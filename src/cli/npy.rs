@@ -101,7 +101,14 @@ pub fn read(path: &Path) -> Result<Array, String> {
         ));
     };
     let kind = (ts.type_char(), ts.size_field());
-    let bad = |e: std::io::Error| format!("reading {}: {e}", path.display());
+    let elements: u64 = npy.shape().iter().product();
+    let bad = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => format!(
+            "{} ends before the {elements} elements its header declares (shape {shape:?})",
+            path.display()
+        ),
+        _ => format!("reading {}: {e}", path.display()),
+    };
     use npyz::TypeChar::*;
     let data = match kind {
         (Float, 4) => Data::F32(npy.into_vec().map_err(bad)?),
