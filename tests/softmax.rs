@@ -123,23 +123,7 @@ fn rows_of_any_length_split_across_small_bindings() {
         let mask = random_mask(len, 21, 0.7);
         check(ctx, &shape, masked.then_some(&mask[..]), &opts, 22);
     }
-    let (rows, n) = (9usize, 9001usize);
-    let x = random(rows * n, 23, -8.0, 8.0);
-    let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-    let xr: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
-    let t = ctx.upload(&xh, [rows, n]).unwrap();
-    let got: Vec<f32> = ctx
-        .softmax(&t, &SoftmaxOptions::default())
-        .unwrap()
-        .download()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_f32())
-        .collect();
-    let want = reference::softmax(&xr, &[rows, n], None, &SoftmaxOptions::default()).unwrap();
-    // Spec section 0: 2e-3 for f16 storage.
-    let err = row_error(&got, &want, n);
-    assert!(err <= 2e-3, "f16 [{rows}, {n}]: {err:e}");
+    check_f16(ctx, &[9, 9001], &SoftmaxOptions::default(), 23);
 }
 
 #[test]
@@ -239,29 +223,34 @@ fn f16_storage_matches_reference() {
         ),
         (vec![1, 70001], SoftmaxOptions::default()),
     ] {
-        let n: usize = shape.iter().product();
-        let x: Vec<f16> = random(n, 9, -4.0, 4.0)
-            .into_iter()
-            .map(f16::from_f32)
-            .collect();
-        let xt = ctx.upload(&x, shape.clone()).unwrap();
-        let got: Vec<f32> = ctx
-            .softmax(&xt, &opts)
-            .unwrap()
-            .download()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_f32())
-            .collect();
-        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
-        let want = reference::softmax(&xf, &shape, None, &opts).unwrap();
-        // f16 storage (spec section 0): 2e-3 relative, the f16 rounding of the output.
-        let err = row_error(&got, &want, *shape.last().unwrap());
-        assert!(
-            err <= 2e-3,
-            "f16 {shape:?} {opts:?}: relative error {err:e}"
-        );
+        check_f16(ctx, &shape, &opts, 9);
     }
+}
+
+/// Compares the GPU with f16 storage and the reference on the f16-rounded input. Tolerance
+/// (spec section 0): 2e-3 relative, the f16 rounding of the output.
+fn check_f16(ctx: &Context, shape: &[usize], opts: &SoftmaxOptions, seed: u64) {
+    let n: usize = shape.iter().product();
+    let x: Vec<f16> = random(n, seed, -4.0, 4.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let xt = ctx.upload(&x, shape.to_vec()).unwrap();
+    let got: Vec<f32> = ctx
+        .softmax(&xt, opts)
+        .unwrap()
+        .download()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f32())
+        .collect();
+    let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+    let want = reference::softmax(&xf, shape, None, opts).unwrap();
+    let err = row_error(&got, &want, *shape.last().unwrap());
+    assert!(
+        err <= 2e-3,
+        "f16 {shape:?} {opts:?}: relative error {err:e}"
+    );
 }
 
 /// Logits below -3e38 are still logits: the running max must not be a sentinel they lose to
