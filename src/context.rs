@@ -256,7 +256,11 @@ impl Context {
         self.inner
             .device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+            .map_err(|e| {
+                self.check_lost()
+                    .err()
+                    .unwrap_or_else(|| Error::Device(format!("waiting for the GPU failed: {e}")))
+            })?;
         self.check_lost()?;
         self.take_uncaptured()
     }
@@ -485,7 +489,12 @@ impl Context {
                 submission_index: Some(index),
                 timeout: None,
             })
-            .map_err(|e| Error::Device(format!("waiting for the GPU failed: {e}")))?;
+            .map_err(|e| {
+                // A lost device (known on one the crate made) is the cause worth naming.
+                self.check_lost()
+                    .err()
+                    .unwrap_or_else(|| Error::Device(format!("waiting for the GPU failed: {e}")))
+            })?;
         self.take_uncaptured()
     }
 

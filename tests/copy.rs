@@ -109,6 +109,11 @@ fn a_lost_device_is_named_in_errors() {
     let Some(_) = gpu() else { return };
     let ctx = seq_kernels::Context::new().unwrap();
     let x = ctx.upload(&[1.0f32, 2.0, 3.0, 4.0], [4]).unwrap();
+    let y = ctx.zeros::<f32>([4]).unwrap();
+    let plan = seq_kernels::Softmax::new(&ctx, &Default::default())
+        .unwrap()
+        .plan(&x, None, &y)
+        .unwrap();
     ctx.device().destroy();
     let lost = |r: Result<(), Error>| match r {
         Err(Error::Device(m)) => assert!(m.contains("device was lost"), "{m}"),
@@ -118,6 +123,8 @@ fn a_lost_device_is_named_in_errors() {
     lost(ctx.upload(&[1.0f32; 4], [4]).map(drop));
     lost(ctx.softmax(&x, &Default::default()).map(drop));
     lost(x.download().map(drop));
+    // A plan made before: its submit and wait.
+    lost(plan.run(&ctx));
 }
 
 /// A tensor wrapping part of an application's buffer: writes touch the tensor's words and
