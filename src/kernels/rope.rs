@@ -67,6 +67,7 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+/// `half` or `interleaved`, also by model family: `neox` and `gptj`.
 impl FromStr for RopeStyle {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -74,7 +75,7 @@ impl FromStr for RopeStyle {
             "half" | "neox" => Ok(Self::Half),
             "interleaved" | "gptj" => Ok(Self::Interleaved),
             _ => Err(Error::option(format!(
-                "unknown rope style {s:?}; expected half or interleaved"
+                "unknown rope style {s:?}; expected half (also neox) or interleaved (also gptj)"
             ))),
         }
     }
