@@ -265,6 +265,7 @@ pub fn row_chunks(
 /// where `row_bytes` lists the bytes per row of each tensor so bound. Any row may start a
 /// range, so a range takes as many rows as fit one binding less the alignment slack, not a
 /// multiple of the rows that keep starts aligned (up to 256 rows of up to `max_binding`).
+/// `max_binding` is a whole number of words, as bindings are rounded up to them.
 pub fn based_row_chunks(
     rows: u64,
     row_bytes: &[u64],
@@ -272,8 +273,14 @@ pub fn based_row_chunks(
     offset_align: u64,
 ) -> Result<Vec<Range<u64>>> {
     let widest = row_bytes.iter().copied().max().unwrap_or(0).max(1);
-    // A range bound from up to align - 1 bytes before its first row still fits.
-    let per_chunk = max_binding.saturating_sub(offset_align.max(1) - 1) / widest;
+    // A range of b-byte rows is bound from at most align - gcd(b, align) bytes before its
+    // first row (none when rows are whole multiples of the alignment), and still fits.
+    let align = offset_align.max(1);
+    let per_chunk = row_bytes
+        .iter()
+        .map(|&b| max_binding.saturating_sub(align - gcd(b, align)) / b.max(1))
+        .min()
+        .unwrap_or(rows);
     if rows * widest <= max_binding || per_chunk == 0 {
         // One binding from offset 0, or rows so wide that only aligned starts fit.
         return row_chunks(rows, row_bytes, max_binding, offset_align);
@@ -431,10 +438,17 @@ mod tests {
         let chunks = based_row_chunks(70, &[4004, 1001], 65536, 256).unwrap();
         assert_eq!(chunks.len(), 5);
         assert_eq!(chunks[0], 0..16);
+        // Rows of whole multiples of the alignment start aligned: no slack, 2 rows of half a
+        // binding each.
+        assert_eq!(
+            based_row_chunks(5, &[512], 1024, 256).unwrap(),
+            vec![0..2, 2..4, 4..5]
+        );
         for (rows, bytes, max, align) in [
             (70u64, vec![4004u64, 1001], 65536u64, 256u64),
             (1000, vec![36], 1024, 64),
-            (9, vec![1000, 250], 1000 + 31, 32),
+            (9, vec![1000, 250], 1000 + 24, 32),
+            (40, vec![4004, 1001, 96], 65536, 64),
             (3, vec![7], 1 << 20, 256),
         ] {
             let chunks = based_row_chunks(rows, &bytes, max, align).unwrap();

@@ -148,6 +148,19 @@ fn bad_input_exits_2_with_one_line() {
             "{args:?}: {msg:?} should mention {expected:?}"
         );
     }
+    // Inputs the kernel already took are listed too.
+    assert_usage_error(
+        &[
+            "run",
+            "gibbs",
+            "--cpu",
+            "--out",
+            &out,
+            "--in",
+            &format!("unary={}", p("x.npy")),
+        ],
+        &["missing input init", "inputs given: unary"],
+    );
     // A missing input names the input and its expected shape; an unknown kernel is named.
     for (kernel, expected) in [("flash", "missing input qq"), ("nope", "unknown kernel")] {
         let o = seqk(&["run", kernel, "--out", &out]);

@@ -962,6 +962,32 @@ fn an_output_sharing_an_input_buffer_is_refused() {
     let Some(ctx) = gpu() else { return };
     refuse_shared_output::<f32>(ctx);
     refuse_shared_output::<f16>(ctx);
+    // The decoder's recorded step alike, naming the input.
+    let causal = FlashOptions {
+        chunk: 16,
+        causal: true,
+        ..Default::default()
+    };
+    let mut dec = FlashDecoder::new(ctx, &causal, 1, 8, 12, false, None).unwrap();
+    let x = ctx.zeros::<f32>([1, 2, 8]).unwrap();
+    let v = ctx.zeros::<f32>([1, 2, 12]).unwrap();
+    let block = FlashGpuBlock {
+        qq: &x,
+        kq: &x,
+        ql: &x,
+        kl: &x,
+        v: &v,
+        gate: None,
+        key_mask: None,
+    };
+    match dec.encode_step(&mut ctx.encoder(), &block, &v) {
+        Err(Error::InvalidOption(m)) => {
+            assert!(m.contains("`out` is written") && m.contains("`v`"), "{m}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a decoder step into its values' buffer was accepted"),
+    }
+    assert_eq!(dec.position(), 0);
 }
 
 fn refuse_shared_output<T: seq_kernels::Element>(ctx: &Context) {

@@ -833,6 +833,61 @@ fn written_tensors_sharing_an_input_buffer_are_refused() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("best scores sharing the unary buffer were accepted"),
     }
+    // Two written tensors in one buffer: wgpu allows it, the chains' tokens would take f32
+    // score bits.
+    let in_tokens = GpuTensor::<f32>::from_buffer(ctx, init.buffer().clone(), [b]).unwrap();
+    let in_best = GpuTensor::<f32>::from_buffer(ctx, best_tokens.buffer().clone(), [b]).unwrap();
+    let g = seq_kernels::Gibbs::new(ctx, &GibbsOptions::default()).unwrap();
+    for (score, want) in [
+        (&in_tokens, "`tokens` and `best_score` are both written"),
+        (&in_best, "`best_tokens` and `best_score` are both written"),
+    ] {
+        match g.plan(&m.gpu(), &init, None, Some((&best_tokens, score))) {
+            Err(Error::InvalidOption(msg)) => assert!(msg.contains(want), "{msg}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted: {want}"),
+        }
+    }
+    // MH: a written score in the states' buffer; acceptances in the proposals'.
+    let x = ctx.upload(&[0u32; 4], [2, 2]).unwrap();
+    let y = ctx.upload(&[0u32; 4], [2, 2]).unwrap();
+    let two = || ctx.zeros::<f32>([2]).unwrap();
+    let (sx, sy, qf, qb) = (two(), two(), two(), two());
+    let acc = ctx.zeros::<u32>([2]).unwrap();
+    let sx_in_x = GpuTensor::<f32>::from_buffer(ctx, x.buffer().clone(), [2]).unwrap();
+    let acc_in_y = GpuTensor::<u32>::from_buffer(ctx, y.buffer().clone(), [2]).unwrap();
+    let mh = MhTensors {
+        x: &x,
+        y: &y,
+        score_x: &sx,
+        score_y: &sy,
+        log_q_fwd: &qf,
+        log_q_back: &qb,
+        accepted: &acc,
+    };
+    for (t, want) in [
+        (
+            MhTensors {
+                score_x: &sx_in_x,
+                ..mh
+            },
+            "`x` and `score_x` are both written",
+        ),
+        (
+            MhTensors {
+                accepted: &acc_in_y,
+                ..mh
+            },
+            "`accepted` is written but its buffer is also bound as `y`",
+        ),
+    ] {
+        match ctx.mh_step(&t, 10, &MhOptions::default()) {
+            Err(Error::InvalidOption(msg)) => assert!(msg.contains(want), "{msg}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted: {want}"),
+        }
+    }
+    ctx.mh_step(&mh, 10, &MhOptions::default()).unwrap();
     // Sampled tokens in the logits' buffer: named by the call's own words.
     let logits = ctx.upload(&[0.0f32; 6], [2, 3]).unwrap();
     let out = GpuTensor::<u32>::from_buffer(ctx, logits.buffer().clone(), [2]).unwrap();

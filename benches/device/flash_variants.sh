@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Times FLASH variants of the crate against each other on the lent GPU machine, in one device
-# call (see ../shared/DEVICE.md): the machine has no Rust toolchain, so the binaries are built
-# here and carried in .dev/.
+# call (the lent machine has no Rust toolchain, so the binaries are built here and carried in
+# .dev/, gzipped: five variants of two binaries pass the 64 MiB a call carries only so).
 #
 #   benches/device/flash_variants.sh prepare [NAME=PATCH[,PATCH...] ...]   # here
 #   benches/device/flash_variants.sh run                                  # there
@@ -47,15 +47,17 @@ prepare() {
 # build NAME PATCHES: HEAD plus PATCHES (comma-separated) in a scratch worktree; one target
 # directory for all variants, so only the crate itself rebuilds.
 build() {
-    local name=$1 patches=$2 tree=/tmp/seqk-variant-$1 root
+    local name=$1 patches=$2 tree=/tmp/seqk-variant-$1 root p list
     root=$(pwd)
     git worktree remove --force "$tree" 2>/dev/null || true
+    git worktree prune && rm -rf "$tree"
     git worktree add -q --detach "$tree" HEAD
     if [ -n "$patches" ]; then
-        local p
         IFS=, read -ra list <<<"$patches"
         for p in "${list[@]}"; do
-            (cd "$tree" && git -c user.name=variant -c user.email=variant@localhost am -q -3 "$root/$p")
+            # Relative to the repository root, or absolute.
+            case $p in /*) ;; *) p=$root/$p ;; esac
+            (cd "$tree" && git -c user.name=variant -c user.email=variant@localhost am -q -3 "$p")
         done
     fi
     (
@@ -73,7 +75,6 @@ for l in sys.stdin:
         cp "$CARGO_TARGET_DIR/release/seqk" "$test" "$root/.dev/$name/"
         mv "$root/.dev/$name/$(basename "$test")" "$root/.dev/$name/flash-tests"
         strip "$root/.dev/$name/seqk" "$root/.dev/$name/flash-tests"
-        # Five variants of two binaries pass the 64 MiB a device call carries only compressed.
         gzip -9 "$root/.dev/$name/seqk" "$root/.dev/$name/flash-tests"
         git log --oneline -1 >"$root/.dev/$name/commit.txt"
     )
@@ -94,22 +95,29 @@ run() {
     local log=$out/log.txt
     stamp() { echo "[$((SECONDS - start)) s] $*" | tee -a "$log"; }
     nvidia-smi --query-gpu=name,driver_version --format=csv >>"$log" 2>&1 || true
-    local variants=()
+    # Unpacked outside .dev, which stays as carried (a dry run here must leave it small).
+    local bin=/tmp/seqk-variant-bin variants=() f
     for v in .dev/*/; do variants+=("$(basename "$v")"); done
-    for v in "${variants[@]}"; do gunzip -f .dev/"$v"/*.gz; done
     for v in "${variants[@]}"; do
-        stamp "$v: $(cat ".dev/$v/commit.txt")"
-        ".dev/$v/seqk" verify >"$out/$v-verify.txt" 2>&1 || stamp "$v: verify FAILED"
+        mkdir -p "$bin/$v"
+        cp ".dev/$v/commit.txt" "$bin/$v/"
+        for f in seqk flash-tests; do
+            gunzip -c ".dev/$v/$f.gz" >"$bin/$v/$f" && chmod +x "$bin/$v/$f"
+        done
+    done
+    for v in "${variants[@]}"; do
+        stamp "$v: $(cat "$bin/$v/commit.txt")"
+        "$bin/$v/seqk" verify >"$out/$v-verify.txt" 2>&1 || stamp "$v: verify FAILED"
         # The CLI test runs seqk from the path it was built at.
-        mkdir -p /tmp/seqk-variant-target/release && cp ".dev/$v/seqk" /tmp/seqk-variant-target/release/
-        SEQK_REQUIRE_GPU=1 ".dev/$v/flash-tests" --test-threads 1 \
+        mkdir -p /tmp/seqk-variant-target/release && cp "$bin/$v/seqk" /tmp/seqk-variant-target/release/
+        SEQK_REQUIRE_GPU=1 "$bin/$v/flash-tests" --test-threads 1 \
             >"$out/$v-tests.txt" 2>&1 || stamp "$v: tests FAILED"
     done
     local round
     for round in $(seq "${ROUNDS:-2}"); do
         for v in "${variants[@]}"; do
             stamp "bench $v round $round"
-            ".dev/$v/seqk" bench flash --json >"$out/$v-bench_flash-$round.json" 2>>"$log" ||
+            "$bin/$v/seqk" bench flash --json >"$out/$v-bench_flash-$round.json" 2>>"$log" ||
                 stamp "$v: bench FAILED"
         done
     done

@@ -442,6 +442,8 @@ fn outside_float_range<T: 'static>(text: &str) -> Option<String> {
 /// Inputs, options and outputs of `seqk run`, with checks that every given name was used.
 pub struct RunIo {
     inputs: BTreeMap<String, Array>,
+    /// Every --in name, in the order given (`inputs` loses each as the kernel takes it).
+    given: Vec<String>,
     sets: BTreeMap<String, String>,
     used_sets: Vec<String>,
     out: PathBuf,
@@ -472,7 +474,9 @@ impl RunIo {
             Ok(out)
         };
         let mut inputs = BTreeMap::new();
+        let mut given = Vec::new();
         for (name, file) in pairs(&args.inputs, "--in")? {
+            given.push(name.clone());
             let array = npy::read(&PathBuf::from(&file))
                 .map_err(|e| usage(format!("input {name}: {e}")))?;
             inputs.insert(name, array);
@@ -484,6 +488,7 @@ impl RunIo {
             .collect();
         Ok(Self {
             inputs,
+            given,
             sets,
             used_sets: Vec::new(),
             out: args.out.clone(),
@@ -517,12 +522,11 @@ impl RunIo {
 
     /// Takes a required input.
     pub fn required(&mut self, name: &str, expected: &str) -> Result<Array, CliError> {
-        let given: Vec<&str> = self.inputs.keys().map(String::as_str).collect();
-        // Name what was given instead, so a misspelt name shows up beside the missing one.
-        let others = if given.is_empty() {
+        // Name what was given, so a misspelt name shows up beside the missing one.
+        let others = if self.given.is_empty() {
             String::new()
         } else {
-            format!(" (inputs given: {})", given.join(", "))
+            format!(" (inputs given: {})", self.given.join(", "))
         };
         self.input(name, expected)?.ok_or_else(|| {
             usage(format!(

@@ -1348,11 +1348,9 @@ impl FlashDecoder {
                 )));
             }
         }
-        if ins.iter().any(|(_, x, _)| x.buffer() == out.buffer()) {
-            return Err(Error::option(
-                "flash decoder output shares an input's buffer; give it a buffer of its own",
-            ));
-        }
+        let read: Vec<(&str, &wgpu::Buffer)> =
+            ins.iter().map(|(n, x, _)| (*n, x.buffer())).collect();
+        check_call_aliasing("flash decoder", &[("out", out.buffer())], &read)?;
         if let Some(m) = block.key_mask {
             if m.len() != b * t {
                 return Err(Error::shape(format!(

@@ -450,12 +450,20 @@ impl Gibbs {
                     bs.shape()
                 )));
             }
-            if bt.buffer() == tokens.buffer() {
-                return Err(Error::option(
-                    "gibbs best tokens must be a different tensor from the chain tokens",
-                ));
+        }
+        let mut written = vec![("tokens", tokens.buffer())];
+        if let Some((bt, bs)) = best {
+            written.extend([("best_tokens", bt.buffer()), ("best_score", bs.buffer())]);
+        }
+        let mut read = vec![("unary", model.unary.buffer())];
+        match model.pairwise {
+            Pairwise::Dense(w) => read.push(("pairwise", w.buffer())),
+            Pairwise::Factored { a, b } => {
+                read.extend([("pair_a", a.buffer()), ("pair_b", b.buffer())])
             }
         }
+        read.extend(clamp.map(|c| ("clamp", c.buffer())));
+        check_call_aliasing("gibbs", &written, &read)?;
         let (b, l, v, r) = (s.chains as u64, s.len as u64, s.vocab as u64, s.rank as u64);
         // Tensors shared by all chains must fit one binding.
         if !s.unary_per_chain {
@@ -906,23 +914,20 @@ impl Metropolis {
                 t.accepted.shape(),
             ],
         )?;
-        if t.x.buffer() == t.y.buffer() {
-            return Err(Error::option(
-                "MH states and proposals must be different tensors",
-            ));
-        }
-        let written = [t.score_x.buffer(), t.accepted.buffer()];
-        let read = [
-            t.score_y.buffer(),
-            t.log_q_fwd.buffer(),
-            t.log_q_back.buffer(),
-        ];
-        if written[0] == written[1] || written.iter().any(|w| read.contains(w)) {
-            return Err(Error::option(
-                "MH score_x and accepted are written, so they must be tensors of their own \
-                 (not shared with each other or with score_y / log_q_fwd / log_q_back)",
-            ));
-        }
+        check_call_aliasing(
+            "MH",
+            &[
+                ("x", t.x.buffer()),
+                ("score_x", t.score_x.buffer()),
+                ("accepted", t.accepted.buffer()),
+            ],
+            &[
+                ("y", t.y.buffer()),
+                ("score_y", t.score_y.buffer()),
+                ("log_q_fwd", t.log_q_fwd.buffer()),
+                ("log_q_back", t.log_q_back.buffer()),
+            ],
+        )?;
         check_fits(ctx, (b * l * 4) as u64, "")?;
         let (seed_lo, seed_hi) = seed_words(self.opts.seed);
         let params = ctx.uniform(&Params {
