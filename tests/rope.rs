@@ -1299,8 +1299,8 @@ fn gpu_splits_bindings_past_the_device_limit() {
     let err = max_row_error(&got, &want, d);
     assert!(err <= 4e-3, "bf16 split: error {err:e}");
 
-    // One batch larger than a binding: a clear error naming the limit.
-    let big = ctx.zeros::<f32>([1, 40, 2, 16]).unwrap();
+    // One token's rows larger than a binding: a clear error naming the limit.
+    let big = ctx.zeros::<f32>([1, 4, 40, 32]).unwrap();
     assert!(matches!(
         ctx.rope_in_place(&big, None, &opts),
         Err(Error::LimitExceeded {
@@ -1308,4 +1308,103 @@ fn gpu_splits_bindings_past_the_device_limit() {
             ..
         })
     ));
+}
+
+/// One sequence larger than a binding (b = 1, a long prefill on a device with default
+/// limits) splits along its tokens: bshd and bhsd, positions per token and per (batch,
+/// token), in place and not, f32 and f16, every piece checked against the reference.
+#[test]
+fn gpu_splits_one_sequence_along_its_tokens() {
+    let Some(_) = gpu() else { return };
+    let ctx = &small_bindings(4096);
+    let opts = |layout, style| RopeOptions {
+        layout,
+        style,
+        rotary_dim: Some(12),
+        ..Default::default()
+    };
+    // (b, s, heads, d), or (b, heads, s, d) in bhsd: sequences of 5120, 6720 and 5120 bytes,
+    // each more than the 4096-byte binding holds.
+    for (layout, style, shape, per_batch, in_place) in [
+        (
+            RopeLayout::Bshd,
+            RopeStyle::Half,
+            [1, 40, 2, 16],
+            false,
+            true,
+        ),
+        (
+            RopeLayout::Bshd,
+            RopeStyle::Interleaved,
+            [2, 21, 4, 20],
+            true,
+            false,
+        ),
+        (
+            RopeLayout::Bhsd,
+            RopeStyle::Half,
+            [1, 2, 40, 16],
+            true,
+            true,
+        ),
+    ] {
+        let o = opts(layout, style);
+        let [b, a1, a2, d] = shape;
+        let s = if layout == RopeLayout::Bhsd { a2 } else { a1 };
+        let n = b * a1 * a2 * d;
+        let host = random(n, 50, -1.0, 1.0);
+        let pos: Vec<i64> = (0..(b * s) as i64).map(|i| (i * 37) % 3000).collect();
+        let pos = if per_batch {
+            Positions::new(&pos, [b, s]).unwrap()
+        } else {
+            Positions::new(&pos[..s], [s]).unwrap()
+        };
+        let want = reference::rope(
+            &host.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            shape,
+            Some(&pos),
+            &o,
+        )
+        .unwrap();
+        let x = ctx.upload(&host, shape).unwrap();
+        let rope = Rope::new(ctx, &o).unwrap();
+        let got = if in_place {
+            let plan = rope
+                .plan(&RopeTarget::in_place(&x).unwrap(), None, Some(&pos))
+                .unwrap();
+            assert!(plan.len() >= 2, "{shape:?}: {} dispatches", plan.len());
+            plan.run(ctx).unwrap();
+            x.download().unwrap()
+        } else {
+            let y = ctx.zeros::<f32>(shape).unwrap();
+            let plan = rope
+                .plan(&RopeTarget::new(&x, &y).unwrap(), None, Some(&pos))
+                .unwrap();
+            assert!(plan.len() >= 2, "{shape:?}: {} dispatches", plan.len());
+            plan.run(ctx).unwrap();
+            y.download().unwrap()
+        };
+        // Spec section 0: 1e-6 of the row scale.
+        let err = max_row_error(&got, &want, d);
+        assert!(err <= 1e-6, "{layout:?} {shape:?}: error {err:e}");
+    }
+    // f16, dense bshd, positions from an offset.
+    // 9600 bytes of tensor and 9600 of table (300 positions of 4 pairs).
+    let (s, h, d) = (300, 2, 8);
+    let xh: Vec<f16> = random(s * h * d, 51, -1.0, 1.0)
+        .into_iter()
+        .map(f16::from_f32)
+        .collect();
+    let o = RopeOptions {
+        offset: 1000,
+        ..Default::default()
+    };
+    let x = ctx.upload(&xh, [1, s, h, d]).unwrap();
+    let y = ctx.rope(&x, None, &o).unwrap();
+    let xf: Vec<f64> = xh.iter().map(|v| v.to_f64()).collect();
+    let want = reference::rope(&xf, [1, s, h, d], None, &o).unwrap();
+    let got: Vec<f32> = y.download().unwrap().iter().map(|v| v.to_f32()).collect();
+    // f16: half an ulp, 2^-11 of the row scale, and the f32 arithmetic.
+    let err = max_row_error(&got, &want, d);
+    assert!(err <= 2e-3, "f16 split: error {err:e}");
 }

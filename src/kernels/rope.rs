@@ -19,7 +19,9 @@
 //!
 //! **Limits.** One dispatch rotates q and k together. Where a tensor is larger than the
 //! device's `max_storage_buffer_binding_size`, the call is split along the batch axis into
-//! dispatches whose bindings fit; a single batch that does not fit is `LimitExceeded`.
+//! dispatches whose bindings fit, and a batch too large alone along its tokens (which shrinks
+//! the bindings in `bshd`; a `bhsd` token run spans every head). A single token's rows that do
+//! not fit are `LimitExceeded`.
 //!
 //! ```no_run
 //! use seq_kernels::{Context, Positions, RopeOptions};
@@ -46,6 +48,14 @@ const SOURCE: &str = include_str!("../../shaders/rope.wgsl");
 
 /// (aligned start, size) of a binding in bytes.
 type ByteRange = (u64, u64);
+
+/// Batches `b0..b1`, tokens `t0..t1` of each: the rows of one rope dispatch.
+struct Piece {
+    b0: usize,
+    b1: usize,
+    t0: usize,
+    t1: usize,
+}
 const WG: u32 = 256;
 
 const FLAG_INTERLEAVED: u32 = 1;
@@ -924,73 +934,104 @@ impl Rope {
         .filter(|(on, _)| *on)
         .fold(0, |acc, (_, f)| acc | f);
 
-        // Bindings larger than the device allows are split along the batch axis: each chunk of
-        // batches binds the byte ranges its rows touch (aligned down) and gets its own dispatch.
+        // Bindings larger than the device allows are split along the batch axis, and a batch
+        // too large alone along its tokens: each piece (batches b0..b1, tokens t0..t1) binds
+        // the byte ranges its rows touch (aligned down) and gets its own dispatch.
         let limits = ctx.limits();
         // Element indices inside a binding are u32: stay below 2^31 bytes.
         let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31);
         let align = (limits.min_storage_buffer_offset_alignment as u64).max(16);
         let esize = T::DTYPE.size() as u64;
         let hr = (r / 2) as u64;
-        let table_bytes = (table.len() * 8) as u64;
-        // (aligned start, size) in bytes of what batches b0..b1 of a view touch.
-        let view_range = |v: &RopeView, b0: usize, b1: usize| -> (u64, u64) {
-            let lo = (v.offset + b0 * v.strides[0]) as u64 * esize;
+        // Strides of a view's token and head axes.
+        let axes = |v: &RopeView| {
+            if bhsd {
+                (v.strides[2], v.strides[1])
+            } else {
+                (v.strides[1], v.strides[2])
+            }
+        };
+        // The element of a view where a piece starts.
+        let first = |v: &RopeView, pc: &Piece| v.offset + pc.b0 * v.strides[0] + pc.t0 * axes(v).0;
+        // (aligned start, size) in bytes of what a piece of a view touches.
+        let view_range = |v: &RopeView, pc: &Piece| -> (u64, u64) {
+            let lo = first(v, pc) as u64 * esize;
+            let (tok, head) = axes(v);
+            let heads = if bhsd { v.shape[1] } else { v.shape[2] };
             let last = v.offset
-                + (b1 - 1) * v.strides[0]
-                + (v.shape[1] - 1) * v.strides[1]
-                + (v.shape[2] - 1) * v.strides[2]
+                + (pc.b1 - 1) * v.strides[0]
+                + (pc.t1 - 1) * tok
+                + (heads - 1) * head
                 + v.shape[3];
             let start = lo / align * align;
             (start, last as u64 * esize - start)
         };
-        let table_range = |b0: usize, b1: usize| -> (u64, u64) {
-            if !rows.per_batch {
-                return (0, table_bytes);
+        // The table's position rows of a piece: per (batch, token) or per token.
+        let table_rows = |pc: &Piece| -> (u64, u64) {
+            if rows.per_batch {
+                ((pc.b0 * s + pc.t0) as u64, ((pc.b1 - 1) * s + pc.t1) as u64)
+            } else {
+                (pc.t0 as u64, pc.t1 as u64)
             }
-            let lo = (b0 * s) as u64 * hr * 8;
-            let start = lo / align * align;
-            ((start), (b1 * s) as u64 * hr * 8 - start)
         };
-        let need = |b0: usize, b1: usize| -> u64 {
+        let table_range = |pc: &Piece| -> (u64, u64) {
+            let (lo, hi) = table_rows(pc);
+            let start = lo * hr * 8 / align * align;
+            (start, hi * hr * 8 - start)
+        };
+        let need = |pc: &Piece| -> u64 {
             targets
                 .iter()
-                .flat_map(|t| {
-                    [
-                        view_range(&t.src_view, b0, b1).1,
-                        view_range(&t.dst_view, b0, b1).1,
-                    ]
-                })
-                .chain(std::iter::once(table_range(b0, b1).1))
+                .flat_map(|t| [view_range(&t.src_view, pc).1, view_range(&t.dst_view, pc).1])
+                .chain(std::iter::once(table_range(pc).1))
                 .max()
                 .unwrap_or(0)
         };
-        let mut chunks = Vec::new();
-        let mut b0 = 0;
-        while b0 < b {
-            let one = need(b0, b0 + 1);
-            if one > max_binding {
-                return Err(Error::LimitExceeded {
-                    limit: "max_storage_buffer_binding_size",
-                    needed: one,
-                    max: max_binding,
-                });
-            }
-            // The largest b1 whose bindings fit (need grows with b1).
-            let (mut lo, mut hi) = (b0 + 1, b);
+        // The largest end in lo..=hi for which `fits` holds (it holds at lo, and fails from
+        // some point on as pieces grow).
+        let largest = |lo: usize, hi: usize, fits: &dyn Fn(usize) -> bool| {
+            let (mut lo, mut hi) = (lo, hi);
             while lo < hi {
                 let mid = (lo + hi).div_ceil(2);
-                if need(b0, mid) <= max_binding {
+                if fits(mid) {
                     lo = mid;
                 } else {
                     hi = mid - 1;
                 }
             }
-            chunks.push((b0, lo));
-            b0 = lo;
+            lo
+        };
+        let piece = |b0, b1, t0, t1| Piece { b0, b1, t0, t1 };
+        let mut pieces = Vec::new();
+        let mut b0 = 0;
+        while b0 < b {
+            if need(&piece(b0, b0 + 1, 0, s)) <= max_binding {
+                let b1 = largest(b0 + 1, b, &|b1| need(&piece(b0, b1, 0, s)) <= max_binding);
+                pieces.push(piece(b0, b1, 0, s));
+                b0 = b1;
+                continue;
+            }
+            // One batch does not fit: its tokens in runs that do.
+            let mut t0 = 0;
+            while t0 < s {
+                let one = need(&piece(b0, b0 + 1, t0, t0 + 1));
+                if one > max_binding {
+                    return Err(Error::LimitExceeded {
+                        limit: "max_storage_buffer_binding_size",
+                        needed: one,
+                        max: max_binding,
+                    });
+                }
+                let t1 = largest(t0 + 1, s, &|t1| {
+                    need(&piece(b0, b0 + 1, t0, t1)) <= max_binding
+                });
+                pieces.push(piece(b0, b0 + 1, t0, t1));
+                t0 = t1;
+            }
+            b0 += 1;
         }
 
-        let table_buf = ctx.scratch(table_bytes)?;
+        let table_buf = ctx.scratch((table.len() * 8) as u64)?;
         ctx.queue()
             .write_buffer(&table_buf, 0, bytemuck::cast_slice(&table));
         let u = |x: u64| -> Result<u32> {
@@ -1002,23 +1043,23 @@ impl Rope {
         };
         let variant = variant(T::DTYPE);
         let mut plan = Plan::default();
-        for (b0, b1) in chunks {
+        for pc in pieces {
             // Per target: parameters relative to its bindings, and the bindings' byte ranges.
             let bound = |t: &RopeTarget<'_, T>| -> Result<(TargetParams, ByteRange, ByteRange)> {
-                let (_, ts, th, _) = split(&t.src_view);
-                let src = view_range(&t.src_view, b0, b1);
-                let dst = view_range(&t.dst_view, b0, b1);
+                let (_, _, th, _) = split(&t.src_view);
+                let src = view_range(&t.src_view, &pc);
+                let dst = view_range(&t.dst_view, &pc);
                 let st = |s: [usize; 3]| -> Result<[u32; 3]> {
                     Ok([u(s[0] as u64)?, u(s[1] as u64)?, u(s[2] as u64)?])
                 };
-                let first = |v: &RopeView| (v.offset + b0 * v.strides[0]) as u64;
+                let off = |v: &RopeView, range: ByteRange| first(v, &pc) as u64 - range.0 / esize;
                 Ok((
                     TargetParams {
-                        rows: u(((b1 - b0) * ts * th) as u64)?,
+                        rows: u(((pc.b1 - pc.b0) * (pc.t1 - pc.t0) * th) as u64)?,
                         heads: u(th as u64)?,
-                        src_off: u(first(&t.src_view) - src.0 / esize)?,
+                        src_off: u(off(&t.src_view, src))?,
                         src_strides: st(t.src_view.strides)?,
-                        dst_off: u(first(&t.dst_view) - dst.0 / esize)?,
+                        dst_off: u(off(&t.dst_view, dst))?,
                         dst_strides: st(t.dst_view.strides)?,
                         _pad: [0; 2],
                     },
@@ -1047,16 +1088,14 @@ impl Rope {
                     max: u32::MAX as u64,
                 });
             }
-            let table_at = table_range(b0, b1);
-            let table_off = if rows.per_batch {
-                ((b0 * s) as u64 * hr * 8 - table_at.0) / 8
-            } else {
-                0
-            };
+            // The shader counts batches and tokens from the piece's first, and its table
+            // pairs from the piece's first row.
+            let table_at = table_range(&pc);
+            let table_off = table_rows(&pc).0 * hr - table_at.0 / 8;
             let params = ctx.uniform(&Params {
                 q: qp,
                 k: kp,
-                seq: s as u32,
+                seq: (pc.t1 - pc.t0) as u32,
                 d: d as u32,
                 r: r as u32,
                 units: units as u32,
