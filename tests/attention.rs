@@ -862,7 +862,53 @@ fn seqk_run_attention_matches_cpu() {
         row_error(&go, &want, 8) > 1e-2,
         "the additive mask must change the output"
     );
+    // layout=bshd: the same tensors with seq and heads swapped give the same output, swapped.
+    let swap = |x: &[f32], [h, n, d]: [usize; 3]| -> Vec<f32> {
+        (0..n * h * d)
+            .map(|i| {
+                let (t, hh, e) = (i / (h * d), (i / d) % h, i % d);
+                x[(hh * n + t) * d + e]
+            })
+            .collect()
+    };
+    save(
+        "q.npy",
+        &[1, 5, 4, 16],
+        &swap(&random(320, 1, -1.0, 1.0), [4, 5, 16]),
+    );
+    save(
+        "k.npy",
+        &[1, 9, 2, 16],
+        &swap(&random(288, 2, -1.0, 1.0), [2, 9, 16]),
+    );
+    save(
+        "v.npy",
+        &[1, 9, 2, 8],
+        &swap(&random(144, 3, -1.0, 1.0), [2, 9, 8]),
+    );
+    for device in [&[][..], &["--cpu"][..]] {
+        let g = run(
+            &[&["--set", "layout=bshd"][..], device].concat(),
+            "os.npy",
+            "ls.npy",
+        );
+        assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+        let (shape, os) = load("os.npy");
+        assert_eq!(shape, vec![1, 5, 4, 8]);
+        let bhsd: Vec<f64> = go.iter().map(|&x| x as f64).collect();
+        // Back to [b, h, s, d] (swap of [s, h] axes is its own inverse with h and n swapped).
+        assert!(
+            row_error(&swap(&os, [5, 4, 8]), &bhsd, 8) <= TOL_F32,
+            "{device:?}"
+        );
+        assert_eq!(load("ls.npy").0, vec![1, 4, 5]);
+    }
+    let bad = run(&["--set", "layout=sbhd", "--cpu"], "ob.npy", "lb.npy");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected bhsd or bshd"));
     // v with another length than k: exit 2 and one line naming the problem.
+    save("q.npy", &[1, 4, 5, 16], &random(320, 1, -1.0, 1.0));
+    save("k.npy", &[1, 2, 9, 16], &random(288, 2, -1.0, 1.0));
     save("v.npy", &[1, 2, 8, 8], &random(128, 3, -1.0, 1.0));
     let bad = run(&["--cpu"], "ob.npy", "lb.npy");
     let msg = String::from_utf8_lossy(&bad.stderr);

@@ -7,7 +7,7 @@ use super::{usage, Array, CliError, Data, RunIo};
 use crate::kernels::attention::{attention_shape, matmul_plan, AttnMask, HostMask};
 use crate::profile::time_passes;
 use crate::reference::{attention as reference, random_values, row_error};
-use crate::{Attention, AttentionOptions, Context, Element, Error, GpuTensor};
+use crate::{Attention, AttentionOptions, Context, Element, Error, GpuTensor, Layout};
 
 /// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage, 2e-3 for f16.
 const TOL_F32: f64 = 1e-4;
@@ -348,16 +348,23 @@ const MASK_EXPECTED: &str =
     "[m, n] or [b|1, 1|hq, m, n] bool (or uint8; true = keep), or float32 or float16 (added to the scores)";
 
 /// `seqk run attention --in q=Q.npy --in k=K.npy --in v=V.npy [--in mask=M.npy] --out O.npy
-/// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=..]`
+/// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=.. layout=bhsd|bshd]`
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
-    let q = io.required("q", "[b, hq, m, d] float32 or float16")?;
-    let k = io.required("k", "[b, hkv, n, d] float32 or float16")?;
-    let v = io.required("v", "[b, hkv, n, dv] float32 or float16")?;
+    let layout: Layout = io.set::<String>("layout", "bhsd".into())?.parse()?;
+    // The tensors' axes in the layout's order, for messages.
+    let [qs, ks, vs] = match layout {
+        Layout::Bhsd => ["[b, hq, m, d]", "[b, hkv, n, d]", "[b, hkv, n, dv]"],
+        Layout::Bshd => ["[b, m, hq, d]", "[b, n, hkv, d]", "[b, n, hkv, dv]"],
+    };
+    let q = io.required("q", &format!("{qs} float32 or float16"))?;
+    let k = io.required("k", &format!("{ks} float32 or float16"))?;
+    let v = io.required("v", &format!("{vs} float32 or float16"))?;
     let mask = io.input("mask", MASK_EXPECTED)?;
     let opts = AttentionOptions {
         scale: io.set_opt("scale")?,
         causal: io.set("causal", false)?,
         softcap: io.set("softcap", 0.0)?,
+        layout,
         ..Default::default()
     };
     let want_lse = io.wants_out2("lse");
@@ -379,9 +386,9 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
             Ok((values, shape))
         })
         .transpose()?;
-    let (qv, qh) = q.floats("q", "[b, hq, m, d]")?;
-    let (kv, kh) = k.floats("k", "[b, hkv, n, d]")?;
-    let (vv, vh) = v.floats("v", "[b, hkv, n, dv]")?;
+    let (qv, qh) = q.floats("q", qs)?;
+    let (kv, kh) = k.floats("k", ks)?;
+    let (vv, vh) = v.floats("v", vs)?;
     let s = attention_shape(
         &q.shape,
         &k.shape,

@@ -159,6 +159,20 @@ pub enum Layout {
     Bshd,
 }
 
+/// `bhsd` or `bshd`.
+impl std::str::FromStr for Layout {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "bhsd" => Ok(Self::Bhsd),
+            "bshd" => Ok(Self::Bshd),
+            _ => Err(Error::option(format!(
+                "unknown attention layout {s:?}; expected bhsd or bshd"
+            ))),
+        }
+    }
+}
+
 /// Options of exact attention.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AttentionOptions {
