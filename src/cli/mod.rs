@@ -92,6 +92,8 @@ enum Command {
         those pass mscale = g(factor, mscale) / g(factor, mscale_all_dim), where \
         g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1).\n\nsample: --set temperature, top_k, top_p, \
         seed and step (the Philox counter's last word: a new step draws afresh with one seed).\n\n\
+        attention: --set scale, causal, softcap and layout (bhsd, the default, or bshd; lse \
+        stays [b, hq, m]).\n\n\
         flash: --set chunk, causal, attn_fn, quad_scale, lin_norm, lin_scale, and rope=true with \
         base (10000) and offset (0) for the fused RoPE.\n\nInputs all float16: the GPU runs \
         with f16 storage, so results are rounded to f16 (inf beyond 65504) before they are \

@@ -19,9 +19,10 @@
 //!
 //! **Limits.** One dispatch rotates q and k together. Where a tensor is larger than the
 //! device's `max_storage_buffer_binding_size`, the call is split along the batch axis into
-//! dispatches whose bindings fit, and a batch too large alone along its tokens (which shrinks
-//! the bindings in `bshd`; a `bhsd` token run spans every head). A single token's rows that do
-//! not fit are `LimitExceeded`.
+//! dispatches whose bindings fit, and a batch too large alone along its tokens. That shrinks
+//! the bindings of `bshd` tensors, whose tokens are outermost after the batch; a `bhsd` token
+//! run still spans every head (all but one head's tokens), so a `bhsd` sequence past the limit
+//! is mostly `LimitExceeded`, as is a single token's rows that do not fit.
 //!
 //! ```no_run
 //! use seq_kernels::{Context, Positions, RopeOptions};
