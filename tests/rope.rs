@@ -1311,8 +1311,8 @@ fn gpu_splits_bindings_past_the_device_limit() {
 }
 
 /// One sequence larger than a binding (b = 1, a long prefill on a device with default
-/// limits) splits along its tokens: bshd and bhsd, positions per token and per (batch,
-/// token), in place and not, f32 and f16, every piece checked against the reference.
+/// limits) splits along its tokens (bshd) or heads and then tokens (bhsd): positions per token
+/// and per (batch, token), in place and not, GQA, f32 and f16, checked against the reference.
 #[test]
 fn gpu_splits_one_sequence_along_its_tokens() {
     let Some(_) = gpu() else { return };
@@ -1323,8 +1323,9 @@ fn gpu_splits_one_sequence_along_its_tokens() {
         rotary_dim: Some(12),
         ..Default::default()
     };
-    // (b, s, heads, d), or (b, heads, s, d) in bhsd: sequences of 5120, 6720 and 5120 bytes,
-    // each more than the 4096-byte binding holds.
+    // (b, s, heads, d), or (b, heads, s, d) in bhsd: sequences of 5120 to 19200 bytes, each
+    // more than the 4096-byte binding holds. bhsd splits into runs of heads (2560 bytes a
+    // head), and a head too large alone (6400 bytes) into runs of its tokens.
     for (layout, style, shape, per_batch, in_place) in [
         (
             RopeLayout::Bshd,
@@ -1344,6 +1345,20 @@ fn gpu_splits_one_sequence_along_its_tokens() {
             RopeLayout::Bhsd,
             RopeStyle::Half,
             [1, 2, 40, 16],
+            true,
+            true,
+        ),
+        (
+            RopeLayout::Bhsd,
+            RopeStyle::Half,
+            [1, 4, 40, 16],
+            false,
+            false,
+        ),
+        (
+            RopeLayout::Bhsd,
+            RopeStyle::Interleaved,
+            [2, 3, 100, 16],
             true,
             true,
         ),
@@ -1387,6 +1402,31 @@ fn gpu_splits_one_sequence_along_its_tokens() {
         // Spec section 0: 1e-6 of the row scale.
         let err = max_row_error(&got, &want, d);
         assert!(err <= 1e-6, "{layout:?} {shape:?}: error {err:e}");
+    }
+    // GQA in bhsd: q with 4 heads and k with 2 in one call, each split into its own runs.
+    let o = opts(RopeLayout::Bhsd, RopeStyle::Half);
+    let (qs, ks) = ([1, 4, 40, 16], [1, 2, 40, 16]);
+    let (qh, kh) = (
+        random(4 * 640, 52, -1.0, 1.0),
+        random(2 * 640, 53, -1.0, 1.0),
+    );
+    let (q, k) = (ctx.upload(&qh, qs).unwrap(), ctx.upload(&kh, ks).unwrap());
+    let (qy, ky) = (ctx.zeros::<f32>(qs).unwrap(), ctx.zeros::<f32>(ks).unwrap());
+    let plan = Rope::new(ctx, &o)
+        .unwrap()
+        .plan(
+            &RopeTarget::new(&q, &qy).unwrap(),
+            Some(&RopeTarget::new(&k, &ky).unwrap()),
+            None,
+        )
+        .unwrap();
+    assert!(plan.len() >= 6, "{} dispatches", plan.len());
+    plan.run(ctx).unwrap();
+    for (host, shape, y) in [(&qh, qs, &qy), (&kh, ks, &ky)] {
+        let x64: Vec<f64> = host.iter().map(|&v| v as f64).collect();
+        let want = reference::rope(&x64, shape, None, &o).unwrap();
+        let err = max_row_error(&y.download().unwrap(), &want, 16);
+        assert!(err <= 1e-6, "GQA {shape:?}: error {err:e}");
     }
     // f16, dense bshd, positions from an offset.
     // 9600 bytes of tensor and 9600 of table (300 positions of 4 pairs).

@@ -19,10 +19,10 @@
 //!
 //! **Limits.** One dispatch rotates q and k together. Where a tensor is larger than the
 //! device's `max_storage_buffer_binding_size`, the call is split along the batch axis into
-//! dispatches whose bindings fit, and a batch too large alone along its tokens. That shrinks
-//! the bindings of `bshd` tensors, whose tokens are outermost after the batch; a `bhsd` token
-//! run still spans every head (all but one head's tokens), so a `bhsd` sequence past the limit
-//! is mostly `LimitExceeded`, as is a single token's rows that do not fit.
+//! dispatches whose bindings fit; a batch too large alone is split along its tokens (`bshd`),
+//! or into runs of heads of q and of k, each head too large alone along its tokens (`bhsd`).
+//! Rows of one token (one head's, in `bhsd`) that do not fit are `LimitExceeded`, and so are
+//! most strided `bshd` views whose heads lie outside their tokens in memory.
 //!
 //! ```no_run
 //! use seq_kernels::{Context, Positions, RopeOptions};
@@ -50,12 +50,14 @@ const SOURCE: &str = include_str!("../../shaders/rope.wgsl");
 /// (aligned start, size) of a binding in bytes.
 type ByteRange = (u64, u64);
 
-/// Batches `b0..b1`, tokens `t0..t1` of each: the rows of one rope dispatch.
+/// Batches `b0..b1`, tokens `t0..t1` of each: the rows of one rope dispatch; with `one`
+/// = (target, h0, h1), only heads `h0..h1` of that target (q 0, k 1).
 struct Piece {
     b0: usize,
     b1: usize,
     t0: usize,
     t1: usize,
+    one: Option<(usize, usize, usize)>,
 }
 const WG: u32 = 256;
 
@@ -952,17 +954,24 @@ impl Rope {
                 (v.strides[1], v.strides[2])
             }
         };
+        // The heads of target `ti`'s view `v` that a piece rotates.
+        let head_run = |v: &RopeView, pc: &Piece, ti: usize| match pc.one {
+            Some((t, h0, h1)) if t == ti => (h0, h1),
+            _ => (0, if bhsd { v.shape[1] } else { v.shape[2] }),
+        };
         // The element of a view where a piece starts.
-        let first = |v: &RopeView, pc: &Piece| v.offset + pc.b0 * v.strides[0] + pc.t0 * axes(v).0;
-        // (aligned start, size) in bytes of what a piece of a view touches.
-        let view_range = |v: &RopeView, pc: &Piece| -> (u64, u64) {
-            let lo = first(v, pc) as u64 * esize;
+        let first = |v: &RopeView, pc: &Piece, ti: usize| {
             let (tok, head) = axes(v);
-            let heads = if bhsd { v.shape[1] } else { v.shape[2] };
+            v.offset + pc.b0 * v.strides[0] + pc.t0 * tok + head_run(v, pc, ti).0 * head
+        };
+        // (aligned start, size) in bytes of what a piece of a view touches.
+        let view_range = |v: &RopeView, pc: &Piece, ti: usize| -> (u64, u64) {
+            let lo = first(v, pc, ti) as u64 * esize;
+            let (tok, head) = axes(v);
             let last = v.offset
                 + (pc.b1 - 1) * v.strides[0]
                 + (pc.t1 - 1) * tok
-                + (heads - 1) * head
+                + (head_run(v, pc, ti).1 - 1) * head
                 + v.shape[3];
             let start = lo / align * align;
             (start, last as u64 * esize - start)
@@ -980,10 +989,19 @@ impl Rope {
             let start = lo * hr * 8 / align * align;
             (start, hi * hr * 8 - start)
         };
+        // Whether a piece rotates target `ti`.
+        let rotates = |pc: &Piece, ti: usize| pc.one.is_none_or(|(t, _, _)| t == ti);
         let need = |pc: &Piece| -> u64 {
             targets
                 .iter()
-                .flat_map(|t| [view_range(&t.src_view, pc).1, view_range(&t.dst_view, pc).1])
+                .enumerate()
+                .filter(|(ti, _)| rotates(pc, *ti))
+                .flat_map(|(ti, t)| {
+                    [
+                        view_range(&t.src_view, pc, ti).1,
+                        view_range(&t.dst_view, pc, ti).1,
+                    ]
+                })
                 .chain(std::iter::once(table_range(pc).1))
                 .max()
                 .unwrap_or(0)
@@ -1002,32 +1020,65 @@ impl Rope {
             }
             lo
         };
-        let piece = |b0, b1, t0, t1| Piece { b0, b1, t0, t1 };
-        let mut pieces = Vec::new();
-        let mut b0 = 0;
-        while b0 < b {
-            if need(&piece(b0, b0 + 1, 0, s)) <= max_binding {
-                let b1 = largest(b0 + 1, b, &|b1| need(&piece(b0, b1, 0, s)) <= max_binding);
-                pieces.push(piece(b0, b1, 0, s));
-                b0 = b1;
-                continue;
-            }
-            // One batch does not fit: its tokens in runs that do.
+        let piece = |b0, b1, t0, t1, one| Piece {
+            b0,
+            b1,
+            t0,
+            t1,
+            one,
+        };
+        // Runs of tokens t0.. of batch b0 (heads as `one` says) that fit, into `pieces`.
+        let token_runs = |pieces: &mut Vec<Piece>, b0: usize, one| -> Result<()> {
             let mut t0 = 0;
             while t0 < s {
-                let one = need(&piece(b0, b0 + 1, t0, t0 + 1));
-                if one > max_binding {
+                let needed = need(&piece(b0, b0 + 1, t0, t0 + 1, one));
+                if needed > max_binding {
                     return Err(Error::LimitExceeded {
                         limit: "max_storage_buffer_binding_size",
-                        needed: one,
+                        needed,
                         max: max_binding,
                     });
                 }
                 let t1 = largest(t0 + 1, s, &|t1| {
-                    need(&piece(b0, b0 + 1, t0, t1)) <= max_binding
+                    need(&piece(b0, b0 + 1, t0, t1, one)) <= max_binding
                 });
-                pieces.push(piece(b0, b0 + 1, t0, t1));
+                pieces.push(piece(b0, b0 + 1, t0, t1, one));
                 t0 = t1;
+            }
+            Ok(())
+        };
+        let mut pieces = Vec::new();
+        let mut b0 = 0;
+        while b0 < b {
+            if need(&piece(b0, b0 + 1, 0, s, None)) <= max_binding {
+                let b1 = largest(b0 + 1, b, &|b1| {
+                    need(&piece(b0, b1, 0, s, None)) <= max_binding
+                });
+                pieces.push(piece(b0, b1, 0, s, None));
+                b0 = b1;
+                continue;
+            }
+            if !bhsd {
+                // One batch does not fit: its tokens (every head of both targets) in runs.
+                token_runs(&mut pieces, b0, None)?;
+            } else {
+                // bhsd: tokens are inside heads, so each target in runs of heads, and a head
+                // too large alone in runs of its tokens.
+                for (ti, t) in targets.iter().enumerate() {
+                    let heads = t.src_view.shape[1];
+                    let mut h0 = 0;
+                    while h0 < heads {
+                        let run = |h1| piece(b0, b0 + 1, 0, s, Some((ti, h0, h1)));
+                        if need(&run(h0 + 1)) > max_binding {
+                            token_runs(&mut pieces, b0, Some((ti, h0, h0 + 1)))?;
+                            h0 += 1;
+                            continue;
+                        }
+                        let h1 = largest(h0 + 1, heads, &|h1| need(&run(h1)) <= max_binding);
+                        pieces.push(run(h1));
+                        h0 = h1;
+                    }
+                }
             }
             b0 += 1;
         }
@@ -1046,32 +1097,44 @@ impl Rope {
         let mut plan = Plan::default();
         for pc in pieces {
             // Per target: parameters relative to its bindings, and the bindings' byte ranges.
-            let bound = |t: &RopeTarget<'_, T>| -> Result<(TargetParams, ByteRange, ByteRange)> {
-                let (_, _, th, _) = split(&t.src_view);
-                let src = view_range(&t.src_view, &pc);
-                let dst = view_range(&t.dst_view, &pc);
-                let st = |s: [usize; 3]| -> Result<[u32; 3]> {
-                    Ok([u(s[0] as u64)?, u(s[1] as u64)?, u(s[2] as u64)?])
+            let bound =
+                |t: &RopeTarget<'_, T>, ti| -> Result<(TargetParams, ByteRange, ByteRange)> {
+                    let (h0, h1) = head_run(&t.src_view, &pc, ti);
+                    // A target the piece does not rotate is bound over one row, in range.
+                    let tiny = piece(pc.b0, pc.b0 + 1, pc.t0, pc.t0 + 1, Some((ti, 0, 1)));
+                    let at = if rotates(&pc, ti) { &pc } else { &tiny };
+                    let src = view_range(&t.src_view, at, ti);
+                    let dst = view_range(&t.dst_view, at, ti);
+                    let st = |s: [usize; 3]| -> Result<[u32; 3]> {
+                        Ok([u(s[0] as u64)?, u(s[1] as u64)?, u(s[2] as u64)?])
+                    };
+                    let off =
+                        |v: &RopeView, range: ByteRange| first(v, at, ti) as u64 - range.0 / esize;
+                    let th = h1 - h0;
+                    // A target the piece does not rotate has no rows (its bindings are unused).
+                    let rows = if rotates(&pc, ti) {
+                        (pc.b1 - pc.b0) * (pc.t1 - pc.t0) * th
+                    } else {
+                        0
+                    };
+                    Ok((
+                        TargetParams {
+                            rows: u(rows as u64)?,
+                            heads: u(th as u64)?,
+                            src_off: u(off(&t.src_view, src))?,
+                            src_strides: st(t.src_view.strides)?,
+                            dst_off: u(off(&t.dst_view, dst))?,
+                            dst_strides: st(t.dst_view.strides)?,
+                            _pad: [0; 2],
+                        },
+                        src,
+                        dst,
+                    ))
                 };
-                let off = |v: &RopeView, range: ByteRange| first(v, &pc) as u64 - range.0 / esize;
-                Ok((
-                    TargetParams {
-                        rows: u(((pc.b1 - pc.b0) * (pc.t1 - pc.t0) * th) as u64)?,
-                        heads: u(th as u64)?,
-                        src_off: u(off(&t.src_view, src))?,
-                        src_strides: st(t.src_view.strides)?,
-                        dst_off: u(off(&t.dst_view, dst))?,
-                        dst_strides: st(t.dst_view.strides)?,
-                        _pad: [0; 2],
-                    },
-                    src,
-                    dst,
-                ))
-            };
-            let (qp, q_src, q_dst) = bound(q)?;
+            let (qp, q_src, q_dst) = bound(q, 0)?;
             let (kp, k_src, k_dst, k_bufs) = match k {
                 Some(k) => {
-                    let (kp, ks, kd) = bound(k)?;
+                    let (kp, ks, kd) = bound(k, 1)?;
                     (kp, ks, kd, (k.src.buffer(), k.dst.buffer()))
                 }
                 None => (
