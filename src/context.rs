@@ -256,13 +256,17 @@ impl Context {
         self.inner
             .device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| {
-                self.check_lost()
-                    .err()
-                    .unwrap_or_else(|| Error::Device(format!("waiting for the GPU failed: {e}")))
-            })?;
+            .map_err(|e| self.wait_failed(e))?;
         self.check_lost()?;
         self.take_uncaptured()
+    }
+
+    /// The error of a failed wait: a lost device (known on one the crate made) is the cause
+    /// worth naming, else wgpu's words.
+    fn wait_failed(&self, e: wgpu::PollError) -> Error {
+        self.check_lost()
+            .err()
+            .unwrap_or_else(|| Error::Device(format!("waiting for the GPU failed: {e}")))
     }
 
     /// An error naming the cause once the device is lost (known only on a device the crate
@@ -489,12 +493,7 @@ impl Context {
                 submission_index: Some(index),
                 timeout: None,
             })
-            .map_err(|e| {
-                // A lost device (known on one the crate made) is the cause worth naming.
-                self.check_lost()
-                    .err()
-                    .unwrap_or_else(|| Error::Device(format!("waiting for the GPU failed: {e}")))
-            })?;
+            .map_err(|e| self.wait_failed(e))?;
         self.take_uncaptured()
     }
 

@@ -1381,8 +1381,8 @@ fn sampling_splits_rows_past_the_binding_limit() {
         .min_storage_buffer_offset_alignment as usize;
     // A row of 16 x align bytes; the 8 KiB binding holds fewer rows than the alignment counts
     // bytes, which the chunking once required.
-    sample_in_small_bindings(8192, 70, 4 * align);
     assert!(8192 / (16 * align) < align && 70 * 16 * align > 8192);
+    sample_in_small_bindings(8192, 70, 4 * align);
     // Rows of 4004 bytes in 64 KiB bindings: refused while chunks had to start aligned (then
     // 64 rows, 256 KB, a chunk).
     sample_in_small_bindings(65536, 70, 1001);

@@ -59,6 +59,7 @@ struct Piece {
     t1: usize,
     one: Option<(usize, usize, usize)>,
 }
+
 const WG: u32 = 256;
 
 const FLAG_INTERLEAVED: u32 = 1;
@@ -938,8 +939,8 @@ impl Rope {
         .fold(0, |acc, (_, f)| acc | f);
 
         // Bindings larger than the device allows are split along the batch axis, and a batch
-        // too large alone along its tokens: each piece (batches b0..b1, tokens t0..t1) binds
-        // the byte ranges its rows touch (aligned down) and gets its own dispatch.
+        // too large alone along its tokens (bshd) or heads and then tokens (bhsd): each
+        // `Piece` binds the byte ranges its rows touch (aligned down) and gets its own dispatch.
         let limits = ctx.limits();
         // Element indices inside a binding are u32: stay below 2^31 bytes.
         let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31);
