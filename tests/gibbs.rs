@@ -927,7 +927,8 @@ fn chains_split_past_the_binding_limit() {
             track_best: true,
             ..Default::default()
         };
-        let clamp = Some((&mask[..], &[b, l][..]));
+        let mask_shape = [b, l];
+        let clamp = Some((&mask[..], &mask_shape[..]));
         let (got, best) = run_gpu(ctx, &m, &init, [b, l], clamp, &opts);
         let (bt, bs) = best.unwrap();
         let mut want = init.clone();
