@@ -16,6 +16,7 @@ struct Params {
     v_batch: u32, o_row: u32, o_head: u32, o_batch: u32,
     mask_batch: u32, mask_head: u32, flags: u32, chunk: u32,
     scale: f32, softcap: f32, bh: u32, ntiles: u32,
+    mask_row: u32, pad0: u32, pad1: u32, pad2: u32,
 }
 
 const FLAG_CAUSAL: u32 = 1u;
@@ -57,7 +58,7 @@ fn has(flag: u32) -> bool {
 }
 
 fn mask_index(bi: u32, h: u32, i: u32, j: u32) -> u32 {
-    return bi * p.mask_batch + h * p.mask_head + i * p.n + j;
+    return bi * p.mask_batch + h * p.mask_head + i * p.mask_row + j;
 }
 
 // Whether query i of (batch bi, head h) may attend key j. An additive -inf is compared as

@@ -316,6 +316,99 @@ fn additive_masks_match_reference_and_equal_boolean_ones() {
     assert_eq!(l_keep, l_add);
 }
 
+/// A mask dimension of 1 is broadcast (`[b, 1, 1, n]` is PyTorch's key-padding shape): the
+/// GPU output equals, to the bit, the output with the mask expanded to `[b, hq, m, n]`, and
+/// matches the reference given the expanded mask.
+#[test]
+fn broadcast_masks_equal_the_expanded_mask() {
+    let Some(ctx) = gpu() else { return };
+    // (19, 37) runs the tiled path, (2, 700) the split-key decode path.
+    for (m, n) in [(19, 37), (2, 700)] {
+        broadcast_case(ctx, 2, 3, m, n);
+    }
+    // A row count that is neither 1 nor m is refused.
+    let (b, hq, m, n) = (2, 3, 19, 37);
+    let q = ctx
+        .upload(&vec![0.0f32; b * hq * m * 8], [b, hq, m, 8])
+        .unwrap();
+    let kv = ctx.upload(&vec![0.0f32; b * n * 8], [b, 1, n, 8]).unwrap();
+    let bad = ctx.upload_mask(&vec![true; 2 * n], [2, n]).unwrap();
+    let err = ctx.attention(
+        &q,
+        &kv,
+        &kv,
+        Some(AttnMask::from(&bad)),
+        &Default::default(),
+    );
+    assert!(
+        matches!(&err, Err(Error::Shape(msg)) if msg.contains("[m|1, n]")),
+        "{err:?}"
+    );
+}
+
+fn broadcast_case(ctx: &Context, b: usize, hq: usize, m: usize, n: usize) {
+    let index = |s: &[usize], (bi, h, i, j): (usize, usize, usize, usize)| {
+        let [sb, sh, sm, sn] = match *s {
+            [sm, sn] => [1, 1, sm, sn],
+            [sb, sh, sm, sn] => [sb, sh, sm, sn],
+            _ => unreachable!(),
+        };
+        (((bi % sb) * sh + h % sh) * sm + i % sm) * sn + j
+    };
+    for (shape, additive, causal) in [
+        (vec![b, 1, 1, n], false, false),
+        (vec![b, 1, 1, n], true, true),
+        (vec![1, n], false, true),
+        (vec![1, hq, 1, n], true, false),
+        (vec![b, hq, 1, n], false, false),
+        (vec![1, 1, m, n], true, false),
+    ] {
+        let mut small = Case::new(b, hq, 1, m, n, 24);
+        small.opts.causal = causal;
+        small.additive = additive;
+        small.mask = Some((shape.clone(), 0.5));
+        let keep = random_mask(shape.iter().product(), 7, 0.5);
+        let x = Data {
+            mask: Some(keep.clone()),
+            terms: additive.then(|| {
+                let u = random(keep.len(), 8, -2.0, 2.0);
+                keep.iter()
+                    .zip(u)
+                    .map(|(&k, u)| if k { u } else { f32::NEG_INFINITY })
+                    .collect()
+            }),
+            ..data(&small)
+        };
+        let full = [b, hq, m, n];
+        let mut big = small.clone();
+        big.mask = Some((full.to_vec(), 0.5));
+        let mut expand = Vec::with_capacity(b * hq * m * n);
+        for bi in 0..b {
+            for h in 0..hq {
+                for i in 0..m {
+                    for j in 0..n {
+                        expand.push(index(&shape, (bi, h, i, j)));
+                    }
+                }
+            }
+        }
+        let xe = Data {
+            mask: Some(expand.iter().map(|&e| keep[e]).collect()),
+            terms: x
+                .terms
+                .as_ref()
+                .map(|t| expand.iter().map(|&e| t[e]).collect()),
+            ..x.clone()
+        };
+        let (o, l) = run_gpu(ctx, &small, &x);
+        let (oe, le) = run_gpu(ctx, &big, &xe);
+        assert_eq!(o, oe, "{shape:?} additive {additive} causal {causal}");
+        assert_eq!(l, le, "{shape:?} additive {additive} causal {causal}");
+        check_data(ctx, &big, &xe);
+        check_data(ctx, &small, &x);
+    }
+}
+
 /// Junk (NaN, +-inf) in the values of keys a row may not see never reaches that row, as in
 /// the masked slots of a preallocated KV cache (spec 3: perturbing v[j] leaves the rows that
 /// cannot see j; fully masked rows are zeros). A hidden key's p = 0 alone would give NaN.

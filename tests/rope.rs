@@ -98,7 +98,7 @@ fn theta_check_values() {
         "dynamic l",
     );
 
-    assert_eq!(yarn_range(128, 1e4, 2048, 32.0, 1.0), (16.0, 41.0));
+    assert_eq!(yarn_range(128, 1e4, 2048, 32.0, 1.0, true), (16.0, 41.0));
     let yarn = RopeScaling::named("yarn", Some(10.0), Some(2048)).unwrap();
     let (t, m) = o(yarn).frequencies(128, 1).unwrap();
     for (i, w) in [(17, 8.3479e-2), (18, 6.9590e-2), (19, 5.7925e-2)] {
@@ -108,6 +108,25 @@ fn theta_check_values() {
         (m - (0.1 * 10f64.ln() + 1.0)).abs() < 1e-15,
         "yarn mscale {m}"
     );
+    // truncate = false keeps the correction range fractional (lo 16.128, hi 40.210). Values
+    // from Hugging Face's yarn inverse frequencies with `truncate: False` (transformers 5.24,
+    // theta 1e4, head_dim 128, factor 10, original 2048); 16 and 41 lie outside the ramp and
+    // are the same either way.
+    let mut fractional = RopeScaling::named("yarn", Some(10.0), Some(2048)).unwrap();
+    if let RopeScaling::Yarn { truncate, .. } = &mut fractional {
+        *truncate = false;
+    }
+    let (t, _) = o(fractional).frequencies(128, 1).unwrap();
+    for (i, w) in [
+        (16, 1.0000e-1),
+        (17, 8.37744e-2),
+        (18, 6.97432e-2),
+        (19, 5.79683e-2),
+        (40, 3.41093e-4),
+        (41, 2.73842e-4),
+    ] {
+        assert_5_digits(t[i], w, &format!("yarn truncate=false theta_{i}"));
+    }
     // As HF's get_mscale: a factor of at most 1 stretches nothing and scales nothing.
     for s in [0.5, 1.0] {
         let yarn = RopeScaling::named("yarn", Some(s), Some(2048)).unwrap();
@@ -284,7 +303,8 @@ proptest! {
     ) {
         let r = 2 * half_r;
         for scaling in [
-            RopeScaling::Yarn { factor, original_max: lmax, beta_fast: 32.0, beta_slow: 1.0, mscale: None },
+            RopeScaling::Yarn { factor, original_max: lmax, beta_fast: 32.0, beta_slow: 1.0, mscale: None, truncate: true },
+            RopeScaling::Yarn { factor, original_max: lmax, beta_fast: 32.0, beta_slow: 1.0, mscale: None, truncate: false },
             RopeScaling::Llama3 { factor, original_max: lmax, low_freq_factor: 1.0, high_freq_factor: 4.0 },
         ] {
             let plain = RopeOptions { base, ..Default::default() }.frequencies(r, 1).unwrap().0;
@@ -368,7 +388,7 @@ fn gpu_matches_reference_over_shapes() {
                 let style = [RopeStyle::Half, RopeStyle::Interleaved][(di + hi) % 2];
                 let layout = [RopeLayout::Bshd, RopeLayout::Bhsd][(di + si) % 2];
                 let in_place = (di + si + hi) % 2 == 1;
-                let rotary_dim = (case % 3 == 0 && d > 2).then_some((d / 2) & !1);
+                let rotary_dim = (case.is_multiple_of(3) && d > 2).then_some((d / 2) & !1);
                 let opts = RopeOptions {
                     style,
                     layout,
@@ -484,6 +504,7 @@ fn gpu_every_scaling_matches_reference() {
             beta_fast: 16.0,
             beta_slow: 2.0,
             mscale: Some(1.5),
+            truncate: false,
         },
         RopeScaling::named("llama3", Some(10.0), Some(2048)).unwrap(),
         RopeScaling::named("llama3", None, None).unwrap(),
@@ -784,6 +805,7 @@ fn bad_options_are_errors() {
             beta_fast: 32.0,
             beta_slow: 1.0,
             mscale: Some(m),
+            truncate: true,
         };
         let err = bad(RopeOptions {
             scaling: yarn,
@@ -1135,10 +1157,12 @@ fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
     let err = max_row_error(&g, &cf, d as usize);
     assert!(err <= 1e-6, "seqk GPU vs --cpu: {err:e}");
     // A key of another scaling: exit code 2 and a one-line message naming it.
-    let o = run(&["--cpu", "--set", "mscale=2"], "bad.npy");
-    let msg = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{msg}");
-    assert!(msg.contains("mscale"), "{msg}");
+    for key in ["mscale=2", "truncate=false"] {
+        let o = run(&["--cpu", "--set", key], "bad.npy");
+        let msg = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{msg}");
+        assert!(msg.contains(key.split('=').next().unwrap()), "{msg}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -343,9 +343,9 @@ fn calls(flops: f64, quick: bool) -> usize {
 
 /// Shapes of the optional mask of `seqk run attention`, and its dtypes: bool (or uint8), true =
 /// keep, or float32/float16, added to the scores.
-const MASK_SHAPE: &str = "[m, n] or [b|1, 1|hq, m, n]";
+const MASK_SHAPE: &str = "[m|1, n] or [b|1, 1|hq, m|1, n]";
 const MASK_EXPECTED: &str =
-    "[m, n] or [b|1, 1|hq, m, n] bool (or uint8; true = keep), or float32 or float16 (added to the scores)";
+    "[m|1, n] or [b|1, 1|hq, m|1, n] bool (or uint8; true = keep), or float32 or float16 (added to the scores)";
 
 /// `seqk run attention --in q=Q.npy --in k=K.npy --in v=V.npy [--in mask=M.npy] --out O.npy
 /// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=.. layout=bhsd|bshd]`

@@ -90,10 +90,15 @@ enum Command {
         M itself, what Hugging Face calls attention_factor; it is not a config's \
         rope_scaling[\"mscale\"], which DeepSeek-style configs pair with mscale_all_dim: for \
         those pass mscale = g(factor, mscale) / g(factor, mscale_all_dim), where \
-        g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1).\n\nsample: --set temperature, top_k, top_p, \
+        g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1). yarn's truncate=false keeps the correction \
+        range fractional (HF's truncate: false). For scaling=dynamic, original_max is HF's \
+        max_position_embeddings. The default layout is bshd; HF's q after transpose(1, 2) is \
+        bhsd.\n\nsample: --set temperature, top_k, top_p, \
         seed and step (the Philox counter's last word: a new step draws afresh with one seed).\n\n\
         attention: --set scale, causal, softcap and layout (bhsd, the default, or bshd; lse \
-        stays [b, hq, m]).\n\n\
+        stays [b, hq, m]). causal is bottom-right: query i sees key j iff j <= i + n - m \
+        (torch's is_causal is top-left; compare with causal_lower_right(m, n)). A bool mask \
+        keeps where true; a float mask is added.\n\n\
         flash: --set chunk, causal, attn_fn, quad_scale, lin_norm, lin_scale, and rope=true with \
         base (10000) and offset (0) for the fused RoPE.\n\nInputs all float16: the GPU runs \
         with f16 storage, so results are rounded to f16 (inf beyond 65504) before they are \

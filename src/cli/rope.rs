@@ -284,6 +284,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let beta_fast: Option<f64> = io.set_opt("beta_fast")?;
     let beta_slow: Option<f64> = io.set_opt("beta_slow")?;
     let mscale: Option<f64> = io.set_opt("mscale")?;
+    let truncate: Option<bool> = io.set_opt("truncate")?;
     let low_freq_factor: Option<f64> = io.set_opt("low_freq_factor")?;
     let high_freq_factor: Option<f64> = io.set_opt("high_freq_factor")?;
     let current_len: Option<usize> = io.set_opt("current_len")?;
@@ -311,11 +312,13 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
             beta_fast: bf,
             beta_slow: bs,
             mscale: m,
+            truncate: t,
             ..
         } => {
             *bf = beta_fast.unwrap_or(*bf);
             *bs = beta_slow.unwrap_or(*bs);
             *m = mscale.or(*m);
+            *t = truncate.unwrap_or(*t);
         }
         RopeScaling::Llama3 {
             low_freq_factor: lo,
@@ -333,6 +336,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         ("beta_fast", beta_fast.is_some(), is("yarn")),
         ("beta_slow", beta_slow.is_some(), is("yarn")),
         ("mscale", mscale.is_some(), is("yarn")),
+        ("truncate", truncate.is_some(), is("yarn")),
         ("low_freq_factor", low_freq_factor.is_some(), is("llama3")),
         ("high_freq_factor", high_freq_factor.is_some(), is("llama3")),
         ("current_len", current_len.is_some(), is("dynamic")),

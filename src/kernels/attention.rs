@@ -9,7 +9,8 @@
 //! - Options: `scale` (default `1/sqrt(d)`), `causal` with bottom-right alignment (query i sees
 //!   key j iff `j <= i + (n - m)`; PyTorch SDPA's `is_causal` is top-left aligned when m != n),
 //!   `softcap` c (`S = c tanh(S / c)`, 0 = off).
-//! - Mask [`AttnMask`], `[m, n]` or `[b|1, 1|hq, m, n]`: boolean (a nonzero byte keeps the
+//! - Mask [`AttnMask`], `[m|1, n]` or `[b|1, 1|hq, m|1, n]` (1 = the same for every batch,
+//!   head or query: `[b, 1, 1, n]` is a key-padding mask): boolean (a nonzero byte keeps the
 //!   key) or additive (f32, added to the soft-capped scores; -inf hides the key).
 //! - Rows without any valid key give zeros and lse = -inf. A hidden key's value is never
 //!   read into a sum, so junk (NaN, inf) in masked slots of a KV cache stays out.
@@ -74,7 +75,8 @@ const FLAG_MASK: u32 = 2;
 const FLAG_LSE: u32 = 4;
 const FLAG_ADDITIVE: u32 = 8;
 
-/// The mask of an attention call, `[m, n]` or `[b|1, 1|hq, m, n]`.
+/// The mask of an attention call, `[m|1, n]` or `[b|1, 1|hq, m|1, n]` (a dimension of 1 is
+/// broadcast).
 #[derive(Clone, Copy, Debug)]
 pub enum AttnMask<'a> {
     /// Boolean: a nonzero byte keeps the key.
@@ -273,10 +275,12 @@ pub struct AttnShape {
     pub v: Strides,
     /// Strides of the output.
     pub o: Strides,
-    /// Mask strides between batches and heads (0 where broadcast); the mask's rows are n apart.
+    /// Mask strides between batches, heads and query rows (0 where broadcast).
     pub mask_batch: usize,
     /// See `mask_batch`.
     pub mask_head: usize,
+    /// See `mask_batch`: n, or 0 for a mask with one row for every query.
+    pub mask_row: usize,
     /// Whether the causal option is on.
     pub causal: bool,
 }
@@ -303,7 +307,7 @@ impl AttnShape {
         if self.causal && j as i64 > i as i64 + self.n as i64 - self.m as i64 {
             return None;
         }
-        let e = b * self.mask_batch + h * self.mask_head + i * self.n + j;
+        let e = b * self.mask_batch + h * self.mask_head + i * self.mask_row + j;
         match mask {
             None => Some(0.0),
             Some(HostMask::Keep(keep)) => keep[e].then_some(0.0),
@@ -365,25 +369,28 @@ pub fn attention_shape(
             "attention head dims d = {d}, dv = {dv}: at most {MAX_HEAD_DIM} supported"
         )));
     }
-    let (mask_batch, mask_head) = match mask {
-        None => (0, 0),
+    let (mask_batch, mask_head, mask_row) = match mask {
+        None => (0, 0, 0),
         Some(ms) => {
             let bad = || {
                 Error::shape(format!(
-                    "attention mask shape {ms:?} must be [m, n] = [{m}, {n}] or \
-                     [b|1, 1|hq, m, n] with b = {b}, hq = {hq}"
+                    "attention mask shape {ms:?} must be [m|1, n] = [{m}|1, {n}] or \
+                     [b|1, 1|hq, m|1, n] with b = {b}, hq = {hq}"
                 ))
             };
+            // A dimension of 1 is the same for every batch, head or query (stride 0).
+            let rows_ok = |mm: usize| mm == m || mm == 1;
+            let row = |mm: usize| if mm == 1 { 0 } else { n };
             match *ms {
-                [mm, nn] if mm == m && nn == n => (0, 0),
-                [mb, mh, mm, nn] if mm == m && nn == n && (mb == b || mb == 1) => {
+                [mm, nn] if rows_ok(mm) && nn == n => (0, 0, row(mm)),
+                [mb, mh, mm, nn] if rows_ok(mm) && nn == n && (mb == b || mb == 1) => {
                     let head = match mh {
                         1 => 0,
-                        x if x == hq => m * n,
+                        x if x == hq => mm * n,
                         _ => return Err(bad()),
                     };
-                    let batch = if mb == 1 { 0 } else { mh * m * n };
-                    (batch, head)
+                    let batch = if mb == 1 { 0 } else { mh * mm * n };
+                    (batch, head, row(mm))
                 }
                 _ => return Err(bad()),
             }
@@ -406,6 +413,7 @@ pub fn attention_shape(
         o: Strides::new(opts.layout, hq, m, dv),
         mask_batch,
         mask_head,
+        mask_row,
         causal: opts.causal,
     })
 }
@@ -489,6 +497,8 @@ struct Params {
     softcap: f32,
     bh: u32,
     ntiles: u32,
+    mask_row: u32,
+    _pad: [u32; 3],
 }
 
 /// An exact-attention kernel with fixed options; pipelines are compiled on first use and
@@ -658,6 +668,8 @@ impl Attention {
             softcap: self.opts.softcap,
             bh: u(bh),
             ntiles: 0,
+            mask_row: u(s.mask_row),
+            _pad: [0; 3],
         })?;
         // Unused bindings get small buffers of their own (a buffer bound read-only and
         // read-write in one dispatch is a usage conflict).

@@ -29,7 +29,7 @@ fn variant() -> ShaderVariant {
 /// A plan copying the first `bytes` bytes of `src` to `dst` (a multiple of 16), split into
 /// several dispatches when the buffers exceed the binding-size limit.
 pub fn plan(ctx: &Context, src: &wgpu::Buffer, dst: &wgpu::Buffer, bytes: u64) -> Result<Plan> {
-    if bytes == 0 || bytes % 16 != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(16) {
         return Err(Error::shape(format!(
             "the vec4 copy needs a positive multiple of 16 bytes, got {bytes}"
         )));

@@ -139,7 +139,8 @@ pub enum RopeScaling {
     Dynamic {
         /// s > 0.
         factor: f64,
-        /// L.
+        /// L: what Hugging Face's dynamic scaling calls `max_position_embeddings` (not its
+        /// `original_max_position_embeddings`, which only yarn and llama3 read).
         original_max: usize,
         /// The current sequence length; `None`: the largest position of the call plus one.
         current_len: Option<usize>,
@@ -161,6 +162,10 @@ pub enum RopeScaling {
         /// give (to pass here) is `g(s, mscale) / g(s, mscale_all_dim)` with
         /// `g(s, m) = 0.1 m ln(s) + 1` (1 for s <= 1).
         mscale: Option<f64>,
+        /// Round the correction range out to whole frequency indices (floor lo, ceil hi), as
+        /// the spec and Hugging Face's default `truncate: true` do; false keeps it fractional
+        /// (HF's `truncate: false`, which gpt-oss configs set). Default true.
+        truncate: bool,
     },
     /// Llama 3.1: keep high frequencies, interpolate low ones, blend in between.
     Llama3 {
@@ -211,6 +216,7 @@ impl RopeScaling {
                 beta_fast: 32.0,
                 beta_slow: 1.0,
                 mscale: None,
+                truncate: true,
             },
             "llama3" => Self::Llama3 {
                 factor: factor.unwrap_or(8.0),
@@ -342,7 +348,7 @@ impl RopeOptions {
     /// Checks the options for head dim `d` and returns the rotary dim r.
     pub fn validate(&self, d: usize) -> Result<usize> {
         let r = self.rotary_dim.unwrap_or(d);
-        if r == 0 || r % 2 != 0 || r > d {
+        if r == 0 || !r.is_multiple_of(2) || r > d {
             return Err(Error::option(format!(
                 "rope rotary_dim must be even, at least 2 and at most d = {d}, got {r}"
             )));
@@ -402,8 +408,16 @@ impl RopeOptions {
                 beta_fast,
                 beta_slow,
                 mscale,
+                truncate,
             } => {
-                let (lo, hi) = yarn_range(r, self.base, *original_max, *beta_fast, *beta_slow);
+                let (lo, hi) = yarn_range(
+                    r,
+                    self.base,
+                    *original_max,
+                    *beta_fast,
+                    *beta_slow,
+                    *truncate,
+                );
                 let theta = plain(self.base)
                     .iter()
                     .enumerate()
@@ -448,18 +462,26 @@ impl RopeOptions {
     }
 }
 
-/// YaRN's correction range (lo, hi) over the frequency index.
+/// YaRN's correction range (lo, hi) over the frequency index, rounded out to whole indices
+/// when `truncate` (see [`RopeScaling::Yarn`]).
 pub fn yarn_range(
     r: usize,
     base: f64,
     original_max: usize,
     beta_fast: f64,
     beta_slow: f64,
+    truncate: bool,
 ) -> (f64, f64) {
     let rf = r as f64;
     let corr = |x: f64| rf * (original_max as f64 / (2.0 * PI * x)).ln() / (2.0 * base.ln());
-    let lo = corr(beta_fast).floor().max(0.0);
-    let mut hi = corr(beta_slow).ceil().min(rf - 1.0);
+    let (lo, hi) = (corr(beta_fast), corr(beta_slow));
+    let (lo, hi) = if truncate {
+        (lo.floor(), hi.ceil())
+    } else {
+        (lo, hi)
+    };
+    let lo = lo.max(0.0);
+    let mut hi = hi.min(rf - 1.0);
     if lo == hi {
         hi += 0.001;
     }
