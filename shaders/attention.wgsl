@@ -94,8 +94,14 @@ fn mask_term(bi: u32, h: u32, i: u32, j: u32) -> f32 {
 fn score(dot: f32) -> f32 {
     let s = p.scale * dot;
     if (p.softcap > 0.0) {
+        let t = s / p.softcap;
+        // Below 1e-4, c tanh(s / c) is s to f32 precision (relative t^2 / 3); a huge cap would
+        // otherwise make s / c subnormal, flushed to 0, and every score 0.
+        if (abs(t) < 1e-4) {
+            return s;
+        }
         // tanh saturates in f32 well before 15; the clamp keeps every implementation finite.
-        return p.softcap * tanh(clamp(s / p.softcap, -15.0, 15.0));
+        return p.softcap * tanh(clamp(t, -15.0, 15.0));
     }
     return s;
 }

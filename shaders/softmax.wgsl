@@ -92,6 +92,13 @@ fn write_neg_inf(e: u32) {
     y[p.base + e] = elem(bitcast<f32>(NEG_INF_BITS));
 }
 
+// exp of an argument <= 0. Below -200 the result is 0 in f32 anyway; the clamp keeps finite
+// arguments below about -2.4e38 (a huge scale) from implementations whose exp returns NaN
+// there (llvmpipe's does).
+fn exp_nonpos(x: f32) -> f32 {
+    return exp(max(x, -200.0));
+}
+
 // Output of one element given row statistics: M max, S sum of exp(f (v - M)), C valid count,
 // f the exponent scale.
 fn emit(e: u32, v: f32, ok: bool, big_m: f32, big_s: f32, c: f32, f: f32) {
@@ -102,7 +109,7 @@ fn emit(e: u32, v: f32, ok: bool, big_m: f32, big_s: f32, c: f32, f: f32) {
             write_neg_inf(e);
         }
     } else if (ok && c > 0.0) {
-        write_out(e, exp(f * (v - big_m)) / big_s);
+        write_out(e, exp_nonpos(f * (v - big_m)) / big_s);
     } else {
         write_out(e, 0.0);
     }
@@ -140,7 +147,7 @@ fn softmax_row(
     var s = 0.0;
     for (var k = 0u; k < ITEMS; k++) {
         if ((valid & (1u << k)) != 0u) {
-            s += exp(f * (vals[k] - mc.x));
+            s += exp_nonpos(f * (vals[k] - mc.x));
         }
     }
     let big_s = reduce_max_sum(vec2<f32>(0.0, s), lanes).y;
@@ -179,7 +186,7 @@ fn softmax_thread_row(
     var big_s = 0.0;
     for (var j = 0u; j < p.n; j++) {
         if ((valid & (1u << j)) != 0u) {
-            big_s += exp(f * (vals[j] - mc.x));
+            big_s += exp_nonpos(f * (vals[j] - mc.x));
         }
     }
     for (var j = 0u; j < p.n; j++) {
@@ -270,10 +277,10 @@ fn tile_partials(
                 m = v;
                 s = 1.0;
             } else if (v > m) {
-                s = s * exp(f * (m - v)) + 1.0;
+                s = s * exp_nonpos(f * (m - v)) + 1.0;
                 m = v;
             } else {
-                s += exp(f * (v - m));
+                s += exp_nonpos(f * (v - m));
             }
             c += 1.0;
         }
@@ -281,7 +288,7 @@ fn tile_partials(
     let mc = reduce_max_sum(vec2<f32>(m, c), lanes);
     var scaled = 0.0;
     if (c > 0.0) {
-        scaled = s * exp(f * (m - mc.x));
+        scaled = s * exp_nonpos(f * (m - mc.x));
     }
     let big_s = reduce_max_sum(vec2<f32>(0.0, scaled), lanes).y;
     if (lid == 0u) {
@@ -314,7 +321,7 @@ fn row_merge(
     for (var t = lid; t < p.tiles; t += WG) {
         let q = partials[r * p.tiles + t];
         if (q.z > 0.0) {
-            s += q.y * exp(f * (q.x - mc.x));
+            s += q.y * exp_nonpos(f * (q.x - mc.x));
         }
     }
     let big_s = reduce_max_sum(vec2<f32>(0.0, s), lanes).y;

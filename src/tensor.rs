@@ -121,6 +121,16 @@ pub fn checked_numel(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x))
 }
 
+/// Number of elements of `what`'s shape, or a shape error when the product overflows `usize`
+/// (shape checks compare lengths with products that would otherwise wrap).
+pub fn shape_elements(what: &str, shape: &[usize]) -> Result<usize> {
+    checked_numel(shape).ok_or_else(|| {
+        Error::shape(format!(
+            "{what} shape {shape:?} has more elements than memory can address"
+        ))
+    })
+}
+
 /// Elements of a tensor shape of `dtype`: every axis at least 1, and the element and byte
 /// counts representable (a wrapped product would make a tensor smaller than its shape).
 fn tensor_len(shape: &[usize], dtype: DType) -> Result<usize> {

@@ -249,6 +249,18 @@ fn causal_with_m_less_and_greater_than_n() {
     }
 }
 
+/// A cap far above the scores leaves them unchanged (c tanh(s / c) = s): s / c used to be
+/// subnormal, flushed to 0, and every score 0.
+#[test]
+fn huge_softcap_leaves_scores() {
+    let Some(ctx) = gpu() else { return };
+    for softcap in [1e30, 3e38] {
+        let mut c = Case::new(1, 2, 1, 5, 9, 16);
+        c.opts.softcap = softcap;
+        check(ctx, &c);
+    }
+}
+
 #[test]
 fn masks_with_empty_rows_scale_and_softcap() {
     let Some(ctx) = gpu() else { return };
@@ -799,6 +811,18 @@ fn bad_input_is_an_error() {
     let kv = [1, 2, 7, 8];
     assert!(attention_shape(&q, &kv, &kv, None, &o).is_ok());
     let shape_err = |r: Result<_, Error>| matches!(r, Err(Error::Shape(_)));
+    // Element counts past usize: an error, not strides wrapped to 0.
+    let g = 1usize << 32;
+    let wide = [1, g, g, 1];
+    assert!(shape_err(attention_shape(&wide, &wide, &wide, None, &o)));
+    let tall = [1, 1, g, 1];
+    assert!(shape_err(attention_shape(
+        &tall,
+        &tall,
+        &tall,
+        Some(&[1, 1, g, g]),
+        &o
+    )));
     assert!(shape_err(attention_shape(
         &q,
         &[1, 3, 7, 8],

@@ -778,6 +778,23 @@ fn bad_input_is_an_error() {
     fn option_err<T>(r: Result<T, Error>) -> bool {
         matches!(r, Err(Error::InvalidOption(_)))
     }
+    // Dims whose products overflow usize: two values do not pass for 2^63 + 1 rows.
+    let w = (1usize << 63) + 1;
+    let two = [1.0f32, 2.0];
+    for dims in [[w, 1, 2, 2], [1, w, 2, 2]] {
+        let host = FlashHost {
+            qq: &two,
+            kq: &two,
+            ql: &two,
+            kl: &two,
+            v: &two,
+            gate: None,
+            bias: None,
+            key_mask: None,
+            dims,
+        };
+        assert!(shape_err(reference(&host, &Default::default())), "{dims:?}");
+    }
     // Bias not [C, C].
     assert!(shape_err(flash_shape(
         [qk; 4],
@@ -1406,6 +1423,23 @@ fn decoder_within_its_bindings() {
         FlashDecoder::new(&small, &opts, 2, 8, 256, false, None),
         Err(Error::LimitExceeded { .. })
     ));
+    // Chunk rows past u64 (C e = 2^64 floats) are past the binding too, not a wrapped 0.
+    let huge = FlashOptions {
+        chunk: 1 << 24,
+        ..opts.clone()
+    };
+    let err = FlashDecoder::new(&small, &huge, 1, 1, 1 << 40, false, None).map(|_| ());
+    assert!(
+        matches!(
+            err,
+            Err(Error::LimitExceeded {
+                limit: "max_storage_buffer_binding_size",
+                needed: u64::MAX,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
     // Too few storage buffers per stage: refused when the decoder is made, not at its first
     // step (as it was).
     let eight = limited_device(|l| l.max_storage_buffers_per_shader_stage = 8);

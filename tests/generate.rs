@@ -263,7 +263,7 @@ fn annealing_finds_the_exact_maximum_of_a_small_model() {
 
 #[test]
 fn bad_input_exits_2_with_one_line() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &["--template", "the ___ zeppelin ___ ."],
             "template word \"zeppelin\"",
@@ -274,8 +274,9 @@ fn bad_input_exits_2_with_one_line() {
         (&["--corpus", "/nonexistent/corpus.txt"], "reading corpus"),
         (&["--discount", "1.5"], "discount"),
         // A negative value after a space is a value, not an unknown flag.
-        (&["--t0", "-1"], "temperatures must be finite"),
-        (&["--t1", "-0.5"], "temperatures must be finite"),
+        (&["--t0", "-1"], "temperatures must be in [0, 1e30]"),
+        (&["--t1", "-0.5"], "temperatures must be in [0, 1e30]"),
+        (&["--t0", "2", "--t1", "1e31"], "temperatures must be in [0, 1e30]"),
     ];
     // The JSON echoes the temperatures as given, not as f32 widened to f64.
     let o = seqk(&[
@@ -297,4 +298,11 @@ fn bad_input_exits_2_with_one_line() {
         assert!(lines[0].contains(expected), "{args:?}: {lines:?}");
         assert!(o.stdout.is_empty(), "{args:?} printed results");
     }
+    // A temperature that float32 rounds to 0 is refused by the parser (clap's error), not
+    // run as iterated conditional modes.
+    let o = seqk(&["generate", "--cpu", "--t0", "1e-50", "--t1", "1e-50"]);
+    assert_eq!(o.status.code(), Some(2));
+    let msg = String::from_utf8_lossy(&o.stderr);
+    assert!(msg.contains("too small for float32"), "{msg}");
+    assert!(o.stdout.is_empty());
 }

@@ -1483,6 +1483,75 @@ fn mh_step_follows_the_reference_and_accepts_at_the_right_rate() {
 
 // ------------------------------------------------------------------------------ bad input
 
+/// Shapes whose element count overflows usize are shape errors in the reference, which
+/// takes any dims (a wrapped product would let two values pass for 2^63 + 1 rows); a
+/// temperature past MAX_TEMPERATURE is an option error (T times a Gumbel draw would
+/// overflow f32).
+#[test]
+fn overflowing_shapes_and_temperatures_are_errors() {
+    let w = (1usize << 63) + 1;
+    let huge = |r: Result<Vec<u32>, Error>| {
+        assert!(
+            matches!(&r, Err(Error::Shape(m)) if m.contains("more elements than memory")),
+            "{r:?}"
+        )
+    };
+    huge(reference::sample_logits(&[1.0, 2.0], &[w, 2], &Default::default()));
+    let model = HostModel {
+        unary: vec![0.0; 8],
+        unary_shape: vec![2, 4],
+        pairwise: HostPairwise::Dense(vec![0.0; 16]),
+    };
+    let mut tokens = vec![0u32; 2];
+    let r = reference::gibbs(&model, &mut tokens, &[w, 2], None, &Default::default());
+    assert!(matches!(&r, Err(Error::Shape(_))), "{:?}", r.err());
+    let mut score = vec![0.0f32; 2];
+    let r = reference::mh_step(
+        &mut [],
+        &[],
+        &[2, 1 << 63],
+        &mut score,
+        &[1.0, 1.0],
+        &[0.0, 0.0],
+        &[0.0, 0.0],
+        &MhOptions::default(),
+    );
+    assert!(
+        matches!(&r, Err(Error::Shape(m)) if m.contains("more elements than memory")),
+        "{r:?}"
+    );
+    for t in [3e38f32, 1.01e30] {
+        let sample = SampleOptions {
+            temperature: t,
+            ..Default::default()
+        };
+        assert!(matches!(sample.validate(), Err(Error::InvalidOption(_))), "{t}");
+        let gibbs = GibbsOptions {
+            temperature: t,
+            ..Default::default()
+        };
+        assert!(matches!(gibbs.validate(), Err(Error::InvalidOption(_))), "{t}");
+        let anneal = GibbsOptions {
+            anneal_to: Some(t),
+            ..Default::default()
+        };
+        assert!(matches!(anneal.validate(), Err(Error::InvalidOption(_))), "{t}");
+    }
+    let at_most = SampleOptions {
+        temperature: 1e30,
+        ..Default::default()
+    };
+    assert!(at_most.validate().is_ok());
+    // At the largest temperature the GPU's f32 draws are still the reference's tokens.
+    if let Some(ctx) = gpu() {
+        let logits = random(64 * 8, 21, -4.0, 4.0);
+        let t = ctx.upload(&logits, [64, 8]).unwrap();
+        let got = ctx.sample_logits(&t, &at_most).unwrap().download().unwrap();
+        let want = reference::sample_logits(&logits, &[64, 8], &at_most).unwrap();
+        assert_eq!(got, want);
+    }
+}
+
 #[test]
 fn bad_input_is_an_error() {
     // Shape checks shared by GPU and reference need no adapter.
@@ -1785,7 +1854,7 @@ mod cli {
             (
                 good("x.npy", "w.npy"),
                 vec!["temperature=-1"],
-                "temperature must be finite and >= 0",
+                "temperature must be in [0, 1e30]",
             ),
         ] {
             let mut args: Vec<String> = vec![

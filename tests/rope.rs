@@ -777,6 +777,36 @@ fn gpu_bf16_storage_matches_reference() {
 fn bad_options_are_errors() {
     let bad = |o: RopeOptions| reference::rope(&[0.0; 8], [1, 1, 1, 8], None, &o);
     let opt = |e: Result<Vec<f64>, Error>| matches!(e, Err(Error::InvalidOption(_)));
+    // Finite options whose frequencies or multiplier overflow: theta / 1e-320 = inf,
+    // base * (1e-300)^(r/(r-2)) = 0 (theta inf), an mscale past f32.
+    for scaling in [
+        RopeScaling::Linear { factor: 1e-320 },
+        RopeScaling::Ntk { factor: 1e-300 },
+        RopeScaling::Yarn {
+            factor: 2.0,
+            original_max: 16,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: Some(1e300),
+            truncate: true,
+        },
+    ] {
+        let got = bad(RopeOptions {
+            scaling: scaling.clone(),
+            ..Default::default()
+        });
+        let shown = format!("{got:?}");
+        assert!(opt(got), "{scaling:?}: {shown}");
+    }
+    // Dims whose product overflows usize, and no tokens at all.
+    let w = (1usize << 63) + 1;
+    let got = reference::rope(&[1.0, 2.0], [w, 1, 1, 2], None, &Default::default());
+    assert!(matches!(got, Err(Error::Shape(_))), "{got:?}");
+    let got = seq_kernels::kernels::rope::position_rows(&Default::default(), 1, 0, None);
+    assert!(
+        matches!(&got, Err(Error::Shape(m)) if m.contains("s = 0")),
+        "{got:?}"
+    );
     assert!(opt(bad(RopeOptions {
         rotary_dim: Some(5),
         ..Default::default()
@@ -1084,6 +1114,22 @@ fn gpu_bad_input_is_an_error() {
         rope.plan(&RopeTarget::in_place_view(&x, overlap), None, None),
         Err(Error::Shape(_))
     ));
+    // The stride of an axis of length 1 is never stepped along: any value gives the
+    // contiguous result (it used to be refused past u32 as a limit).
+    let host = random(4 * 3, 52, -1.0, 1.0);
+    let one = ctx.upload(&host, [1, 1, 3, 4]).unwrap();
+    let want = ctx.rope(&one, None, &d).unwrap().download().unwrap();
+    let loose = RopeView {
+        shape: [1, 1, 3, 4],
+        offset: 0,
+        strides: [1 << 40, 1 << 40, 4],
+    };
+    let one = ctx.upload(&host, [1, 1, 3, 4]).unwrap();
+    rope.plan(&RopeTarget::in_place_view(&one, loose), None, None)
+        .unwrap()
+        .run(ctx)
+        .unwrap();
+    assert_eq!(one.download().unwrap(), want);
     // 16-bit rows that do not start on whole words.
     let h = ctx.upload(&[f16::ZERO; 30], [1, 3, 2, 5]).unwrap();
     assert!(matches!(

@@ -467,6 +467,50 @@ fn small_temperature_gives_one_hot() {
     }
 }
 
+/// A scale near f32's largest takes every exponent far below -2.4e38, where some exp
+/// implementations (llvmpipe's) return NaN: the rows are still one-hot (softmax) and
+/// 0 / -huge (log-softmax) on every path (one thread, one workgroup, tiles), as the reference.
+#[test]
+fn huge_scales_give_one_hot_rows() {
+    let Some(ctx) = gpu() else { return };
+    for n in [3, 300, 70_000] {
+        let x = random(n, 5, -1.0, 1.0);
+        for scale in [3e38f32, -3e38] {
+            for log in [false, true] {
+                let opts = SoftmaxOptions {
+                    scale,
+                    log,
+                    ..Default::default()
+                };
+                let got = run(ctx, &x, &[1, n], None, &opts);
+                let want = reference::softmax(&x, &[1, n], None, &opts).unwrap();
+                assert!(got.iter().all(|v| !v.is_nan()), "n {n} scale {scale} log {log}");
+                if log {
+                    let top = want.iter().position(|&w| w == 0.0).unwrap();
+                    assert_eq!(got[top], 0.0, "n {n} scale {scale}");
+                } else {
+                    let got: Vec<f64> = got.iter().map(|&v| v as f64).collect();
+                    assert_eq!(got, want, "n {n} scale {scale}");
+                }
+            }
+        }
+    }
+}
+
+/// Shapes whose element count overflows usize are shape errors, not a wrapped product that
+/// two values could fill (the CPU reference takes any dims).
+#[test]
+fn overflowing_shapes_are_errors() {
+    let g = 1usize << 32;
+    for (x, shape) in [(&[][..], vec![g, g]), (&[1.0, 2.0][..], vec![(1usize << 63) + 1, 2, 1])] {
+        let got = reference::softmax(x, &shape, None, &Default::default());
+        assert!(
+            matches!(&got, Err(Error::Shape(m)) if m.contains("more elements than memory")),
+            "{shape:?}: {got:?}"
+        );
+    }
+}
+
 #[test]
 fn bad_input_is_an_error() {
     // Causal rows past i32 (the band j <= i + n - m is computed in i32): a named limit.

@@ -17,6 +17,7 @@ use super::{open, usage, CliError};
 use crate::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use crate::reference::random_values;
 use crate::{ChainModel, Context, ContextOptions, Gibbs, GibbsOptions, GpuTensor, Pairwise};
+use crate::kernels::gibbs::MAX_TEMPERATURE;
 
 /// The default corpus, written for this crate: short sentences about a river town.
 pub const DEFAULT_CORPUS: &str = include_str!("../../data/corpus.txt");
@@ -44,11 +45,11 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 200)]
     sweeps: u32,
     /// Temperature of the first sweep.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, value_parser = super::f32_arg)]
     t0: f32,
     /// Temperature of the last sweep (geometric annealing; equal to --t0 for a constant T,
     /// and both 0 for iterated conditional modes).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = super::f32_arg)]
     t1: f32,
     /// Seed of the random starts and of the Philox stream.
     #[arg(long, default_value_t = 0)]
@@ -484,11 +485,11 @@ pub fn run(options: &ContextOptions, args: GenerateArgs) -> Result<i32, CliError
         return Err(fail("--batch must be at least 1".into()));
     }
     let (t0, t1) = (args.t0, args.t1);
-    let finite = t0.is_finite() && t1.is_finite();
-    if !(finite && t0 >= 0.0 && t1 >= 0.0) || (t0 != t1 && (t0 == 0.0 || t1 == 0.0)) {
+    let in_range = |t: f32| (0.0..=MAX_TEMPERATURE).contains(&t);
+    if !(in_range(t0) && in_range(t1)) || (t0 != t1 && (t0 == 0.0 || t1 == 0.0)) {
         return Err(fail(format!(
-            "temperatures must be finite, and > 0 when annealing (--t0 {t0} --t1 {t1}); \
-             --t0 0 --t1 0 runs iterated conditional modes"
+            "temperatures must be in [0, {MAX_TEMPERATURE:e}], and > 0 when annealing \
+             (--t0 {t0} --t1 {t1}); --t0 0 --t1 0 runs iterated conditional modes"
         )));
     }
     let model = Bigram::from_text(&text, args.discount).map_err(fail)?;

@@ -446,6 +446,16 @@ fn outside_float_range<T: 'static>(text: &str) -> Option<String> {
     }
 }
 
+/// A float32 command-line value, refused where its text would round to inf or 0 (clap's
+/// `value_parser` for float flags: `--t0 1e-50` would otherwise run greedily).
+pub fn f32_arg(text: &str) -> Result<f32, String> {
+    let x = text.parse::<f32>().map_err(|e| format!("{text:?}: {e}"))?;
+    match outside_float_range::<f32>(text) {
+        Some(why) => Err(format!("{text} is {why}")),
+        None => Ok(x),
+    }
+}
+
 /// Inputs, options and outputs of `seqk run`, with checks that every given name was used.
 pub struct RunIo {
     inputs: BTreeMap<String, Array>,

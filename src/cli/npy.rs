@@ -101,7 +101,18 @@ pub fn read(path: &Path) -> Result<Array, String> {
         ));
     };
     let kind = (ts.type_char(), ts.size_field());
-    let elements: u64 = npy.shape().iter().product();
+    // The header's product, checked: a wrapped one would read a few values as a huge shape.
+    let fits = |n: &usize| n.checked_mul(ts.size_field() as usize).is_some();
+    let elements = match crate::tensor::checked_numel(&shape).filter(fits) {
+        _ if shape.contains(&0) => 0,
+        Some(n) => n,
+        None => {
+            return Err(format!(
+                "{}: shape {shape:?} has more elements than memory can address",
+                path.display()
+            ))
+        }
+    };
     let bad = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => format!(
             "{} ends before the {elements} elements its header declares (shape {shape:?})",

@@ -44,7 +44,7 @@ use crate::convert::{self, Storage};
 use crate::dispatch::{check_binding, check_call_aliasing, sub_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
-use crate::tensor::{data_binding, require_float, DType, Element, GpuTensor};
+use crate::tensor::{data_binding, require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
 /// The tile engine snippet (tiles of row-major matrices in workgroup memory and their
@@ -335,6 +335,10 @@ pub fn attention_shape(
                 }
             )));
         }
+        shape_elements(&format!("attention {name}"), s)?;
+    }
+    if let Some(ms) = mask {
+        shape_elements("attention mask", ms)?;
     }
     // (batch, heads, seq, dim)
     let split = |s: &[usize]| match opts.layout {

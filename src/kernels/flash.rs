@@ -54,7 +54,7 @@ use crate::error::{Error, Result};
 use crate::kernels::copy;
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
 use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
-use crate::tensor::{data_binding, require_float, DType, Element, GpuTensor};
+use crate::tensor::{data_binding, require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/flash.wgsl");
 /// Largest s (the width of qq, kq, ql, kl).
@@ -287,6 +287,7 @@ pub fn flash_shape(
                 if *name == "v" { "e" } else { "s" }
             )));
         }
+        shape_elements(&format!("flash {name}"), s)?;
     }
     let (b, n, s) = (qk[0][0], qk[0][1], qk[0][2]);
     for (name, sh) in names.iter().zip(qk).skip(1) {
@@ -1182,13 +1183,10 @@ impl FlashDecoder {
             opts,
         )?;
         let c = opts.chunk;
-        // The chunk's rows are bound whole in every step.
-        check_binding(
-            ctx,
-            "elements of the flash decoder's chunk rows",
-            (b * c * s.max(e)) as u64 * 4,
-            4,
-        )?;
+        // The chunk's rows are bound whole in every step (saturating: past u64 is past any
+        // limit).
+        let row_bytes = [b, c, s.max(e), 4].iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
+        check_binding(ctx, "elements of the flash decoder's chunk rows", row_bytes, 4)?;
         let bias = bias.map(|v| ctx.upload(v, bias_shape)).transpose()?;
         let state = ctx.scratch((b * s * e + b) as u64 * 4)?;
         let widths = [s, s, s, s, e, e];
@@ -1231,10 +1229,10 @@ impl FlashDecoder {
     pub fn step(&mut self, block: &FlashBlock<'_>, t: usize) -> Result<Vec<f32>> {
         let (b, s, e) = (self.b, self.s, self.e);
         let check = |name: &str, got: usize, width: usize| {
-            if got != b * t * width {
+            let want = shape_elements(&format!("flash decoder {name}"), &[b, t, width])?;
+            if got != want {
                 Err(Error::shape(format!(
-                    "flash decoder {name} has {got} values; expected [b, t, {width}] = {}",
-                    b * t * width
+                    "flash decoder {name} has {got} values; expected [b, t, {width}] = {want}"
                 )))
             } else {
                 Ok(())

@@ -32,7 +32,7 @@ use crate::context::Context;
 use crate::dispatch::{self, check_call_aliasing, rows_binding, sub_binding as sub, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
-use crate::tensor::{DType, Element, GpuTensor};
+use crate::tensor::{shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/gibbs.wgsl");
 /// The Philox-4x32-10 snippet (WGSL), shared by every kernel that draws random numbers.
@@ -42,6 +42,11 @@ const REDUCE_SHARED: &str = include_str!("../../shaders/reduce_shared.wgsl");
 
 /// Largest vocabulary: token indices pass through f32 in the workgroup argmax.
 pub const MAX_VOCAB: usize = 1 << 24;
+
+/// Largest sampling and Gibbs temperature. The draws add T times a Gumbel variate (at most
+/// about 17) to the logits in f32, which past about 2e37 overflows; at 1e30 the draw is
+/// already uniform over any logits below about 1e28.
+pub const MAX_TEMPERATURE: f32 = 1e30;
 /// Vocabularies up to this size take one invocation per site.
 const THREAD_MAX_VOCAB: usize = 64;
 const THREAD_WG: u32 = 64;
@@ -57,7 +62,8 @@ const FLAG_BEST_INIT: u32 = 8;
 pub struct GibbsOptions {
     /// Number of sweeps (each: even sites, then odd sites). Default 100.
     pub sweeps: u32,
-    /// Temperature of the first sweep; 0 means argmax (iterated conditional modes). Default 1.
+    /// Temperature of the first sweep; 0 means argmax (iterated conditional modes), at most
+    /// [`MAX_TEMPERATURE`]. Default 1.
     pub temperature: f32,
     /// Anneal geometrically from `temperature` to this over the sweeps (both must be > 0).
     pub anneal_to: Option<f32>,
@@ -87,16 +93,16 @@ impl GibbsOptions {
     /// Checks the options' values.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
-        if !(t >= 0.0 && t.is_finite()) {
+        if !(0.0..=MAX_TEMPERATURE).contains(&t) {
             return Err(Error::option(format!(
-                "gibbs temperature must be finite and >= 0 (0 = argmax), got {t}"
+                "gibbs temperature must be in [0, {MAX_TEMPERATURE:e}] (0 = argmax), got {t}"
             )));
         }
         if let Some(t1) = self.anneal_to {
-            if !(t > 0.0 && t1 > 0.0 && t1.is_finite()) {
+            if !(t > 0.0 && t1 > 0.0 && t1 <= MAX_TEMPERATURE) {
                 return Err(Error::option(format!(
                     "gibbs annealing goes geometrically from temperature to anneal_to, both must \
-                     be finite and > 0, got {t} -> {t1}; for a final argmax run a T = 0 pass after"
+                     be > 0 and at most {MAX_TEMPERATURE:e}, got {t} -> {t1}; for a final argmax run a T = 0 pass after"
                 )));
             }
         }
@@ -155,6 +161,8 @@ pub fn chain_shape(
             "gibbs tokens {tokens:?} need at least one chain and one site"
         )));
     }
+    shape_elements("gibbs tokens", tokens)?;
+    shape_elements("gibbs unary", unary)?;
     let (per_chain, ul, v) = match *unary {
         [ul, v] => (false, ul, v),
         [ub, ul, v] if ub == b => (true, ul, v),
@@ -629,7 +637,8 @@ pub struct GibbsOutput<T: Element> {
 /// Options of sampling from logits: temperature, then top-k, then top-p.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SampleOptions {
-    /// Temperature; 0 = greedy argmax (top-k / top-p then change nothing). Default 1.
+    /// Temperature; 0 = greedy argmax (top-k / top-p then change nothing), at most
+    /// [`MAX_TEMPERATURE`]. Default 1.
     pub temperature: f32,
     /// Keep the k largest logits (all ties of the k-th kept); 0 = off.
     pub top_k: usize,
@@ -679,9 +688,9 @@ impl SampleOptions {
     /// Checks the options' values.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
-        if !(t >= 0.0 && t.is_finite()) {
+        if !(0.0..=MAX_TEMPERATURE).contains(&t) {
             return Err(Error::option(format!(
-                "sampling temperature must be finite and >= 0 (0 = greedy), got {t}"
+                "sampling temperature must be in [0, {MAX_TEMPERATURE:e}] (0 = greedy), got {t}"
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
@@ -700,7 +709,10 @@ impl SampleOptions {
 /// Checks logits [b, V] and returns (b, V).
 pub fn logits_shape(shape: &[usize]) -> Result<(usize, usize)> {
     match *shape {
-        [b, v] if b > 0 && v > 0 && v <= MAX_VOCAB => Ok((b, v)),
+        [b, v] if b > 0 && v > 0 && v <= MAX_VOCAB => {
+            shape_elements("logits", shape)?;
+            Ok((b, v))
+        }
         _ => Err(Error::shape(format!(
             "logits must be [rows, V] with rows >= 1 and 1 <= V <= {MAX_VOCAB}, got {shape:?}"
         ))),
@@ -849,6 +861,7 @@ pub fn mh_shape(x: &[usize], y: &[usize], per_chain: &[&[usize]]) -> Result<(usi
             "MH states must be [chains, L], got {x:?}"
         )));
     };
+    shape_elements("MH states", x)?;
     if y != x {
         return Err(Error::shape(format!(
             "MH proposals {y:?} must have the states' shape {x:?}"

@@ -458,6 +458,23 @@ impl RopeOptions {
                 (theta, 1.0)
             }
         };
+        // Finite options can still overflow here (theta / 1e-320, base * 1e-300^(r/(r-2)) = 0,
+        // an mscale past f32): the table would hold inf and NaN.
+        let (theta, mscale) = &out;
+        if let Some(t) = theta.iter().find(|t| !(t.is_finite() && **t > 0.0)) {
+            return Err(Error::option(format!(
+                "rope scaling {} with base {} gives a frequency of {t}; the options are out of \
+                 range",
+                self.scaling.name(),
+                self.base
+            )));
+        }
+        if !(*mscale as f32).is_finite() || *mscale as f32 == 0.0 {
+            return Err(Error::option(format!(
+                "rope scaling {}: mscale {mscale} is outside float32's range",
+                self.scaling.name()
+            )));
+        }
         Ok(out)
     }
 }
@@ -550,6 +567,9 @@ pub fn position_rows(
     s: usize,
     positions: Option<&Positions>,
 ) -> Result<PositionRows> {
+    if s == 0 {
+        return Err(Error::shape("rope needs at least one token, got s = 0"));
+    }
     let Some(pos) = positions else {
         let last = opts.offset.checked_add(s as u64 - 1);
         if last.is_none_or(|p| p > MAX_POSITION as u64) {
@@ -648,6 +668,12 @@ impl RopeView {
             offset,
             strides: [shape[1].saturating_mul(row_stride), row_stride, shape[3]],
         }
+    }
+
+    /// The strides the shader steps by: an axis of length 1 is never stepped along, so its
+    /// stride (which may be anything) is 0 and cannot exceed the shader's u32 indices.
+    fn used_strides(&self) -> [usize; 3] {
+        std::array::from_fn(|a| if self.shape[a] == 1 { 0 } else { self.strides[a] })
     }
 
     /// One past the largest element index, or `None` past `usize` (axes at least 1).
@@ -1145,9 +1171,9 @@ impl Rope {
                             rows: u(rows as u64)?,
                             heads: u(th as u64)?,
                             src_off: u(off(&t.src_view, src))?,
-                            src_strides: st(t.src_view.strides)?,
+                            src_strides: st(t.src_view.used_strides())?,
                             dst_off: u(off(&t.dst_view, dst))?,
-                            dst_strides: st(t.dst_view.strides)?,
+                            dst_strides: st(t.dst_view.used_strides())?,
                             _pad: [0; 2],
                         },
                         src,

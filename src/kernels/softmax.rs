@@ -19,7 +19,7 @@ use crate::convert::{self, Storage};
 use crate::dispatch::{based_row_chunks, check_call_aliasing, rows_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
-use crate::tensor::{DType, Element, GpuTensor};
+use crate::tensor::{shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/softmax.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
@@ -133,7 +133,7 @@ pub fn row_shape(
         });
     }
     Ok(RowShape {
-        rows: shape.iter().product::<usize>() / n,
+        rows: shape_elements("softmax input", shape)? / n,
         n,
         m,
     })

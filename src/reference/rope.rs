@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::kernels::rope::{position_rows, Positions, RopeLayout, RopeOptions, RopeStyle};
+use crate::tensor::shape_elements;
 
 /// Rotates the dense tensor `x` of `shape` (`[b, s, h, d]` for bshd, `[b, h, s, d]` for bhsd)
 /// in f64. Features past the rotary dim are copied unchanged.
@@ -15,7 +16,7 @@ pub fn rope(
     opts: &RopeOptions,
 ) -> Result<Vec<f64>> {
     let [n0, n1, n2, d] = shape;
-    if shape.contains(&0) || x.len() != n0 * n1 * n2 * d {
+    if shape.contains(&0) || x.len() != shape_elements("rope reference", &shape)? {
         return Err(Error::shape(format!(
             "rope reference: {} values do not fill shape {shape:?}",
             x.len()
