@@ -1212,6 +1212,50 @@ fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `seqk run rope --set storage=bf16`: float32 input rounded to bf16 (numpy has none), rotated
+/// with bf16 storage; the output holds bf16 values, within bf16's rounding (4e-3 of the row
+/// scale, spec section 0) of the reference on the rounded input. A bad name is exit 2.
+#[cfg(feature = "cli")]
+#[test]
+fn seqk_run_rope_bf16_storage() {
+    use common::{load_npy, save_npy};
+    use std::process::Command;
+    let Some(_) = gpu() else { return };
+    let dir = common::scratch_dir("rope-bf16");
+    let (b, s, h, d) = (2, 5, 3, 16);
+    let x = random(b * s * h * d, 33, -2.0, 2.0);
+    save_npy(&dir.join("x.npy"), &[b as u64, s as u64, h as u64, d as u64], &x);
+    let run = |storage: &str| {
+        let out = dir.join("y.npy");
+        let o = Command::new(env!("CARGO_BIN_EXE_seqk"))
+            .args(["run", "rope", "--set", "offset=9", "--set"])
+            .arg(format!("storage={storage}"))
+            .arg("--in")
+            .arg(format!("x={}", dir.join("x.npy").display()))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        (o, out)
+    };
+    let (o, out) = run("bf16");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = load_npy::<f32>(&out).1;
+    assert!(got.iter().all(|&v| bf16::from_f32(v).to_f32() == v), "not bf16 values");
+    let rounded: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
+    let opts = RopeOptions {
+        offset: 9,
+        ..Default::default()
+    };
+    let want = reference::rope(&rounded, [b, s, h, d], None, &opts).unwrap();
+    let err = max_row_error(&got, &want, d);
+    assert!(err <= 4e-3, "bf16 storage vs reference: {err:e}");
+    let (o, _) = run("bf8");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("f32, f16 or bf16"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// `seqk run rope`: positions `[1, s]` with b > 1 serve every batch (as `[s]`); an offset with
 /// positions, negative positions and a bad rotary_dim are one-line errors (exit 2) naming the
 /// input or the head dim d, on the GPU as with `--cpu`.

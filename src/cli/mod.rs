@@ -93,7 +93,8 @@ enum Command {
         g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1). yarn's truncate=false keeps the correction \
         range fractional (HF's truncate: false). For scaling=dynamic, original_max is HF's \
         max_position_embeddings. The default layout is bshd; HF's q after transpose(1, 2) is \
-        bhsd.\n\nsample: --set temperature, top_k, top_p, \
+        bhsd. storage=f32|f16|bf16 picks the GPU storage (default: the input's; bf16 rounds \
+        float32 input as torch's .bfloat16() does).\n\nsample: --set temperature, top_k, top_p, \
         seed and step (the Philox counter's last word: a new step draws afresh with one seed).\n\n\
         attention: --set scale, causal, softcap and layout (bhsd, the default, or bshd; lse \
         stays [b, hq, m]). causal is bottom-right: query i sees key j iff j <= i + n - m \

@@ -265,7 +265,8 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
 /// Positions are `[s]`, `[1, s]` (Hugging Face's `position_ids`, the same for every batch) or
 /// `[b, s]`; `offset` is for calls without them. `mscale` is yarn's multiplier of cos and sin
 /// itself (Hugging Face's `attention_factor`), not `rope_scaling["mscale"]` (see
-/// [`RopeScaling::Yarn`]).
+/// [`RopeScaling::Yarn`]). `storage` (`f32`, `f16`, `bf16`; default the input's) is the GPU
+/// run's storage: `bf16` rounds the float32 input, as numpy has no bfloat16.
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let x = io.required(
         "x",
@@ -288,6 +289,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let low_freq_factor: Option<f64> = io.set_opt("low_freq_factor")?;
     let high_freq_factor: Option<f64> = io.set_opt("high_freq_factor")?;
     let current_len: Option<usize> = io.set_opt("current_len")?;
+    let storage_name: Option<String> = io.set_opt("storage")?;
     io.check_unused()?;
     if positions.is_some() && offset != 0 {
         return Err(usage(
@@ -394,7 +396,19 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         }
     };
     let (values, half) = x.floats("x", "[b, s, h, d] or [b, h, s, d]")?;
-    let storage = if half { Storage::F16 } else { Storage::F32 };
+    // numpy has no bfloat16: storage=bf16 rounds float32 input to it (as torch's .bfloat16()).
+    let storage = match storage_name.as_deref() {
+        None if half => Storage::F16,
+        None => Storage::F32,
+        Some(name) => [Storage::F32, Storage::F16, Storage::Bf16]
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| {
+                usage(format!(
+                    "--set storage={name}: expected f32, f16 or bf16"
+                ))
+            })?,
+    };
     let out: Vec<f32> = if io.cpu {
         let xf: Vec<f64> = values.iter().map(|&v| v as f64).collect();
         reference::rope(&xf, shape, positions.as_ref(), &opts)?

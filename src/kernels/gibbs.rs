@@ -423,6 +423,9 @@ impl Gibbs {
 
     /// The dispatches of one run (sweeps x 2 colours, plus scoring when `best` is given).
     /// `best` receives each chain's best state and score, the initial state included.
+    /// Each dispatch holds its own parameters, so host and device memory grow with `sweeps`
+    /// (about 20 KB a sweep on lavapipe): run very long chains as several plans that continue
+    /// with `first_sweep`, as `seqk generate --batch` does.
     pub fn plan<T: Element>(
         &self,
         model: &ChainModel<'_>,
