@@ -334,8 +334,8 @@ fn additive_masks_match_reference_and_equal_boolean_ones() {
 #[test]
 fn broadcast_masks_equal_the_expanded_mask() {
     let Some(ctx) = gpu() else { return };
-    // (19, 37) runs the tiled path, (2, 700) the split-key decode path.
-    for (m, n) in [(19, 37), (2, 700)] {
+    // (19, 37) runs the tiled path, (2, 1100) the split-key decode path (m <= 4, n >= 1024).
+    for (m, n) in [(19, 37), (2, 1100)] {
         broadcast_case(ctx, 2, 3, m, n);
     }
     // A row count that is neither 1 nor m is refused.

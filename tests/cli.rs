@@ -129,7 +129,7 @@ fn bad_input_exits_2_with_one_line() {
         ),
         (
             [input("x", "x.npy"), input("mask", "x.npy")].concat(),
-            "input mask has dtype float32; expected (the shape of x) bool",
+            "input mask has dtype float32; expected (the shape of x) bool or uint8",
         ),
         (
             [input("x", "x.npy"), input("mask", "m.npy")].concat(),

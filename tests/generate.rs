@@ -276,7 +276,10 @@ fn bad_input_exits_2_with_one_line() {
         // A negative value after a space is a value, not an unknown flag.
         (&["--t0", "-1"], "temperatures must be in [0, 1e30]"),
         (&["--t1", "-0.5"], "temperatures must be in [0, 1e30]"),
-        (&["--t0", "2", "--t1", "1e31"], "temperatures must be in [0, 1e30]"),
+        (
+            &["--t0", "2", "--t1", "1e31"],
+            "temperatures must be in [0, 1e30]",
+        ),
     ];
     // The JSON echoes the temperatures as given, not as f32 widened to f64.
     let o = seqk(&[

@@ -1496,7 +1496,11 @@ fn overflowing_shapes_and_temperatures_are_errors() {
             "{r:?}"
         )
     };
-    huge(reference::sample_logits(&[1.0, 2.0], &[w, 2], &Default::default()));
+    huge(reference::sample_logits(
+        &[1.0, 2.0],
+        &[w, 2],
+        &Default::default(),
+    ));
     let model = HostModel {
         unary: vec![0.0; 8],
         unary_shape: vec![2, 4],
@@ -1525,17 +1529,26 @@ fn overflowing_shapes_and_temperatures_are_errors() {
             temperature: t,
             ..Default::default()
         };
-        assert!(matches!(sample.validate(), Err(Error::InvalidOption(_))), "{t}");
+        assert!(
+            matches!(sample.validate(), Err(Error::InvalidOption(_))),
+            "{t}"
+        );
         let gibbs = GibbsOptions {
             temperature: t,
             ..Default::default()
         };
-        assert!(matches!(gibbs.validate(), Err(Error::InvalidOption(_))), "{t}");
+        assert!(
+            matches!(gibbs.validate(), Err(Error::InvalidOption(_))),
+            "{t}"
+        );
         let anneal = GibbsOptions {
             anneal_to: Some(t),
             ..Default::default()
         };
-        assert!(matches!(anneal.validate(), Err(Error::InvalidOption(_))), "{t}");
+        assert!(
+            matches!(anneal.validate(), Err(Error::InvalidOption(_))),
+            "{t}"
+        );
     }
     let at_most = SampleOptions {
         temperature: 1e30,

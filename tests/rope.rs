@@ -1130,6 +1130,22 @@ fn gpu_bad_input_is_an_error() {
         .run(ctx)
         .unwrap();
     assert_eq!(one.download().unwrap(), want);
+    // With 16-bit storage odd strides of length-1 axes are not rows off whole words either.
+    let half: Vec<f16> = host.iter().map(|&v| f16::from_f32(v)).collect();
+    let one = ctx.upload(&half, [1, 1, 3, 4]).unwrap();
+    let want = ctx.rope(&one, None, &d).unwrap().download().unwrap();
+    let odd = RopeView {
+        strides: [7, 5, 4],
+        ..loose
+    };
+    let one = ctx.upload(&half, [1, 1, 3, 4]).unwrap();
+    Rope::new(ctx, &d)
+        .unwrap()
+        .plan(&RopeTarget::in_place_view(&one, odd), None, None)
+        .unwrap()
+        .run(ctx)
+        .unwrap();
+    assert_eq!(one.download().unwrap(), want);
     // 16-bit rows that do not start on whole words.
     let h = ctx.upload(&[f16::ZERO; 30], [1, 3, 2, 5]).unwrap();
     assert!(matches!(
@@ -1224,12 +1240,17 @@ fn seqk_run_rope_bf16_storage() {
     let dir = common::scratch_dir("rope-bf16");
     let (b, s, h, d) = (2, 5, 3, 16);
     let x = random(b * s * h * d, 33, -2.0, 2.0);
-    save_npy(&dir.join("x.npy"), &[b as u64, s as u64, h as u64, d as u64], &x);
-    let run = |storage: &str| {
+    save_npy(
+        &dir.join("x.npy"),
+        &[b as u64, s as u64, h as u64, d as u64],
+        &x,
+    );
+    let run = |storage: &str, cpu: bool| {
         let out = dir.join("y.npy");
         let o = Command::new(env!("CARGO_BIN_EXE_seqk"))
             .args(["run", "rope", "--set", "offset=9", "--set"])
             .arg(format!("storage={storage}"))
+            .args(cpu.then_some("--cpu"))
             .arg("--in")
             .arg(format!("x={}", dir.join("x.npy").display()))
             .arg("--out")
@@ -1238,10 +1259,13 @@ fn seqk_run_rope_bf16_storage() {
             .unwrap();
         (o, out)
     };
-    let (o, out) = run("bf16");
+    let (o, out) = run("bf16", false);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = load_npy::<f32>(&out).1;
-    assert!(got.iter().all(|&v| bf16::from_f32(v).to_f32() == v), "not bf16 values");
+    assert!(
+        got.iter().all(|&v| bf16::from_f32(v).to_f32() == v),
+        "not bf16 values"
+    );
     let rounded: Vec<f64> = x.iter().map(|&v| bf16::from_f32(v).to_f64()).collect();
     let opts = RopeOptions {
         offset: 9,
@@ -1250,7 +1274,12 @@ fn seqk_run_rope_bf16_storage() {
     let want = reference::rope(&rounded, [b, s, h, d], None, &opts).unwrap();
     let err = max_row_error(&got, &want, d);
     assert!(err <= 4e-3, "bf16 storage vs reference: {err:e}");
-    let (o, _) = run("bf8");
+    // --cpu rounds the input the same way: the reference's result, in f32.
+    let (o, out) = run("bf16", true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cpu = load_npy::<f32>(&out).1;
+    assert_eq!(cpu, want.iter().map(|&v| v as f32).collect::<Vec<_>>());
+    let (o, _) = run("bf8", false);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("f32, f16 or bf16"));
     std::fs::remove_dir_all(&dir).ok();

@@ -484,7 +484,10 @@ fn huge_scales_give_one_hot_rows() {
                 };
                 let got = run(ctx, &x, &[1, n], None, &opts);
                 let want = reference::softmax(&x, &[1, n], None, &opts).unwrap();
-                assert!(got.iter().all(|v| !v.is_nan()), "n {n} scale {scale} log {log}");
+                assert!(
+                    got.iter().all(|v| !v.is_nan()),
+                    "n {n} scale {scale} log {log}"
+                );
                 if log {
                     let top = want.iter().position(|&w| w == 0.0).unwrap();
                     assert_eq!(got[top], 0.0, "n {n} scale {scale}");
@@ -502,7 +505,10 @@ fn huge_scales_give_one_hot_rows() {
 #[test]
 fn overflowing_shapes_are_errors() {
     let g = 1usize << 32;
-    for (x, shape) in [(&[][..], vec![g, g]), (&[1.0, 2.0][..], vec![(1usize << 63) + 1, 2, 1])] {
+    for (x, shape) in [
+        (&[][..], vec![g, g]),
+        (&[1.0, 2.0][..], vec![(1usize << 63) + 1, 2, 1]),
+    ] {
         let got = reference::softmax(x, &shape, None, &Default::default());
         assert!(
             matches!(&got, Err(Error::Shape(m)) if m.contains("more elements than memory")),

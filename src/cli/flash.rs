@@ -475,7 +475,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let v = io.required("v", "[b, n, e] float32 or float16")?;
     let gate = io.input("gate", "[b, n, e] float32 or float16")?;
     let bias = io.input("bias", "[C, C] float32 or float16")?;
-    let mask = io.input("key_mask", "[b, n] bool")?;
+    let mask = io.input("key_mask", "[b, n] bool or uint8")?;
     let chunk: usize = io.set("chunk", 256)?;
     let rope = io.set("rope", false)?;
     let base: Option<f64> = io.set_opt("base")?;

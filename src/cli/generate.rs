@@ -14,10 +14,10 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use super::{open, usage, CliError};
+use crate::kernels::gibbs::MAX_TEMPERATURE;
 use crate::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use crate::reference::random_values;
 use crate::{ChainModel, Context, ContextOptions, Gibbs, GibbsOptions, GpuTensor, Pairwise};
-use crate::kernels::gibbs::MAX_TEMPERATURE;
 
 /// The default corpus, written for this crate: short sentences about a river town.
 pub const DEFAULT_CORPUS: &str = include_str!("../../data/corpus.txt");

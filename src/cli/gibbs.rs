@@ -432,7 +432,7 @@ fn ints(a: Array, name: &str, vocab: usize) -> Result<Vec<u32>, CliError> {
         Data::U8(v) => v.into_iter().map(i64::from).collect(),
         other => {
             return Err(usage(format!(
-                "input {name} has dtype {}; expected int32 or int64 tokens",
+                "input {name} has dtype {}; expected int32, int64 or uint8 tokens",
                 other.dtype_name()
             )))
         }
@@ -458,12 +458,12 @@ fn token_array(shape: Vec<usize>, t: &[u32]) -> Array {
 /// --out X1.npy [--out2 best=B.npy] [--out2 best_score=S.npy] [--set sweeps=..]`;
 /// `--in pair_a=A.npy --in pair_b=B.npy` give a factorised W = A B^T instead of `pairwise`.
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
-    let unary = io.required("unary", "[L, V] or [b, L, V] float32")?;
-    let pairwise = io.input("pairwise", "[V, V] float32")?;
-    let pair_a = io.input("pair_a", "[V, r] float32")?;
-    let pair_b = io.input("pair_b", "[V, r] float32")?;
-    let init = io.required("init", "[b, L] int32")?;
-    let clamp = io.input("clamp", "[L] or [b, L] bool")?;
+    let unary = io.required("unary", "[L, V] or [b, L, V] float32 or float16")?;
+    let pairwise = io.input("pairwise", "[V, V] float32 or float16")?;
+    let pair_a = io.input("pair_a", "[V, r] float32 or float16")?;
+    let pair_b = io.input("pair_b", "[V, r] float32 or float16")?;
+    let init = io.required("init", "[b, L] int32, int64 or uint8")?;
+    let clamp = io.input("clamp", "[L] or [b, L] bool or uint8")?;
     // Both asked about (no short circuit), so check_unused knows both names.
     let (best, best_score) = (io.wants_out2("best"), io.wants_out2("best_score"));
     let opts = GibbsOptions {
@@ -553,7 +553,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
 /// `seqk run sample --in logits=L.npy --out T.npy [--set temperature=1 top_k=0 top_p=1 seed=0
 /// step=0]`
 pub fn run_sample(io: &mut RunIo) -> Result<(), CliError> {
-    let logits = io.required("logits", "[b, V] float32")?;
+    let logits = io.required("logits", "[b, V] float32 or float16")?;
     let opts = SampleOptions {
         temperature: io.set("temperature", 1.0)?,
         top_k: io.set("top_k", 0)?,

@@ -1,7 +1,7 @@
 //! .npy input and output for `seqk run` (C order only).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufReader, BufWriter, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use half::f16;
@@ -73,17 +73,68 @@ impl Array {
             Data::Bool(v) => Ok(v),
             Data::U8(v) => Ok(v.into_iter().map(|b| b != 0).collect()),
             other => Err(usage(format!(
-                "input {name} has dtype {}; expected {shape} bool",
+                "input {name} has dtype {}; expected {shape} bool or uint8",
                 other.dtype_name()
             ))),
         }
     }
 }
 
+/// Refuses a header whose shape has more elements than memory can address, before npyz
+/// reads it: npyz multiplies the dims unchecked (a panic in debug builds, a wrapped count that
+/// a few values fill in release). Headers this cannot read are left to npyz's own errors.
+/// `head` is the file's first 64 KiB (magic, version, length, then a header of at most a few
+/// KiB in practice).
+fn check_declared_shape(path: &Path, head: &[u8]) -> Result<(), String> {
+    if !head.starts_with(b"\x93NUMPY") {
+        return Ok(());
+    }
+    let (len, start) = match head.get(6) {
+        Some(1) if head.len() >= 10 => (u16::from_le_bytes([head[8], head[9]]) as usize, 10),
+        Some(2 | 3) if head.len() >= 12 => (
+            u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize,
+            12,
+        ),
+        _ => return Ok(()),
+    };
+    let Some(text) = head.get(start..start + len).map(String::from_utf8_lossy) else {
+        return Ok(());
+    };
+    let Some(tuple) = text
+        .split_once("'shape'")
+        .and_then(|(_, rest)| rest.split_once('('))
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(dims, _)| dims)
+    else {
+        return Ok(());
+    };
+    let dims: Option<Vec<usize>> = tuple
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.trim_end_matches('L').parse().ok())
+        .collect();
+    let Some(dims) = dims else { return Ok(()) };
+    if dims.contains(&0) || crate::tensor::checked_numel(&dims).is_some() {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: shape {dims:?} has more elements than memory can address",
+        path.display()
+    ))
+}
+
 /// Reads a C-order .npy file of f32, f16, i32, i64, bool or u8; other plain dtypes are kept
 /// by name only (`Data::Other`), refused where an input is used.
 pub fn read(path: &Path) -> Result<Array, String> {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut head = Vec::new();
+    std::io::Read::by_ref(&mut file)
+        .take(1 << 16)
+        .read_to_end(&mut head)
+        .and_then(|_| file.rewind())
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    check_declared_shape(path, &head)?;
     let npy = npyz::NpyFile::new(BufReader::new(file))
         .map_err(|e| format!("{} is not an .npy file: {e}", path.display()))?;
     if npy.order() != npyz::Order::C {

@@ -265,8 +265,9 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
 /// Positions are `[s]`, `[1, s]` (Hugging Face's `position_ids`, the same for every batch) or
 /// `[b, s]`; `offset` is for calls without them. `mscale` is yarn's multiplier of cos and sin
 /// itself (Hugging Face's `attention_factor`), not `rope_scaling["mscale"]` (see
-/// [`RopeScaling::Yarn`]). `storage` (`f32`, `f16`, `bf16`; default the input's) is the GPU
-/// run's storage: `bf16` rounds the float32 input, as numpy has no bfloat16.
+/// [`RopeScaling::Yarn`]). `storage` (`f32`, `f16`, `bf16`; default the input's) rounds the
+/// input to that type (numpy has no bfloat16), for the GPU run and `--cpu` alike; the GPU
+/// also stores its output in it.
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let x = io.required(
         "x",
@@ -403,13 +404,12 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         Some(name) => [Storage::F32, Storage::F16, Storage::Bf16]
             .into_iter()
             .find(|s| s.name() == name)
-            .ok_or_else(|| {
-                usage(format!(
-                    "--set storage={name}: expected f32, f16 or bf16"
-                ))
-            })?,
+            .ok_or_else(|| usage(format!("--set storage={name}: expected f32, f16 or bf16")))?,
     };
     let out: Vec<f32> = if io.cpu {
+        // The reference takes the input as the storage holds it (bf16 or f16 rounded).
+        let mut values = values;
+        storage.round(&mut values);
         let xf: Vec<f64> = values.iter().map(|&v| v as f64).collect();
         reference::rope(&xf, shape, positions.as_ref(), &opts)?
             .iter()

@@ -183,7 +183,7 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
 /// `seqk run softmax --in x=X.npy [--in mask=M.npy] --out Y.npy [--set ...]`
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let x = io.required("x", "[.., n] float32 or float16")?;
-    let mask = io.input("mask", "(the shape of x) bool")?;
+    let mask = io.input("mask", "(the shape of x) bool or uint8")?;
     let opts = SoftmaxOptions {
         temperature: io.set("temperature", 1.0)?,
         scale: io.set("scale", 1.0)?,

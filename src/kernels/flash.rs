@@ -1185,8 +1185,15 @@ impl FlashDecoder {
         let c = opts.chunk;
         // The chunk's rows are bound whole in every step (saturating: past u64 is past any
         // limit).
-        let row_bytes = [b, c, s.max(e), 4].iter().fold(1u64, |a, &x| a.saturating_mul(x as u64));
-        check_binding(ctx, "elements of the flash decoder's chunk rows", row_bytes, 4)?;
+        let row_bytes = [b, c, s.max(e), 4]
+            .iter()
+            .fold(1u64, |a, &x| a.saturating_mul(x as u64));
+        check_binding(
+            ctx,
+            "elements of the flash decoder's chunk rows",
+            row_bytes,
+            4,
+        )?;
         let bias = bias.map(|v| ctx.upload(v, bias_shape)).transpose()?;
         let state = ctx.scratch((b * s * e + b) as u64 * 4)?;
         let widths = [s, s, s, s, e, e];

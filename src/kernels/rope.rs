@@ -673,7 +673,13 @@ impl RopeView {
     /// The strides the shader steps by: an axis of length 1 is never stepped along, so its
     /// stride (which may be anything) is 0 and cannot exceed the shader's u32 indices.
     fn used_strides(&self) -> [usize; 3] {
-        std::array::from_fn(|a| if self.shape[a] == 1 { 0 } else { self.strides[a] })
+        std::array::from_fn(|a| {
+            if self.shape[a] == 1 {
+                0
+            } else {
+                self.strides[a]
+            }
+        })
     }
 
     /// One past the largest element index, or `None` past `usize` (axes at least 1).
@@ -951,10 +957,12 @@ impl Rope {
         if packed {
             for t in &targets {
                 for v in [&t.src_view, &t.dst_view] {
-                    if d % 2 != 0 || v.offset % 2 != 0 || v.strides.iter().any(|s| s % 2 != 0) {
+                    let strides = v.used_strides();
+                    if d % 2 != 0 || v.offset % 2 != 0 || strides.iter().any(|s| s % 2 != 0) {
                         return Err(Error::shape(format!(
                             "rope with {} storage needs rows on whole 32-bit words: even d, offset \
-                             and strides; got d = {d}, offset {}, strides {:?}",
+                             and strides (of axes longer than 1); got d = {d}, offset {}, \
+                             strides {:?}",
                             T::DTYPE.name(),
                             v.offset,
                             v.strides
