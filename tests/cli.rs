@@ -101,21 +101,29 @@ fn bad_input_exits_2_with_one_line() {
     // x.npy less its last element.
     let bytes = std::fs::read(d.join("x.npy")).unwrap();
     std::fs::write(d.join("short.npy"), &bytes[..bytes.len() - 4]).unwrap();
-    // A header whose element count wraps u64 to 2 ((2^63 + 1) x 2), with 2 values.
-    let wrapped = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, 2), }}",
-        (1u64 << 63) + 1
+    // Headers whose element count wraps u64 to 2 ((2^63 + 1) x 2), with 2 values; numpy's
+    // quotes and double quotes (unchecked, a debug build panicked in npyz's header product).
+    let wrapped = |dict: String, name: &str| {
+        let mut header = dict.into_bytes();
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(b' ');
+        }
+        header.push(b'\n');
+        let mut file = b"\x93NUMPY\x01\x00".to_vec();
+        file.extend((header.len() as u16).to_le_bytes());
+        file.extend(header);
+        file.extend([1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()));
+        std::fs::write(d.join(name), file).unwrap();
+    };
+    let big = (1u64 << 63) + 1;
+    wrapped(
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({big}, 2), }}"),
+        "wrapped.npy",
     );
-    let mut header = wrapped.into_bytes();
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(b' ');
-    }
-    header.push(b'\n');
-    let mut file = b"\x93NUMPY\x01\x00".to_vec();
-    file.extend((header.len() as u16).to_le_bytes());
-    file.extend(header);
-    file.extend([1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()));
-    std::fs::write(d.join("wrapped.npy"), file).unwrap();
+    wrapped(
+        format!("{{\"descr\": \"<f4\", \"fortran_order\": False, \"shape\": ({big}, 2)}}"),
+        "wrapped2.npy",
+    );
     let p = |f: &str| d.join(f).display().to_string();
     let out = p("out.npy");
     let input = |name: &str, file: &str| vec!["--in".to_string(), format!("{name}={}", p(file))];
@@ -152,6 +160,10 @@ fn bad_input_exits_2_with_one_line() {
         ),
         (
             input("x", "wrapped.npy"),
+            "shape [9223372036854775809, 2] has more elements than memory can address",
+        ),
+        (
+            input("x", "wrapped2.npy"),
             "shape [9223372036854775809, 2] has more elements than memory can address",
         ),
     ];

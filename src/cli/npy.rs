@@ -100,9 +100,10 @@ fn check_declared_shape(path: &Path, head: &[u8]) -> Result<(), String> {
     let Some(text) = head.get(start..start + len).map(String::from_utf8_lossy) else {
         return Ok(());
     };
-    let Some(tuple) = text
-        .split_once("'shape'")
-        .and_then(|(_, rest)| rest.split_once('('))
+    let key = text.find("'shape'").or_else(|| text.find("\"shape\""));
+    let Some(tuple) = key
+        .map(|at| &text[at + 7..])
+        .and_then(|rest| rest.split_once('('))
         .and_then(|(_, rest)| rest.split_once(')'))
         .map(|(dims, _)| dims)
     else {
