@@ -105,7 +105,7 @@ fn bad_input_exits_2_with_one_line() {
     // quotes and double quotes (unchecked, a debug build panicked in npyz's header product).
     let wrapped = |dict: String, name: &str| {
         let mut header = dict.into_bytes();
-        while (10 + header.len() + 1) % 64 != 0 {
+        while !(10 + header.len() + 1).is_multiple_of(64) {
             header.push(b' ');
         }
         header.push(b'\n');
