@@ -122,8 +122,9 @@ pub fn checked_numel(shape: &[usize]) -> Option<usize> {
 }
 
 /// Number of elements of `what`'s shape, or a shape error when the product overflows `usize`
-/// (shape checks compare lengths with products that would otherwise wrap).
-pub fn shape_elements(what: &str, shape: &[usize]) -> Result<usize> {
+/// (shape checks compare lengths with products that would otherwise wrap). `what` is only
+/// formatted on error (pass `format_args!` for a composed name).
+pub fn shape_elements(what: impl std::fmt::Display, shape: &[usize]) -> Result<usize> {
     checked_numel(shape).ok_or_else(|| {
         Error::shape(format!(
             "{what} shape {shape:?} has more elements than memory can address"
@@ -139,16 +140,13 @@ fn tensor_len(shape: &[usize], dtype: DType) -> Result<usize> {
             "tensor shape {shape:?} is empty; every dimension must be at least 1"
         )));
     }
-    checked_numel(shape)
-        .filter(|n| {
-            n.checked_mul(dtype.size())
-                .is_some_and(|b| b <= isize::MAX as usize)
-        })
-        .ok_or_else(|| {
-            Error::shape(format!(
-                "tensor shape {shape:?} has more elements than memory can address"
-            ))
-        })
+    let n = shape_elements("tensor", shape)?;
+    match n.checked_mul(dtype.size()) {
+        Some(bytes) if bytes <= isize::MAX as usize => Ok(n),
+        _ => Err(Error::shape(format!(
+            "tensor shape {shape:?} has more bytes than memory can address"
+        ))),
+    }
 }
 
 /// Bytes of a buffer holding `n` elements of `dtype`, padded to a whole word (at least one).

@@ -335,7 +335,7 @@ pub fn attention_shape(
                 }
             )));
         }
-        shape_elements(&format!("attention {name}"), s)?;
+        shape_elements(format_args!("attention {name}"), s)?;
     }
     if let Some(ms) = mask {
         shape_elements("attention mask", ms)?;

@@ -287,7 +287,7 @@ pub fn flash_shape(
                 if *name == "v" { "e" } else { "s" }
             )));
         }
-        shape_elements(&format!("flash {name}"), s)?;
+        shape_elements(format_args!("flash {name}"), s)?;
     }
     let (b, n, s) = (qk[0][0], qk[0][1], qk[0][2]);
     for (name, sh) in names.iter().zip(qk).skip(1) {
@@ -1236,7 +1236,7 @@ impl FlashDecoder {
     pub fn step(&mut self, block: &FlashBlock<'_>, t: usize) -> Result<Vec<f32>> {
         let (b, s, e) = (self.b, self.s, self.e);
         let check = |name: &str, got: usize, width: usize| {
-            let want = shape_elements(&format!("flash decoder {name}"), &[b, t, width])?;
+            let want = shape_elements(format_args!("flash decoder {name}"), &[b, t, width])?;
             if got != want {
                 Err(Error::shape(format!(
                     "flash decoder {name} has {got} values; expected [b, t, {width}] = {want}"

@@ -102,7 +102,8 @@ impl GibbsOptions {
             if !(t > 0.0 && t1 > 0.0 && t1 <= MAX_TEMPERATURE) {
                 return Err(Error::option(format!(
                     "gibbs annealing goes geometrically from temperature to anneal_to, both must \
-                     be > 0 and at most {MAX_TEMPERATURE:e}, got {t} -> {t1}; for a final argmax run a T = 0 pass after"
+                     be > 0 and at most {MAX_TEMPERATURE:e}, got {t} -> {t1}; for a final \
+                     argmax run a T = 0 pass after"
                 )));
             }
         }
