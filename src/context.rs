@@ -435,8 +435,35 @@ impl Context {
     /// A uniform buffer holding `value` (padded to 16 bytes).
     pub fn uniform<T: bytemuck::Pod>(&self, value: &T) -> Result<wgpu::Buffer> {
         let mut bytes = bytemuck::bytes_of(value).to_vec();
-        bytes.resize(bytes.len().div_ceil(16).max(1) * 16, 0);
+        bytes.resize(uniform_size::<T>() as usize, 0);
         self.buffer_from(&bytes, wgpu::BufferUsages::UNIFORM)
+    }
+
+    /// One uniform buffer holding every value of `values`, each at its own offset aligned as
+    /// the device requires: a plan of thousands of dispatches then allocates and writes one
+    /// buffer instead of one each.
+    pub fn uniform_slots<T: bytemuck::Pod>(&self, values: &[T]) -> Result<UniformSlots> {
+        let size = uniform_size::<T>();
+        let align = self.limits().min_uniform_buffer_offset_alignment.max(1) as u64;
+        let stride = size.div_ceil(align) * align;
+        let total = stride
+            .checked_mul(values.len().max(1) as u64)
+            .filter(|&t| t <= self.limits().max_buffer_size)
+            .ok_or(Error::LimitExceeded {
+                limit: "max_buffer_size",
+                needed: stride.saturating_mul(values.len() as u64),
+                max: self.limits().max_buffer_size,
+            })?;
+        let mut bytes = vec![0u8; total as usize];
+        for (i, v) in values.iter().enumerate() {
+            let at = i * stride as usize;
+            bytes[at..at + size_of::<T>()].copy_from_slice(bytemuck::bytes_of(v));
+        }
+        Ok(UniformSlots {
+            buffer: self.buffer_from(&bytes, wgpu::BufferUsages::UNIFORM)?,
+            stride,
+            size,
+        })
     }
 
     /// A scratch storage buffer of at least `bytes` bytes (rounded up to whole words).
@@ -502,6 +529,33 @@ impl Context {
         self.inner
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+    }
+}
+
+/// Bytes a uniform value of type `T` takes: WGSL rounds uniform structs up to 16 bytes.
+fn uniform_size<T>() -> u64 {
+    (size_of::<T>().div_ceil(16).max(1) * 16) as u64
+}
+
+/// Uniform values in one buffer ([`Context::uniform_slots`]), bound one at a time.
+pub struct UniformSlots {
+    buffer: wgpu::Buffer,
+    stride: u64,
+    size: u64,
+}
+
+impl UniformSlots {
+    /// The binding of value `i` (past the end, making a bind group of it fails).
+    pub fn binding(&self, i: usize) -> wgpu::BufferBinding<'_> {
+        wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: i as u64 * self.stride,
+            size: std::num::NonZeroU64::new(self.size),
+        }
+    }
+    /// The buffer, to keep it alive as long as the bind groups that use it.
+    pub fn into_buffer(self) -> wgpu::Buffer {
+        self.buffer
     }
 }
 

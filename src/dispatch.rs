@@ -8,7 +8,8 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::shader::{Access, Declared, ShaderVariant};
 
-/// One dispatch: a pipeline, its bind group and a folded grid.
+/// One dispatch: a pipeline, its bind group and a folded grid. A clone repeats the dispatch.
+#[derive(Clone)]
 pub struct Step {
     /// The context whose device the pipeline and bind group belong to.
     ctx: Context,

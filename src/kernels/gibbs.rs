@@ -424,9 +424,10 @@ impl Gibbs {
 
     /// The dispatches of one run (sweeps x 2 colours, plus scoring when `best` is given).
     /// `best` receives each chain's best state and score, the initial state included.
-    /// Each dispatch holds its own parameters, so host and device memory grow with `sweeps`
-    /// (about 20 KB a sweep on lavapipe): run very long chains as several plans that continue
-    /// with `first_sweep`, as `seqk generate --batch` does.
+    /// The parameters of all dispatches share one buffer, but each dispatch has its own bind
+    /// group, so memory still grows with `sweeps`: on lavapipe about 2.6 KB a sweep for the
+    /// plan and 4 KB once it has run (20,000 sweeps: 52 and 80 MB). Run very long chains as
+    /// several plans that continue with `first_sweep`, as `seqk generate --batch` does.
     pub fn plan<T: Element>(
         &self,
         model: &ChainModel<'_>,
@@ -537,94 +538,105 @@ impl Gibbs {
         };
         let score_v = variant(subgroups, "chain_score", THREAD_WG);
 
-        let dispatch = |plan: &mut Plan, p: Params, score: bool| -> Result<()> {
-            for rows in &chunks {
-                let n = rows.end - rows.start;
-                let params = ctx.uniform(&Params {
-                    chains: n as u32,
-                    chain_offset: rows.start as u32,
-                    ..p
-                })?;
-                let u_b = if s.unary_per_chain {
-                    sub(model.unary.buffer(), rows.start * l * v * 4, n * l * v * 4)
-                } else {
-                    model.unary.binding()
-                };
-                let t_b = sub(tokens.buffer(), rows.start * l * 4, n * l * 4);
-                let c_b = match (clamp, s.clamp) {
-                    (Some(c), Some(true)) => sub(c.buffer(), rows.start * l, n * l),
-                    (Some(c), _) => c.binding(),
-                    _ => dummy.as_entire_buffer_binding(),
-                };
-                let p_b = params.as_entire_buffer_binding();
-                if let (true, Some((bt, bs))) = (score, best) {
-                    let bindings = [
-                        (0, u_b),
-                        (1, pa.clone()),
-                        (2, pb.clone()),
-                        (3, t_b),
-                        (5, p_b),
-                        (6, sub(bt.buffer(), rows.start * l * 4, n * l * 4)),
-                        (7, sub(bs.buffer(), 0, b * 4)),
-                    ];
-                    plan.push(Step::new(
-                        ctx,
-                        &score_v,
-                        &bindings,
-                        n.div_ceil(THREAD_WG as u64),
-                    )?);
-                } else {
-                    let units = n * p.sites as u64;
-                    let bindings = [
-                        (0, u_b),
-                        (1, pa.clone()),
-                        (2, pb.clone()),
-                        (3, t_b),
-                        (4, c_b),
-                        (5, p_b),
-                    ];
-                    let groups = if group {
-                        units
-                    } else {
-                        units.div_ceil(THREAD_WG as u64)
-                    };
-                    plan.push(Step::new(ctx, &sweep_v, &bindings, groups)?);
-                }
-                plan.keep(params);
-            }
-            Ok(())
+        // Every dispatch's parameters, chunk by chunk, in one uniform buffer: with `best`,
+        // the initial scoring and the scoring after each sweep (the same every sweep), then
+        // each sweep's colours. A colour without sites (L = 1) is left out.
+        let per_chunk = |p: Params| {
+            chunks.iter().map(move |rows| Params {
+                chains: (rows.end - rows.start) as u32,
+                chain_offset: rows.start as u32,
+                ..p
+            })
         };
-
+        let mut values = Vec::new();
         if best.is_some() {
-            dispatch(
-                &mut plan,
-                Params {
-                    flags: flags | FLAG_BEST_INIT,
-                    ..base
-                },
-                true,
-            )?;
+            values.extend(per_chunk(Params {
+                flags: flags | FLAG_BEST_INIT,
+                ..base
+            }));
+            values.extend(per_chunk(base));
         }
+        let colours = if l >= 2 { 2 } else { 1 };
         for sweep in 0..self.opts.sweeps {
             let temperature = self.opts.temperature_at(sweep);
-            for parity in 0..2u32 {
-                let sites = (l as u32 + 1 - parity) / 2;
-                if sites == 0 {
-                    continue;
-                }
-                let p = Params {
+            for parity in 0..colours {
+                values.extend(per_chunk(Params {
                     parity,
-                    sites,
+                    sites: (l as u32 + 1 - parity) / 2,
                     sweep: self.opts.first_sweep + sweep,
                     temperature,
                     ..base
-                };
-                dispatch(&mut plan, p, false)?;
-            }
-            if best.is_some() {
-                dispatch(&mut plan, base, true)?;
+                }));
             }
         }
+        let slots = ctx.uniform_slots(&values)?;
+
+        // The dispatch of slot `slot`, for the chains `rows`.
+        let step = |slot: usize, rows: &Range<u64>, score: bool| -> Result<Step> {
+            let n = rows.end - rows.start;
+            let u_b = if s.unary_per_chain {
+                sub(model.unary.buffer(), rows.start * l * v * 4, n * l * v * 4)
+            } else {
+                model.unary.binding()
+            };
+            let t_b = sub(tokens.buffer(), rows.start * l * 4, n * l * 4);
+            let p_b = slots.binding(slot);
+            if let (true, Some((bt, bs))) = (score, best) {
+                let bindings = [
+                    (0, u_b),
+                    (1, pa.clone()),
+                    (2, pb.clone()),
+                    (3, t_b),
+                    (5, p_b),
+                    (6, sub(bt.buffer(), rows.start * l * 4, n * l * 4)),
+                    (7, sub(bs.buffer(), 0, b * 4)),
+                ];
+                return Step::new(ctx, &score_v, &bindings, n.div_ceil(THREAD_WG as u64));
+            }
+            let c_b = match (clamp, s.clamp) {
+                (Some(c), Some(true)) => sub(c.buffer(), rows.start * l, n * l),
+                (Some(c), _) => c.binding(),
+                _ => dummy.as_entire_buffer_binding(),
+            };
+            let bindings = [
+                (0, u_b),
+                (1, pa.clone()),
+                (2, pb.clone()),
+                (3, t_b),
+                (4, c_b),
+                (5, p_b),
+            ];
+            let units = n * values[slot].sites as u64;
+            let groups = if group {
+                units
+            } else {
+                units.div_ceil(THREAD_WG as u64)
+            };
+            Step::new(ctx, &sweep_v, &bindings, groups)
+        };
+
+        let c = chunks.len();
+        let mut next = 0;
+        let mut score_steps = Vec::new();
+        if best.is_some() {
+            for (i, rows) in chunks.iter().enumerate() {
+                plan.push(step(i, rows, true)?);
+                score_steps.push(step(c + i, rows, true)?);
+            }
+            next = 2 * c;
+        }
+        for _ in 0..self.opts.sweeps {
+            for _ in 0..colours {
+                for (i, rows) in chunks.iter().enumerate() {
+                    plan.push(step(next + i, rows, false)?);
+                }
+                next += c;
+            }
+            for st in &score_steps {
+                plan.push(st.clone());
+            }
+        }
+        plan.keep(slots.into_buffer());
         plan.keep(dummy);
         Ok(plan)
     }
