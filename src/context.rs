@@ -443,17 +443,8 @@ impl Context {
     /// the device requires: a plan of thousands of dispatches then allocates and writes one
     /// buffer instead of one each.
     pub fn uniform_slots<T: bytemuck::Pod>(&self, values: &[T]) -> Result<UniformSlots> {
+        let (stride, total) = self.slot_layout::<T>(values.len())?;
         let size = uniform_size::<T>();
-        let align = self.limits().min_uniform_buffer_offset_alignment.max(1) as u64;
-        let stride = size.div_ceil(align) * align;
-        let total = stride
-            .checked_mul(values.len().max(1) as u64)
-            .filter(|&t| t <= self.limits().max_buffer_size)
-            .ok_or(Error::LimitExceeded {
-                limit: "max_buffer_size",
-                needed: stride.saturating_mul(values.len() as u64),
-                max: self.limits().max_buffer_size,
-            })?;
         let mut bytes = vec![0u8; total as usize];
         for (i, v) in values.iter().enumerate() {
             let at = i * stride as usize;
@@ -464,6 +455,23 @@ impl Context {
             stride,
             size,
         })
+    }
+
+    /// The stride and total bytes of `count` uniform slots of `T`, or the limit error if the
+    /// device cannot hold them in one buffer: checkable before the values are made.
+    pub(crate) fn slot_layout<T>(&self, count: usize) -> Result<(u64, u64)> {
+        let align = self.limits().min_uniform_buffer_offset_alignment.max(1) as u64;
+        let stride = uniform_size::<T>().div_ceil(align) * align;
+        let max = self.limits().max_buffer_size;
+        let needed = stride.saturating_mul(count.max(1) as u64);
+        if needed > max {
+            return Err(Error::LimitExceeded {
+                limit: "max_buffer_size",
+                needed,
+                max,
+            });
+        }
+        Ok((stride, needed))
     }
 
     /// A scratch storage buffer of at least `bytes` bytes (rounded up to whole words).

@@ -10,8 +10,8 @@ use common::{gpu, in_oversized_buffer, random, small_bindings};
 use seq_kernels::kernels::gibbs::{chain_shape, philox_gpu};
 use seq_kernels::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use seq_kernels::{
-    ChainModel, Context, Element, Error, GibbsOptions, GpuTensor, MhOptions, MhTensors, Pairwise,
-    SampleOptions,
+    ChainModel, Context, Element, Error, Gibbs, GibbsOptions, GpuTensor, MhOptions, MhTensors,
+    Pairwise, SampleOptions,
 };
 
 const KNOWN: [([u32; 4], [u32; 2], [u32; 4]); 3] = [
@@ -1562,6 +1562,33 @@ fn overflowing_shapes_and_temperatures_are_errors() {
         let got = ctx.sample_logits(&t, &at_most).unwrap().download().unwrap();
         let want = reference::sample_logits(&logits, &[64, 8], &at_most).unwrap();
         assert_eq!(got, want);
+        // A plan with more sweeps than one parameter buffer holds is refused before anything
+        // is allocated for it.
+        let unary = ctx.upload(&[0.0f32; 8], [2, 4]).unwrap();
+        let w = ctx.upload(&[0.0f32; 16], [4, 4]).unwrap();
+        let tokens = ctx.zeros::<u32>([3, 2]).unwrap();
+        let endless = GibbsOptions {
+            sweeps: u32::MAX,
+            ..Default::default()
+        };
+        let model = ChainModel {
+            unary: &unary,
+            pairwise: Pairwise::Dense(&w),
+        };
+        let r = Gibbs::new(ctx, &endless)
+            .unwrap()
+            .plan(&model, &tokens, None, None);
+        assert!(
+            matches!(
+                &r,
+                Err(Error::LimitExceeded {
+                    limit: "max_buffer_size",
+                    ..
+                })
+            ),
+            "{:?}",
+            r.err()
+        );
     }
 }
 

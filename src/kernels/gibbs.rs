@@ -548,7 +548,13 @@ impl Gibbs {
                 ..p
             })
         };
-        let mut values = Vec::new();
+        let colours: usize = if l >= 2 { 2 } else { 1 };
+        let count = chunks
+            .len()
+            .saturating_mul(2 * best.is_some() as usize + self.opts.sweeps as usize * colours);
+        // A count too large for one buffer is refused before the values are made.
+        ctx.slot_layout::<Params>(count)?;
+        let mut values = Vec::with_capacity(count);
         if best.is_some() {
             values.extend(per_chunk(Params {
                 flags: flags | FLAG_BEST_INIT,
@@ -556,10 +562,9 @@ impl Gibbs {
             }));
             values.extend(per_chunk(base));
         }
-        let colours = if l >= 2 { 2 } else { 1 };
         for sweep in 0..self.opts.sweeps {
             let temperature = self.opts.temperature_at(sweep);
-            for parity in 0..colours {
+            for parity in 0..colours as u32 {
                 values.extend(per_chunk(Params {
                     parity,
                     sites: (l as u32 + 1 - parity) / 2,
