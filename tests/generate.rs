@@ -148,7 +148,8 @@ fn check_template(results: &[(String, f64)], template: &str) {
 }
 
 const TEMPLATE: &str = "the ___ ___ river ___ ___ .";
-const SMALL: [&str; 8] = [
+/// Chains that end warm (T 2 -> 0.5) reach many distinct best states.
+const SMALL: [&str; 10] = [
     "--template",
     TEMPLATE,
     "--chains",
@@ -157,6 +158,8 @@ const SMALL: [&str; 8] = [
     "30",
     "--batch",
     "7",
+    "--t1",
+    "0.5",
 ];
 
 #[test]
@@ -179,6 +182,44 @@ fn default_corpus_keeps_template_and_scores_are_log_probs() {
     let cpu = results(&args);
     check_template(&cpu, TEMPLATE);
     assert_eq!(gpu[0], cpu[0], "GPU {gpu:?}\nCPU {cpu:?}");
+}
+
+/// `--batch` only splits the work: each chain's best state over the whole run is printed,
+/// whichever batch met it. Hot chains (T = 3) meet a new best state in many sweeps.
+#[test]
+fn batches_only_split_the_work() {
+    let hot = [
+        "--template",
+        TEMPLATE,
+        "--chains",
+        "6",
+        "--sweeps",
+        "30",
+        "--t0",
+        "3",
+        "--t1",
+        "3",
+        "--top",
+        "10",
+    ];
+    let mut devices = vec![vec!["--cpu"]];
+    if common::gpu().is_some() {
+        devices.push(vec![]);
+    }
+    for device in devices {
+        let run = |batch: &str| {
+            let mut args = hot.to_vec();
+            args.extend(["--batch", batch]);
+            args.extend(&device);
+            results(&args)
+        };
+        let whole = run("30");
+        assert!(!whole.is_empty() && whole.len() <= 6, "{whole:?}");
+        check_template(&whole, TEMPLATE);
+        for batch in ["1", "7"] {
+            assert_eq!(run(batch), whole, "--batch {batch} {device:?}");
+        }
+    }
 }
 
 #[test]

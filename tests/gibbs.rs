@@ -676,6 +676,55 @@ fn same_seed_same_output() {
 /// 2e37). W of a few units is rounded away at this size, so site 0's energies tie: token 0 at
 /// T = 0, a uniform draw at T > 0 (the noise, not rounded away, decides). The rest are
 /// ordinary sites. One invocation per site (V <= 64) and one workgroup per site.
+/// A run split into parts (`GibbsOptions::part`), run one after another on the same tokens,
+/// makes the run's chains: the same Philox sweep indices and, to f32 rounding, temperatures.
+#[test]
+fn parts_continue_a_run() {
+    let run = GibbsOptions {
+        sweeps: 10,
+        temperature: 2.0,
+        anneal_to: Some(0.05),
+        seed: 5,
+        first_sweep: 7,
+        ..Default::default()
+    };
+    let mut at = 0;
+    for n in [3u32, 3, 3, 1] {
+        let p = run.part(at, n).unwrap();
+        assert_eq!((p.first_sweep, p.sweeps, p.seed), (7 + at, n, 5));
+        for s in 0..n {
+            let (a, b) = (p.temperature_at(s), run.temperature_at(at + s));
+            assert!((a - b).abs() <= 1e-6 * b, "sweep {}: {a} vs {b}", at + s);
+        }
+        at += n;
+    }
+    for (start, n) in [(0, 0), (8, 3), (u32::MAX, 2)] {
+        assert!(
+            matches!(run.part(start, n), Err(Error::InvalidOption(_))),
+            "part({start}, {n})"
+        );
+    }
+    let icm = GibbsOptions {
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let p = icm.part(40, 20).unwrap();
+    assert_eq!((p.temperature, p.anneal_to), (0.0, None));
+
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (64, 9, 6);
+    let m = Model::new(ctx, None, l, v, 0, 1.0, 1.0, 77);
+    let init = random_tokens(b * l, v, 78);
+    let (whole, _) = run_gpu(ctx, &m, &init, [b, l], None, &run);
+    let mut state = init.clone();
+    for (start, n) in [(0, 4), (4, 6)] {
+        state = run_gpu(ctx, &m, &state, [b, l], None, &run.part(start, n).unwrap()).0;
+    }
+    let a = agreement(&state, &whole);
+    assert!(a >= 0.999, "parts vs whole run: agreement {a}");
+    assert!(agreement(&whole, &init) < 1.0, "chains never moved");
+}
+
 #[test]
 fn energies_below_the_sentinel_give_the_reference_token() {
     let Some(ctx) = gpu() else { return };

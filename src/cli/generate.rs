@@ -2,7 +2,8 @@
 //! from a corpus, becomes the Gibbs kernel's chain energy (spec section 5): the pairwise
 //! potential is W[a, b] = log P(b | a), the first site's unary holds log P(v | <s>) and the last
 //! site's log P(</s> | v), so a chain's score is the sentence's log-probability. Template words
-//! are clamped sites; many chains anneal from T0 to T1 and the best distinct states are printed.
+//! are clamped sites; many chains anneal from T0 to T1, and each chain's best state over the run
+//! is printed, the distinct ones best first.
 //!
 //! Smoothing is interpolated absolute discounting with an add-one unigram:
 //! `P(b | a) = max(c(a, b) - D, 0) / c(a) + D N1+(a .) / c(a) P1(b)`,
@@ -32,7 +33,8 @@ pub const BLANK: &str = "___";
 // `--t0 -1` is a (bad) temperature, not an unknown flag.
 #[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
-    /// Words separated by spaces; each ___ is a blank to fill.
+    /// Words separated by spaces; each ___ is a blank to fill (it may touch punctuation:
+    /// "___.").
     #[arg(long, default_value = "the ___ ___ river ___ ___ .")]
     template: String,
     /// A plain-text corpus to estimate the bigram model from (default: the built-in one).
@@ -48,19 +50,20 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 2.0, value_parser = super::f32_arg)]
     t0: f32,
     /// Temperature of the last sweep (geometric annealing; equal to --t0 for a constant T,
-    /// and both 0 for iterated conditional modes).
+    /// and both 0 for iterated conditional modes). With --sweeps 1 the one sweep runs at --t0.
     #[arg(long, default_value_t = 0.05, value_parser = super::f32_arg)]
     t1: f32,
     /// Seed of the random starts and of the Philox stream.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// How many distinct sentences to print.
+    /// How many sentences to print: the distinct chain bests, best first (at most --chains).
     #[arg(long, default_value_t = 10)]
     top: usize,
     /// Absolute discount D of the bigram counts, in (0, 1).
     #[arg(long, default_value_t = 0.75)]
     discount: f64,
-    /// Sweeps per GPU submission (the progress bar advances per batch).
+    /// Sweeps per GPU submission (the progress bar advances per batch); the results do not
+    /// depend on it.
     #[arg(long, default_value_t = 25)]
     batch: u32,
     /// Run the CPU reference sampler (the same random stream) instead of the GPU.
@@ -82,25 +85,30 @@ pub fn tokenize(text: &str) -> Vec<Vec<String>> {
             word.extend(ch.to_lowercase());
             continue;
         }
-        if !word.is_empty() {
-            sentence.push(std::mem::take(&mut word));
-        }
+        push_word(&mut sentence, &mut word);
         match ch {
-            ',' | ';' | ':' => sentence.push(",".into()),
-            '.' | '!' | '?' => {
+            ',' | ';' | ':' | '，' | '；' | '：' | '、' => sentence.push(",".into()),
+            '.' | '!' | '?' | '。' | '！' | '？' => {
                 sentence.push(".".into());
                 sentences.push(std::mem::take(&mut sentence));
             }
             _ => {}
         }
     }
-    if !word.is_empty() {
-        sentence.push(word);
-    }
+    push_word(&mut sentence, &mut word);
     if !sentence.is_empty() {
         sentences.push(sentence);
     }
     sentences
+}
+
+/// Ends `word`: apostrophes inside it stay ("rain's"), quotes around it go ('river').
+fn push_word(sentence: &mut Vec<String>, word: &mut String) {
+    let w = word.trim_matches('\'');
+    if !w.is_empty() {
+        sentence.push(w.to_string());
+    }
+    word.clear();
 }
 
 /// A word-bigram model with interpolated absolute discounting (see the module docs). Word ids
@@ -254,15 +262,25 @@ impl Bigram {
 /// A parsed template: one entry per site, `Some(id)` for a fixed word, `None` for a blank.
 pub fn parse_template(template: &str, model: &Bigram) -> Result<Vec<Option<u32>>, String> {
     let mut sites = Vec::new();
-    for piece in template.split_whitespace() {
-        if piece == BLANK {
+    // A blank may touch a word or punctuation ("___." or "the___river"): it is cut out first.
+    let parts = template.split_whitespace().flat_map(|piece| {
+        piece
+            .split(BLANK)
+            .enumerate()
+            .map(move |(k, p)| (piece, k, p))
+    });
+    for (piece, k, part) in parts {
+        if k > 0 {
             sites.push(None);
+        }
+        if part.is_empty() {
             continue;
         }
-        let toks: Vec<String> = tokenize(piece).into_iter().flatten().collect();
+        let toks: Vec<String> = tokenize(part).into_iter().flatten().collect();
         if toks.is_empty() {
             return Err(format!(
-                "template piece {piece:?} is neither a word nor {BLANK}"
+                "template piece {piece:?} is neither words nor {BLANK} blanks ({part:?} is \
+                 not a word)"
             ));
         }
         for t in toks {
@@ -290,26 +308,14 @@ fn shortest(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(x as f64)
 }
 
-/// The temperature of sweep `s` of `n`: `t0 (t1 / t0)^(s / (n - 1))`, or constant t0.
-fn schedule(t0: f32, t1: f32, s: u32, n: u32) -> f32 {
-    if t0 == t1 || n <= 1 {
-        return t0;
-    }
-    let f = s as f64 / (n - 1) as f64;
-    (t0 as f64 * (t1 as f64 / t0 as f64).powf(f)) as f32
-}
-
-/// The options of the batch of sweeps `start..start + n` out of `total`: the Philox sweep index
-/// continues at `start` and the batch anneals over its slice of the whole schedule.
-pub fn batch_options(t0: f32, t1: f32, seed: u64, start: u32, n: u32, total: u32) -> GibbsOptions {
-    let first = schedule(t0, t1, start, total);
-    let last = schedule(t0, t1, start + n - 1, total);
+/// The options of the whole run (each batch runs a [`GibbsOptions::part`] of them).
+pub fn run_options(t0: f32, t1: f32, seed: u64, sweeps: u32) -> GibbsOptions {
     GibbsOptions {
-        sweeps: n,
-        temperature: first,
-        anneal_to: (n > 1 && first != last).then_some(last),
+        sweeps,
+        temperature: t0,
+        anneal_to: (t0 != t1).then_some(t1),
         seed,
-        first_sweep: start,
+        first_sweep: 0,
         track_best: true,
     }
 }
@@ -348,8 +354,8 @@ impl GpuChains {
         })
     }
 
-    /// Runs one batch; returns each chain's best state of the batch.
-    fn batch(&self, opts: &GibbsOptions) -> Result<Vec<u32>, crate::Error> {
+    /// Runs one batch; returns each chain's best state of the batch and its score.
+    fn batch(&self, opts: &GibbsOptions) -> Result<(Vec<u32>, Vec<f64>), crate::Error> {
         let model = ChainModel {
             unary: &self.unary,
             pairwise: Pairwise::Dense(&self.w),
@@ -362,7 +368,11 @@ impl GpuChains {
                 Some((&self.best, &self.best_score)),
             )?
             .run(&self.ctx)?;
-        self.best.download()
+        let scores = self.best_score.download()?;
+        Ok((
+            self.best.download()?,
+            scores.into_iter().map(f64::from).collect(),
+        ))
     }
 }
 
@@ -406,8 +416,10 @@ pub struct RunSpec {
     pub batch: u32,
 }
 
-/// Runs the chains (on the GPU, or the CPU reference when `ctx` is `None`) and returns every
-/// distinct best state met, best first.
+/// Runs the chains (on the GPU, or the CPU reference when `ctx` is `None`) and returns each
+/// chain's best state over the whole run (its initial state included), the distinct ones best
+/// first. Batches only split the work: a chain keeps the first state that reached its best
+/// score, whichever batch met it, so any `batch` gives the same result.
 pub fn search(
     model: &Bigram,
     spec: &RunSpec,
@@ -425,36 +437,43 @@ pub fn search(
             None => (starts[k] as u32).min(v as u32 - 1),
         })
         .collect();
-    let mut seen: HashMap<Vec<u32>, f64> = HashMap::new();
-    let mut collect = |rows: &[u32]| {
-        for row in rows.chunks(l) {
-            if !seen.contains_key(row) {
-                seen.insert(row.to_vec(), model.sentence_log_prob(row));
-            }
-        }
-    };
-    collect(&init);
     let bar = progress(spec.sweeps, spec.batch);
     let gpu = ctx
         .map(|c| GpuChains::new(c, &hm, &init, &mask, [b, l]))
         .transpose()?;
+    let whole = run_options(spec.t0, spec.t1, spec.seed, spec.sweeps);
+    // Each chain's best so far: state and score (f32 scores on the GPU, as it compares them).
+    let mut best: Vec<(Vec<u32>, f64)> = init
+        .chunks(l)
+        .map(|s| (s.to_vec(), f64::NEG_INFINITY))
+        .collect();
     let mut tokens = init;
     let mut start = 0;
     while start < spec.sweeps {
         let n = spec.batch.min(spec.sweeps - start);
-        let opts = batch_options(spec.t0, spec.t1, spec.seed, start, n, spec.sweeps);
-        let best = match &gpu {
+        let opts = whole.part(start, n)?;
+        let (states, scores) = match &gpu {
             Some(g) => g.batch(&opts)?,
             None => {
-                let best = reference::gibbs(&hm, &mut tokens, &[b, l], Some((&mask, &[l])), &opts)?;
-                best.map(|b| b.tokens).unwrap_or_default()
+                let found =
+                    reference::gibbs(&hm, &mut tokens, &[b, l], Some((&mask, &[l])), &opts)?;
+                found.map(|f| (f.tokens, f.scores)).unwrap_or_default()
             }
         };
-        collect(&best);
+        for (c, (state, &score)) in states.chunks(l).zip(&scores).enumerate() {
+            if score > best[c].1 {
+                best[c] = (state.to_vec(), score);
+            }
+        }
         start += n;
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
+    let mut seen: HashMap<Vec<u32>, f64> = HashMap::new();
+    for (ids, _) in best {
+        let score = model.sentence_log_prob(&ids);
+        seen.insert(ids, score);
+    }
     let mut out: Vec<Generated> = seen
         .into_iter()
         .map(|(ids, score)| Generated { ids, score })
@@ -528,7 +547,7 @@ pub fn run(options: &ContextOptions, args: GenerateArgs) -> Result<i32, CliError
             "t1": shortest(t1),
             "seed": spec.seed,
             "device": device,
-            "distinct_states": found.len(),
+            "distinct_bests": found.len(),
             "results": top.iter().map(|g| serde_json::json!({
                 "text": text_of(g),
                 "score": g.score,
@@ -538,7 +557,7 @@ pub fn run(options: &ContextOptions, args: GenerateArgs) -> Result<i32, CliError
     } else {
         println!(
             "# {:?}: {} chains x {} sweeps, T {t0} -> {t1}, seed {}, {device}; corpus {} tokens, \
-             {} words; {} distinct states",
+             {} words; {} distinct chain bests",
             args.template,
             spec.chains,
             spec.sweeps,
@@ -566,6 +585,15 @@ mod tests {
             vec![
                 vec!["the", "boat", ",", "slowly", ",", "drifts", "."],
                 vec!["rain's", "here", "no", "end"],
+            ]
+        );
+        // Quotes around a word are not part of it; CJK punctuation counts as its ASCII kin.
+        let s = tokenize("'the river' said '' he。河、水");
+        assert_eq!(
+            s,
+            vec![
+                vec!["the", "river", "said", "he", "."],
+                vec!["河", ",", "水"],
             ]
         );
     }
@@ -627,19 +655,20 @@ mod tests {
         assert!(e.contains("\"zeppelin\""), "{e}");
         assert!(parse_template("  ", &m).is_err());
         assert!(parse_template("the - river", &m).is_err());
-    }
-
-    #[test]
-    fn batches_continue_the_schedule() {
-        let whole = batch_options(2.0, 0.05, 1, 0, 10, 10);
-        for start in [0u32, 3, 6, 9] {
-            let n = 3.min(10 - start);
-            let o = batch_options(2.0, 0.05, 1, start, n, 10);
-            assert_eq!(o.first_sweep, start);
-            for s in 0..n {
-                let (a, b) = (o.temperature_at(s), whole.temperature_at(start + s));
-                assert!((a - b).abs() <= 1e-6 * b, "sweep {}: {a} vs {b}", start + s);
-            }
-        }
+        // Blanks touching punctuation or words are blanks.
+        let (the, river, dot) = (m.id("the"), m.id("river"), m.id("."));
+        let comma = m.id(",");
+        assert_eq!(
+            parse_template("the ___ river ___.", &m).unwrap(),
+            [the, None, river, None, dot]
+        );
+        assert_eq!(parse_template("___, ___", &m).unwrap(), [None, comma, None]);
+        assert_eq!(
+            parse_template("the___river___", &m).unwrap(),
+            [the, None, river, None]
+        );
+        // An underscore left over from a run of four is not a word.
+        let e = parse_template("the ____ river", &m).unwrap_err();
+        assert!(e.contains("\"_\""), "{e}");
     }
 }

@@ -69,7 +69,8 @@ pub struct GibbsOptions {
     pub anneal_to: Option<f32>,
     /// Philox key (low and high words).
     pub seed: u64,
-    /// Philox sweep index of the first sweep, to continue a run without reusing draws.
+    /// Philox sweep index of the first sweep, to continue a run without reusing draws
+    /// ([`GibbsOptions::part`] sets it).
     pub first_sweep: u32,
     /// Keep each chain's best-scoring state (initial state included) and its score
     /// (used by [`Context::gibbs`] and the reference; [`Gibbs::plan`] takes the buffers).
@@ -124,6 +125,40 @@ impl GibbsOptions {
             }
             _ => self.temperature,
         }
+    }
+
+    /// The options of sweeps `start..start + n` of this run, as a run of its own, to run a
+    /// long chain as several plans: the Philox sweep index goes on from `first_sweep + start`
+    /// and the part anneals over its slice of this run's schedule, so the parts run one after
+    /// another on the same tokens make this run's chains (the temperatures equal up to f32
+    /// rounding, which may flip a rare near-tie). Each part's best state starts from the
+    /// part's initial state: keep the better of the parts' best states by their scores.
+    ///
+    /// ```
+    /// # use seq_kernels::GibbsOptions;
+    /// let run = GibbsOptions { sweeps: 1000, temperature: 2.0, anneal_to: Some(0.05), ..Default::default() };
+    /// let second = run.part(250, 250)?;
+    /// assert_eq!((second.first_sweep, second.sweeps), (250, 250));
+    /// assert_eq!(second.temperature, run.temperature_at(250));
+    /// # Ok::<(), seq_kernels::Error>(())
+    /// ```
+    pub fn part(&self, start: u32, n: u32) -> Result<Self> {
+        self.validate()?;
+        let end = start.checked_add(n).filter(|&e| n > 0 && e <= self.sweeps);
+        let Some(end) = end else {
+            return Err(Error::option(format!(
+                "gibbs part: sweeps {start}..{start}+{n} must be a non-empty range within 0..{}",
+                self.sweeps
+            )));
+        };
+        let (first, last) = (self.temperature_at(start), self.temperature_at(end - 1));
+        Ok(Self {
+            sweeps: n,
+            temperature: first,
+            anneal_to: (first != last).then_some(last),
+            first_sweep: self.first_sweep + start,
+            ..self.clone()
+        })
     }
 }
 
@@ -427,7 +462,7 @@ impl Gibbs {
     /// The parameters of all dispatches share one buffer, but each dispatch has its own bind
     /// group, so memory still grows with `sweeps`: on lavapipe about 2.6 KB a sweep for the
     /// plan and 4 KB once it has run (20,000 sweeps: 52 and 80 MB). Run very long chains as
-    /// several plans that continue with `first_sweep`, as `seqk generate --batch` does.
+    /// several plans of [`GibbsOptions::part`]s, as `seqk generate --batch` does.
     pub fn plan<T: Element>(
         &self,
         model: &ChainModel<'_>,
