@@ -304,7 +304,7 @@ fn annealing_finds_the_exact_maximum_of_a_small_model() {
 
 #[test]
 fn bad_input_exits_2_with_one_line() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (
             &["--template", "the ___ zeppelin ___ ."],
             "template word \"zeppelin\"",
@@ -315,11 +315,22 @@ fn bad_input_exits_2_with_one_line() {
         (&["--corpus", "/nonexistent/corpus.txt"], "reading corpus"),
         (&["--discount", "1.5"], "discount"),
         // A negative value after a space is a value, not an unknown flag.
-        (&["--t0", "-1"], "temperatures must be in [0, 1e30]"),
-        (&["--t1", "-0.5"], "temperatures must be in [0, 1e30]"),
+        (
+            &["--t0", "-1"],
+            "temperatures must be 0 or in [1.1754944e-38, 1e30]",
+        ),
+        (
+            &["--t1", "-0.5"],
+            "temperatures must be 0 or in [1.1754944e-38, 1e30]",
+        ),
         (
             &["--t0", "2", "--t1", "1e31"],
-            "temperatures must be in [0, 1e30]",
+            "temperatures must be 0 or in [1.1754944e-38, 1e30]",
+        ),
+        // Subnormal: a GPU may flush it to 0 (argmax) where the CPU samples.
+        (
+            &["--t0", "1e-40", "--t1", "1e-40"],
+            "temperatures must be 0 or in [1.1754944e-38, 1e30]",
         ),
     ];
     // The JSON echoes the temperatures as given, not as f32 widened to f64.

@@ -15,7 +15,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use super::{open, usage, CliError};
-use crate::kernels::gibbs::MAX_TEMPERATURE;
+use crate::kernels::gibbs::{temperature_ok, MAX_TEMPERATURE};
 use crate::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use crate::reference::random_values;
 use crate::{ChainModel, Context, ContextOptions, Gibbs, GibbsOptions, GpuTensor, Pairwise};
@@ -504,11 +504,11 @@ pub fn run(options: &ContextOptions, args: GenerateArgs) -> Result<i32, CliError
         return Err(fail("--batch must be at least 1".into()));
     }
     let (t0, t1) = (args.t0, args.t1);
-    let in_range = |t: f32| (0.0..=MAX_TEMPERATURE).contains(&t);
-    if !(in_range(t0) && in_range(t1)) || (t0 != t1 && (t0 == 0.0 || t1 == 0.0)) {
+    if !(temperature_ok(t0) && temperature_ok(t1)) || (t0 != t1 && (t0 == 0.0 || t1 == 0.0)) {
         return Err(fail(format!(
-            "temperatures must be in [0, {MAX_TEMPERATURE:e}], and > 0 when annealing \
-             (--t0 {t0} --t1 {t1}); --t0 0 --t1 0 runs iterated conditional modes"
+            "temperatures must be 0 or in [{:e}, {MAX_TEMPERATURE:e}], and > 0 when annealing \
+             (--t0 {t0} --t1 {t1}); --t0 0 --t1 0 runs iterated conditional modes",
+            f32::MIN_POSITIVE
         )));
     }
     let model = Bigram::from_text(&text, args.discount).map_err(fail)?;

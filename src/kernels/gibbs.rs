@@ -47,6 +47,12 @@ pub const MAX_VOCAB: usize = 1 << 24;
 /// about 17) to the logits in f32, which past about 2e37 overflows; at 1e30 the draw is
 /// already uniform over any logits below about 1e28.
 pub const MAX_TEMPERATURE: f32 = 1e30;
+
+/// Whether `t` is a usable temperature: 0, or normal and at most [`MAX_TEMPERATURE`]. A
+/// subnormal T (below 1.2e-38) would run as 0 on GPUs that flush subnormals, but not on the CPU.
+pub fn temperature_ok(t: f32) -> bool {
+    t == 0.0 || (t.is_normal() && t > 0.0 && t <= MAX_TEMPERATURE)
+}
 /// Vocabularies up to this size take one invocation per site.
 const THREAD_MAX_VOCAB: usize = 64;
 const THREAD_WG: u32 = 64;
@@ -94,17 +100,19 @@ impl GibbsOptions {
     /// Checks the options' values.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
-        if !(0.0..=MAX_TEMPERATURE).contains(&t) {
+        if !temperature_ok(t) {
             return Err(Error::option(format!(
-                "gibbs temperature must be in [0, {MAX_TEMPERATURE:e}] (0 = argmax), got {t}"
+                "gibbs temperature must be 0 (argmax) or in [{:e}, {MAX_TEMPERATURE:e}], got {t}",
+                f32::MIN_POSITIVE
             )));
         }
         if let Some(t1) = self.anneal_to {
-            if !(t > 0.0 && t1 > 0.0 && t1 <= MAX_TEMPERATURE) {
+            if !(t > 0.0 && t1 > 0.0 && temperature_ok(t1)) {
                 return Err(Error::option(format!(
                     "gibbs annealing goes geometrically from temperature to anneal_to, both must \
-                     be > 0 and at most {MAX_TEMPERATURE:e}, got {t} -> {t1}; for a final \
-                     argmax run a T = 0 pass after"
+                     be in [{:e}, {MAX_TEMPERATURE:e}], got {t} -> {t1}; for a final argmax run \
+                     a T = 0 pass after",
+                    f32::MIN_POSITIVE
                 )));
             }
         }
@@ -744,9 +752,10 @@ impl SampleOptions {
     /// Checks the options' values.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
-        if !(0.0..=MAX_TEMPERATURE).contains(&t) {
+        if !temperature_ok(t) {
             return Err(Error::option(format!(
-                "sampling temperature must be in [0, {MAX_TEMPERATURE:e}] (0 = greedy), got {t}"
+                "sampling temperature must be 0 (greedy) or in [{:e}, {MAX_TEMPERATURE:e}], got {t}",
+                f32::MIN_POSITIVE
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
