@@ -151,6 +151,15 @@ fn bad_input_exits_2_with_one_line() {
             [input("x", "x.npy"), set("tempreature=2")].concat(),
             "unknown option",
         ),
+        // The known names are listed beside an unknown one.
+        (
+            [input("x", "x.npy"), set("tempreature=2")].concat(),
+            "(its options: causal, log, scale, softmax_plus, temperature)",
+        ),
+        (
+            [input("x", "x.npy"), input("masc", "m.npy")].concat(),
+            "unknown input \"masc\" for this kernel (its inputs: mask, x)",
+        ),
         // A misspelt name shows beside the missing one.
         (input("y", "x.npy"), "missing input x"),
         (input("y", "x.npy"), "inputs given: y"),
@@ -380,7 +389,12 @@ fn unknown_secondary_output_exits_2_before_writing() {
     );
     let softmax = vec!["run", "softmax", "--in", x.as_str()];
     let gibbs = vec!["run", "gibbs", "--in", &u, "--in", &w, "--in", &t];
-    for (kernel_args, name) in [(&softmax, "lse"), (&gibbs, "bset")] {
+    // The message lists the names the kernel offers.
+    let offered = [
+        (&softmax, "lse", "(its secondary outputs: none)"),
+        (&gibbs, "bset", "(its secondary outputs: best, best_score)"),
+    ];
+    for (kernel_args, name, listed) in offered {
         let (out, out2) = (p("out.npy"), format!("{name}={}", p("out2.npy")));
         let mut args = kernel_args.clone();
         args.extend(["--cpu", "--out", &out, "--out2", &out2]);
@@ -389,7 +403,7 @@ fn unknown_secondary_output_exits_2_before_writing() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {msg}");
         assert_eq!(msg.lines().count(), 1, "{args:?}: {msg}");
         assert!(
-            msg.contains(&format!("unknown secondary output {name:?}")),
+            msg.contains(&format!("unknown secondary output {name:?}")) && msg.contains(listed),
             "{args:?}: {msg}"
         );
         for f in ["out.npy", "out2.npy"] {

@@ -94,7 +94,12 @@ enum Command {
         range fractional (HF's truncate: false). For scaling=dynamic, original_max is HF's \
         max_position_embeddings. The default layout is bshd; HF's q after transpose(1, 2) is \
         bhsd. storage=f32|f16|bf16 picks the GPU storage (default: the input's; bf16 rounds \
-        float32 input as torch's .bfloat16() does).\n\nsample: --set temperature, top_k, top_p, \
+        float32 input as torch's .bfloat16() does).\n\ngibbs: --in unary ([L, V] or [b, L, V]), \
+        pairwise ([V, V]) or pair_a and pair_b ([V, r] each: W = A B^T), init ([b, L] tokens) \
+        and optionally clamp ([L] or [b, L], true keeps the token); --set sweeps, temperature, \
+        anneal_to, seed and first_sweep (the Philox sweep index of the first sweep, to continue \
+        a run); --out2 best= and best_score= give each chain's best state and its score.\n\n\
+        sample: --set temperature, top_k, top_p, \
         seed and step (the Philox counter's last word: a new step draws afresh with one seed).\n\n\
         attention: --set scale, causal, softcap and layout (bhsd, the default, or bshd; lse \
         stays [b, hq, m]). causal is bottom-right: query i sees key j iff j <= i + n - m \
@@ -462,6 +467,8 @@ pub struct RunIo {
     inputs: BTreeMap<String, Array>,
     /// Every --in name, in the order given (`inputs` loses each as the kernel takes it).
     given: Vec<String>,
+    /// Input names the handler asked for.
+    asked_inputs: Vec<String>,
     sets: BTreeMap<String, String>,
     used_sets: Vec<String>,
     out: PathBuf,
@@ -507,6 +514,7 @@ impl RunIo {
         Ok(Self {
             inputs,
             given,
+            asked_inputs: Vec::new(),
             sets,
             used_sets: Vec::new(),
             out: args.out.clone(),
@@ -520,6 +528,7 @@ impl RunIo {
     /// Takes an input by name; `None` if it was not given. No input may be empty or 0-d:
     /// either is an error naming the input and its `expected` shape and dtype.
     pub fn input(&mut self, name: &str, expected: &str) -> Result<Option<Array>, CliError> {
+        self.asked_inputs.push(name.to_string());
         let Some(array) = self.inputs.remove(name) else {
             return Ok(None);
         };
@@ -650,17 +659,33 @@ impl RunIo {
     }
 
     fn check_names(&self) -> Result<(), CliError> {
+        // The names the handler asked for, to list beside an unknown one.
+        let known = |names: &[String]| {
+            let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+            names.sort_unstable();
+            names.dedup();
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        };
         if let Some(name) = self.inputs.keys().next() {
-            return Err(usage(format!("unknown input {name:?} for this kernel")));
+            return Err(usage(format!(
+                "unknown input {name:?} for this kernel (its inputs: {})",
+                known(&self.asked_inputs)
+            )));
         }
         if let Some(key) = self.sets.keys().find(|k| !self.used_sets.contains(k)) {
             return Err(usage(format!(
-                "unknown option --set {key}=... for this kernel"
+                "unknown option --set {key}=... for this kernel (its options: {})",
+                known(&self.used_sets)
             )));
         }
         if let Some(name) = self.out2.keys().find(|k| !self.offered_out2.contains(k)) {
             return Err(usage(format!(
-                "unknown secondary output {name:?} for this kernel"
+                "unknown secondary output {name:?} for this kernel (its secondary outputs: {})",
+                known(&self.offered_out2)
             )));
         }
         Ok(())
