@@ -534,7 +534,23 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         )
     } else {
         let ctx = io.context()?;
-        run_gpu(&ctx, &model, &init, [shape[0], shape[1]], clamp_ref, &opts)?
+        let dense_bytes = match &model.pairwise {
+            HostPairwise::Dense(w) => Some(w.len() as u64 * 4),
+            HostPairwise::Factored { .. } => None,
+        };
+        run_gpu(&ctx, &model, &init, [shape[0], shape[1]], clamp_ref, &opts).map_err(|e| {
+            match e {
+                // The one remedy in the input's hands: a factorised W.
+                Error::LimitExceeded { needed, max, .. } if Some(needed) == dense_bytes => {
+                    usage(format!(
+                        "pairwise [V, V] takes {needed} bytes, more than this device binds at once \
+                         ({max}); give a factorised W = A B^T as --in pair_a=A.npy --in \
+                         pair_b=B.npy ([V, r] each)"
+                    ))
+                }
+                e => e.into(),
+            }
+        })?
     };
     io.write_out(&token_array(shape.clone(), &out))?;
     if let Some((bt, bs)) = best {

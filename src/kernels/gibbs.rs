@@ -399,15 +399,11 @@ fn row_chunks(ctx: &Context, rows: u64, row_bytes: &[u64]) -> Result<Vec<Range<u
     dispatch::row_chunks(rows, row_bytes, max_binding(ctx), align)
 }
 
-fn check_fits(ctx: &Context, bytes: u64, what: &str) -> Result<()> {
+fn check_fits(ctx: &Context, bytes: u64) -> Result<()> {
     let max = max_binding(ctx);
     if bytes > max {
         return Err(Error::LimitExceeded {
-            limit: if what.is_empty() {
-                "max_storage_buffer_binding_size"
-            } else {
-                "max_storage_buffer_binding_size (use a factorised W = A B^T for large V)"
-            },
+            limit: "max_storage_buffer_binding_size",
             needed: bytes,
             max,
         });
@@ -523,12 +519,12 @@ impl Gibbs {
         let (b, l, v, r) = (s.chains as u64, s.len as u64, s.vocab as u64, s.rank as u64);
         // Tensors shared by all chains must fit one binding.
         if !s.unary_per_chain {
-            check_fits(ctx, l * v * 4, "")?;
+            check_fits(ctx, l * v * 4)?;
         }
         if r == 0 {
-            check_fits(ctx, v * v * 4, "dense W")?;
+            check_fits(ctx, v * v * 4)?;
         } else {
-            check_fits(ctx, v * r * 4, "")?;
+            check_fits(ctx, v * r * 4)?;
         }
         // Per-chain tensors bound chunk by chunk: tokens, and where given per-chain unary,
         // per-chain clamp bytes and best tokens. Best scores are bound whole.
@@ -541,7 +537,7 @@ impl Gibbs {
         }
         if best.is_some() {
             row_bytes.push(l * 4);
-            check_fits(ctx, b * 4, "")?;
+            check_fits(ctx, b * 4)?;
         }
         let chunks = row_chunks(ctx, b, &row_bytes)?;
 
@@ -833,7 +829,7 @@ impl Sampler {
         let wg = group_wg(ctx, v.div_ceil(4));
         let sv = variant(ctx.has_subgroups(), "sample_logits", wg);
         // Logits are bound chunk by chunk, the sampled tokens whole.
-        check_fits(ctx, b as u64 * 4, "")?;
+        check_fits(ctx, b as u64 * 4)?;
         let mut plan = Plan::default();
         let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
         let row_bytes = v as u64 * 4;
@@ -1006,7 +1002,7 @@ impl Metropolis {
                 ("log_q_back", t.log_q_back.buffer()),
             ],
         )?;
-        check_fits(ctx, (b * l * 4) as u64, "")?;
+        check_fits(ctx, (b * l * 4) as u64)?;
         let (seed_lo, seed_hi) = seed_words(self.opts.seed);
         let params = ctx.uniform(&Params {
             chains: b as u32,
