@@ -210,8 +210,10 @@ impl Context {
 
 impl<T: Element> GpuTensor<T> {
     /// Wraps a buffer the application owns: `STORAGE`, plus `COPY_SRC` to download and
-    /// `COPY_DST` to write. The buffer must come from the context's own device (wgpu offers
-    /// no check, and kernels would read and write unrelated memory of this device). It
+    /// `COPY_DST` to write. The buffer must come from the context's own device: wgpu offers
+    /// no way to check it here, and a kernel given another device's buffer fails inside wgpu
+    /// (a panic where the devices come from different instances) or reads and writes
+    /// unrelated memory. It
     /// holds at least the data padded to whole 4-byte words, from offset 0;
     /// a kernel writing an odd-byte tensor (u8, f16) keeps the rest of its last word, but
     /// [`GpuTensor::write`] zeroes those padding bytes.

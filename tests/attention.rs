@@ -689,6 +689,86 @@ fn decode_splits_keys_and_merges() {
     check(ctx, &c);
 }
 
+/// A KV cache filled to `kv_len`: the call equals attention over the filled prefix on its own,
+/// bit for bit (GPU) and exactly (reference), and the unfilled positions, NaN here, are never
+/// read. Both layouts, causal, masks, f16, the split-key path (auto and forced).
+#[test]
+fn kv_len_reads_the_filled_prefix_of_a_cache() {
+    let Some(ctx) = gpu() else { return };
+    let cases = [
+        (Layout::Bhsd, 1, 5, 9, true, false, false, None),
+        (Layout::Bshd, 3, 17, 40, true, true, false, None),
+        (Layout::Bhsd, 2, 1030, 1100, false, true, false, None),
+        (Layout::Bshd, 4, 70, 129, true, false, true, Some(16)),
+        (Layout::Bhsd, 5, 33, 33, false, false, false, None),
+    ];
+    for (layout, m, kv, cache, causal, masked, half, split) in cases {
+        let (b, hkv, d) = (2, 2, 16);
+        let mut c = Case::new(b, 4, hkv, m, kv, d);
+        c.opts.layout = layout;
+        c.opts.causal = causal;
+        c.opts.key_split = split;
+        c.half = half;
+        if masked {
+            c.mask = Some((vec![b, 1, m, kv], 0.7));
+        }
+        let x = data(&c);
+        check_data(ctx, &c, &x);
+        // The same keys at the front of a cache of `cache` positions, NaN behind them.
+        let embed = |src: &[f32]| {
+            let mut big = vec![f32::NAN; b * hkv * cache * d];
+            for (bb, h, j) in
+                (0..b).flat_map(|bb| (0..hkv).flat_map(move |h| (0..kv).map(move |j| (bb, h, j))))
+            {
+                let (from, to) = match layout {
+                    Layout::Bhsd => (
+                        ((bb * hkv + h) * kv + j) * d,
+                        ((bb * hkv + h) * cache + j) * d,
+                    ),
+                    Layout::Bshd => (
+                        ((bb * kv + j) * hkv + h) * d,
+                        ((bb * cache + j) * hkv + h) * d,
+                    ),
+                };
+                big[to..to + d].copy_from_slice(&src[from..from + d]);
+            }
+            big
+        };
+        let y = Data {
+            k: embed(&x.k),
+            v: embed(&x.v),
+            ..x.clone()
+        };
+        let mut big = c.clone();
+        big.n = cache;
+        big.opts.kv_len = Some(kv);
+        let name = format!("{layout:?} m {m} kv_len {kv} of {cache}");
+        let (want, want_lse) = run_gpu(ctx, &c, &x);
+        let (got, got_lse) = run_gpu(ctx, &big, &y);
+        let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{name}: output");
+        assert_eq!(bits(&got_lse), bits(&want_lse), "{name}: lse");
+        let (r, r_big) = (run_ref(&c, &x), run_ref(&big, &y));
+        assert_eq!((r.out, r.lse), (r_big.out, r_big.lse), "{name}: reference");
+    }
+    // kv_len 0, or past the cache, is refused.
+    let q = ctx.zeros::<f32>([1, 1, 1, 8]).unwrap();
+    let k = ctx.zeros::<f32>([1, 1, 6, 8]).unwrap();
+    for (kv_len, zero) in [(0, true), (7, false)] {
+        let opts = AttentionOptions {
+            kv_len: Some(kv_len),
+            ..Default::default()
+        };
+        let r = ctx.attention(&q, &k, &k, None, &opts);
+        let ok = match &r {
+            Err(Error::InvalidOption(_)) => zero,
+            Err(Error::Shape(m)) => !zero && m.contains("kv_len 7 is more than the 6"),
+            _ => false,
+        };
+        assert!(ok, "kv_len {kv_len}: {:?}", r.err());
+    }
+}
+
 #[test]
 fn equals_naive_attention_for_random_tile_sizes() {
     let Some(ctx) = gpu() else { return };

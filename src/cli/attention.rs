@@ -364,6 +364,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         scale: io.set_opt("scale")?,
         causal: io.set("causal", false)?,
         softcap: io.set("softcap", 0.0)?,
+        kv_len: io.set_opt("kv_len")?,
         layout,
         ..Default::default()
     };

@@ -8,7 +8,9 @@
 //!   `h / (hq / hkv)`); d and dv up to 256. The optional lse is `[b, hq, m]`.
 //! - Options: `scale` (default `1/sqrt(d)`), `causal` with bottom-right alignment (query i sees
 //!   key j iff `j <= i + (n - m)`; PyTorch SDPA's `is_causal` is top-left aligned when m != n),
-//!   `softcap` c (`S = c tanh(S / c)`, 0 = off).
+//!   `softcap` c (`S = c tanh(S / c)`, 0 = off), `kv_len` (decode against a preallocated KV
+//!   cache: only its first `kv_len` positions are keys, and only they are read, so a step
+//!   costs what the filled part does).
 //! - Mask [`AttnMask`], `[m|1, n]` or `[b|1, 1|hq, m|1, n]` (1 = the same for every batch,
 //!   head or query: `[b, 1, 1, n]` is a key-padding mask): boolean (a nonzero byte keeps the
 //!   key) or additive (f32, added to the soft-capped scores; -inf hides the key).
@@ -36,6 +38,10 @@
 //!     .collect();
 //! let terms = ctx.upload(&terms, [m, n])?;
 //! let o = ctx.attention(&q, &k, &v, Some(AttnMask::Add(&terms)), &Default::default())?;
+//! // One new query against a cache of 7 positions of which 4 are filled.
+//! let q1 = ctx.upload(&vec![0.1f32; b * h * d], [b, h, 1, d])?;
+//! let step = AttentionOptions { kv_len: Some(4), causal: true, ..Default::default() };
+//! let o1 = ctx.attention(&q1, &k, &v, None, &step)?;
 //! # Ok::<(), seq_kernels::Error>(())
 //! ```
 
@@ -189,6 +195,10 @@ pub struct AttentionOptions {
     /// Keys per workgroup when the keys are split across workgroups (rounded up to the tile
     /// size). `None` chooses: split only for decode shapes (m <= 4, n >= 1024).
     pub key_split: Option<usize>,
+    /// Attend to the first `kv_len` positions of k and v only: a preallocated KV cache filled
+    /// that far. The call then has n = `kv_len` keys (causal alignment, mask shapes, work)
+    /// and the positions past it are never read. `None`: all of k's positions.
+    pub kv_len: Option<usize>,
 }
 
 impl AttentionOptions {
@@ -209,6 +219,9 @@ impl AttentionOptions {
         }
         if self.key_split == Some(0) {
             return Err(Error::option("attention key_split must be at least 1"));
+        }
+        if self.kv_len == Some(0) {
+            return Err(Error::option("attention kv_len must be at least 1"));
         }
         Ok(())
     }
@@ -346,7 +359,8 @@ pub fn attention_shape(
         Layout::Bshd => (s[0], s[2], s[1], s[3]),
     };
     let (b, hq, m, d) = split(q);
-    let (bk, hkv, n, dk) = split(k);
+    // `cache` positions are stored; the call reads the first n of them.
+    let (bk, hkv, cache, dk) = split(k);
     let (bv, hv, nv, dv) = split(v);
     if bk != b || bv != b {
         return Err(Error::shape(format!(
@@ -358,9 +372,15 @@ pub fn attention_shape(
             "attention k head dim {dk} must equal q's {d} (q {q:?}, k {k:?})"
         )));
     }
-    if hv != hkv || nv != n {
+    if hv != hkv || nv != cache {
         return Err(Error::shape(format!(
             "attention v {v:?} must have the heads and length of k {k:?}"
+        )));
+    }
+    let n = opts.kv_len.unwrap_or(cache);
+    if n > cache {
+        return Err(Error::shape(format!(
+            "attention kv_len {n} is more than the {cache} positions k {k:?} holds"
         )));
     }
     if hq % hkv != 0 {
@@ -412,8 +432,8 @@ pub fn attention_shape(
         dv,
         scale,
         q: Strides::new(opts.layout, hq, m, d),
-        k: Strides::new(opts.layout, hkv, n, d),
-        v: Strides::new(opts.layout, hkv, n, dv),
+        k: Strides::new(opts.layout, hkv, cache, d),
+        v: Strides::new(opts.layout, hkv, cache, dv),
         o: Strides::new(opts.layout, hq, m, dv),
         mask_batch,
         mask_head,
