@@ -557,7 +557,7 @@ impl UniformSlots {
     pub fn binding(&self, i: usize) -> wgpu::BufferBinding<'_> {
         wgpu::BufferBinding {
             buffer: &self.buffer,
-            offset: i as u64 * self.stride,
+            offset: (i as u64).saturating_mul(self.stride),
             size: std::num::NonZeroU64::new(self.size),
         }
     }

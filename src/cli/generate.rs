@@ -74,8 +74,10 @@ pub struct GenerateArgs {
     json: bool,
 }
 
-/// Splits text into sentences of tokens: lower-case words (letters, digits, apostrophes),
-/// `,` (also for `;` and `:`) and `.` (also for `!` and `?`), which ends a sentence.
+/// Splits text into sentences of tokens: lower-case words (letters, digits, apostrophes inside
+/// a word; quotes around it are dropped, so a plural possessive "boys'" reads "boys"), `,`
+/// (also for `;` `:` and CJK `，` `；` `：` `、`) and `.` (also for `!` `?` `。` `！` `？`), which
+/// ends a sentence.
 pub fn tokenize(text: &str) -> Vec<Vec<String>> {
     let mut sentences = Vec::new();
     let mut sentence: Vec<String> = Vec::new();
@@ -317,6 +319,7 @@ pub fn run_options(t0: f32, t1: f32, seed: u64, sweeps: u32) -> GibbsOptions {
         seed,
         first_sweep: 0,
         track_best: true,
+        schedule: None,
     }
 }
 

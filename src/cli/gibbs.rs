@@ -473,6 +473,17 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         seed: io.set("seed", 0)?,
         first_sweep: io.set("first_sweep", 0)?,
         track_best: best || best_score,
+        schedule: None,
+    };
+    // A part of a longer annealing: schedule_len sweeps, this run from sweep schedule_at.
+    let schedule_at: Option<u32> = io.set_opt("schedule_at")?;
+    let opts = match (io.set_opt("schedule_len")?, schedule_at) {
+        (Some(len), at) => GibbsOptions {
+            schedule: Some((at.unwrap_or(0), len)),
+            ..opts
+        },
+        (None, Some(_)) => return Err(usage("gibbs: --set schedule_at needs schedule_len")),
+        (None, None) => opts,
     };
     io.check_unused()?;
     opts.validate()?;
@@ -541,13 +552,15 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         run_gpu(&ctx, &model, &init, [shape[0], shape[1]], clamp_ref, &opts).map_err(|e| {
             match e {
                 // The one remedy in the input's hands: a factorised W.
-                Error::LimitExceeded { needed, max, .. } if Some(needed) == dense_bytes => {
-                    usage(format!(
-                        "pairwise [V, V] takes {needed} bytes, more than this device binds at once \
+                Error::LimitExceeded {
+                    limit: "max_storage_buffer_binding_size",
+                    needed,
+                    max,
+                } if Some(needed) == dense_bytes => usage(format!(
+                    "pairwise [V, V] takes {needed} bytes, more than this device binds at once \
                          ({max}); give a factorised W = A B^T as --in pair_a=A.npy --in \
                          pair_b=B.npy ([V, r] each)"
-                    ))
-                }
+                )),
                 e => e.into(),
             }
         })?

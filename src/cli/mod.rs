@@ -97,8 +97,9 @@ enum Command {
         float32 input as torch's .bfloat16() does).\n\ngibbs: --in unary ([L, V] or [b, L, V]), \
         pairwise ([V, V]) or pair_a and pair_b ([V, r] each: W = A B^T), init ([b, L] tokens) \
         and optionally clamp ([L] or [b, L], true keeps the token); --set sweeps, temperature, \
-        anneal_to, seed and first_sweep (the Philox sweep index of the first sweep, to continue \
-        a run); --out2 best= and best_score= give each chain's best state and its score.\n\n\
+        anneal_to, seed, first_sweep (the Philox sweep index of the first sweep, to continue a \
+        run) and schedule_len with schedule_at (the run is sweeps schedule_at.. of an annealing \
+        over schedule_len sweeps); --out2 best= and best_score= give each chain's best state and its score.\n\n\
         sample: --set temperature, top_k, top_p, \
         seed and step (the Philox counter's last word: a new step draws afresh with one seed).\n\n\
         attention: --set scale, causal, softcap, kv_len (keys are the first kv_len positions \

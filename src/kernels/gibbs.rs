@@ -48,6 +48,11 @@ pub const MAX_VOCAB: usize = 1 << 24;
 /// already uniform over any logits below about 1e28.
 pub const MAX_TEMPERATURE: f32 = 1e30;
 
+/// Most dispatches with parameters of their own that one Gibbs plan records (two a sweep, per
+/// chunk of chains): each holds a bind group, 1-2 KB of host and driver memory, so longer
+/// runs go as several plans of [`GibbsOptions::part`]s.
+pub const MAX_PLAN_DISPATCHES: usize = 1 << 20;
+
 /// Whether `t` is a usable temperature: 0, or normal and at most [`MAX_TEMPERATURE`]. A
 /// subnormal T (below 1.2e-38) would run as 0 on GPUs that flush subnormals, but not on the CPU.
 pub fn temperature_ok(t: f32) -> bool {
@@ -81,6 +86,10 @@ pub struct GibbsOptions {
     /// Keep each chain's best-scoring state (initial state included) and its score
     /// (used by [`Context::gibbs`] and the reference; [`Gibbs::plan`] takes the buffers).
     pub track_best: bool,
+    /// With `anneal_to`: where this run lies in a longer annealing schedule, as (the index of
+    /// its first sweep in the schedule, the schedule's length in sweeps); `None`: the schedule
+    /// is this run's own sweeps. [`GibbsOptions::part`] sets it.
+    pub schedule: Option<(u32, u32)>,
 }
 
 impl Default for GibbsOptions {
@@ -92,6 +101,7 @@ impl Default for GibbsOptions {
             seed: 0,
             first_sweep: 0,
             track_best: false,
+            schedule: None,
         }
     }
 }
@@ -119,16 +129,27 @@ impl GibbsOptions {
         if self.first_sweep.checked_add(self.sweeps).is_none() {
             return Err(Error::option("gibbs first_sweep + sweeps must fit in u32"));
         }
+        if let Some((at, len)) = self.schedule {
+            if at.checked_add(self.sweeps).is_none_or(|end| end > len) {
+                return Err(Error::option(format!(
+                    "gibbs schedule ({at}, {len}): the run's {} sweeps from sweep {at} must lie \
+                     within the schedule's {len}",
+                    self.sweeps
+                )));
+            }
+        }
         Ok(())
     }
 
     /// The temperature of sweep `s` (0-based within this run): constant, or
-    /// `T0 (T1 / T0)^(s / (sweeps - 1))`. GPU and reference use this same f32 value.
+    /// `T0 (T1 / T0)^(i / (len - 1))` for sweep i of a schedule of len sweeps (this run's own
+    /// unless `schedule` says otherwise). GPU and reference use this same f32 value.
     pub fn temperature_at(&self, s: u32) -> f32 {
+        let (at, len) = self.schedule.unwrap_or((0, self.sweeps));
         match self.anneal_to {
-            Some(t1) if self.sweeps > 1 => {
+            Some(t1) if len > 1 => {
                 let t0 = self.temperature as f64;
-                let f = s as f64 / (self.sweeps - 1) as f64;
+                let f = (at as f64 + s as f64) / (len - 1) as f64;
                 (t0 * (t1 as f64 / t0).powf(f)) as f32
             }
             _ => self.temperature,
@@ -137,34 +158,33 @@ impl GibbsOptions {
 
     /// The options of sweeps `start..start + n` of this run, as a run of its own, to run a
     /// long chain as several plans: the Philox sweep index goes on from `first_sweep + start`
-    /// and the part anneals over its slice of this run's schedule, so the parts run one after
-    /// another on the same tokens make this run's chains (the temperatures equal up to f32
-    /// rounding, which may flip a rare near-tie). Each part's best state starts from the
-    /// part's initial state: keep the better of the parts' best states by their scores.
+    /// and the part's place in the annealing schedule from `start`, so the parts run one after
+    /// another on the same tokens make exactly this run's chains. Each part's best state starts
+    /// from the part's initial state: keep the better of the parts' best states by their
+    /// scores.
     ///
     /// ```
     /// # use seq_kernels::GibbsOptions;
     /// let run = GibbsOptions { sweeps: 1000, temperature: 2.0, anneal_to: Some(0.05), ..Default::default() };
     /// let second = run.part(250, 250)?;
     /// assert_eq!((second.first_sweep, second.sweeps), (250, 250));
-    /// assert_eq!(second.temperature, run.temperature_at(250));
+    /// assert_eq!(second.temperature_at(10), run.temperature_at(260));
     /// # Ok::<(), seq_kernels::Error>(())
     /// ```
     pub fn part(&self, start: u32, n: u32) -> Result<Self> {
         self.validate()?;
-        let end = start.checked_add(n).filter(|&e| n > 0 && e <= self.sweeps);
-        let Some(end) = end else {
+        if n == 0 || start.checked_add(n).is_none_or(|end| end > self.sweeps) {
             return Err(Error::option(format!(
                 "gibbs part: sweeps {start}..{start}+{n} must be a non-empty range within 0..{}",
                 self.sweeps
             )));
-        };
-        let (first, last) = (self.temperature_at(start), self.temperature_at(end - 1));
+        }
+        let (at, len) = self.schedule.unwrap_or((0, self.sweeps));
         Ok(Self {
             sweeps: n,
-            temperature: first,
-            anneal_to: (first != last).then_some(last),
             first_sweep: self.first_sweep + start,
+            // Within the schedule: validate holds at + sweeps <= len.
+            schedule: Some((at + start, len)),
             ..self.clone()
         })
     }
@@ -591,7 +611,14 @@ impl Gibbs {
         let count = chunks
             .len()
             .saturating_mul(2 * best.is_some() as usize + self.opts.sweeps as usize * colours);
-        // A count too large for one buffer is refused before the values are made.
+        // Refused before the values are made: too many for one plan, or for one buffer.
+        if count > MAX_PLAN_DISPATCHES {
+            return Err(Error::option(format!(
+                "gibbs: {} sweeps make {count} dispatches, more than one plan records \
+                 ({MAX_PLAN_DISPATCHES}); run them as several plans of GibbsOptions::part",
+                self.opts.sweeps
+            )));
+        }
         ctx.slot_layout::<Params>(count)?;
         let mut values = Vec::with_capacity(count);
         if best.is_some() {
