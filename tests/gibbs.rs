@@ -1098,6 +1098,49 @@ fn sampling_follows_the_reference() {
 
 /// Many rows holding the same logits (independent draws: the row is in the counter) follow
 /// the truncated, renormalised softmax: chi-square at p = 1e-4, fixed seed.
+/// f16 logits draw what the same values in f32 draw (they are widened exactly), on every
+/// row chunking; other element types are refused.
+#[test]
+fn f16_logits_draw_as_their_f32_values() {
+    let Some(gpu_ctx) = gpu() else { return };
+    let (b, v) = (37, 301);
+    let logits: Vec<f32> = random(b * v, 61, -6.0, 6.0)
+        .into_iter()
+        .map(|x| half::f16::from_f32(x).to_f32())
+        .collect();
+    let halves: Vec<half::f16> = logits.iter().map(|&x| half::f16::from_f32(x)).collect();
+    // Whole bindings, and bindings of 4 KiB: 3 rows a chunk, the f16 words widened in pieces.
+    for ctx in [gpu_ctx.clone(), small_bindings(4096)] {
+        let (l32, l16) = (
+            ctx.upload(&logits, [b, v]).unwrap(),
+            ctx.upload(&halves, [b, v]).unwrap(),
+        );
+        for opts in [
+            SampleOptions::default(),
+            SampleOptions {
+                temperature: 0.7,
+                top_k: 20,
+                top_p: 0.8,
+                seed: 3,
+                ..Default::default()
+            },
+            SampleOptions {
+                temperature: 0.0,
+                ..Default::default()
+            },
+        ] {
+            let want = reference::sample_logits(&logits, &[b, v], &opts).unwrap();
+            let from32 = ctx.sample_logits(&l32, &opts).unwrap().download().unwrap();
+            let from16 = ctx.sample_logits(&l16, &opts).unwrap().download().unwrap();
+            assert_eq!(from16, from32, "{opts:?}");
+            assert!(agreement(&from16, &want) >= 0.999, "{opts:?}");
+        }
+        let ints = ctx.zeros::<u32>([b, v]).unwrap();
+        let r = ctx.sample_logits(&ints, &SampleOptions::default());
+        assert!(matches!(r, Err(Error::Dtype(_))), "{:?}", r.err());
+    }
+}
+
 #[test]
 fn sampling_frequencies_match_the_truncated_softmax() {
     let Some(ctx) = gpu() else { return };

@@ -29,10 +29,11 @@
 use std::ops::Range;
 
 use crate::context::Context;
+use crate::convert;
 use crate::dispatch::{self, check_call_aliasing, rows_binding, sub_binding as sub, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
-use crate::tensor::{shape_elements, DType, Element, GpuTensor};
+use crate::tensor::{require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/gibbs.wgsl");
 /// The Philox-4x32-10 snippet (WGSL), shared by every kernel that draws random numbers.
@@ -823,21 +824,27 @@ impl Sampler {
         })
     }
 
-    /// Records the draw of `out` `[b]` from `logits` `[b, V]` into `encoder`.
-    pub fn encode<T: Element>(
+    /// Records the draw of `out` `[b]` from `logits` `[b, V]` (f32 or f16) into `encoder`.
+    pub fn encode<L: Element, T: Element>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        logits: &GpuTensor<f32>,
+        logits: &GpuTensor<L>,
         out: &GpuTensor<T>,
     ) -> Result<()> {
         self.plan(logits, out)?.encode(encoder);
         Ok(())
     }
 
-    /// The dispatches of one draw.
-    pub fn plan<T: Element>(&self, logits: &GpuTensor<f32>, out: &GpuTensor<T>) -> Result<Plan> {
+    /// The dispatches of one draw. f16 logits are widened to an f32 scratch first (exactly:
+    /// every f16 is an f32), so they draw what the same values in f32 draw.
+    pub fn plan<L: Element, T: Element>(
+        &self,
+        logits: &GpuTensor<L>,
+        out: &GpuTensor<T>,
+    ) -> Result<Plan> {
         let ctx = &self.ctx;
         ctx.check_owned(&[logits.context(), out.context()])?;
+        require_float::<L>("sampling logits")?;
         token_dtype::<T>("sampled")?;
         let (b, v) = logits_shape(logits.shape())?;
         if out.shape() != [b] {
@@ -858,12 +865,21 @@ impl Sampler {
         // Logits are bound chunk by chunk, the sampled tokens whole.
         check_fits(ctx, b as u64 * 4)?;
         let mut plan = Plan::default();
+        let wide = match L::DTYPE {
+            DType::F16 => Some(convert::widen(
+                ctx,
+                &mut plan,
+                logits.buffer(),
+                logits.len(),
+            )?),
+            _ => None,
+        };
+        let source = wide.as_ref().unwrap_or(logits.buffer());
         let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
         let row_bytes = v as u64 * 4;
         for rows in dispatch::based_row_chunks(b as u64, &[row_bytes], max_binding(ctx), align)? {
             let n = rows.end - rows.start;
-            let (logits_b, logits_base) =
-                rows_binding(logits.buffer(), row_bytes, rows.clone(), align, 4);
+            let (logits_b, logits_base) = rows_binding(source, row_bytes, rows.clone(), align, 4);
             let params = ctx.uniform(&Params {
                 chains: n as u32,
                 vocab: v as u32,
@@ -1147,10 +1163,10 @@ impl Context {
         Ok(GibbsOutput { tokens, best })
     }
 
-    /// Draws one token per row of `logits` [b, V] (temperature, top-k, top-p).
-    pub fn sample_logits(
+    /// Draws one token per row of `logits` [b, V], f32 or f16 (temperature, top-k, top-p).
+    pub fn sample_logits<L: Element>(
         &self,
-        logits: &GpuTensor<f32>,
+        logits: &GpuTensor<L>,
         opts: &SampleOptions,
     ) -> Result<GpuTensor<u32>> {
         let (b, _) = logits_shape(logits.shape())?;
