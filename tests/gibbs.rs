@@ -1096,8 +1096,6 @@ fn sampling_follows_the_reference() {
     }
 }
 
-/// Many rows holding the same logits (independent draws: the row is in the counter) follow
-/// the truncated, renormalised softmax: chi-square at p = 1e-4, fixed seed.
 /// f16 logits draw what the same values in f32 draw (they are widened exactly), on every
 /// row chunking; other element types are refused.
 #[test]
@@ -1141,6 +1139,8 @@ fn f16_logits_draw_as_their_f32_values() {
     }
 }
 
+/// Many rows holding the same logits (independent draws: the row is in the counter) follow
+/// the truncated, renormalised softmax: chi-square at p = 1e-4, fixed seed.
 #[test]
 fn sampling_frequencies_match_the_truncated_softmax() {
     let Some(ctx) = gpu() else { return };

@@ -348,7 +348,7 @@ const MASK_EXPECTED: &str =
     "[m|1, n] or [b|1, 1|hq, m|1, n] bool (or uint8; true = keep), or float32 or float16 (added to the scores)";
 
 /// `seqk run attention --in q=Q.npy --in k=K.npy --in v=V.npy [--in mask=M.npy] --out O.npy
-/// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=.. layout=bhsd|bshd]`
+/// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=.. kv_len=.. layout=bhsd|bshd]`
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let layout: Layout = io.set::<String>("layout", "bhsd".into())?.parse()?;
     // The tensors' axes in the layout's order, for messages.

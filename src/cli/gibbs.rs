@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use super::report::{iterations, Baseline, BenchRow, Check, Rate, SAMPLES, WARMUP};
 use super::{usage, Array, CliError, Data, RunIo};
-use crate::kernels::gibbs::{check_tokens, logits_shape};
+use crate::kernels::gibbs::{check_tokens, logits_shape, MAX_PLAN_DISPATCHES};
 use crate::profile::{time_passes, Timing};
 use crate::reference::gibbs::{self as reference, HostModel, HostPairwise};
 use crate::reference::random_values;
@@ -466,17 +466,18 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let clamp = io.input("clamp", "[L] or [b, L] bool or uint8")?;
     // Both asked about (no short circuit), so check_unused knows both names.
     let (best, best_score) = (io.wants_out2("best"), io.wants_out2("best_score"));
+    // A part of a longer run: schedule_len sweeps, this run from sweep schedule_at, which is
+    // also its Philox sweep index unless first_sweep says otherwise (as GibbsOptions::part).
+    let schedule_at: Option<u32> = io.set_opt("schedule_at")?;
     let opts = GibbsOptions {
         sweeps: io.set("sweeps", 100)?,
         temperature: io.set("temperature", 1.0)?,
         anneal_to: io.set_opt("anneal_to")?,
         seed: io.set("seed", 0)?,
-        first_sweep: io.set("first_sweep", 0)?,
+        first_sweep: io.set("first_sweep", schedule_at.unwrap_or(0))?,
         track_best: best || best_score,
         schedule: None,
     };
-    // A part of a longer annealing: schedule_len sweeps, this run from sweep schedule_at.
-    let schedule_at: Option<u32> = io.set_opt("schedule_at")?;
     let opts = match (io.set_opt("schedule_len")?, schedule_at) {
         (Some(len), at) => GibbsOptions {
             schedule: Some((at.unwrap_or(0), len)),
@@ -487,6 +488,16 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     };
     io.check_unused()?;
     opts.validate()?;
+    let parts = opts.sweeps as usize * 2;
+    if !io.cpu && parts > MAX_PLAN_DISPATCHES {
+        return Err(usage(format!(
+            "gibbs: {} sweeps are more than one GPU call runs (about {}); run them as several \
+             calls, each with --set schedule_len=<all sweeps> schedule_at=<its first sweep>, \
+             and the last call's tokens as the next call's init",
+            opts.sweeps,
+            MAX_PLAN_DISPATCHES / 2
+        )));
+    }
     let v = *unary.shape.last().unwrap_or(&0);
     let unary_shape = unary.shape.clone();
     let pairwise = match (pairwise, pair_a, pair_b) {

@@ -98,8 +98,9 @@ enum Command {
         pairwise ([V, V]) or pair_a and pair_b ([V, r] each: W = A B^T), init ([b, L] tokens) \
         and optionally clamp ([L] or [b, L], true keeps the token); --set sweeps, temperature, \
         anneal_to, seed, first_sweep (the Philox sweep index of the first sweep, to continue a \
-        run) and schedule_len with schedule_at (the run is sweeps schedule_at.. of an annealing \
-        over schedule_len sweeps); --out2 best= and best_score= give each chain's best state and its score.\n\n\
+        run) and schedule_len with schedule_at (the run is sweeps schedule_at.. of a run of \
+        schedule_len sweeps: its annealing, and its Philox sweeps unless first_sweep is set); \
+        --out2 best= and best_score= give each chain's best state and its score.\n\n\
         sample: --set temperature, top_k, top_p, \
         seed and step (the Philox counter's last word: a new step draws afresh with one seed).\n\n\
         attention: --set scale, causal, softcap, kv_len (keys are the first kv_len positions \

@@ -10,7 +10,7 @@
 //!   key j iff `j <= i + (n - m)`; PyTorch SDPA's `is_causal` is top-left aligned when m != n),
 //!   `softcap` c (`S = c tanh(S / c)`, 0 = off), `kv_len` (decode against a preallocated KV
 //!   cache: only its first `kv_len` positions are keys, and only they are read, so a step
-//!   costs what the filled part does).
+//!   costs what the filled part does, except where f16 is widened; see the option).
 //! - Mask [`AttnMask`], `[m|1, n]` or `[b|1, 1|hq, m|1, n]` (1 = the same for every batch,
 //!   head or query: `[b, 1, 1, n]` is a key-padding mask): boolean (a nonzero byte keeps the
 //!   key) or additive (f32, added to the soft-capped scores; -inf hides the key).
@@ -196,8 +196,11 @@ pub struct AttentionOptions {
     /// size). `None` chooses: split only for decode shapes (m <= 4, n >= 1024).
     pub key_split: Option<usize>,
     /// Attend to the first `kv_len` positions of k and v only: a preallocated KV cache filled
-    /// that far. The call then has n = `kv_len` keys (causal alignment, mask shapes, work)
-    /// and the positions past it are never read. `None`: all of k's positions.
+    /// that far. The call then has n = `kv_len` keys (causal alignment, mask shapes `[..,
+    /// kv_len]`, work) and the positions past it are never read by the kernel. Two costs still
+    /// follow the whole cache: k and v are bound whole (each must fit one storage binding),
+    /// and on devices without `SHADER_F16` f16 k and v are widened whole every call.
+    /// `None`: all of k's positions.
     pub kv_len: Option<usize>,
 }
 

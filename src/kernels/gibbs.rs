@@ -89,7 +89,9 @@ pub struct GibbsOptions {
     pub track_best: bool,
     /// With `anneal_to`: where this run lies in a longer annealing schedule, as (the index of
     /// its first sweep in the schedule, the schedule's length in sweeps); `None`: the schedule
-    /// is this run's own sweeps. [`GibbsOptions::part`] sets it.
+    /// is this run's own sweeps. Without `anneal_to` the temperature is constant and this
+    /// changes nothing. [`GibbsOptions::part`] sets it (and keeps `temperature` and
+    /// `anneal_to`, the ends of the whole schedule).
     pub schedule: Option<(u32, u32)>,
 }
 
@@ -487,7 +489,9 @@ impl Gibbs {
     /// The parameters of all dispatches share one buffer, but each dispatch has its own bind
     /// group, so memory still grows with `sweeps`: on lavapipe about 2.6 KB a sweep for the
     /// plan and 4 KB once it has run (20,000 sweeps: 52 and 80 MB). Run very long chains as
-    /// several plans of [`GibbsOptions::part`]s, as `seqk generate --batch` does.
+    /// several plans of [`GibbsOptions::part`]s, as `seqk generate --batch` does; one plan
+    /// records at most [`MAX_PLAN_DISPATCHES`] parameterised dispatches (about 500,000 sweeps
+    /// of one chunk of chains), and more is an `InvalidOption` error.
     pub fn plan<T: Element>(
         &self,
         model: &ChainModel<'_>,
