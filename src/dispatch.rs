@@ -27,9 +27,9 @@ impl Step {
         bindings: &[(u32, wgpu::BufferBinding<'_>)],
         workgroups: u64,
     ) -> Result<Self> {
-        // Every binding but the uniform parameters (Context::uniform or uniform_slots, without STORAGE)
-        // is a storage buffer; a device made with fewer per stage (wgpu's default limits
-        // allow 8) cannot build the pipeline.
+        // Every binding but the uniform parameters (Context::uniform or uniform_slots, without
+        // STORAGE) is a storage buffer; a device made with fewer per stage (wgpu's default
+        // limits allow 8) cannot build the pipeline.
         let limits = ctx.limits();
         let storage = bindings
             .iter()

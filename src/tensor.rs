@@ -213,9 +213,8 @@ impl<T: Element> GpuTensor<T> {
     /// `COPY_DST` to write. The buffer must come from the context's own device: wgpu offers
     /// no way to check it here, and a kernel given another device's buffer fails inside wgpu
     /// (a panic where the devices come from different instances) or reads and writes
-    /// unrelated memory. It
-    /// holds at least the data padded to whole 4-byte words, from offset 0;
-    /// a kernel writing an odd-byte tensor (u8, f16) keeps the rest of its last word, but
+    /// unrelated memory. It holds at least the data padded to whole 4-byte words, from offset
+    /// 0; a kernel writing an odd-byte tensor (u8, f16) keeps the rest of its last word, but
     /// [`GpuTensor::write`] zeroes those padding bytes.
     pub fn from_buffer(
         ctx: &Context,

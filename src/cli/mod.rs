@@ -104,7 +104,8 @@ enum Command {
         sample: --set temperature, top_k, top_p, \
         seed and step (the Philox counter's last word: a new step draws afresh with one seed).\n\n\
         attention: --set scale, causal, softcap, kv_len (keys are the first kv_len positions \
-        of k and v) and layout (bhsd, the default, or bshd; lse stays [b, hq, m]). causal is bottom-right: query i sees key j iff j <= i + n - m \
+        of k and v) and layout (bhsd, the default, or bshd; lse stays [b, hq, m]). causal is \
+        bottom-right: query i sees key j iff j <= i + n - m \
         (torch's is_causal is top-left; compare with causal_lower_right(m, n)). A bool mask \
         keeps where true; a float mask is added.\n\n\
         flash: --set chunk, causal, attn_fn, quad_scale, lin_norm, lin_scale, and rope=true with \

@@ -168,7 +168,12 @@ impl GibbsOptions {
     ///
     /// ```
     /// # use seq_kernels::GibbsOptions;
-    /// let run = GibbsOptions { sweeps: 1000, temperature: 2.0, anneal_to: Some(0.05), ..Default::default() };
+    /// let run = GibbsOptions {
+    ///     sweeps: 1000,
+    ///     temperature: 2.0,
+    ///     anneal_to: Some(0.05),
+    ///     ..Default::default()
+    /// };
     /// let second = run.part(250, 250)?;
     /// assert_eq!((second.first_sweep, second.sweeps), (250, 250));
     /// assert_eq!(second.temperature_at(10), run.temperature_at(260));
@@ -782,7 +787,8 @@ impl SampleOptions {
         let t = self.temperature;
         if !temperature_ok(t) {
             return Err(Error::option(format!(
-                "sampling temperature must be 0 (greedy) or in [{:e}, {MAX_TEMPERATURE:e}], got {t}",
+                "sampling temperature must be 0 (greedy) or in [{:e}, {MAX_TEMPERATURE:e}], \
+                 got {t}",
                 f32::MIN_POSITIVE
             )));
         }
