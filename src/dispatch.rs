@@ -292,6 +292,21 @@ pub fn based_row_chunks(
         .collect())
 }
 
+/// The largest x in `lo..=hi` for which `fits` holds, given that it holds at `lo` and, once
+/// it fails, fails for every larger x (sizes of runs of rows, chunks, heads).
+pub fn largest_fitting(lo: usize, hi: usize, fits: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (lo, hi);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
 /// Checks that `bytes` fit one storage binding of the device and that its elements of
 /// `elem_bytes` bytes stay addressable by the shaders' u32 indices; `what` names them.
 pub fn check_binding(ctx: &Context, what: &'static str, bytes: u64, elem_bytes: u64) -> Result<()> {

@@ -684,6 +684,34 @@ fn option_errors_print_plain_values() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A FLASH chunk whose C x C scores no storage binding holds (C = n = 2^17: 64 GiB) is exit 2
+/// naming a chunk that fits; it was exit 1, the missing-adapter code, advising to split the
+/// input.
+#[test]
+fn flash_chunk_beyond_the_device_exits_2() {
+    let Some(_) = common::gpu() else { return };
+    let d = dir("flash-chunk");
+    let p = |f: &str| d.join(f).display().to_string();
+    let n = 1usize << 17;
+    save(
+        &d.join("a.npy"),
+        &[1, n as u64, 1],
+        &vec![0.5f32; n],
+        npyz::Order::C,
+    );
+    let inputs: Vec<String> = ["qq", "kq", "ql", "kl", "v"]
+        .iter()
+        .map(|k| format!("{k}={}", p("a.npy")))
+        .collect();
+    let (out, chunk) = (p("o.npy"), format!("chunk={n}"));
+    let mut args = vec!["run", "flash", "--out", &out, "--set", &chunk];
+    for i in &inputs {
+        args.extend(["--in", i]);
+    }
+    assert_usage_error(&args, &["flash chunk 131072 is too large", "use chunk <= "]);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// An attention mask of another dtype: the message names both accepted kinds of mask.
 #[test]
 fn attention_int_mask_names_bool_and_float_masks() {

@@ -929,15 +929,30 @@ fn bad_input_is_an_error() {
     assert!(option_err(FlashDecoder::new(
         ctx, &length, 1, 8, 12, false, None
     )));
-    assert!(shape_err(FlashDecoder::new(
+    // A bias of the wrong length and b = 0 are named as such (they were an upload's count
+    // and an internal [0, 1, s] shape).
+    let message =
+        |r: Result<FlashDecoder, Error>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    let bad_bias = message(FlashDecoder::new(
         ctx,
         &causal,
         1,
         8,
         12,
         false,
-        Some(&[0.0; 15])
-    )));
+        Some(&[0.0; 15]),
+    ));
+    assert!(
+        bad_bias.starts_with(
+            "shape error: flash decoder bias must hold C x C = 256 values (C = 16), got 15"
+        ),
+        "{bad_bias}"
+    );
+    let no_batch = message(FlashDecoder::new(ctx, &causal, 0, 8, 12, false, None));
+    assert!(
+        no_batch.starts_with("shape error: flash decoder needs b, s and e of at least 1"),
+        "{no_batch}"
+    );
     let mut dec = FlashDecoder::new(ctx, &causal, 1, 8, 12, false, None).unwrap();
     let x = vec![0.5f32; 8];
     let y = vec![0.5f32; 11];
@@ -1392,7 +1407,8 @@ fn segmented_plans_rerun_and_bind_their_mask_by_segment() {
 
 /// The decoder near the binding limit: a step of few rows chooses no more KV parts than the
 /// scratch made for a whole chunk holds (it wrote past it), and chunk rows that cannot fit a
-/// binding are `LimitExceeded` when the decoder is made (a device error at the first step).
+/// binding are refused when the decoder is made (a device error at the first step), naming
+/// the largest chunk that fits.
 #[test]
 fn decoder_within_its_bindings() {
     let Some(_) = gpu() else { return };
@@ -1419,10 +1435,12 @@ fn decoder_within_its_bindings() {
         causal: true,
         ..Default::default()
     };
-    assert!(matches!(
-        FlashDecoder::new(&small, &opts, 2, 8, 256, false, None),
-        Err(Error::LimitExceeded { .. })
-    ));
+    // Rows of 2 x C x 256 floats fit 64 KiB up to C = 32.
+    let err = FlashDecoder::new(&small, &opts, 2, 8, 256, false, None).map(|_| ());
+    assert!(
+        matches!(&err, Err(Error::InvalidOption(m)) if m.contains("use chunk <= 32,")),
+        "{err:?}"
+    );
     // Chunk rows past u64 (C e = 2^64 floats) are past the binding too, not a wrapped 0.
     let huge = FlashOptions {
         chunk: 1 << 24,
@@ -1450,6 +1468,55 @@ fn decoder_within_its_bindings() {
             ..
         })
     ));
+}
+
+/// A chunk whose own rows, C x C scores and KV sums cannot fit one storage binding is an
+/// invalid option naming the largest chunk that fits, and that chunk runs; one-shot and
+/// decoder. (It was `LimitExceeded`, whose advice to split the call cannot help: a call runs
+/// as segments of whole chunks.)
+#[test]
+fn too_large_a_chunk_names_one_that_fits() {
+    let Some(_) = gpu() else { return };
+    let small = small_bindings(64 << 10);
+    let with = |chunk| FlashOptions {
+        chunk,
+        causal: true,
+        ..Default::default()
+    };
+    let refused = |r: Result<(), Error>, fits: usize| match r {
+        Err(Error::InvalidOption(m)) => {
+            assert!(m.contains(&format!("use chunk <= {fits},")), "{m}")
+        }
+        other => panic!("expected the largest chunk that fits ({fits}), got {other:?}"),
+    };
+    // One-shot, s 8, e 16: one chunk's C^2 scores fit 64 KiB up to C = 128.
+    let data = Data::new(1, 300, 8, 16, 5);
+    let up = |x: &[f32], w: usize| small.upload(x, [1, 300, w]).unwrap();
+    let (qq, kq, ql, kl) = (
+        up(&data.qq, 8),
+        up(&data.kq, 8),
+        up(&data.ql, 8),
+        up(&data.kl, 8),
+    );
+    let v = up(&data.v, 16);
+    let inputs = FlashInputs::new(&qq, &kq, &ql, &kl, &v);
+    refused(small.flash(&inputs, &with(200)).map(|_| ()), 128);
+    let got = small
+        .flash(&inputs, &with(128))
+        .unwrap()
+        .download()
+        .unwrap();
+    let err = row_error(&got, &reference(&data.host(), &with(128)).unwrap(), 16);
+    assert!(err <= TOL_F32, "one-shot at the chunk named: error {err:e}");
+    // Decoder of 2 sequences: both chunks' scores fit up to C = 90 (2 x 90^2 floats).
+    let data = Data::new(2, 100, 8, 16, 6);
+    refused(
+        FlashDecoder::new(&small, &with(91), 2, 8, 16, false, None).map(|_| ()),
+        90,
+    );
+    let got = decode(&small, &data, &with(90), &[1, 7], false);
+    let err = row_error(&got, &reference(&data.host(), &with(90)).unwrap(), 16);
+    assert!(err <= TOL_F32, "decoder at the chunk named: error {err:e}");
 }
 
 /// Every input, the bias included, and the output in application buffers larger than a

@@ -109,7 +109,9 @@ enum Command {
         (torch's is_causal is top-left; compare with causal_lower_right(m, n)). A bool mask \
         keeps where true; a float mask is added.\n\n\
         flash: --set chunk, causal, attn_fn, quad_scale, lin_norm, lin_scale, and rope=true with \
-        base (10000) and offset (0) for the fused RoPE.\n\nInputs all float16: the GPU runs \
+        base (10000) and offset (0) for the fused RoPE. lin_norm=chunk (z = 1/C) is the \
+        paper's causal code; its non-causal code divides by n, lin_norm=length.\n\nInputs \
+        all float16 (flash's bias aside, which is float32 whatever): the GPU runs \
         with f16 storage, so results are rounded to f16 (inf beyond 65504) before they are \
         written as float32, except attention's lse, which is kept in f32; --cpu computes in \
         f64."
@@ -145,7 +147,7 @@ struct RunArgs {
 /// What went wrong in a command, and which exit code it earns.
 #[derive(Debug)]
 pub enum CliError {
-    /// Bad input from the user: exit code 2.
+    /// Bad input from the user, or input beyond what the device allows: exit code 2.
     Usage(String),
     /// A failure of the device or the machine: exit code 1.
     Failure(String),
@@ -154,9 +156,12 @@ pub enum CliError {
 impl From<Error> for CliError {
     fn from(e: Error) -> Self {
         match e {
-            Error::Shape(_) | Error::Dtype(_) | Error::InvalidOption(_) => {
-                CliError::Usage(e.to_string())
-            }
+            // A limit is exceeded by the input (its size, an option): the user's to change,
+            // and told apart from a missing adapter (exit 1).
+            Error::Shape(_)
+            | Error::Dtype(_)
+            | Error::InvalidOption(_)
+            | Error::LimitExceeded { .. } => CliError::Usage(e.to_string()),
             _ => CliError::Failure(e.to_string()),
         }
     }

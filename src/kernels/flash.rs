@@ -49,7 +49,9 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{check_binding, check_call_aliasing, rows_binding, Plan, Step};
+use crate::dispatch::{
+    check_binding, check_call_aliasing, largest_fitting, rows_binding, Plan, Step,
+};
 use crate::error::{Error, Result};
 use crate::kernels::copy;
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
@@ -126,11 +128,15 @@ impl AttnFn {
 /// The normaliser z of the linear branch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LinNorm {
-    /// z = 1/C (the paper's code).
+    /// z = 1/C: the paper's causal code. Its non-causal code divides by the sequence length
+    /// n instead, which is `Length` (the same when no key is masked): port a non-causal model
+    /// with `Length`, or its scale with `lin_scale`.
     #[default]
     Chunk,
     /// z = 1/(number of valid keys of the sequence). Needs the whole sequence, so
-    /// [`FlashDecoder`] refuses it.
+    /// [`FlashDecoder`] refuses it; with `causal`, every output depends on the sequence's
+    /// length (appending a token changes earlier outputs), so autoregressive models use
+    /// `Chunk` or `Prefix`.
     Length,
     /// z_g = 1/(valid keys summed into the prefix the chunk reads), 0 when there are none
     /// (causal chunk 0). Non-causal, every chunk reads all the valid keys, chunk 0 included,
@@ -366,7 +372,8 @@ pub struct FlashInputs<'a, T: Element> {
     pub v: &'a GpuTensor<T>,
     /// Gate u, `[b, n, e]`: the output becomes `u * (Yquad + Ylin)`.
     pub gate: Option<&'a GpuTensor<T>>,
-    /// Additive bias of the quadratic scores, `[C, C]`, f32 whatever T is.
+    /// Additive bias of the quadratic scores, `[C, C]`, f32 whatever T is; a partial chunk of
+    /// L rows (the tail, or n < C) adds its top-left `[L, L]`.
     pub bias: Option<&'a GpuTensor<f32>>,
     /// Key mask `[b, n]`, nonzero = keep.
     pub key_mask: Option<&'a GpuTensor<u8>>,
@@ -602,6 +609,52 @@ impl Scratch {
     }
 }
 
+/// Bytes of the largest storage binding of a segment's passes (`elem` bytes per tensor
+/// element; a segment's tensors start up to one alignment before its first row).
+fn largest_binding(
+    ctx: &Context,
+    opts: &FlashOptions,
+    sh: &FlashShape,
+    seg: &Segment,
+    elem: u64,
+) -> u64 {
+    let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
+    let (_, rows) = seg.rows(sh);
+    let slack = if *seg == Segment::whole(sh) { 0 } else { align };
+    let (kv, scores) = seg.scratch_floats(ctx, sh, opts.rope.is_some());
+    [seg.batches as u64, rows as u64, sh.s.max(sh.e) as u64, elem]
+        .iter()
+        .fold(1u64, |a, &x| a.saturating_mul(x))
+        .saturating_add(slack)
+        .max(kv.saturating_mul(4))
+        .max(scores.saturating_mul(4))
+}
+
+/// The error for a chunk whose own bindings (`needed` bytes) exceed the device's: it names
+/// the largest chunk that `fits`, since a smaller call cannot help (a call runs as segments
+/// of whole chunks).
+fn chunk_too_large(
+    ctx: &Context,
+    chunk: usize,
+    needed: u64,
+    fits: impl Fn(usize) -> bool,
+) -> Error {
+    let max = ctx.limits().max_storage_buffer_binding_size;
+    if chunk == 1 || !fits(1) {
+        return Error::LimitExceeded {
+            limit: "max_storage_buffer_binding_size",
+            needed,
+            max,
+        };
+    }
+    let lo = largest_fitting(1, chunk - 1, fits);
+    Error::option(format!(
+        "flash chunk {chunk} is too large for this device: one chunk's rows, C x C scores and \
+         KV sums need {needed} bytes in one storage binding, and max_storage_buffer_binding_size \
+         is {max}; use chunk <= {lo}, or create the device with a larger limit"
+    ))
+}
+
 /// The segments of a call: the whole call when everything fits the device's storage bindings,
 /// else runs of as many chunks of each batch item as fit (`elem` bytes per tensor element).
 fn segments(
@@ -610,22 +663,10 @@ fn segments(
     sh: &FlashShape,
     elem: u64,
 ) -> Result<Vec<Segment>> {
-    let limits = ctx.limits();
-    let max = limits.max_storage_buffer_binding_size;
-    let align = limits.min_storage_buffer_offset_alignment as u64;
-    let widest = sh.s.max(sh.e) as u64;
-    // Bytes of the largest binding of a segment (a segment's tensors start up to one
-    // alignment before its first row).
-    let largest = |seg: &Segment| {
-        let (_, rows) = seg.rows(sh);
-        let slack = if *seg == Segment::whole(sh) { 0 } else { align };
-        let (kv, scores) = seg.scratch_floats(ctx, sh, opts.rope.is_some());
-        ((seg.batches * rows) as u64 * widest * elem + slack)
-            .max(kv * 4)
-            .max(scores * 4)
-    };
+    let max = ctx.limits().max_storage_buffer_binding_size;
+    let largest = |sh: &FlashShape, seg: &Segment| largest_binding(ctx, opts, sh, seg, elem);
     let whole = Segment::whole(sh);
-    if largest(&whole) <= max {
+    if largest(sh, &whole) <= max {
         return Ok(vec![whole]);
     }
     let run = |chunks| Segment {
@@ -634,23 +675,20 @@ fn segments(
         chunk: 0,
         chunks,
     };
-    if largest(&run(1)) > max {
-        return Err(Error::LimitExceeded {
-            limit: "max_storage_buffer_binding_size",
-            needed: largest(&run(1)),
-            max,
-        });
+    let one = largest(sh, &run(1));
+    if one > max {
+        let fits = |c: usize| {
+            let sh = FlashShape {
+                chunk: c,
+                groups: sh.n.div_ceil(c),
+                ..*sh
+            };
+            largest(&sh, &run(1)) <= max
+        };
+        return Err(chunk_too_large(ctx, sh.chunk, one, fits));
     }
     // The most chunks per segment that fit (the largest binding grows with the chunks).
-    let (mut lo, mut hi) = (1, sh.groups);
-    while lo < hi {
-        let mid = (lo + hi).div_ceil(2);
-        if largest(&run(mid)) <= max {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
+    let lo = largest_fitting(1, sh.groups, |chunks| largest(sh, &run(chunks)) <= max);
     Ok((0..sh.b)
         .flat_map(|batch| {
             (0..sh.groups).step_by(lo).map(move |chunk| Segment {
@@ -1172,8 +1210,13 @@ impl FlashDecoder {
                  use chunk or prefix, or set lin_scale",
             ));
         }
-        let one: &[usize] = &[b, 1, s];
+        if b == 0 || s == 0 || e == 0 {
+            return Err(Error::shape(format!(
+                "flash decoder needs b, s and e of at least 1, got b = {b}, s = {s}, e = {e}"
+            )));
+        }
         let bias_shape = [opts.chunk, opts.chunk];
+        let one: &[usize] = &[b, 1, s];
         flash_shape(
             [one; 4],
             &[b, 1, e],
@@ -1182,9 +1225,26 @@ impl FlashDecoder {
             None,
             opts,
         )?;
+        if let Some(v) = bias.filter(|v| v.len() != opts.chunk * opts.chunk) {
+            return Err(Error::shape(format!(
+                "flash decoder bias must hold C x C = {} values (C = {}), got {}",
+                opts.chunk * opts.chunk,
+                opts.chunk,
+                v.len()
+            )));
+        }
         let c = opts.chunk;
-        // The chunk's rows are bound whole in every step (saturating: past u64 is past any
-        // limit).
+        // Every step binds a whole chunk's rows, scores and KV sums.
+        let needed = |c: usize| {
+            let full = Self::chunk_shape(b, c, s, e, c);
+            largest_binding(ctx, opts, &full, &Segment::whole(&full), 4)
+        };
+        let max = ctx.limits().max_storage_buffer_binding_size;
+        if needed(c) > max {
+            return Err(chunk_too_large(ctx, c, needed(c), |c| needed(c) <= max));
+        }
+        // The rows' elements must stay addressable by u32 indices (saturating: past u64 is
+        // past any limit).
         let row_bytes = [b, c, s.max(e), 4]
             .iter()
             .fold(1u64, |a, &x| a.saturating_mul(x as u64));

@@ -40,7 +40,7 @@ use std::f64::consts::PI;
 use std::str::FromStr;
 
 use crate::context::Context;
-use crate::dispatch::{sub_binding as sub, Plan, Step};
+use crate::dispatch::{largest_fitting, sub_binding as sub, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::{checked_numel, DType, Element, GpuTensor};
@@ -1063,20 +1063,6 @@ impl Rope {
                 .max()
                 .unwrap_or(0)
         };
-        // The largest end in lo..=hi for which `fits` holds (it holds at lo, and fails from
-        // some point on as pieces grow).
-        let largest = |lo: usize, hi: usize, fits: &dyn Fn(usize) -> bool| {
-            let (mut lo, mut hi) = (lo, hi);
-            while lo < hi {
-                let mid = (lo + hi).div_ceil(2);
-                if fits(mid) {
-                    lo = mid;
-                } else {
-                    hi = mid - 1;
-                }
-            }
-            lo
-        };
         let piece = |b0, b1, t0, t1, one| Piece {
             b0,
             b1,
@@ -1096,7 +1082,7 @@ impl Rope {
                         max: max_binding,
                     });
                 }
-                let t1 = largest(t0 + 1, s, &|t1| {
+                let t1 = largest_fitting(t0 + 1, s, |t1| {
                     need(&piece(b0, b0 + 1, t0, t1, one)) <= max_binding
                 });
                 pieces.push(piece(b0, b0 + 1, t0, t1, one));
@@ -1108,7 +1094,7 @@ impl Rope {
         let mut b0 = 0;
         while b0 < b {
             if need(&piece(b0, b0 + 1, 0, s, None)) <= max_binding {
-                let b1 = largest(b0 + 1, b, &|b1| {
+                let b1 = largest_fitting(b0 + 1, b, |b1| {
                     need(&piece(b0, b1, 0, s, None)) <= max_binding
                 });
                 pieces.push(piece(b0, b1, 0, s, None));
@@ -1131,7 +1117,7 @@ impl Rope {
                             h0 += 1;
                             continue;
                         }
-                        let h1 = largest(h0 + 1, heads, &|h1| need(&run(h1)) <= max_binding);
+                        let h1 = largest_fitting(h0 + 1, heads, |h1| need(&run(h1)) <= max_binding);
                         pieces.push(run(h1));
                         h0 = h1;
                     }
