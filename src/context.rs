@@ -150,8 +150,9 @@ impl Context {
             .map_err(|e| Error::Device(format!("request_device failed: {e}")))?;
         let uncaptured: Arc<Mutex<Vec<String>>> = Arc::default();
         let sink = uncaptured.clone();
-        // wgpu's default handler panics; a library must not. Errors land here and surface
-        // from the next checked call instead.
+        // wgpu's default handler panics; a library must not. The crate's own calls run in
+        // error scopes, so what lands here is the application's (its calls on `device()`
+        // outside a scope): `wait` reports it, and no kernel call fails for it.
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
             if let Ok(mut v) = sink.lock() {
                 v.push(e.to_string());
@@ -251,14 +252,23 @@ impl Context {
         self.features().contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
-    /// Blocks until all submitted work is done, then reports any device error nobody captured.
+    /// Blocks until all submitted work is done, then reports any device error nobody captured:
+    /// on a device made by [`Context::new`], the first error of the application's own calls
+    /// on [`Context::device`] outside an error scope since the last `wait` (wgpu would panic
+    /// on it). The crate's calls never report those: one thread's error does not fail another
+    /// thread's kernel.
     pub fn wait(&self) -> Result<()> {
+        self.idle()?;
+        self.take_uncaptured()
+    }
+
+    /// Blocks until all submitted work is done.
+    fn idle(&self) -> Result<()> {
         self.inner
             .device
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| self.wait_failed(e))?;
-        self.check_lost()?;
-        self.take_uncaptured()
+        self.check_lost()
     }
 
     /// The error of a failed wait: a lost device (known on one the crate made) is the cause
@@ -289,14 +299,14 @@ impl Context {
                 let _ = tx.send(r);
             })
         })?;
-        self.wait()?;
+        self.idle()?;
         rx.recv()
             .map_err(|_| Error::Device(format!("{what}: the map callback never ran")))?
             .map_err(|e| Error::Device(format!("mapping {what} failed: {e}")))
     }
 
     /// Returns (and clears) the first error the device raised outside any error scope.
-    pub(crate) fn take_uncaptured(&self) -> Result<()> {
+    fn take_uncaptured(&self) -> Result<()> {
         let mut errors = self.inner.uncaptured.lock().map_err(|_| poisoned())?;
         let first = errors.drain(..).next();
         match first {
@@ -529,7 +539,7 @@ impl Context {
                 timeout: None,
             })
             .map_err(|e| self.wait_failed(e))?;
-        self.take_uncaptured()
+        self.check_lost()
     }
 
     /// A new command encoder on this device.

@@ -165,7 +165,9 @@ pub(crate) fn data_binding(
 }
 
 impl Context {
-    /// Uploads `data` as a tensor of `shape` (C order).
+    /// Uploads `data` as a tensor of `shape` (C order), through a queue write: wgpu keeps the
+    /// staged bytes until the next submit. An application that may upload and then submit
+    /// nothing (say, every request's call rejected) frees them with `ctx.queue().submit([])`.
     pub fn upload<T: Element>(
         &self,
         data: &[T],
@@ -386,6 +388,22 @@ struct Waiter {
     running: bool,
 }
 
+/// Marks the helper thread's wait over and wakes the task when dropped.
+struct WakeOnDrop(Arc<Mutex<Waiter>>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        // Woken outside the lock: a waker may poll the task inline.
+        let mut w = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        w.running = false;
+        let waker = w.waker.take();
+        drop(w);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
 impl Future for MapFuture<'_> {
     type Output = Result<()>;
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
@@ -411,6 +429,9 @@ impl Future for MapFuture<'_> {
             let spawned = std::thread::Builder::new()
                 .name("seq-kernels download".into())
                 .spawn(move || {
+                    // Wakes the task however the wait ends, a panic inside wgpu's poll
+                    // included (GL's lock after 6 s): the task must not wait forever.
+                    let _wake = WakeOnDrop(waiter);
                     // Waits in short slices: GL holds its context lock through a wait, and
                     // other callers give up after 6 s. The map callback runs in a poll.
                     let slice = wgpu::PollType::Wait {
@@ -418,14 +439,6 @@ impl Future for MapFuture<'_> {
                         timeout: Some(std::time::Duration::from_millis(50)),
                     };
                     while let Err(wgpu::PollError::Timeout) = device.poll(slice.clone()) {}
-                    // Woken outside the lock: a waker may poll the task inline.
-                    let waker = waiter.lock().ok().and_then(|mut w| {
-                        w.running = false;
-                        w.waker.take()
-                    });
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
                 });
             if let Err(e) = spawned {
                 return Poll::Ready(Err(Error::Device(format!(

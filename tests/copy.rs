@@ -127,6 +127,35 @@ fn a_lost_device_is_named_in_errors() {
     lost(plan.run(&ctx));
 }
 
+/// An error the application raises outside any error scope on the crate's device fails no
+/// kernel call (a download on another thread used to return it, losing its own result);
+/// `wait` reports it, once.
+#[test]
+fn the_applications_uncaptured_errors_surface_from_wait_only() {
+    let Some(_) = gpu() else { return };
+    let ctx = seq_kernels::Context::new().unwrap();
+    // MAP_READ with STORAGE is not allowed: a validation error nobody captures.
+    let _bad = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("app-bad"),
+        size: 16,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let x = ctx.upload(&[1.0f32, 2.0, 3.0, 4.0], [4]).unwrap();
+    let y = ctx.softmax(&x, &Default::default()).unwrap();
+    let sum: f32 = y.download().unwrap().iter().sum();
+    assert!((sum - 1.0).abs() < 1e-6, "{sum}");
+    assert_eq!(
+        pollster::block_on(x.download_async()).unwrap(),
+        [1.0, 2.0, 3.0, 4.0]
+    );
+    match ctx.wait() {
+        Err(Error::Device(m)) => assert!(m.contains("app-bad"), "{m}"),
+        other => panic!("wait should report the application's error: {other:?}"),
+    }
+    ctx.wait().unwrap();
+}
+
 /// A tensor wrapping part of an application's buffer: writes touch the tensor's words and
 /// nothing after them; a buffer without room for whole words is refused.
 #[test]

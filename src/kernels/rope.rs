@@ -1238,8 +1238,9 @@ impl Context {
         positions: Option<&Positions>,
         opts: &RopeOptions,
     ) -> Result<GpuTensor<T>> {
+        let kernel = Rope::new(self, opts)?;
         let y = self.zeros::<T>(x.shape().to_vec())?;
-        Rope::new(self, opts)?
+        kernel
             .plan(&RopeTarget::new(x, &y)?, None, positions)?
             .run(self)?;
         Ok(y)

@@ -506,8 +506,9 @@ impl Context {
         x: &GpuTensor<T>,
         opts: &SoftmaxOptions,
     ) -> Result<GpuTensor<T>> {
+        let kernel = Softmax::new(self, opts)?;
         let y = self.zeros::<T>(x.shape().to_vec())?;
-        Softmax::new(self, opts)?.plan(x, None, &y)?.run(self)?;
+        kernel.plan(x, None, &y)?.run(self)?;
         Ok(y)
     }
 
@@ -518,10 +519,9 @@ impl Context {
         mask: &GpuTensor<u8>,
         opts: &SoftmaxOptions,
     ) -> Result<GpuTensor<T>> {
+        let kernel = Softmax::new(self, opts)?;
         let y = self.zeros::<T>(x.shape().to_vec())?;
-        Softmax::new(self, opts)?
-            .plan(x, Some(mask), &y)?
-            .run(self)?;
+        kernel.plan(x, Some(mask), &y)?.run(self)?;
         Ok(y)
     }
 }
