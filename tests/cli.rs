@@ -684,6 +684,77 @@ fn option_errors_print_plain_values() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// `seqk run --help` names every input and option each kernel takes: the names the kernel
+/// itself lists beside an unknown one must all stand in its paragraph of the help.
+#[test]
+fn run_help_names_every_input_and_option() {
+    let d = dir("run-help");
+    let p = |f: &str| d.join(f).display().to_string();
+    let f32s = |name: &str, shape: &[u64]| {
+        let n = shape.iter().product::<u64>() as usize;
+        save(&d.join(name), shape, &vec![0.25f32; n], npyz::Order::C);
+        p(name)
+    };
+    let (x2, x4, x3) = (
+        f32s("x2.npy", &[1, 4]),
+        f32s("x4.npy", &[1, 2, 1, 4]),
+        f32s("x3.npy", &[1, 4, 2]),
+    );
+    let (unary, pairwise) = (f32s("u.npy", &[3, 2]), f32s("w.npy", &[2, 2]));
+    save(&d.join("init.npy"), &[1, 3], &[0i32; 3], npyz::Order::C);
+    let init = p("init.npy");
+    let kernels: [(&str, Vec<(&str, &String)>); 6] = [
+        ("softmax", vec![("x", &x2)]),
+        ("rope", vec![("x", &x4)]),
+        ("attention", vec![("q", &x4), ("k", &x4), ("v", &x4)]),
+        (
+            "flash",
+            ["qq", "kq", "ql", "kl", "v"].map(|n| (n, &x3)).to_vec(),
+        ),
+        (
+            "gibbs",
+            vec![("unary", &unary), ("pairwise", &pairwise), ("init", &init)],
+        ),
+        ("sample", vec![("logits", &x2)]),
+    ];
+    let help = String::from_utf8(seqk(&["run", "--help"]).stdout).unwrap();
+    let out = p("o.npy");
+    for (kernel, inputs) in &kernels {
+        let section = help
+            .split("\n\n")
+            .find(|para| para.starts_with(&format!("{kernel}: ")))
+            .unwrap_or_else(|| panic!("no paragraph for {kernel} in seqk run --help"));
+        let words: Vec<&str> = section
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .collect();
+        let mut args = vec!["run", kernel, "--cpu", "--out", &out];
+        let given: Vec<String> = inputs.iter().map(|(n, f)| format!("{n}={f}")).collect();
+        for g in &given {
+            args.extend(["--in", g]);
+        }
+        let unknown_input = format!("zz={}", x2);
+        for (extra, list) in [
+            (["--in", unknown_input.as_str()], "(its inputs: "),
+            (["--set", "zz=1"], "(its options: "),
+        ] {
+            let o = seqk(&[args.as_slice(), &extra].concat());
+            let msg = stderr(&o);
+            let names = msg
+                .split_once(list)
+                .and_then(|(_, rest)| rest.split_once(')'))
+                .unwrap_or_else(|| panic!("{kernel}: no {list:?} in {msg:?}"))
+                .0;
+            for name in names.split(", ") {
+                assert!(
+                    words.contains(&name),
+                    "seqk run --help does not name {kernel}'s {name:?}:\n{section}"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// A FLASH chunk whose C x C scores no storage binding holds (C = n = 2^17: 64 GiB) is exit 2
 /// naming a chunk that fits; it was exit 1, the missing-adapter code, advising to split the
 /// input.

@@ -2,9 +2,9 @@
 //! benchmarks, and running any kernel on .npy files (spec section 6).
 //!
 //! Each kernel family has a file here with its `verify` cases, `bench` cases and `run`
-//! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check or a device error,
-//! 2 bad input (unknown names, wrong dtypes or shapes, bad options, unreadable input or
-//! unwritable output files).
+//! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check, a device error or
+//! no adapter, 2 bad input (unknown names, wrong dtypes or shapes, bad options, sizes beyond
+//! the device's limits, unreadable input or unwritable output files).
 
 mod attention;
 mod flash;
@@ -31,9 +31,11 @@ use report::{Baseline, BenchRow, Check};
     name = "seqk",
     version,
     about = "GPU kernels for sequence models, checked against a CPU reference",
-    after_help = "Exit codes: 0 success; 1 a failed check or a device error; 2 bad input \
-                  (unknown names, wrong dtypes or shapes, bad options, an unreadable input or \
-                  an unwritable output file)."
+    after_help = "Without a command, seqk runs verify and a quick benchmark table on the \
+                  default adapter.\n\nExit codes: 0 success; 1 a failed check, a device \
+                  error or no adapter; 2 bad input (unknown names, wrong dtypes or shapes, \
+                  bad options, sizes beyond the device's limits, an unreadable input or an \
+                  unwritable output file)."
 )]
 struct Cli {
     /// Graphics backend (default: WGPU_BACKEND, else wgpu's choice).
@@ -54,15 +56,74 @@ enum Backend {
     Dx12,
 }
 
+/// `seqk run --help`: each kernel's inputs and options, with their defaults.
+const RUN_HELP: &str = "\
+Kernels: inputs (--in NAME=FILE.npy; float inputs float32 or float16, masks bool or uint8, \
+true keeps) and options (--set KEY=VALUE, default in brackets). Outputs are float32 (tokens \
+int32).
+
+softmax: x [.., n]; optional mask (the shape of x). temperature [1], scale [1] (multiplies \
+the logits before the temperature), log [false], causal [false] (the last two axes as an \
+[m, n] score matrix, bottom-right: row i sees j <= i + n - m), softmax_plus [false].
+
+rope: x [b, s, h, d] (layout=bshd) or [b, h, s, d] (bhsd); optional positions [s], [1, s] \
+(Hugging Face's position_ids) or [b, s], int32 or int64, instead of offset. style [half] \
+(half|interleaved), layout [bshd], rotary_dim [d], base [10000], offset [0], inverse [false], \
+storage [the input's] (f32|f16|bf16: bf16 rounds float32 input as torch's .bfloat16() does), \
+scaling [none] (none|linear|ntk|dynamic|yarn|llama3) with factor and original_max (linear and \
+ntk need factor, dynamic and yarn both; llama3 defaults them to 8 and 8192), and: yarn \
+beta_fast [32], beta_slow [1], mscale [0.1 ln(factor) + 1], truncate [true]; llama3 \
+low_freq_factor [1], high_freq_factor [4]; dynamic current_len [the largest position + 1]. \
+mscale multiplies cos and sin itself, what Hugging Face calls attention_factor; it is not a \
+config's rope_scaling[\"mscale\"], which DeepSeek-style configs pair with mscale_all_dim: for \
+those pass mscale = g(factor, mscale) / g(factor, mscale_all_dim), where \
+g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1). truncate=false keeps yarn's correction range \
+fractional (HF's truncate: false). For dynamic, original_max is HF's \
+max_position_embeddings. HF's q after transpose(1, 2) is bhsd.
+
+attention: q [b, hq, m, d], k [b, hkv, n, d], v [b, hkv, n, dv] (layout=bhsd; bshd swaps the \
+middle two axes); optional mask, bool (true keeps) or float32 (added), [m|1, n] or \
+[b|1, 1|hq, m|1, n] (a 1 broadcasts). scale [1/sqrt(d)], causal [false], softcap [0: off], \
+kv_len [n] (keys are the first kv_len positions of k and v), layout [bhsd]. causal is \
+bottom-right: query i sees key j iff j <= i + n - m (torch's is_causal is top-left; compare \
+with causal_lower_right(m, n)). Out [b, hq, m, dv] (bshd: [b, m, hq, dv]); --out2 lse=FILE \
+gives the log-sum-exp [b, hq, m].
+
+flash: qq, kq, ql, kl [b, n, s], v [b, n, e]; optional gate [b, n, e], bias [C, C] (float32 \
+whatever the others are), key_mask [b, n]. chunk [256], causal [false], attn_fn [relu2] \
+(relu2|laplace), quad_scale [1/chunk], lin_norm [chunk] (chunk|length|prefix), lin_scale \
+(overrides lin_norm), rope [false] with base [10000] and offset [0] for the fused RoPE (half \
+style). lin_norm=chunk (z = 1/C) is the paper's causal code; its non-causal code divides by \
+n: lin_norm=length. Out [b, n, e].
+
+gibbs: unary [L, V] or [b, L, V]; pairwise [V, V], or pair_a and pair_b [V, r] each \
+(W = A B^T); init [b, L] (int32, int64 or uint8 tokens); optional clamp [L] or [b, L] (true \
+keeps the token). sweeps [100], temperature [1], anneal_to (geometric annealing from \
+temperature to it), seed [0], first_sweep [0] (the Philox sweep index of the first sweep, to \
+continue a run), and schedule_len with schedule_at (this run is sweeps schedule_at.. of a \
+run of schedule_len sweeps: its annealing, and its Philox sweeps unless first_sweep is set). \
+Out: the final tokens [b, L]; --out2 best= and best_score= give each chain's best state and \
+its score.
+
+sample: logits [b, V]. temperature [1] (0: greedy), top_k [0: off], top_p [1: off], seed [0], \
+step [0] (the Philox counter's last word: a new step draws afresh with one seed); applied in \
+that order. Out: tokens [b].
+
+Inputs all float16 (flash's bias aside): the GPU runs with f16 storage, so results are \
+rounded to f16 (inf beyond 65504) before they are written as float32, except attention's \
+lse, which is kept in f32. --cpu runs the CPU reference, in f64.";
+
 #[derive(Subcommand)]
 enum Command {
     /// Adapter, backend, features and limits.
     Info {
+        /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Every kernel against the CPU reference: a pass/fail table.
     Verify {
+        /// One JSON object (a row per check) instead of the table.
         #[arg(long)]
         json: bool,
         /// Fewer, smaller cases.
@@ -84,38 +145,7 @@ enum Command {
         quick: bool,
     },
     /// Run one kernel on .npy inputs and write .npy outputs.
-    #[command(
-        after_help = "rope: positions are [s], [1, s] (Hugging Face's position_ids) or \
-        [b, s], and exclude --set offset. Its mscale=M (scaling=yarn) multiplies cos and sin by \
-        M itself, what Hugging Face calls attention_factor; it is not a config's \
-        rope_scaling[\"mscale\"], which DeepSeek-style configs pair with mscale_all_dim: for \
-        those pass mscale = g(factor, mscale) / g(factor, mscale_all_dim), where \
-        g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1). yarn's truncate=false keeps the correction \
-        range fractional (HF's truncate: false). For scaling=dynamic, original_max is HF's \
-        max_position_embeddings. The default layout is bshd; HF's q after transpose(1, 2) is \
-        bhsd. storage=f32|f16|bf16 picks the GPU storage (default: the input's; bf16 rounds \
-        float32 input as torch's .bfloat16() does).\n\ngibbs: --in unary ([L, V] or [b, L, V]), \
-        pairwise ([V, V]) or pair_a and pair_b ([V, r] each: W = A B^T), init ([b, L] tokens) \
-        and optionally clamp ([L] or [b, L], true keeps the token); --set sweeps, temperature, \
-        anneal_to, seed, first_sweep (the Philox sweep index of the first sweep, to continue a \
-        run) and schedule_len with schedule_at (the run is sweeps schedule_at.. of a run of \
-        schedule_len sweeps: its annealing, and its Philox sweeps unless first_sweep is set); \
-        --out2 best= and best_score= give each chain's best state and its score.\n\n\
-        sample: --set temperature, top_k, top_p, \
-        seed and step (the Philox counter's last word: a new step draws afresh with one seed).\n\n\
-        attention: --set scale, causal, softcap, kv_len (keys are the first kv_len positions \
-        of k and v) and layout (bhsd, the default, or bshd; lse stays [b, hq, m]). causal is \
-        bottom-right: query i sees key j iff j <= i + n - m \
-        (torch's is_causal is top-left; compare with causal_lower_right(m, n)). A bool mask \
-        keeps where true; a float mask is added.\n\n\
-        flash: --set chunk, causal, attn_fn, quad_scale, lin_norm, lin_scale, and rope=true with \
-        base (10000) and offset (0) for the fused RoPE. lin_norm=chunk (z = 1/C) is the \
-        paper's causal code; its non-causal code divides by n, lin_norm=length.\n\nInputs \
-        all float16 (flash's bias aside, which is float32 whatever): the GPU runs \
-        with f16 storage, so results are rounded to f16 (inf beyond 65504) before they are \
-        written as float32, except attention's lse, which is kept in f32; --cpu computes in \
-        f64."
-    )]
+    #[command(after_help = RUN_HELP)]
     Run(RunArgs),
     /// Constrained text generation by Gibbs sampling.
     Generate(generate::GenerateArgs),
