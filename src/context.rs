@@ -111,6 +111,25 @@ impl Context {
         let env_name = std::env::var("WGPU_ADAPTER_NAME")
             .ok()
             .filter(|n| !n.is_empty());
+        // Adapters of the backends not searched, named when none is found: the remedy is
+        // then another backend, not a driver.
+        let elsewhere = if backends == wgpu::Backends::all() {
+            String::new()
+        } else {
+            let mut all = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+            all.backends = wgpu::Backends::all().difference(backends);
+            let others: Vec<String> = wgpu::Instance::new(all)
+                .enumerate_adapters(wgpu::Backends::all().difference(backends))
+                .await
+                .iter()
+                .map(|a| adapter_label(&a.get_info()))
+                .collect();
+            if others.is_empty() {
+                String::new()
+            } else {
+                format!("; on other backends: {}", others.join("; "))
+            }
+        };
         let adapter = match options.adapter_name.as_ref().or(env_name.as_ref()) {
             Some(wanted) => {
                 let lower = wanted.to_lowercase();
@@ -124,7 +143,9 @@ impl Context {
                     .find(|a| a.get_info().name.to_lowercase().contains(&lower))
                     .ok_or_else(|| {
                         if names.is_empty() {
-                            Error::NoAdapter(format!("no adapter name contains {wanted:?}"))
+                            Error::NoAdapter(format!(
+                                "no adapter name contains {wanted:?}{elsewhere}"
+                            ))
                         } else {
                             Error::InvalidOption(format!(
                                 "no adapter name contains {wanted:?} (--adapter or \
@@ -136,7 +157,7 @@ impl Context {
             }
             None => wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
                 .await
-                .map_err(|e| Error::NoAdapter(e.to_string()))?,
+                .map_err(|e| Error::NoAdapter(format!("{e}{elsewhere}")))?,
         };
         let features = adapter.features() & OPTIONAL_FEATURES;
         let (device, queue) = adapter

@@ -454,6 +454,21 @@ fn no_adapter_exits_1_naming_lavapipe() {
         }
         assert!(o.stdout.is_empty(), "{args:?}: no partial output on stdout");
     }
+    // With an adapter on another backend, the message names it: the remedy is that backend.
+    if let Some(ctx) = common::gpu() {
+        let o = Command::new(env!("CARGO_BIN_EXE_seqk"))
+            .args(["--backend", "metal", "info"])
+            .env_remove("WGPU_ADAPTER_NAME")
+            .output()
+            .expect("seqk did not start");
+        let msg = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{msg}");
+        let here = seq_kernels::context::adapter_label(ctx.adapter_info());
+        assert!(
+            msg.contains("on other backends: ") && msg.contains(&here),
+            "{msg:?} should name {here:?}"
+        );
+    }
     // WGPU_ADAPTER_NAME naming no adapter: the same clear exit 1 (wgpu's own helper panics).
     let o = Command::new(env!("CARGO_BIN_EXE_seqk"))
         .arg("info")
