@@ -72,6 +72,23 @@ pub fn adapter_label(i: &wgpu::AdapterInfo) -> String {
     format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
 }
 
+/// For the documentation's examples, which run as tests: whether to skip one because no
+/// adapter can be opened (said on stderr). With `SEQK_REQUIRE_GPU=1` it never skips, so the
+/// example fails as the GPU tests do.
+#[doc(hidden)]
+pub fn skip_example_without_adapter() -> bool {
+    if std::env::var("SEQK_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+        return false;
+    }
+    match Context::new() {
+        Err(Error::NoAdapter(why)) => {
+            eprintln!("SKIPPING EXAMPLE: no adapter ({why})");
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The backends `WGPU_BACKEND` names (empty or unset: all); a value naming none is an error
 /// rather than an instance without backends, whose failure would read as a missing driver.
 fn env_backends() -> Result<wgpu::Backends> {

@@ -3,17 +3,33 @@
 //! GPU compute kernels for sequence models, written in WGSL and run through wgpu on Vulkan,
 //! Metal, DX12 and GL, each with a CPU f64 reference twin that validates it.
 //!
-//! ```no_run
+//! ```
 //! use seq_kernels::{Context, SoftmaxOptions};
+//! # if seq_kernels::context::skip_example_without_adapter() { return Ok(()); }
 //! let ctx = Context::new()?; // default adapter; honours WGPU_BACKEND / WGPU_ADAPTER_NAME
 //! let x = ctx.upload(&[3.0f32, 1.0, 4.0], [1, 3])?;
-//! let y = ctx.softmax(&x, &SoftmaxOptions::default())?;
-//! assert_eq!(y.download()?.len(), 3);
+//! let p = ctx.softmax(&x, &SoftmaxOptions::default())?.download()?;
+//! assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6 && p[2] > p[0] && p[0] > p[1]);
 //! # Ok::<(), seq_kernels::Error>(())
 //! ```
 //!
 //! Applications that own a `wgpu::Device` wrap it with [`Context::from_device`] and record
 //! kernels into their own encoders ([`Softmax::encode`]).
+//!
+//! The kernel families, each a module with its exact contract and an example, and each with
+//! a CPU reference in [`reference`](mod@reference):
+//! - [`kernels::softmax`]: softmax and log-softmax over the last axis, with temperature,
+//!   masks, bottom-right causal alignment and softmax_plus;
+//! - [`kernels::rope`]: rotary position embedding, half or interleaved, with the long-context
+//!   scalings, fused q and k;
+//! - [`kernels::attention`]: exact tiled attention (GQA, masks, causal, softcap, decoding
+//!   over a KV cache) and [`Context::matmul`];
+//! - [`kernels::flash`]: FLASH mixed-chunk attention (GAU) and its incremental decoder;
+//! - [`kernels::gibbs`]: Gibbs sweeps over token chains, sampling from logits
+//!   ([`Context::sample_logits`]) and a Metropolis-Hastings step;
+//! - [`kernels::copy`]: the vec4 copy that memory-bound benchmarks are measured against.
+//!
+//! Errors are one enum, [`Error`]; tensors are [`GpuTensor`]s of a [`Context`].
 
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -10,8 +10,9 @@
 //! A sweep updates all even sites in parallel, then all odd sites. Up to V = 64 one invocation
 //! updates one site; larger vocabularies take one workgroup per site with a workgroup argmax.
 //!
-//! ```no_run
+//! ```
 //! use seq_kernels::{ChainModel, Context, GibbsOptions, Pairwise};
+//! # if seq_kernels::context::skip_example_without_adapter() { return Ok(()); }
 //! let ctx = Context::new()?;
 //! let (b, l, v) = (256, 8, 5);
 //! let unary = ctx.upload(&vec![0.0f32; l * v], [l, v])?;
@@ -23,6 +24,7 @@
 //! let out = ctx.gibbs(&model, &init, None, &opts)?;
 //! let tokens: Vec<u32> = out.tokens.download()?;
 //! let (best_tokens, best_scores) = out.best.unwrap();
+//! assert!(tokens.iter().all(|&t| t < v as u32) && best_scores.download()?.len() == b);
 //! # Ok::<(), seq_kernels::Error>(())
 //! ```
 
@@ -446,8 +448,9 @@ fn seed_words(seed: u64) -> (u32, u32) {
 /// A Gibbs sampler with fixed options; pipelines are compiled on first use and cached in the
 /// context. Tokens are updated in place.
 ///
-/// ```no_run
+/// ```
 /// # use seq_kernels::{ChainModel, Context, Gibbs, GibbsOptions, Pairwise};
+/// # if seq_kernels::context::skip_example_without_adapter() { return Ok(()); }
 /// # let ctx = Context::new()?;
 /// # let unary = ctx.upload(&vec![0.0f32; 8 * 5], [8, 5])?;
 /// # let w = ctx.upload(&vec![0.5f32; 25], [5, 5])?;
@@ -457,6 +460,7 @@ fn seed_words(seed: u64) -> (u32, u32) {
 /// let mut encoder = ctx.device().create_command_encoder(&Default::default());
 /// k.encode(&mut encoder, &model, &tokens, None, None)?;
 /// ctx.queue().submit([encoder.finish()]);
+/// assert!(tokens.download()?.iter().all(|&t| t < 5));
 /// # Ok::<(), seq_kernels::Error>(())
 /// ```
 pub struct Gibbs {
@@ -1174,6 +1178,20 @@ impl Context {
     }
 
     /// Draws one token per row of `logits` [b, V], f32 or f16 (temperature, top-k, top-p).
+    ///
+    /// ```
+    /// # use seq_kernels::{Context, SampleOptions};
+    /// # if seq_kernels::context::skip_example_without_adapter() { return Ok(()); }
+    /// let ctx = Context::new()?;
+    /// let logits = ctx.upload(&[0.0f32, 5.0, 1.0, 4.9, 2.0, 0.5], [2, 3])?;
+    /// // Top-2 of each row, then the smallest set reaching p = 0.5: each row's largest.
+    /// let opts = SampleOptions { top_k: 2, top_p: 0.5, seed: 7, ..Default::default() };
+    /// assert_eq!(ctx.sample_logits(&logits, &opts)?.download()?, [1, 0]);
+    /// // Temperature 0 is the greedy argmax.
+    /// let greedy = SampleOptions { temperature: 0.0, ..Default::default() };
+    /// assert_eq!(ctx.sample_logits(&logits, &greedy)?.download()?, [1, 0]);
+    /// # Ok::<(), seq_kernels::Error>(())
+    /// ```
     pub fn sample_logits<L: Element>(
         &self,
         logits: &GpuTensor<L>,

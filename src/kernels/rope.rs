@@ -24,8 +24,9 @@
 //! Rows of one token (one head's, in `bhsd`) that do not fit are `LimitExceeded`, and so are
 //! most strided `bshd` views whose heads lie outside their tokens in memory.
 //!
-//! ```no_run
+//! ```
 //! use seq_kernels::{Context, Positions, RopeOptions};
+//! # if seq_kernels::context::skip_example_without_adapter() { return Ok(()); }
 //! let ctx = Context::new()?;
 //! let (b, s, h, d) = (1, 3, 2, 4);
 //! let q = ctx.upload(&vec![1.0f32; b * s * h * d], [b, s, h, d])?;
@@ -33,6 +34,7 @@
 //! let y = ctx.rope(&q, None, &RopeOptions { offset: 7, ..Default::default() })?;
 //! // The same with an explicit positions list, in place.
 //! ctx.rope_in_place(&q, Some(&Positions::new(vec![7i64, 8, 9], [3])?), &RopeOptions::default())?;
+//! assert_eq!(y.download()?, q.download()?);
 //! # Ok::<(), seq_kernels::Error>(())
 //! ```
 
@@ -840,16 +842,20 @@ struct Params {
 /// context.
 ///
 /// Fused q and k (GQA) in place, recorded into your own encoder:
-/// ```no_run
+/// ```
 /// # use seq_kernels::{Context, Rope, RopeOptions, RopeTarget};
+/// # if seq_kernels::context::skip_example_without_adapter() { return Ok(()); }
 /// # let ctx = Context::new()?;
 /// let (b, s, hq, hkv, d) = (2, 16, 8, 2, 64);
-/// let q = ctx.zeros::<f32>([b, s, hq, d])?;
-/// let k = ctx.zeros::<f32>([b, s, hkv, d])?;
+/// let q = ctx.upload(&vec![1.0f32; b * s * hq * d], [b, s, hq, d])?;
+/// let k = ctx.upload(&vec![1.0f32; b * s * hkv * d], [b, s, hkv, d])?;
 /// let rope = Rope::new(&ctx, &RopeOptions { offset: 100, ..Default::default() })?;
 /// let mut encoder = ctx.device().create_command_encoder(&Default::default());
 /// rope.encode(&mut encoder, &RopeTarget::in_place(&q)?, Some(&RopeTarget::in_place(&k)?), None)?;
 /// ctx.queue().submit([encoder.finish()]);
+/// // A rotation keeps each pair's length: the sum of squares stays b s hkv d.
+/// let squares: f32 = k.download()?.iter().map(|x| x * x).sum();
+/// assert!((squares - (b * s * hkv * d) as f32).abs() < 1e-2);
 /// # Ok::<(), seq_kernels::Error>(())
 /// ```
 pub struct Rope {
