@@ -1,5 +1,5 @@
 //! The `seqk` command line: adapter info, verification against the CPU reference,
-//! benchmarks, and running any kernel on .npy files (spec section 6).
+//! benchmarks, and running any kernel on .npy files.
 //!
 //! Each kernel family has a file here with its `verify` cases, `bench` cases and `run`
 //! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check or a device error,
