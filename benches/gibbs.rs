@@ -2,7 +2,7 @@
 //! queries, wall clock without them), beside the single-threaded f64 CPU reference in the
 //! same run. Criterion's element throughput is site updates (chains x L per sweep).
 //!
-//! Cases (the issue's): V = 2, L = 4096, 4096 chains; V = 1000, L = 64, 1024 chains;
+//! Cases: V = 2, L = 4096, 4096 chains; V = 1000, L = 64, 1024 chains;
 //! V = 32000 with W = A B^T of rank 64, L = 32, 64 chains. The CPU reference runs the same
 //! model on fewer chains (its rate per site does not depend on the number of chains).
 //! `SEQK_BENCH_QUICK=1` divides the GPU chains by 16 for slow software adapters.

@@ -1,4 +1,4 @@
-//! Exact attention on the GPU against the f64 reference, the properties of spec section 3,
+//! Exact attention on the GPU against the f64 reference, the kernel's properties,
 //! f16 storage, the decode (split-key) path, the tile-engine matmul, and bad input.
 
 mod common;
@@ -12,9 +12,9 @@ use seq_kernels::{
     Attention, AttentionOptions, AttnMask, Context, Element, Error, GpuTensor, HostMask, Layout,
 };
 
-/// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage (f32
-/// accumulation over up to a few hundred keys with an online rescale), 2e-3 for f16 storage
-/// (inputs and output rounded to 11 significant bits).
+/// Allowed error: 1e-4 of the output magnitude for f32 storage (f32 accumulation over up to a
+/// few hundred keys with an online rescale), 2e-3 for f16 storage (inputs and output rounded
+/// to 11 significant bits).
 const TOL_F32: f64 = 1e-4;
 const TOL_F16: f64 = 2e-3;
 
@@ -422,8 +422,8 @@ fn broadcast_case(ctx: &Context, b: usize, hq: usize, m: usize, n: usize) {
 }
 
 /// Junk (NaN, +-inf) in the values of keys a row may not see never reaches that row, as in
-/// the masked slots of a preallocated KV cache (spec 3: perturbing v[j] leaves the rows that
-/// cannot see j; fully masked rows are zeros). A hidden key's p = 0 alone would give NaN.
+/// the masked slots of a preallocated KV cache (perturbing v[j] leaves the rows that cannot
+/// see j; fully masked rows are zeros). A hidden key's p = 0 alone would give NaN.
 #[test]
 fn junk_values_of_hidden_keys_never_reach_outputs() {
     let Some(ctx) = gpu() else { return };
@@ -1032,7 +1032,7 @@ fn seqk_run_attention_matches_cpu() {
     let (_, co) = load("oc.npy");
     assert_eq!(gs, vec![1, 4, 5, 8]);
     let want: Vec<f64> = co.iter().map(|&x| x as f64).collect();
-    // Spec tolerance for f32 storage (the CPU side is the f64 reference rounded to f32).
+    // The f32-storage tolerance (the CPU side is the f64 reference rounded to f32).
     assert!(row_error(&go, &want, 8) <= TOL_F32);
     let (ls, lg) = load("lg.npy");
     let (_, lc) = load("lc.npy");

@@ -75,8 +75,8 @@ fn run_softmax_matches_cpu_reference() {
     assert_eq!(shape_g, vec![4, 37]);
     assert_eq!(shape_c, vec![4, 37]);
     let want: Vec<f64> = c.iter().map(|&v| v as f64).collect();
-    // Log-softmax: 1e-6 of the row scale (spec section 0), plus the f32 rounding of the
-    // reference output that --cpu writes.
+    // Log-softmax: 1e-6 of the row scale, plus the f32 rounding of the reference output that
+    // --cpu writes.
     let err = seq_kernels::reference::row_error(&g, &want, 37);
     assert!(err <= 2e-6, "GPU vs --cpu: {err:e}");
     assert!(
@@ -344,8 +344,8 @@ fn bench_softmax_quick_as_json() {
     }
 }
 
-/// `bench sample` (a KERNEL of spec section 6) times the sampler alone: the copy row, then
-/// sample rows only, each GPU row beside its CPU reference row.
+/// `bench sample` (a KERNEL of `seqk bench`) times the sampler alone: the copy row, then sample
+/// rows only, each GPU row beside its CPU reference row.
 #[test]
 fn bench_sample_quick_as_json() {
     let Some(_) = common::gpu() else { return };

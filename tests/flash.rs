@@ -1,5 +1,5 @@
-//! FLASH mixed-chunk attention on the GPU against the f64 reference, the properties of spec
-//! section 4, f16 storage, incremental decoding, `seqk run flash`, and bad input.
+//! FLASH mixed-chunk attention on the GPU against the f64 reference, the kernel's properties,
+//! f16 storage, incremental decoding, `seqk run flash`, and bad input.
 
 mod common;
 
@@ -13,7 +13,7 @@ use seq_kernels::{
     FlashOptions, FlashRope, GpuTensor, LinNorm,
 };
 
-/// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage (f32 sums of
+/// Allowed error, as for attention: 1e-4 of the output magnitude for f32 storage (f32 sums of
 /// up to C quadratic terms and n s linear terms, which the reference takes in f64), 2e-3 for
 /// f16 storage (inputs and outputs rounded to 11 significant bits).
 const TOL_F32: f64 = 1e-4;
@@ -1171,8 +1171,8 @@ fn seqk_run_flash_matches_cpu() {
     let rope_want: Vec<f64> = rco.iter().map(|&x| x as f64).collect();
     assert!(row_error(&rgo, &rope_want, e as usize) <= TOL_F32);
     assert!(row_error(&rgo, &want, e as usize) > 1e-3);
-    // The offset moves every position alike, which FLASH does not see (shift invariance,
-    // spec section 4), up to rounding; the base is seen.
+    // The offset moves every position alike, which FLASH does not see (shift invariance), up
+    // to rounding; the base is seen.
     let rerun = |set: &[&str], out: &str| {
         let o = run(set, out);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -1388,8 +1388,8 @@ fn segmented_plans_rerun_and_bind_their_mask_by_segment() {
     }
     // A key mask of 20000 bytes through 16 KiB bindings gives the bits of the same call on
     // whole bindings. (Against the f64 reference both are 1.7e-4 off here: 313 chunk sums in
-    // f32 over 20000 keys, beyond what the spec's 1e-4 is stated for; the shorter calls above
-    // are held to it.)
+    // f32 over 20000 keys, beyond what the 1e-4 tolerance is stated for; the shorter calls
+    // above are held to it.)
     let tiny = small_bindings(16 << 10);
     let data = Data::new(1, 20000, 2, 2, 7).with_mask(8, 0.9);
     let opts = FlashOptions {

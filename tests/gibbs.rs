@@ -197,8 +197,8 @@ fn philox_known_answers_on_the_gpu() {
 
 // ----------------------------------------------------------------- GPU vs CPU, site by site
 
-/// Runs GPU and CPU chains from the same start; f32 vs f64 energies may flip a near-tie, so
-/// at least 99.9% of final sites must agree (spec section 5).
+/// Runs GPU and CPU chains from the same start; f32 vs f64 energies may flip a near-tie, so at
+/// least 99.9% of final sites must agree.
 fn check_agreement(ctx: &Context, m: &Model, b: usize, opts: &GibbsOptions, seed: u64) {
     let s = &m.host.unary_shape;
     let (l, v) = (s[s.len() - 2], s[s.len() - 1]);
@@ -291,9 +291,9 @@ fn more_chains_than_one_grid_dimension_holds() {
 #[test]
 fn vocabulary_beyond_fifty_thousand() {
     let Some(ctx) = gpu() else { return };
-    // The V >= 50,000 through the factorised W (dense would be 10 GB): a few chains
-    // of a few sites keep it quick on a software device, an odd V leaves a ragged last block
-    // of the workgroup reduction. Per-chain unary covers the [b, L, V] indexing at this size.
+    // V >= 50,000 through the factorised W (dense would be 10 GB): a few chains of a few sites
+    // keep it quick on a software device, an odd V leaves a ragged last block of the workgroup
+    // reduction. Per-chain unary covers the [b, L, V] indexing at this size.
     let opts = GibbsOptions {
         sweeps: 2,
         seed: 0xfeed,
@@ -325,8 +325,8 @@ fn vocabulary_beyond_fifty_thousand() {
 #[test]
 fn sequences_of_four_thousand_sites() {
     let Some(ctx) = gpu() else { return };
-    // The L >= 4096: one invocation per site (V <= 64) at L = 4096 exactly, and one
-    // workgroup per site (V > 64) at an odd L, where the two colours differ in size.
+    // L >= 4096: one invocation per site (V <= 64) at L = 4096 exactly, and one workgroup per
+    // site (V > 64) at an odd L, where the two colours differ in size.
     let opts = GibbsOptions {
         sweeps: 3,
         seed: 41,
@@ -1232,8 +1232,8 @@ fn logits_below_the_sentinel_give_the_reference_token() {
             assert_eq!(want[from..], expect[from..], "V={v} {o:?}: the reference");
             assert_eq!(got, want, "V={v} {o:?}");
         }
-        // -inf lies outside WGSL's finite math (spec section 0), so only the firm promise is
-        // checked: a token inside the vocabulary.
+        // -inf lies outside WGSL's finite math, so only the firm promise is checked: a token
+        // inside the vocabulary.
         let inf = vec![f32::NEG_INFINITY; b * v];
         let x = ctx.upload(&inf, [b, v]).unwrap();
         for o in &opts[..3] {
@@ -1412,7 +1412,7 @@ fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
     }
 }
 
-/// Top-p keeps the smallest set reaching p (spec section 6, as Hugging Face's samplers;
+/// Top-p keeps the smallest set reaching p (as Hugging Face's samplers;
 /// within the 2^-14 of `SampleOptions::top_p_goal`): of logits tied at its threshold,
 /// only as many as the goal needs, lowest indices first; top-k keeps every tie of its k-th
 /// logit. Every token of the kept set expected at least 20 times among the draws is drawn,

@@ -1,6 +1,6 @@
-//! RoPE family: the spec's check values, the properties of spec section 2 on the f64
-//! reference and on the GPU, GPU against the reference over styles, layouts, rotary dims,
-//! positions, scalings and storage types, fused q/k and QKV views, and bad input.
+//! RoPE family: known check values, the kernel's properties on the f64 reference and on the
+//! GPU, GPU against the reference over styles, layouts, rotary dims, positions, scalings and
+//! storage types, fused q/k and QKV views, and bad input.
 
 mod common;
 
@@ -57,7 +57,7 @@ fn gpu_rope_in_place(
     xt.download().unwrap()
 }
 
-// ---------------------------------------------------------------- check values (spec 2)
+// ---------------------------------------------------------------- check values
 
 /// Equal to `want` printed with 5 significant digits (half a unit of the last digit).
 fn assert_5_digits(got: f64, want: f64, what: &str) {
@@ -190,7 +190,7 @@ fn reference_check_vectors() {
         };
         let got = reference::rope(&X4, [1, 1, 1, 4], None, &opts).unwrap();
         for (g, w) in got.iter().zip(want) {
-            // The spec prints 6 decimals: half a unit of the last one.
+            // The check values have 6 decimals: half a unit of the last one.
             assert!(
                 (g - w).abs() <= 5e-7,
                 "p={p} {style:?}: {got:?} vs {want:?}"
@@ -409,7 +409,7 @@ fn gpu_matches_reference_over_shapes() {
                 } else {
                     gpu_rope(ctx, &x, shape, None, &opts)
                 };
-                // Spec section 0: 1e-6 of the row scale (f32 cos/sin and two products).
+                // Allowed error: 1e-6 of the row scale (f32 cos/sin and two products).
                 let err = max_row_error(&got, &want, d);
                 assert!(err <= 1e-6, "d={d} s={s} h={h} {opts:?}: error {err:e}");
                 let r = rotary_dim.unwrap_or(d);
@@ -451,7 +451,7 @@ fn gpu_explicit_positions_match_reference() {
             };
             let want = reference::rope(&f64s(&x), shape, Some(&pos), &opts).unwrap();
             let got = gpu_rope(ctx, &x, shape, Some(&pos), &opts);
-            // Spec section 0: 1e-6 of the row scale.
+            // Allowed error: 1e-6 of the row scale.
             let err = max_row_error(&got, &want, d);
             assert!(err <= 1e-6, "{:?} {layout:?}: error {err:e}", pos.shape());
         }
@@ -473,7 +473,7 @@ fn gpu_angles_are_exact_at_large_positions() {
         };
         let want = reference::rope(&f64s(&x), [1, s, 3, d], Some(&pos), &opts).unwrap();
         let got = gpu_rope(ctx, &x, [1, s, 3, d], Some(&pos), &opts);
-        // The requirement: 1e-5 |x| at positions up to 2^20 (row scale).
+        // The requirement: 1e-5 |x| at positions up to 2^20 (row scale).
         let err = max_row_error(&got, &want, d);
         assert!(err <= 1e-5, "{style:?}: error {err:e}");
     }
@@ -519,7 +519,7 @@ fn gpu_every_scaling_matches_reference() {
         };
         let want = reference::rope(&f64s(&x), [b, s, h, d], None, &opts).unwrap();
         let got = gpu_rope(ctx, &x, [b, s, h, d], None, &opts);
-        // Spec section 0: 1e-6 of the row scale (mscale is folded into the table).
+        // Allowed error: 1e-6 of the row scale (mscale is folded into the table).
         let err = max_row_error(&got, &want, d);
         assert!(err <= 1e-6, "{opts:?}: error {err:e}");
     }
@@ -619,7 +619,7 @@ fn gpu_fused_qk_with_gqa() {
         let q = ctx.upload(&qx, qs).unwrap();
         let k = ctx.upload(&kx, ks).unwrap();
         ctx.rope_qk_in_place(&q, &k, Some(&pos), &opts).unwrap();
-        // Spec section 0: 1e-6 of the row scale.
+        // Allowed error: 1e-6 of the row scale.
         assert!(max_row_error(&q.download().unwrap(), &want_q, d) <= 1e-6);
         assert!(max_row_error(&k.download().unwrap(), &want_k, d) <= 1e-6);
         // Out of place, one dispatch.
@@ -694,10 +694,10 @@ fn check_fused_qkv<T: Element + PartialEq + std::fmt::Debug>(
 #[test]
 fn gpu_fused_qkv_views_in_place() {
     let Some(ctx) = gpu() else { return };
-    // Spec section 0: 1e-6 of the row scale for f32.
+    // Allowed error: 1e-6 of the row scale for f32.
     check_fused_qkv::<f32>(ctx, |v| v, |v| v, 1e-6);
-    // f16: 2e-3 (spec). bf16 has 8 significant bits: rounding the output costs up to half an
-    // ulp, 2^-8 = 3.9e-3 of the value's power of two, so 4e-3 of the row scale.
+    // f16: 2e-3. bf16 has 8 significant bits: rounding the output costs up to half an ulp,
+    // 2^-8 = 3.9e-3 of the value's power of two, so 4e-3 of the row scale.
     check_fused_qkv::<f16>(ctx, f16::from_f32, f16::to_f32, 2e-3);
     check_fused_qkv::<bf16>(ctx, bf16::from_f32, bf16::to_f32, 4e-3);
 }
@@ -759,7 +759,7 @@ fn check_16bit<T: Element>(
 #[test]
 fn gpu_f16_storage_matches_reference() {
     let Some(ctx) = gpu() else { return };
-    // Spec section 0: f16 storage 2e-3 relative (the output's f16 rounding is 4.9e-4).
+    // Allowed error: f16 storage 2e-3 relative (the output's f16 rounding is 4.9e-4).
     check_16bit::<f16>(ctx, f16::from_f32, f16::to_f32, 2e-3);
 }
 
@@ -950,7 +950,7 @@ fn bad_positions_are_errors() {
         Err(Error::InvalidOption(_))
     ));
     assert!(run(&Positions::new([0i64, 1, MAX_POSITION], [3]).unwrap()).is_ok());
-    // An offset and explicit positions do not go together (spec section 2: one or the other).
+    // An offset and explicit positions do not go together: one or the other.
     let offset = RopeOptions {
         offset: 5,
         ..Default::default()
@@ -1215,7 +1215,7 @@ fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
     let load = |name: &str| load_npy::<f32>(&dir.join(name)).1;
     let (g, c) = (load("gpu.npy"), load("cpu.npy"));
     let cf: Vec<f64> = c.iter().map(|&v| v as f64).collect();
-    // Spec section 0: 1e-6 of the row scale (the CPU side is the f64 reference in f32).
+    // Allowed error: 1e-6 of the row scale (the CPU side is the f64 reference in f32).
     let err = max_row_error(&g, &cf, d as usize);
     assert!(err <= 1e-6, "seqk GPU vs --cpu: {err:e}");
     // A key of another scaling: exit code 2 and a one-line message naming it.
@@ -1230,7 +1230,7 @@ fn seqk_run_rope_matches_cpu_and_rejects_bad_input() {
 
 /// `seqk run rope --set storage=bf16`: float32 input rounded to bf16 (numpy has none), rotated
 /// with bf16 storage; the output holds bf16 values, within bf16's rounding (4e-3 of the row
-/// scale, spec section 0) of the reference on the rounded input. A bad name is exit 2.
+/// scale) of the reference on the rounded input. A bad name is exit 2.
 #[cfg(feature = "cli")]
 #[test]
 fn seqk_run_rope_bf16_storage() {
@@ -1408,7 +1408,7 @@ fn gpu_splits_bindings_past_the_device_limit() {
     plan.run(ctx).unwrap();
     let got = qkv.download().unwrap();
     let as_f32 = |v: Vec<f64>| -> Vec<f32> { v.into_iter().map(|x| x as f32).collect() };
-    // Spec section 0: 1e-6 of the row scale.
+    // Allowed error: 1e-6 of the row scale.
     let eq = max_row_error(&as_f32(gather(&got, 0, hq)), &want_q, d);
     let ek = max_row_error(&as_f32(gather(&got, hq * d, hkv)), &want_k, d);
     assert!(eq <= 1e-6 && ek <= 1e-6, "q error {eq:e}, k error {ek:e}");
@@ -1542,7 +1542,7 @@ fn gpu_splits_one_sequence_along_its_tokens() {
             plan.run(ctx).unwrap();
             y.download().unwrap()
         };
-        // Spec section 0: 1e-6 of the row scale.
+        // Allowed error: 1e-6 of the row scale.
         let err = max_row_error(&got, &want, d);
         assert!(err <= 1e-6, "{layout:?} {shape:?}: error {err:e}");
     }

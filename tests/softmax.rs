@@ -1,5 +1,5 @@
-//! Softmax family on the GPU against the f64 reference, the properties of spec section 1,
-//! f16 storage, and bad input.
+//! Softmax family on the GPU against the f64 reference, the kernel's properties, f16 storage,
+//! and bad input.
 
 mod common;
 
@@ -26,9 +26,9 @@ fn run(
     y.unwrap().download().unwrap()
 }
 
-/// Compares GPU and reference. Tolerance (spec section 0): 1e-6 of the row scale for
-/// softmax. Log-softmax values are differences of O(|x|) numbers, so their error is bounded
-/// by f32 rounding of the logits themselves: 1e-6 of the row's largest magnitude as well.
+/// Compares GPU and reference. Tolerance: 1e-6 of the row scale for softmax. Log-softmax values
+/// are differences of O(|x|) numbers, so their error is bounded by f32 rounding of the logits
+/// themselves: 1e-6 of the row's largest magnitude as well.
 fn check(ctx: &Context, shape: &[usize], mask: Option<&[bool]>, opts: &SoftmaxOptions, seed: u64) {
     let n: usize = shape.iter().product();
     let x = random(n, seed, -8.0, 8.0);
@@ -227,8 +227,8 @@ fn f16_storage_matches_reference() {
     }
 }
 
-/// Compares the GPU with f16 storage and the reference on the f16-rounded input. Tolerance
-/// (spec section 0): 2e-3 relative, the f16 rounding of the output.
+/// Compares the GPU with f16 storage and the reference on the f16-rounded input. Tolerance:
+/// 2e-3 relative, the f16 rounding of the output.
 fn check_f16(ctx: &Context, shape: &[usize], opts: &SoftmaxOptions, seed: u64) {
     let n: usize = shape.iter().product();
     let x: Vec<f16> = random(n, seed, -4.0, 4.0)
@@ -320,7 +320,7 @@ fn odd_f16_output_leaves_the_rest_of_its_buffer() {
     assert_eq!(all[3].to_f32(), 42.0, "the value after the tensor: {all:?}");
     let want =
         reference::softmax(&[0.5, 1.5, 2.5], &[3], None, &SoftmaxOptions::default()).unwrap();
-    // f16 storage (spec section 0): 2e-3 relative.
+    // f16 storage: 2e-3 relative.
     assert!(
         row_error(
             &[all[0].to_f32(), all[1].to_f32(), all[2].to_f32()],
@@ -654,8 +654,8 @@ proptest! {
         // Shift invariance, GPU against GPU. Logits and shift are rounded to multiples of
         // 2^-16; with |x + c| < 2^8 the f32 sum x + c then needs at most 24 significant bits,
         // so it is exact and softmax(x + c) = softmax(x) exactly. Each GPU result is within the
-        // spec's 1e-6 of the row scale of that one true value (asserted against the reference),
-        // hence the two GPU results are within 2e-6 of the row scale of each other.
+        // allowed 1e-6 of the row scale of that one true value (asserted against the
+        // reference), hence the two GPU results are within 2e-6 of the row scale of each other.
         let q = |v: f32| (v * 65536.0).round() / 65536.0;
         let xq: Vec<f32> = x.iter().map(|&v| q(v)).collect();
         let cq = q(c);

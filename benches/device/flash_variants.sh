@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Times FLASH variants of the crate against each other on the lent GPU machine, in one device
-# call (the lent machine has no Rust toolchain, so the binaries are built here and carried in
-# .dev/, gzipped: five variants of two binaries pass the 64 MiB a call carries only so).
+# Times FLASH variants of the crate against each other on a GPU machine lent for measurement,
+# in one command there (that machine has no Rust toolchain, so the binaries are built here and
+# copied along in .dev/, gzipped: only so do five variants of two binaries fit the 64 MiB that
+# may be copied along).
 #
 #   benches/device/flash_variants.sh prepare [NAME=PATCH[,PATCH...] ...]   # here
 #   benches/device/flash_variants.sh run                                  # there
@@ -11,7 +12,7 @@
 # release `seqk` and the FLASH test binary into .dev/NAME/. Without arguments the variants are
 # the unmeasured FLASH patches kept in benches/results, each on top of the ones before it.
 #
-# run (device `run` with carry [".gl", ".dev"], timeout_s about 560): for each variant,
+# run (on the GPU machine, with .gl and .dev copied along; about 560 s): for each variant,
 # `seqk verify` and the FLASH GPU tests, then `seqk bench flash --json` twice, the variants
 # interleaved (ABC ABC) and each run in a fresh process (a long-lived process was seen to drift
 # after large allocations); then the torch peers once. Everything lands in $OUT. ROUNDS=0 with
@@ -85,7 +86,7 @@ for l in sys.stdin:
 run() {
     local out=${OUT:-/tmp/seqk-out} start=$SECONDS v
     mkdir -p "$out"
-    # The lent machine's driver lives under /usr/local/nvidia; elsewhere (a dry run) the
+    # The GPU machine's driver lives under /usr/local/nvidia; elsewhere (a dry run) the
     # system's loader and devices serve.
     if [ -d /usr/local/nvidia ]; then
         for f in .gl/*.deb; do dpkg -x "$f" /; done

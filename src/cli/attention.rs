@@ -9,7 +9,7 @@ use crate::profile::time_passes;
 use crate::reference::{attention as reference, random_values, row_error};
 use crate::{Attention, AttentionOptions, Context, Element, Error, GpuTensor, Layout};
 
-/// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage, 2e-3 for f16.
+/// Allowed error: 1e-4 of the output magnitude for f32 storage, 2e-3 for f16.
 const TOL_F32: f64 = 1e-4;
 const TOL_F16: f64 = 2e-3;
 

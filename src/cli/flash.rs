@@ -15,7 +15,7 @@ use crate::{
     FlashRope, GpuTensor, LinNorm,
 };
 
-/// Spec section 0: attention within 1e-4 of the output magnitude for f32 storage; f16 within
+/// Allowed error, as for attention: 1e-4 of the output magnitude for f32 storage; f16 within
 /// 2e-3 of the largest output (f16 holds tiny outputs only as subnormals).
 const TOL_F32: f64 = 1e-4;
 const TOL_F16: f64 = 2e-3;

@@ -1,5 +1,5 @@
 //! `seqk generate`: text generation as search. A smoothed word-bigram language model, estimated
-//! from a corpus, becomes the Gibbs kernel's chain energy (spec section 5): the pairwise
+//! from a corpus, becomes the Gibbs kernel's chain energy (`ChainModel`): the pairwise
 //! potential is W[a, b] = log P(b | a), the first site's unary holds log P(v | <s>) and the last
 //! site's log P(</s> | v), so a chain's score is the sentence's log-probability. Template words
 //! are clamped sites; many chains anneal from T0 to T1, and each chain's best state over the run

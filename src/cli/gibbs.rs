@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// Agreement of GPU and CPU chains site by site: f32 vs f64 energies may flip a near-tie,
-/// so at most 0.1% of sites may differ (spec section 5).
+/// so at most 0.1% of sites may differ.
 const AGREEMENT_TOL: f64 = 1e-3;
 
 fn host_model(l: usize, v: usize, rank: usize, pair_scale: f32, seed: u64) -> HostModel {
@@ -251,7 +251,7 @@ pub fn verify_sample(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
     Ok(checks)
 }
 
-/// The sizes (V, L, chains, rank of W; 0 = dense) and the chains `quick` keeps.
+/// The benchmark's sizes (V, L, chains, rank of W; 0 = dense) and the chains `quick` keeps.
 const BENCH_CASES: [(usize, usize, usize, usize, usize); 3] = [
     (2, 4096, 4096, 0, 256),
     (1000, 64, 1024, 0, 64),

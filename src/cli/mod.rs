@@ -1,10 +1,12 @@
 //! The `seqk` command line: adapter info, verification against the CPU reference,
-//! benchmarks, and running any kernel on .npy files (spec section 6).
+//! benchmarks, and running any kernel on .npy files.
 //!
-//! Each kernel family has a file here with its `verify` cases, `bench` cases and `run`
-//! handler; `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check, a device error or
-//! no adapter, 2 bad input (unknown names, wrong dtypes or shapes, bad options, sizes beyond
-//! the device's limits, unreadable input or unwritable output files).
+//! Each kernel family but copy has a file here with its `verify` cases, `bench` cases and
+//! `run` handler (`sample`'s are in `gibbs.rs`; the copy kernel is the bench baseline, in
+//! `report.rs`); `FAMILIES` lists them. Exit codes: 0 success, 1 a failed check, a device
+//! error or no adapter, 2 bad input (unknown names, wrong dtypes or shapes, bad options, sizes
+//! beyond the device's limits, unreadable input or unwritable output files, or a command line
+//! clap rejects).
 
 mod attention;
 mod flash;

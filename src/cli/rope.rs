@@ -12,7 +12,7 @@ use crate::{
     RopeTarget,
 };
 
-/// Spec section 0: 1e-6 of the row scale for f32 storage, 2e-3 for f16; bf16 has 8
+/// Allowed error: 1e-6 of the row scale for f32 storage, 2e-3 for f16; bf16 has 8
 /// significant bits (rounding costs up to half an ulp, 2^-8 = 3.9e-3 of the value), so 4e-3.
 const TOL_F32: f64 = 1e-6;
 const TOL_F16: f64 = 2e-3;

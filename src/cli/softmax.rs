@@ -8,7 +8,7 @@ use crate::profile::time_passes;
 use crate::reference::{random_values, row_error, softmax as reference};
 use crate::{Context, Error, Softmax, SoftmaxOptions};
 
-/// Spec section 0: 1e-6 of the row scale for f32 storage, 2e-3 for f16.
+/// Allowed error: 1e-6 of the row scale for f32 storage, 2e-3 for f16.
 const TOL_F32: f64 = 1e-6;
 const TOL_F16: f64 = 2e-3;
 
@@ -158,7 +158,7 @@ fn run_gpu(
     }
 }
 
-/// rows x n: the cases; `quick` divides the rows by 16.
+/// rows x n: the benchmark's cases; `quick` divides the rows by 16.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
     let mut rows = Vec::new();
     for (r, n) in [

@@ -1,9 +1,11 @@
 //! Gibbs family: chromatic (red-black) Gibbs sampling over a chain model, with clamped sites,
 //! constant or geometrically annealed temperature (0 = iterated conditional modes) and
 //! best-state tracking; sampling from given logits with temperature, top-k and top-p; a
-//! batched Metropolis-Hastings accept step. Every draw comes from Philox-4x32-10 with the
-//! counter layout of spec section 5, so the CPU reference (`reference::gibbs`) follows the
-//! same stream site by site.
+//! batched Metropolis-Hastings accept step. Every draw comes from Philox-4x32-10 under the key
+//! (seed low word, seed high word), so the CPU reference (`reference::gibbs`) follows the same
+//! stream site by site. Counters: sweep s draws the noise of token v at site i of chain c from
+//! counter (v / 4, i, c, `first_sweep` + s), output word v % 4; sampling from logits uses
+//! (v / 4, 0, row, `step`); the MH step's uniform is word 0 of (0, 0xffffffff, chain, `step`).
 //!
 //! Chain model: `p(x) ∝ exp((sum_i u[i, x_i] + sum_{i>=1} W[x_{i-1}, x_i]) / T)`, u [L, V] or
 //! [b, L, V], W dense [V, V] or factorised `W = A B^T` with A, B [V, r] (vocabularies of 32K+).

@@ -1,4 +1,4 @@
-//! RoPE family: rotary position embedding (spec section 2).
+//! RoPE family: rotary position embedding.
 //!
 //! Styles `half` (GPT-NeoX / HF Llama, default) and `interleaved` (RoFormer / GPT-J); partial
 //! `rotary_dim` (features past it pass through bit-identical); layouts `bshd` and `bhsd` with any
@@ -165,8 +165,8 @@ pub enum RopeScaling {
         /// `g(s, m) = 0.1 m ln(s) + 1` (1 for s <= 1).
         mscale: Option<f64>,
         /// Round the correction range out to whole frequency indices (floor lo, ceil hi), as
-        /// the spec and Hugging Face's default `truncate: true` do; false keeps it fractional
-        /// (HF's `truncate: false`, which gpt-oss configs set). Default true.
+        /// Hugging Face's default `truncate: true` does; false keeps it fractional (HF's
+        /// `truncate: false`, which gpt-oss configs set). Default true.
         truncate: bool,
     },
     /// Llama 3.1: keep high frequencies, interpolate low ones, blend in between.
@@ -183,10 +183,11 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
-    /// A scaling by name (`none`, `linear`, `ntk`, `dynamic`, `yarn`, `llama3`) with the spec's
-    /// defaults for every parameter but `factor` and `original_max`, which `linear`, `ntk`,
-    /// `dynamic` and `yarn` need (`dynamic` and `yarn` also need `original_max`); `llama3`
-    /// defaults them to 8 and 8192. Unknown names and missing values are errors.
+    /// A scaling by name (`none`, `linear`, `ntk`, `dynamic`, `yarn`, `llama3`). Parameters other
+    /// than `factor` and `original_max` take the defaults documented on the variant's fields
+    /// (`current_len` and `mscale`: `None`). `linear`, `ntk`, `dynamic` and `yarn` need
+    /// `factor`, `dynamic` and `yarn` also `original_max`; `llama3` defaults them to 8 and 8192.
+    /// Unknown names and missing values are errors.
     pub fn named(name: &str, factor: Option<f64>, original_max: Option<usize>) -> Result<Self> {
         let need_factor = || {
             factor

@@ -1,9 +1,12 @@
 //! Softmax family over the last axis: softmax, log-softmax, temperature, scale, boolean mask,
 //! bottom-right causal alignment and softmax_plus. Storage f32 or f16, accumulation f32.
 //!
-//! Rows of up to 16 values take one invocation each; short rows (up to 16 values per
-//! invocation) are held in registers by one workgroup per row: one read and one write. Longer rows take an online (max, sum) partial per tile, a merge per
-//! row, and a normalise pass.
+//! The row length n picks the path. Rows of n <= 16 take one invocation each (64 rows per
+//! workgroup). Rows of n <= 16 x the device's largest power-of-two workgroup size (at most
+//! 1024, so 16,384 values where such workgroups are allowed) take one workgroup per row, up to
+//! 16 values per invocation held in registers: one read and one write. Longer rows go in tiles
+//! of 4096 values: an online (max, sum) partial per tile, a merge per row, and a normalise
+//! pass (softmax_plus with a mask first counts each row's valid entries, tile by tile).
 //!
 //! ```
 //! use seq_kernels::{Context, SoftmaxOptions};

@@ -9,9 +9,9 @@ pub mod rope;
 pub mod softmax;
 
 /// How far `got` is from the reference `want`, row by row: the largest absolute difference
-/// divided by the row's largest finite reference magnitude (the "row scale" of the spec's
-/// tolerances). Infinite reference values must be matched exactly; a mismatch, or a NaN on
-/// either side, gives `f64::INFINITY`.
+/// divided by the row's largest finite reference magnitude (the "row scale" that the
+/// tolerances of `seqk verify` and the tests are stated in). Infinite reference values must be
+/// matched exactly; a mismatch, or a NaN on either side, gives `f64::INFINITY`.
 pub fn row_error(got: &[f32], want: &[f64], row_len: usize) -> f64 {
     if got.len() != want.len() || row_len == 0 {
         return f64::INFINITY;
