@@ -514,6 +514,7 @@ impl Context {
         let needed = stride.saturating_mul(count.max(1) as u64);
         if needed > max {
             return Err(Error::LimitExceeded {
+                what: "bytes of a plan's uniform values".into(),
                 limit: "max_buffer_size",
                 needed,
                 max,
@@ -533,6 +534,7 @@ impl Context {
         let max = self.limits().max_buffer_size;
         if size > max {
             return Err(Error::LimitExceeded {
+                what: format!("bytes of {what}"),
                 limit: "max_buffer_size",
                 needed: size,
                 max,

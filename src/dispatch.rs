@@ -38,6 +38,7 @@ impl Step {
         let max = limits.max_storage_buffers_per_shader_stage as u64;
         if storage > max {
             return Err(Error::LimitExceeded {
+                what: format!("storage buffers of {} ({})", variant.family, variant.entry),
                 limit: "max_storage_buffers_per_shader_stage",
                 needed: storage,
                 max,
@@ -191,6 +192,7 @@ pub fn fold(workgroups: u64, max_per_dim: u32) -> Result<[u32; 3]> {
     let z = workgroups.div_ceil(x * y);
     if z > max {
         return Err(Error::LimitExceeded {
+            what: "workgroups of one dispatch".into(),
             limit: "max_compute_workgroups_per_dimension (cubed)",
             needed: workgroups,
             max: max * max * max,
@@ -233,6 +235,7 @@ pub fn row_chunks(
     let widest = row_bytes.iter().copied().max().unwrap_or(0);
     if widest > max_binding {
         return Err(Error::LimitExceeded {
+            what: "bytes of one row of a tensor".into(),
             limit: "max_storage_buffer_binding_size",
             needed: widest,
             max: max_binding,
@@ -250,6 +253,7 @@ pub fn row_chunks(
     let per_chunk = (max_binding / widest) / step * step;
     if per_chunk == 0 {
         return Err(Error::LimitExceeded {
+            what: "bytes of the fewest rows that start aligned".into(),
             limit: "max_storage_buffer_binding_size",
             needed: step * widest,
             max: max_binding,
@@ -308,11 +312,12 @@ pub fn largest_fitting(lo: usize, hi: usize, fits: impl Fn(usize) -> bool) -> us
 }
 
 /// Checks that `bytes` fit one storage binding of the device and that its elements of
-/// `elem_bytes` bytes stay addressable by the shaders' u32 indices; `what` names them.
-pub fn check_binding(ctx: &Context, what: &'static str, bytes: u64, elem_bytes: u64) -> Result<()> {
+/// `elem_bytes` bytes stay addressable by the shaders' u32 indices; `what` names the tensor.
+pub fn check_binding(ctx: &Context, what: &str, bytes: u64, elem_bytes: u64) -> Result<()> {
     let max = ctx.limits().max_storage_buffer_binding_size;
     if bytes > max {
         return Err(Error::LimitExceeded {
+            what: format!("bytes of {what}"),
             limit: "max_storage_buffer_binding_size",
             needed: bytes,
             max,
@@ -320,7 +325,8 @@ pub fn check_binding(ctx: &Context, what: &'static str, bytes: u64, elem_bytes: 
     }
     if bytes / elem_bytes > u32::MAX as u64 {
         return Err(Error::LimitExceeded {
-            limit: what,
+            what: format!("elements of {what}"),
+            limit: "u32 indices",
             needed: bytes / elem_bytes,
             max: u32::MAX as u64,
         });

@@ -32,12 +32,14 @@ pub enum Error {
     },
     /// A device limit would be exceeded.
     #[error(
-        "limit exceeded: {limit} needs {needed} but the device allows {max}; \
-         split the input into smaller calls where the limit is a size, or create the device \
-         with a larger {limit} (up to what the adapter allows)"
+        "limit exceeded: {what} need {needed}, more than {limit} allows ({max}); {}",
+        limit_advice(limit)
     )]
     LimitExceeded {
-        /// The wgpu limit's name, e.g. `max_storage_buffer_binding_size`.
+        /// What exceeds it, with its unit, e.g. "bytes of attention k".
+        what: String,
+        /// The wgpu limit's name, e.g. `max_storage_buffer_binding_size`, or the index
+        /// arithmetic's (`u32 indices`).
         limit: &'static str,
         /// What this call needs.
         needed: u64,
@@ -47,6 +49,20 @@ pub enum Error {
     /// The device reported an error: lost, out of memory, or a validation failure.
     #[error("device error: {0}")]
     Device(String),
+}
+
+/// What to do about an exceeded limit.
+fn limit_advice(limit: &str) -> String {
+    match limit {
+        "max_storage_buffers_per_shader_stage" => {
+            format!("create the device with a larger {limit} (up to what the adapter allows)")
+        }
+        _ if limit.starts_with("max_") => format!(
+            "split the input into smaller calls, or create the device with a larger {limit} \
+             (up to what the adapter allows)"
+        ),
+        _ => "split the input into smaller calls".to_string(),
+    }
 }
 
 impl Error {

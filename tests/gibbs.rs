@@ -983,8 +983,14 @@ fn dense_w_past_the_binding_limit() {
     };
     let r = small.gibbs(&model, &tokens, None, &GibbsOptions::default());
     match r {
-        Err(Error::LimitExceeded { limit, needed, .. }) => {
+        Err(Error::LimitExceeded {
+            limit,
+            needed,
+            what,
+            ..
+        }) => {
             assert_eq!(limit, "max_storage_buffer_binding_size");
+            assert_eq!(what, "bytes of the pairwise W [V, V]");
             assert_eq!(needed, (v * v * 4) as u64);
         }
         other => panic!("{:?}", other.err()),

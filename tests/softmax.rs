@@ -709,8 +709,14 @@ fn row_past_the_binding_limit_reports_the_device_limit() {
                 limit: "max_storage_buffer_binding_size",
                 needed: 1028,
                 max: 1024,
+                ..
             }
         ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("bytes of one row of a tensor need 1028"),
         "{err}"
     );
     // A row that fills the binding exactly still runs.

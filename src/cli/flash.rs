@@ -263,9 +263,9 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
         };
         match flash_series(ctx, n, &batched, baseline, quick) {
             Ok(r) => rows.extend(r),
-            Err(Error::LimitExceeded { limit, needed, max }) => eprintln!(
-                "seqk bench flash: n = {n} skipped, {limit} needs {needed} but the device allows {max}"
-            ),
+            Err(e @ Error::LimitExceeded { .. }) => {
+                eprintln!("seqk bench flash: n = {n} skipped, {e}")
+            }
             Err(err) => return Err(err),
         }
         // The quick table takes exact attention at the first n only, sampled briefly.

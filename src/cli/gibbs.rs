@@ -567,6 +567,7 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
                     limit: "max_storage_buffer_binding_size",
                     needed,
                     max,
+                    ..
                 } if Some(needed) == dense_bytes => usage(format!(
                     "pairwise [V, V] takes {needed} bytes, more than this device binds at once \
                          ({max}); give a factorised W = A B^T as --in pair_a=A.npy --in \

@@ -68,15 +68,12 @@ const DIMS: [u32; 6] = [32, 64, 96, 128, 192, 256];
 pub const MAX_HEAD_DIM: usize = 256;
 const WG: u32 = 64;
 
-/// What the u32 index limit of an attention tensor counts.
-const ELEMENTS: &str = "elements per attention tensor (u32 indices)";
-
-/// Each tensor of `lens` elements, as the shader binds it (f32 scratch for widened f16),
-/// fits one storage binding and u32 element indices.
-fn check_tensors(ctx: &Context, storage: Storage, lens: &[usize]) -> Result<()> {
+/// Each named tensor of `len` elements, as the shader binds it (f32 scratch for widened
+/// f16), fits one storage binding and u32 element indices.
+fn check_tensors(ctx: &Context, storage: Storage, tensors: &[(&str, usize)]) -> Result<()> {
     let size = storage.shader_dtype().size() as u64;
-    for &len in lens {
-        check_binding(ctx, ELEMENTS, len as u64 * size, size)?;
+    for &(name, len) in tensors {
+        check_binding(ctx, name, len as u64 * size, size)?;
     }
     Ok(())
 }
@@ -630,12 +627,21 @@ impl Attention {
         read.extend(mask.as_ref().map(|m| ("mask", m.buffer())));
         check_call_aliasing("attention", &written, &read)?;
         let storage = Storage::for_dtype(ctx, T::DTYPE);
-        check_tensors(ctx, storage, &[q.len(), k.len(), v.len(), out.len()])?;
+        check_tensors(
+            ctx,
+            storage,
+            &[
+                ("attention q", q.len()),
+                ("attention k", k.len()),
+                ("attention v", v.len()),
+                ("the attention output", out.len()),
+            ],
+        )?;
         if let Some(m) = mask {
-            check_binding(ctx, ELEMENTS, m.bytes(), 1)?;
+            check_binding(ctx, "the attention mask", m.bytes(), 1)?;
         }
         if let Some(l) = lse {
-            check_binding(ctx, ELEMENTS, l.bytes(), 4)?;
+            check_binding(ctx, "the attention lse", l.bytes(), 4)?;
         }
 
         let mut plan = Plan::default();
@@ -719,8 +725,13 @@ impl Attention {
         };
         let (part_o, part_ml) = if splits > 1 {
             let rows = (bh * s.m * splits) as u64;
-            check_binding(ctx, ELEMENTS, rows * s.dv as u64 * 4, 4)?;
-            check_binding(ctx, ELEMENTS, rows * 8, 8)?;
+            check_binding(
+                ctx,
+                "the split-key partial outputs",
+                rows * s.dv as u64 * 4,
+                4,
+            )?;
+            check_binding(ctx, "the split-key partial maxima and sums", rows * 8, 8)?;
             (ctx.scratch(rows * s.dv as u64 * 4)?, ctx.scratch(rows * 8)?)
         } else {
             (ctx.scratch(16)?, ctx.scratch(16)?)
@@ -808,7 +819,15 @@ pub fn matmul_plan<T: Element>(
         &[("a", a.buffer()), ("b", b.buffer())],
     )?;
     let storage = Storage::for_dtype(ctx, T::DTYPE);
-    check_tensors(ctx, storage, &[a.len(), b.len(), c.len()])?;
+    check_tensors(
+        ctx,
+        storage,
+        &[
+            ("matmul a", a.len()),
+            ("matmul b", b.len()),
+            ("matmul c", c.len()),
+        ],
+    )?;
     let mut plan = Plan::default();
     let (ab, bb, cb) = match storage {
         Storage::WidenedF16 => (

@@ -593,8 +593,8 @@ struct Scratch {
 impl Scratch {
     fn new(ctx: &Context, opts: &FlashOptions, sh: &FlashShape, seg: &Segment) -> Result<Self> {
         let (kv, scores) = seg.scratch_floats(ctx, sh, opts.rope.is_some());
-        check_binding(ctx, "elements of the flash KV scratch", kv * 4, 4)?;
-        check_binding(ctx, "elements of the flash score scratch", scores * 4, 4)?;
+        check_binding(ctx, "the flash KV scratch", kv * 4, 4)?;
+        check_binding(ctx, "the flash score scratch", scores * 4, 4)?;
         Ok(Self {
             kv: ctx.scratch(kv * 4)?,
             scores: ctx.scratch(scores * 4)?,
@@ -643,6 +643,7 @@ fn chunk_too_large(
     let max = ctx.limits().max_storage_buffer_binding_size;
     if chunk == 1 || !fits(1) {
         return Error::LimitExceeded {
+            what: "bytes of one chunk's rows, scores or KV sums".into(),
             limit: "max_storage_buffer_binding_size",
             needed,
             max,
@@ -780,7 +781,7 @@ impl Flash {
         read.extend(inputs.bias.map(|t| ("bias", t.buffer())));
         check_call_aliasing("flash", &[("out", out.buffer())], &read)?;
         if let Some(bias) = inputs.bias {
-            check_binding(ctx, "elements of the flash bias", bias.bytes(), 4)?;
+            check_binding(ctx, "the flash bias", bias.bytes(), 4)?;
         }
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let elem_bytes = storage.shader_dtype().size() as u64;
@@ -1251,12 +1252,7 @@ impl FlashDecoder {
         let row_bytes = [b, c, s.max(e), 4]
             .iter()
             .fold(1u64, |a, &x| a.saturating_mul(x as u64));
-        check_binding(
-            ctx,
-            "elements of the flash decoder's chunk rows",
-            row_bytes,
-            4,
-        )?;
+        check_binding(ctx, "the flash decoder's chunk rows", row_bytes, 4)?;
         let bias = bias.map(|v| ctx.upload(v, bias_shape)).transpose()?;
         let state = ctx.scratch((b * s * e + b) as u64 * 4)?;
         let widths = [s, s, s, s, e, e];

@@ -431,10 +431,12 @@ fn row_chunks(ctx: &Context, rows: u64, row_bytes: &[u64]) -> Result<Vec<Range<u
     dispatch::row_chunks(rows, row_bytes, max_binding(ctx), align)
 }
 
-fn check_fits(ctx: &Context, bytes: u64) -> Result<()> {
+/// Checks that `what`, bound whole, fits one storage binding.
+fn check_fits(ctx: &Context, what: &str, bytes: u64) -> Result<()> {
     let max = max_binding(ctx);
     if bytes > max {
         return Err(Error::LimitExceeded {
+            what: format!("bytes of {what}"),
             limit: "max_storage_buffer_binding_size",
             needed: bytes,
             max,
@@ -555,12 +557,12 @@ impl Gibbs {
         let (b, l, v, r) = (s.chains as u64, s.len as u64, s.vocab as u64, s.rank as u64);
         // Tensors shared by all chains must fit one binding.
         if !s.unary_per_chain {
-            check_fits(ctx, l * v * 4)?;
+            check_fits(ctx, "the unary potentials [L, V]", l * v * 4)?;
         }
         if r == 0 {
-            check_fits(ctx, v * v * 4)?;
+            check_fits(ctx, "the pairwise W [V, V]", v * v * 4)?;
         } else {
-            check_fits(ctx, v * r * 4)?;
+            check_fits(ctx, "pair_a or pair_b [V, r]", v * r * 4)?;
         }
         // Per-chain tensors bound chunk by chunk: tokens, and where given per-chain unary,
         // per-chain clamp bytes and best tokens. Best scores are bound whole.
@@ -573,7 +575,7 @@ impl Gibbs {
         }
         if best.is_some() {
             row_bytes.push(l * 4);
-            check_fits(ctx, b * 4)?;
+            check_fits(ctx, "the best scores [b]", b * 4)?;
         }
         let chunks = row_chunks(ctx, b, &row_bytes)?;
 
@@ -879,7 +881,7 @@ impl Sampler {
         let wg = group_wg(ctx, v.div_ceil(4));
         let sv = variant(ctx.has_subgroups(), "sample_logits", wg);
         // Logits are bound chunk by chunk, the sampled tokens whole.
-        check_fits(ctx, b as u64 * 4)?;
+        check_fits(ctx, "the sampled tokens [b]", b as u64 * 4)?;
         let mut plan = Plan::default();
         let wide = match L::DTYPE {
             DType::F16 => Some(convert::widen(
@@ -1061,7 +1063,7 @@ impl Metropolis {
                 ("log_q_back", t.log_q_back.buffer()),
             ],
         )?;
-        check_fits(ctx, (b * l * 4) as u64)?;
+        check_fits(ctx, "the tokens [b, L]", (b * l * 4) as u64)?;
         let (seed_lo, seed_hi) = seed_words(self.opts.seed);
         let params = ctx.uniform(&Params {
             chains: b as u32,

@@ -1084,6 +1084,7 @@ impl Rope {
                 let needed = need(&piece(b0, b0 + 1, t0, t0 + 1, one));
                 if needed > max_binding {
                     return Err(Error::LimitExceeded {
+                        what: "bytes of one token's rows of the rope tensors".into(),
                         limit: "max_storage_buffer_binding_size",
                         needed,
                         max: max_binding,
@@ -1134,11 +1135,14 @@ impl Rope {
         }
 
         let table_buf = ctx.scratch((table.len() * 8) as u64)?;
-        ctx.queue()
-            .write_buffer(&table_buf, 0, bytemuck::cast_slice(&table));
+        ctx.checked("writing the rope cos/sin table", || {
+            ctx.queue()
+                .write_buffer(&table_buf, 0, bytemuck::cast_slice(&table))
+        })?;
         let u = |x: u64| -> Result<u32> {
             u32::try_from(x).map_err(|_| Error::LimitExceeded {
-                limit: "u32 element indices",
+                what: "elements of a rope tensor".into(),
+                limit: "u32 indices",
                 needed: x,
                 max: u32::MAX as u64,
             })
@@ -1197,7 +1201,8 @@ impl Rope {
             let invocations = (qp.rows as u64 + kp.rows as u64) * units as u64;
             if invocations > u32::MAX as u64 {
                 return Err(Error::LimitExceeded {
-                    limit: "invocations per rope dispatch (u32 indices)",
+                    what: "invocations of one rope dispatch".into(),
+                    limit: "u32 indices",
                     needed: invocations,
                     max: u32::MAX as u64,
                 });

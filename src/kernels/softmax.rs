@@ -132,7 +132,8 @@ pub fn row_shape(
     // The causal band is computed in i32 (j <= i + n - m).
     if opts.causal && m.max(n) > i32::MAX as usize {
         return Err(Error::LimitExceeded {
-            limit: "causal softmax m and n (i32 band arithmetic)",
+            what: "rows or columns of a causal softmax".into(),
+            limit: "i32 band arithmetic",
             needed: m.max(n) as u64,
             max: i32::MAX as u64,
         });
