@@ -106,16 +106,32 @@ fn env_backends() -> Result<wgpu::Backends> {
 
 impl Context {
     /// Opens the default adapter (honouring `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`), blocking.
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::with_options`].
     pub fn new() -> Result<Self> {
         Self::with_options(&ContextOptions::default())
     }
 
     /// Opens an adapter chosen by `options`, blocking.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::InvalidOption`] if `options.backends` is `None` and `WGPU_BACKEND` names no
+    ///   backend, or if a name is asked for (`options.adapter_name`, else `WGPU_ADAPTER_NAME`)
+    ///   and the backends searched have adapters but none whose name contains it.
+    /// - [`Error::NoAdapter`] if no adapter is found on the backends searched.
+    /// - [`Error::Device`] if the adapter fails to open a device.
     pub fn with_options(options: &ContextOptions) -> Result<Self> {
         pollster::block_on(Self::with_options_async(options))
     }
 
     /// Async form of [`Context::with_options`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::with_options`].
     pub async fn with_options_async(options: &ContextOptions) -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         desc.backends = match options.backends {
@@ -246,6 +262,10 @@ impl Context {
 
     /// An error unless every tensor context in `owners` is this one: buffers of another
     /// context are another wgpu device's, and may even share ids with this one's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] if a context in `owners` is not this one (nor a clone of it).
     pub fn check_owned(&self, owners: &[&Context]) -> Result<()> {
         if owners.iter().all(|c| self.same(c)) {
             Ok(())
@@ -295,6 +315,12 @@ impl Context {
     /// on [`Context::device`] outside an error scope since the last `wait` (wgpu would panic
     /// on it). The crate's calls never report those: one thread's error does not fail another
     /// thread's kernel.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Device`] if waiting fails, if the device is lost (said as such only on a
+    /// device made by [`Context::new`] or [`Context::with_options`]), or for that first
+    /// uncaptured error.
     pub fn wait(&self) -> Result<()> {
         self.idle()?;
         self.take_uncaptured()
@@ -355,6 +381,11 @@ impl Context {
 
     /// Runs `f` inside internal, out-of-memory and validation error scopes and turns what
     /// they catch into [`Error::Device`], so a bad call is an error rather than a panic.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Device`] if a scope catches an error of `f`; where the device is known to be
+    /// lost (one the crate made), the error names the loss instead.
     pub fn checked<R>(&self, what: &str, f: impl FnOnce() -> R) -> Result<R> {
         let device = &self.inner.device;
         let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
@@ -375,6 +406,11 @@ impl Context {
 
     /// The compiled pipeline of a shader variant, built on first use and cached by
     /// (family, variant, entry point, override constants).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Device`] if the shader fails to compile or the pipeline to build (a validation
+    /// error, out of memory, a lost device), or if a thread panicked while holding the cache.
     pub fn pipeline(&self, v: &ShaderVariant) -> Result<Arc<wgpu::ComputePipeline>> {
         let key = PipelineKey {
             family: v.family,
@@ -456,6 +492,11 @@ impl Context {
     }
 
     /// A bind group for `pipeline`'s group 0 from (binding index, buffer range) pairs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Device`] if the device refuses the bind group (a binding the pipeline does not
+    /// declare or a range it cannot take, out of memory, a lost device).
     pub fn bind_group(
         &self,
         pipeline: &wgpu::ComputePipeline,
@@ -481,6 +522,10 @@ impl Context {
     }
 
     /// A uniform buffer holding `value` (padded to 16 bytes).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Device`] if allocating or writing the buffer fails.
     pub fn uniform<T: bytemuck::Pod>(&self, value: &T) -> Result<wgpu::Buffer> {
         let mut bytes = bytemuck::bytes_of(value).to_vec();
         bytes.resize(uniform_size::<T>() as usize, 0);
@@ -490,6 +535,12 @@ impl Context {
     /// One uniform buffer holding every value of `values`, each at its own offset aligned as
     /// the device requires: a plan of thousands of dispatches then allocates and writes one
     /// buffer instead of one each.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::LimitExceeded`] if the slots (each aligned to
+    ///   `min_uniform_buffer_offset_alignment`) would pass the device's `max_buffer_size`.
+    /// - [`Error::Device`] if allocating or writing the buffer fails.
     pub fn uniform_slots<T: bytemuck::Pod>(&self, values: &[T]) -> Result<UniformSlots> {
         let (stride, total) = self.slot_layout::<T>(values.len())?;
         let size = uniform_size::<T>();
@@ -524,6 +575,11 @@ impl Context {
     }
 
     /// A scratch storage buffer of at least `bytes` bytes (rounded up to whole words).
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::LimitExceeded`] if that size passes the device's `max_buffer_size`.
+    /// - [`Error::Device`] if the allocation fails (out of memory, a lost device).
     pub fn scratch(&self, bytes: u64) -> Result<wgpu::Buffer> {
         self.storage_buffer(bytes.div_ceil(4).max(1) * 4, "scratch memory")
     }
@@ -568,6 +624,11 @@ impl Context {
     }
 
     /// Submits `encoder` and waits for the GPU to finish it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Device`] if the submission fails (a validation error in the recorded work),
+    /// the wait fails or the device is lost.
     pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
         let index = self.checked("submitting work", || {
             self.inner.queue.submit([encoder.finish()])

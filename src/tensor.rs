@@ -168,6 +168,15 @@ impl Context {
     /// Uploads `data` as a tensor of `shape` (C order), through a queue write: wgpu keeps the
     /// staged bytes until the next submit. An application that may upload and then submit
     /// nothing (say, every request's call rejected) frees them with `ctx.queue().submit([])`.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Shape`] if `shape` is empty, has a zero axis, has more bytes than memory can
+    ///   address, or holds other than `data.len()` elements.
+    /// - [`Error::LimitExceeded`] if the tensor's bytes, padded to a whole word, pass the
+    ///   device's `max_buffer_size`.
+    /// - [`Error::Device`] if allocating or writing the buffer fails (out of memory, a lost
+    ///   device).
     pub fn upload<T: Element>(
         &self,
         data: &[T],
@@ -187,6 +196,10 @@ impl Context {
     }
 
     /// Uploads booleans as a byte mask (true = 1).
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::upload`].
     pub fn upload_mask(
         &self,
         mask: &[bool],
@@ -197,6 +210,14 @@ impl Context {
     }
 
     /// A zero-filled tensor of `shape`.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Shape`] if `shape` is empty, has a zero axis or has more bytes than memory
+    ///   can address.
+    /// - [`Error::LimitExceeded`] if the tensor's bytes, padded to a whole word, pass the
+    ///   device's `max_buffer_size`.
+    /// - [`Error::Device`] if the allocation fails (out of memory, a lost device).
     pub fn zeros<T: Element>(&self, shape: impl Into<Vec<usize>>) -> Result<GpuTensor<T>> {
         let shape = shape.into();
         let len = tensor_len(&shape, T::DTYPE)?;
@@ -218,6 +239,12 @@ impl<T: Element> GpuTensor<T> {
     /// unrelated memory. It holds at least the data padded to whole 4-byte words, from offset
     /// 0; a kernel writing an odd-byte tensor (u8, f16) keeps the rest of its last word, but
     /// [`GpuTensor::write`] zeroes those padding bytes.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Shape`] if `shape` is empty, has a zero axis or has more bytes than memory
+    ///   can address, or if `buffer` is smaller than the data padded to whole words.
+    /// - [`Error::InvalidOption`] if `buffer` lacks `BufferUsages::STORAGE`.
     pub fn from_buffer(
         ctx: &Context,
         buffer: wgpu::Buffer,
@@ -270,6 +297,11 @@ impl<T: Element> GpuTensor<T> {
         (self.len() * T::DTYPE.size()) as u64
     }
     /// The same buffer viewed with another shape of the same number of elements.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] if `shape` is empty, has a zero axis, has more bytes than memory can
+    /// address, or holds another number of elements.
     pub fn reshape(&self, shape: impl Into<Vec<usize>>) -> Result<Self> {
         let shape = shape.into();
         if tensor_len(&shape, T::DTYPE)? != self.len() {
@@ -287,6 +319,12 @@ impl<T: Element> GpuTensor<T> {
 
     /// Replaces the tensor's contents with `data` (as many elements as the tensor holds); the
     /// write lands before the next submitted work, as queue writes do.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::Shape`] if `data` holds another number of elements than the tensor.
+    /// - [`Error::Device`] if the queue write fails (a wrapped buffer without
+    ///   `BufferUsages::COPY_DST`, a lost device).
     pub fn write(&self, data: &[T]) -> Result<()> {
         if data.len() != self.len() {
             return Err(Error::shape(format!(
@@ -306,6 +344,12 @@ impl<T: Element> GpuTensor<T> {
     }
 
     /// Copies the tensor back to the host, blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Device`] if allocating the readback buffer, the copy into it (a wrapped
+    /// buffer without `BufferUsages::COPY_SRC`), its mapping or the wait fails, or the device
+    /// is lost.
     pub fn download(&self) -> Result<Vec<T>> {
         let staging = self.stage_readback()?;
         self.ctx.map_read(&staging, "the readback buffer")?;
@@ -315,6 +359,11 @@ impl<T: Element> GpuTensor<T> {
     /// Copies the tensor back to the host without blocking the calling thread: while the copy
     /// is pending, a helper thread waits on the device and wakes the task (no busy polling).
     /// Dropping the future early is safe.
+    ///
+    /// # Errors
+    ///
+    /// As [`GpuTensor::download`], and [`Error::Device`] if polling the device fails or the
+    /// helper thread cannot be started.
     pub async fn download_async(&self) -> Result<Vec<T>> {
         let staging = self.stage_readback()?;
         let slot: Arc<Mutex<Option<Result<(), wgpu::BufferAsyncError>>>> = Arc::default();

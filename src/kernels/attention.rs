@@ -208,6 +208,11 @@ pub struct AttentionOptions {
 
 impl AttentionOptions {
     /// Checks the options' values.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] if `scale` is given and not finite, `softcap` is not finite
+    /// and >= 0, or `key_split` or `kv_len` is `Some(0)`.
     pub fn validate(&self) -> Result<()> {
         if let Some(s) = self.scale {
             if !s.is_finite() {
@@ -558,6 +563,10 @@ pub struct Attention {
 
 impl Attention {
     /// Validates the options.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] as [`AttentionOptions::validate`].
     pub fn new(ctx: &Context, opts: &AttentionOptions) -> Result<Self> {
         opts.validate()?;
         Ok(Self {
@@ -567,6 +576,10 @@ impl Attention {
     }
 
     /// Records the attention into `encoder` (no submit).
+    ///
+    /// # Errors
+    ///
+    /// As [`Attention::plan`].
     #[allow(clippy::too_many_arguments)]
     pub fn encode<T: Element>(
         &self,
@@ -583,6 +596,21 @@ impl Attention {
     }
 
     /// The dispatches of one call, to record as often as needed.
+    ///
+    /// # Errors
+    ///
+    /// Besides the [errors common to every
+    /// kernel](crate::kernels#errors-common-to-every-kernel):
+    /// - [`Error::Dtype`] unless `T` is f32 or f16.
+    /// - [`Error::Shape`] if q, k or v is not 4-D; if their batch sizes differ; if k's head
+    ///   dim is not q's, or v's heads and length are not k's; if `kv_len` is more than k's
+    ///   positions; if q's heads are not a multiple of k's; if d or dv passes
+    ///   [`MAX_HEAD_DIM`]; if the mask is not `[m|1, n]` or `[b|1, 1|hq, m|1, n]`; or if `out`
+    ///   or `lse` does not have the shape the call gives it.
+    /// - [`Error::InvalidOption`] for the options, as [`AttentionOptions::validate`].
+    /// - [`Error::LimitExceeded`] if q, k, v, `out` (each f32 where f16 is widened), the mask,
+    ///   `lse` or the key splits' partial results do not fit one storage binding
+    ///   (`max_storage_buffer_binding_size`) or pass `u32::MAX` elements.
     pub fn plan<T: Element>(
         &self,
         q: &GpuTensor<T>,
@@ -781,6 +809,15 @@ impl Attention {
 /// `C = A B^T` (`transpose_b`, B `[n, k]`) or `C = A B` (B `[k, n]`) for A `[m, k]`, C `[m, n]`,
 /// all row-major, on the attention tile engine: the matmul that attention's FLOP/s are
 /// compared with. f32 or f16 storage, f32 accumulation.
+///
+/// # Errors
+///
+/// Besides the [errors common to every
+/// kernel](crate::kernels#errors-common-to-every-kernel):
+/// - [`Error::Dtype`] unless `T` is f32 or f16.
+/// - [`Error::Shape`] if A or B is not 2-D, their inner dims differ, or C is not `[m, n]`.
+/// - [`Error::LimitExceeded`] if A, B or C (each f32 where f16 is widened) does not fit one
+///   storage binding (`max_storage_buffer_binding_size`) or passes `u32::MAX` elements.
 pub fn matmul_plan<T: Element>(
     ctx: &Context,
     a: &GpuTensor<T>,
@@ -885,6 +922,11 @@ pub fn matmul_plan<T: Element>(
 
 impl Context {
     /// Exact attention into a new tensor (shape `[b, hq, m, dv]`, or `[b, m, hq, dv]` for bshd).
+    ///
+    /// # Errors
+    ///
+    /// As [`Attention::new`] and [`Attention::plan`], and those of [allocating the output and
+    /// running the call](crate::kernels#errors-common-to-every-kernel).
     pub fn attention<T: Element>(
         &self,
         q: &GpuTensor<T>,
@@ -909,6 +951,10 @@ impl Context {
 
     /// Exact attention and the log-sum-exp of each query row's scores (`[b, hq, m]`, -inf for
     /// rows without a valid key).
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::attention`].
     pub fn attention_lse<T: Element>(
         &self,
         q: &GpuTensor<T>,
@@ -933,6 +979,11 @@ impl Context {
     }
 
     /// `C = A B^T` (`transpose_b`) or `C = A B` on the attention tile engine, into a new tensor.
+    ///
+    /// # Errors
+    ///
+    /// As [`matmul_plan`], and those of [allocating the output and running the
+    /// call](crate::kernels#errors-common-to-every-kernel).
     pub fn matmul<T: Element>(
         &self,
         a: &GpuTensor<T>,

@@ -28,6 +28,14 @@ fn variant() -> ShaderVariant {
 
 /// A plan copying the first `bytes` bytes of `src` to `dst` (a multiple of 16), split into
 /// several dispatches when the buffers exceed the binding-size limit.
+///
+/// # Errors
+///
+/// Besides the [errors common to every
+/// kernel](crate::kernels#errors-common-to-every-kernel) (here [`Error::InvalidOption`] if
+/// `src` and `dst` are one buffer):
+/// - [`Error::Shape`] if `bytes` is 0 or not a multiple of 16, or `src` or `dst` holds fewer
+///   than `bytes` bytes.
 pub fn plan(ctx: &Context, src: &wgpu::Buffer, dst: &wgpu::Buffer, bytes: u64) -> Result<Plan> {
     if bytes == 0 || !bytes.is_multiple_of(16) {
         return Err(Error::shape(format!(
@@ -74,6 +82,12 @@ pub fn plan(ctx: &Context, src: &wgpu::Buffer, dst: &wgpu::Buffer, bytes: u64) -
 
 impl Context {
     /// Copies a tensor with the vec4 copy kernel (its size must be a multiple of 16 bytes).
+    ///
+    /// # Errors
+    ///
+    /// As [`copy::plan`](plan), so [`Error::Shape`] if `x`'s bytes are not a multiple of 16;
+    /// [`Error::InvalidOption`] if `x` belongs to another context; and those of [allocating
+    /// the output and running the call](crate::kernels#errors-common-to-every-kernel).
     pub fn copy<T: Element>(&self, x: &GpuTensor<T>) -> Result<GpuTensor<T>> {
         self.check_owned(&[x.context()])?;
         let y = self.zeros::<T>(x.shape().to_vec())?;

@@ -104,6 +104,10 @@ pub enum AttnFn {
 
 impl AttnFn {
     /// Parses `relu2` or `laplace`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] for any other name.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "relu2" => Ok(Self::Relu2),
@@ -147,6 +151,10 @@ pub enum LinNorm {
 
 impl LinNorm {
     /// Parses `chunk`, `length` or `prefix`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] for any other name.
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "chunk" => Ok(Self::Chunk),
@@ -225,6 +233,11 @@ impl Default for FlashOptions {
 
 impl FlashOptions {
     /// Checks the options' values.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] if `chunk` is 0 or passes [`MAX_N`], `quad_scale` or
+    /// `lin_scale` is given and not finite, or the fused RoPE's base is not finite and > 0.
     pub fn validate(&self) -> Result<()> {
         if self.chunk == 0 || self.chunk > MAX_N {
             return Err(Error::option(format!(
@@ -726,6 +739,10 @@ pub struct Flash {
 
 impl Flash {
     /// Validates the options.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] as [`FlashOptions::validate`].
     pub fn new(ctx: &Context, opts: &FlashOptions) -> Result<Self> {
         opts.validate()?;
         Ok(Self {
@@ -735,6 +752,10 @@ impl Flash {
     }
 
     /// Records the call into `encoder` (no submit).
+    ///
+    /// # Errors
+    ///
+    /// As [`Flash::plan`].
     pub fn encode<T: Element>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -746,6 +767,24 @@ impl Flash {
     }
 
     /// The dispatches of one call, to record as often as needed.
+    ///
+    /// # Errors
+    ///
+    /// Besides the [errors common to every
+    /// kernel](crate::kernels#errors-common-to-every-kernel):
+    /// - [`Error::Dtype`] unless `T` is f32 or f16.
+    /// - [`Error::Shape`] if qq, kq, ql, kl or v is not 3-D; if kq, ql or kl is not qq's
+    ///   shape `[b, n, s]`, or v not `[b, n, e]`; if s passes [`MAX_S`] or n passes
+    ///   [`MAX_N`]; or if the gate, bias, key mask or `out` is not `[b, n, e]`, `[C, C]`,
+    ///   `[b, n]`, `[b, n, e]` respectively.
+    /// - [`Error::InvalidOption`] for the options, as [`FlashOptions::validate`]; if the
+    ///   fused RoPE is on and s is odd, or its offset plus the positions passes
+    ///   [`MAX_POSITION`](crate::kernels::rope::MAX_POSITION); or if one chunk's rows, C x C
+    ///   scores and KV sums do not fit one storage binding but a smaller chunk would (the
+    ///   error names the largest).
+    /// - [`Error::LimitExceeded`] if they do not fit even with a chunk of 1; if the bias does
+    ///   not fit one storage binding; or if the KV or score scratch passes
+    ///   `max_storage_buffer_binding_size` or `u32::MAX` elements.
     pub fn plan<T: Element>(
         &self,
         inputs: &FlashInputs<'_, T>,
@@ -1194,6 +1233,21 @@ pub struct FlashDecoder {
 impl FlashDecoder {
     /// A decoder for `b` sequences of widths s and e. Needs `causal`; `lin_norm` must not be
     /// `Length` (it depends on the whole sequence). `bias` is `[C, C]` as in one-shot calls.
+    ///
+    /// # Errors
+    ///
+    /// Besides the [errors common to every
+    /// kernel](crate::kernels#errors-common-to-every-kernel) (a first step's dispatches are
+    /// built here):
+    /// - [`Error::InvalidOption`] if `causal` is off, or `lin_norm` is `Length` without
+    ///   `lin_scale`; as [`Flash::plan`] for the options, a fused RoPE with an odd s and a
+    ///   chunk too large for one storage binding; or if the fused RoPE's offset passes
+    ///   [`MAX_POSITION`](crate::kernels::rope::MAX_POSITION).
+    /// - [`Error::Shape`] if b, s or e is 0, s passes [`MAX_S`], or `bias` does not hold C x C
+    ///   values.
+    /// - [`Error::LimitExceeded`] if a chunk of 1 does not fit one storage binding, or a
+    ///   chunk's rows, the KV or score scratch pass `max_storage_buffer_binding_size` or
+    ///   `u32::MAX` elements.
     pub fn new(
         ctx: &Context,
         opts: &FlashOptions,
@@ -1292,6 +1346,12 @@ impl FlashDecoder {
     }
 
     /// Feeds `t` tokens of every batch item and returns their outputs, `[b, t, e]`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] if `t` is 0 or a slice of `block` does not hold `[b, t, width]`
+    /// values; else as [`Context::upload`] for the block, [`FlashDecoder::step_gpu`], and
+    /// [`GpuTensor::download`] for the outputs.
     pub fn step(&mut self, block: &FlashBlock<'_>, t: usize) -> Result<Vec<f32>> {
         let (b, s, e) = (self.b, self.s, self.e);
         let check = |name: &str, got: usize, width: usize| {
@@ -1343,6 +1403,11 @@ impl FlashDecoder {
 
     /// Feeds the tokens of a block on the GPU and returns their outputs, `[b, t, e]`, on the
     /// GPU (t from the block's shapes).
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::zeros`] for the outputs and [`FlashDecoder::encode_step`], and
+    /// [`Error::Device`] if the submission fails (the decoder then stays where it was).
     pub fn step_gpu(&mut self, block: &FlashGpuBlock<'_>) -> Result<GpuTensor<f32>> {
         let t = block.qq.shape().get(1).copied().unwrap_or(0);
         let out = self.ctx.zeros::<f32>([self.b, t.max(1), self.e])?;
@@ -1366,6 +1431,18 @@ impl FlashDecoder {
     /// mask included, travels in the encoder). An error here leaves the decoder where it was;
     /// an encoder of yours that then fails to finish or submit does not, so make a new
     /// decoder after that.
+    ///
+    /// # Errors
+    ///
+    /// Besides the [errors common to every
+    /// kernel](crate::kernels#errors-common-to-every-kernel):
+    /// - [`Error::Shape`] if qq is not `[b, t, s]` with t >= 1; if kq, ql or kl is not
+    ///   `[b, t, s]`, or v, the gate or `out` not `[b, t, e]`; if a gate is given to a decoder
+    ///   made without one, or none to one made with one; or if `key_mask` does not hold
+    ///   b x t values.
+    /// - [`Error::InvalidOption`] if an input's buffer lacks `BufferUsages::COPY_SRC`; if
+    ///   `out`'s lacks `COPY_DST` and the step crosses a chunk's end; or if the fused RoPE's
+    ///   positions pass [`MAX_POSITION`](crate::kernels::rope::MAX_POSITION).
     pub fn encode_step(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -1589,6 +1666,11 @@ impl FlashDecoder {
 
 impl Context {
     /// FLASH mixed-chunk attention into a new tensor `[b, n, e]`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Flash::new`] and [`Flash::plan`], and those of [allocating the output and running
+    /// the call](crate::kernels#errors-common-to-every-kernel).
     pub fn flash<T: Element>(
         &self,
         inputs: &FlashInputs<'_, T>,

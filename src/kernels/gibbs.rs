@@ -115,6 +115,13 @@ impl Default for GibbsOptions {
 
 impl GibbsOptions {
     /// Checks the options' values.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] if `temperature` is neither 0 nor in
+    /// `[f32::MIN_POSITIVE, MAX_TEMPERATURE]`; if `anneal_to` is given and it or `temperature`
+    /// is not in that range; if `first_sweep + sweeps` passes `u32::MAX`; or if `schedule`
+    /// does not hold the run's sweeps.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
         if !temperature_ok(t) {
@@ -183,6 +190,11 @@ impl GibbsOptions {
     /// assert_eq!(second.temperature_at(10), run.temperature_at(260));
     /// # Ok::<(), seq_kernels::Error>(())
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] as [`GibbsOptions::validate`], or if `n` is 0 or
+    /// `start..start + n` is not within `0..sweeps`.
     pub fn part(&self, start: u32, n: u32) -> Result<Self> {
         self.validate()?;
         if n == 0 || start.checked_add(n).is_none_or(|end| end > self.sweeps) {
@@ -474,6 +486,10 @@ pub struct Gibbs {
 
 impl Gibbs {
     /// Validates the options.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] as [`GibbsOptions::validate`].
     pub fn new(ctx: &Context, opts: &GibbsOptions) -> Result<Self> {
         opts.validate()?;
         Ok(Self {
@@ -485,6 +501,10 @@ impl Gibbs {
     /// Records the sweeps into `encoder` (no submit). Tokens must be below V (checked by
     /// [`Context::gibbs`]; here an out-of-range neighbour is read as V - 1, never out of
     /// bounds).
+    ///
+    /// # Errors
+    ///
+    /// As [`Gibbs::plan`].
     pub fn encode<T: Element>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -505,6 +525,22 @@ impl Gibbs {
     /// several plans of [`GibbsOptions::part`]s, as `seqk generate --batch` does; one plan
     /// records at most [`MAX_PLAN_DISPATCHES`] parameterised dispatches (about 500,000 sweeps
     /// of one chunk of chains), and more is an `InvalidOption` error.
+    ///
+    /// # Errors
+    ///
+    /// Besides the [errors common to every
+    /// kernel](crate::kernels#errors-common-to-every-kernel):
+    /// - [`Error::Dtype`] unless `T` is u32 or i32.
+    /// - [`Error::Shape`] if `tokens` is not `[b, L]` with b, L >= 1; if the unary is not
+    ///   `[L, V]` or `[b, L, V]` for that L, or V passes [`MAX_VOCAB`]; if the pairwise
+    ///   potentials are not W `[V, V]` or A, B `[V, r]`; if `clamp` is not `[L]` or `[b, L]`;
+    ///   or if `best` is not `tokens`' shape and `[b]`.
+    /// - [`Error::InvalidOption`] if the run would record more than [`MAX_PLAN_DISPATCHES`]
+    ///   dispatches.
+    /// - [`Error::LimitExceeded`] if a tensor shared by all chains (the unary `[L, V]`, W, A,
+    ///   B, the best scores) does not fit one storage binding, or one chain's rows (tokens,
+    ///   a per-chain unary or clamp, best tokens) are too long to bind; bindings are
+    ///   `max_storage_buffer_binding_size`, of which at most 2^31 bytes are used.
     pub fn plan<T: Element>(
         &self,
         model: &ChainModel<'_>,
@@ -791,6 +827,12 @@ impl SampleOptions {
     }
 
     /// Checks the options' values.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] if `temperature` is neither 0 nor in
+    /// `[f32::MIN_POSITIVE, MAX_TEMPERATURE]`, `top_p` is not in (0, 1], or `top_k` passes
+    /// `u32::MAX`.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
         if !temperature_ok(t) {
@@ -834,6 +876,10 @@ pub struct Sampler {
 
 impl Sampler {
     /// Validates the options.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] as [`SampleOptions::validate`].
     pub fn new(ctx: &Context, opts: &SampleOptions) -> Result<Self> {
         opts.validate()?;
         Ok(Self {
@@ -843,6 +889,10 @@ impl Sampler {
     }
 
     /// Records the draw of `out` `[b]` from `logits` `[b, V]` (f32 or f16) into `encoder`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Sampler::plan`].
     pub fn encode<L: Element, T: Element>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -855,6 +905,17 @@ impl Sampler {
 
     /// The dispatches of one draw. f16 logits are widened to an f32 scratch first (exactly:
     /// every f16 is an f32), so they draw what the same values in f32 draw.
+    ///
+    /// # Errors
+    ///
+    /// Besides the [errors common to every
+    /// kernel](crate::kernels#errors-common-to-every-kernel):
+    /// - [`Error::Dtype`] unless the logits are f32 or f16 and `T` is u32 or i32.
+    /// - [`Error::Shape`] if `logits` is not `[b, V]` with 1 <= V <= [`MAX_VOCAB`], or `out`
+    ///   is not `[b]`.
+    /// - [`Error::LimitExceeded`] if `out` does not fit one storage binding, or a row of
+    ///   logits (f32 where f16 is widened) is too long to bind; bindings are
+    ///   `max_storage_buffer_binding_size`, of which at most 2^31 bytes are used.
     pub fn plan<L: Element, T: Element>(
         &self,
         logits: &GpuTensor<L>,
@@ -946,6 +1007,10 @@ impl Default for MhOptions {
 
 impl MhOptions {
     /// Checks the options' values.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] if `temperature` is not finite and >= 0.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
         if !(t >= 0.0 && t.is_finite()) {
@@ -1007,6 +1072,10 @@ pub struct Metropolis {
 
 impl Metropolis {
     /// Validates the options.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] as [`MhOptions::validate`].
     pub fn new(ctx: &Context, opts: &MhOptions) -> Result<Self> {
         opts.validate()?;
         Ok(Self {
@@ -1016,6 +1085,10 @@ impl Metropolis {
     }
 
     /// Records the step into `encoder`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Metropolis::plan`].
     pub fn encode<T: Element>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -1026,6 +1099,16 @@ impl Metropolis {
     }
 
     /// The dispatch of one step.
+    ///
+    /// # Errors
+    ///
+    /// Besides the [errors common to every
+    /// kernel](crate::kernels#errors-common-to-every-kernel):
+    /// - [`Error::Dtype`] unless `T` is u32 or i32.
+    /// - [`Error::Shape`] if x is not `[b, L]`, y is not x's shape, or a score, proposal
+    ///   log-probability or `accepted` tensor is not `[b]`.
+    /// - [`Error::LimitExceeded`] if x does not fit one storage binding
+    ///   (`max_storage_buffer_binding_size`, of which at most 2^31 bytes are used).
     pub fn plan<T: Element>(&self, t: &MhTensors<'_, T>) -> Result<Plan> {
         let ctx = &self.ctx;
         ctx.check_owned(&[
@@ -1141,6 +1224,13 @@ fn download_bits<T: Element>(t: &GpuTensor<T>) -> Result<Vec<u32>> {
 impl Context {
     /// Runs `opts.sweeps` Gibbs sweeps from `init` [b, L] (checked: every token below V) and
     /// returns the final states, plus the best states and scores with `opts.track_best`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Gibbs::new`] and [`Gibbs::plan`], and those of [allocating the outputs and running
+    /// the call](crate::kernels#errors-common-to-every-kernel); [`Error::InvalidOption`] if a
+    /// token of `init` is not below V; and those of [`GpuTensor::download`], which reads
+    /// `init` for that check.
     pub fn gibbs<T: Element>(
         &self,
         model: &ChainModel<'_>,
@@ -1196,6 +1286,11 @@ impl Context {
     /// assert_eq!(ctx.sample_logits(&logits, &greedy)?.download()?, [1, 0]);
     /// # Ok::<(), seq_kernels::Error>(())
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`Sampler::new`] and [`Sampler::plan`], and those of [allocating the output and
+    /// running the call](crate::kernels#errors-common-to-every-kernel).
     pub fn sample_logits<L: Element>(
         &self,
         logits: &GpuTensor<L>,
@@ -1209,6 +1304,13 @@ impl Context {
 
     /// One batched Metropolis-Hastings accept step (in place); proposals are checked to be
     /// below `vocab`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Metropolis::new`] and [`Metropolis::plan`], and those of [running the
+    /// call](crate::kernels#errors-common-to-every-kernel); [`Error::InvalidOption`] if a
+    /// token of `t.y` is not below `vocab`; and those of [`GpuTensor::download`], which reads
+    /// `t.y` for that check.
     pub fn mh_step<T: Element>(
         &self,
         t: &MhTensors<'_, T>,

@@ -188,6 +188,11 @@ impl RopeScaling {
     /// (`current_len` and `mscale`: `None`). `linear`, `ntk`, `dynamic` and `yarn` need
     /// `factor`, `dynamic` and `yarn` also `original_max`; `llama3` defaults them to 8 and 8192.
     /// Unknown names and missing values are errors.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] if `name` is unknown, a value it needs is missing, or `factor`
+    /// or `original_max` is out of its domain (as [`RopeOptions::validate`] checks them).
     pub fn named(name: &str, factor: Option<f64>, original_max: Option<usize>) -> Result<Self> {
         let need_factor = || {
             factor
@@ -349,6 +354,14 @@ impl Default for RopeOptions {
 
 impl RopeOptions {
     /// Checks the options for head dim `d` and returns the rotary dim r.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] if the rotary dim (`rotary_dim`, else d) is not even, at least
+    /// 2 and at most d; if `base` is not finite and > 0 (or, with yarn, not > 1); if `offset`
+    /// passes [`MAX_POSITION`]; or if a scaling value is out of its domain (a factor not
+    /// finite and > 0, ntk or dynamic with r <= 2, an `original_max` of 0, yarn's betas or
+    /// mscale, llama3's frequency factors).
     pub fn validate(&self, d: usize) -> Result<usize> {
         let r = self.rotary_dim.unwrap_or(d);
         if r == 0 || !r.is_multiple_of(2) || r > d {
@@ -518,6 +531,11 @@ pub struct Positions {
 
 impl Positions {
     /// Positions (i32 or i64 values) of `shape` `[s]`, `[1, s]` or `[b, s]`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] if `shape` has no axis or more than two, or holds other than
+    /// `values.len()` elements.
     pub fn new<V: Into<i64> + Copy>(
         values: impl AsRef<[V]>,
         shape: impl Into<Vec<usize>>,
@@ -745,6 +763,11 @@ pub struct RopeTarget<'a, T: Element> {
 
 impl<'a, T: Element> RopeTarget<'a, T> {
     /// `dst = rope(src)`, both dense 4-D tensors of the same shape.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] if `src` or `dst` is not 4-D (the shapes are compared by
+    /// [`Rope::plan`]).
     pub fn new(src: &'a GpuTensor<T>, dst: &'a GpuTensor<T>) -> Result<Self> {
         let shape = dense_shape(src.shape())?;
         Ok(Self {
@@ -755,6 +778,10 @@ impl<'a, T: Element> RopeTarget<'a, T> {
         })
     }
     /// `x = rope(x)` on a dense 4-D tensor.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shape`] if `x` is not 4-D.
     pub fn in_place(x: &'a GpuTensor<T>) -> Result<Self> {
         Self::new(x, x)
     }
@@ -867,6 +894,11 @@ pub struct Rope {
 impl Rope {
     /// Checks the options that do not depend on shapes. `rotary_dim` (and the scalings' needs
     /// on r) is checked against the head dim d by [`Rope::plan`], which knows d.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] as [`RopeOptions::validate`], but for the checks on the rotary
+    /// dim.
     pub fn new(ctx: &Context, opts: &RopeOptions) -> Result<Self> {
         RopeOptions {
             rotary_dim: None,
@@ -885,6 +917,10 @@ impl Rope {
     }
 
     /// Records the rotation of `q` (and `k`, in the same dispatch) into `encoder`; no submit.
+    ///
+    /// # Errors
+    ///
+    /// As [`Rope::plan`].
     pub fn encode<T: Element>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -901,6 +937,28 @@ impl Rope {
     /// q and k must agree on batch, sequence and head dim; their head counts may differ. Either
     /// both are in place (destination = source, same view) or both write to buffers neither
     /// reads. q and k must not overlap each other (not checked).
+    ///
+    /// # Errors
+    ///
+    /// Besides the [errors common to every
+    /// kernel](crate::kernels#errors-common-to-every-kernel):
+    /// - [`Error::Dtype`] unless `T` is f32, f16 or bf16.
+    /// - [`Error::Shape`] if a view has a zero axis, reaches past its tensor or has rows that
+    ///   overlap; if a destination view's shape is not its source's; if k and q disagree on
+    ///   batch, sequence or head dim; if f16 or bf16 rows are not on whole 32-bit words (an
+    ///   odd d, offset, or stride of an axis longer than 1); or if `positions` is not `[s]`,
+    ///   `[1, s]` or `[b, s]`.
+    /// - [`Error::InvalidOption`] for the options, as [`RopeOptions::validate`] checks them
+    ///   against the head dim d; if some targets are in place and others not, or a
+    ///   destination not in place shares its buffer with a source; if `offset` plus the
+    ///   tokens passes [`MAX_POSITION`], `offset` is not 0 with `positions`, or a position is
+    ///   outside `0..=MAX_POSITION`; or if the scaling makes a frequency or mscale that is
+    ///   not finite and nonzero.
+    /// - [`Error::LimitExceeded`] if the smallest piece the call splits into (one token of one
+    ///   batch item: all its heads in bshd, one head in bhsd) binds more than
+    ///   `max_storage_buffer_binding_size` (of which at most 2^31 bytes are used), if an
+    ///   offset, stride or row count passes `u32::MAX`, or if a dispatch would need more than
+    ///   `u32::MAX` invocations.
     pub fn plan<T: Element>(
         &self,
         q: &RopeTarget<'_, T>,
@@ -1244,6 +1302,12 @@ impl Rope {
 
 impl Context {
     /// `rope(x)` of a dense 4-D tensor into a new tensor.
+    ///
+    /// # Errors
+    ///
+    /// As [`Rope::new`] and [`Rope::plan`], with [`Error::Shape`] if `x` is not 4-D, and
+    /// those of [allocating the output and running the
+    /// call](crate::kernels#errors-common-to-every-kernel).
     pub fn rope<T: Element>(
         &self,
         x: &GpuTensor<T>,
@@ -1259,6 +1323,11 @@ impl Context {
     }
 
     /// `x = rope(x)` of a dense 4-D tensor.
+    ///
+    /// # Errors
+    ///
+    /// As [`Rope::new`] and [`Rope::plan`], with [`Error::Shape`] if `x` is not 4-D, and
+    /// those of [running the call](crate::kernels#errors-common-to-every-kernel).
     pub fn rope_in_place<T: Element>(
         &self,
         x: &GpuTensor<T>,
@@ -1271,6 +1340,10 @@ impl Context {
     }
 
     /// `q = rope(q)`, `k = rope(k)` in one dispatch (head counts may differ).
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::rope_in_place`], for `q` and `k`.
     pub fn rope_qk_in_place<T: Element>(
         &self,
         q: &GpuTensor<T>,

@@ -71,6 +71,11 @@ impl Default for SoftmaxOptions {
 
 impl SoftmaxOptions {
     /// Checks the options' values.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] if `temperature` is not finite and > 0, or if
+    /// `scale / temperature` is not finite.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(Error::option(format!(
@@ -278,6 +283,10 @@ pub struct Softmax {
 
 impl Softmax {
     /// Validates the options.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] as [`SoftmaxOptions::validate`].
     pub fn new(ctx: &Context, opts: &SoftmaxOptions) -> Result<Self> {
         opts.validate()?;
         Ok(Self {
@@ -287,6 +296,10 @@ impl Softmax {
     }
 
     /// Records `y = softmax(x)` into `encoder` (no submit).
+    ///
+    /// # Errors
+    ///
+    /// As [`Softmax::plan`].
     pub fn encode<T: Element>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -298,6 +311,10 @@ impl Softmax {
     }
 
     /// Records `y = softmax(x)` with a boolean mask (nonzero byte = keep) into `encoder`.
+    ///
+    /// # Errors
+    ///
+    /// As [`Softmax::plan`].
     pub fn encode_masked<T: Element>(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -310,6 +327,17 @@ impl Softmax {
     }
 
     /// The dispatches of one call, to record as often as needed (benchmarks, graphs).
+    ///
+    /// # Errors
+    ///
+    /// Besides the [errors common to every
+    /// kernel](crate::kernels#errors-common-to-every-kernel):
+    /// - [`Error::Dtype`] unless `T` is f32 or f16.
+    /// - [`Error::Shape`] if `mask` or `y` has another shape than `x`, or if `causal` is set
+    ///   and `x` is 1-D.
+    /// - [`Error::LimitExceeded`] if the rows of `x` (f32 where f16 is widened) or of `mask`
+    ///   are too long to bind within `max_storage_buffer_binding_size` (of which at most
+    ///   2^31 bytes are used), or if `causal` is set and the last two axes pass `i32::MAX`.
     pub fn plan<T: Element>(
         &self,
         x: &GpuTensor<T>,
@@ -510,6 +538,11 @@ impl Softmax {
 
 impl Context {
     /// `softmax(x)` over the last axis into a new tensor.
+    ///
+    /// # Errors
+    ///
+    /// As [`Softmax::new`] and [`Softmax::plan`], and those of [allocating the output and
+    /// running the call](crate::kernels#errors-common-to-every-kernel).
     pub fn softmax<T: Element>(
         &self,
         x: &GpuTensor<T>,
@@ -522,6 +555,10 @@ impl Context {
     }
 
     /// Masked `softmax(x)` (nonzero mask byte = keep) into a new tensor.
+    ///
+    /// # Errors
+    ///
+    /// As [`Context::softmax`].
     pub fn softmax_masked<T: Element>(
         &self,
         x: &GpuTensor<T>,
