@@ -36,7 +36,7 @@ struct Inner {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     /// Errors nobody captured in a scope (only installed when the crate owns the device).
-    uncaptured: Arc<Mutex<Vec<String>>>,
+    uncaptured: Arc<Mutex<Uncaptured>>,
     /// Why the device was lost, once it is (only known when the crate owns the device).
     lost: Arc<Mutex<Option<String>>>,
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
@@ -70,6 +70,46 @@ impl std::fmt::Debug for Context {
 /// (one driver may appear on two backends under one name).
 pub fn adapter_label(i: &wgpu::AdapterInfo) -> String {
     format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+}
+
+/// Errors raised outside any error scope, until `Context::wait` reports them: the first one
+/// and a count of the rest (an application that never waits must not grow a list).
+#[derive(Default)]
+struct Uncaptured {
+    first: Option<String>,
+    more: u64,
+}
+
+impl Uncaptured {
+    fn add(&mut self, error: String) {
+        if self.first.is_none() {
+            self.first = Some(error);
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+/// The adapters of the backends not in `backends`, as a clause for a no-adapter message (the
+/// remedy is then another backend, not a driver); empty when there are none.
+async fn adapters_elsewhere(backends: wgpu::Backends) -> String {
+    let others = wgpu::Backends::all().difference(backends);
+    if others.is_empty() {
+        return String::new();
+    }
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = others;
+    let labels: Vec<String> = wgpu::Instance::new(desc)
+        .enumerate_adapters(others)
+        .await
+        .iter()
+        .map(|a| adapter_label(&a.get_info()))
+        .collect();
+    if labels.is_empty() {
+        String::new()
+    } else {
+        format!("; on other backends: {}", labels.join("; "))
+    }
 }
 
 /// For the documentation's examples, which run as tests: whether to skip one because no
@@ -144,26 +184,7 @@ impl Context {
         let env_name = std::env::var("WGPU_ADAPTER_NAME")
             .ok()
             .filter(|n| !n.is_empty());
-        // Adapters of the backends not searched, named when none is found: the remedy is
-        // then another backend, not a driver.
-        let elsewhere = if backends == wgpu::Backends::all() {
-            String::new()
-        } else {
-            let mut all = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-            all.backends = wgpu::Backends::all().difference(backends);
-            let others: Vec<String> = wgpu::Instance::new(all)
-                .enumerate_adapters(wgpu::Backends::all().difference(backends))
-                .await
-                .iter()
-                .map(|a| adapter_label(&a.get_info()))
-                .collect();
-            if others.is_empty() {
-                String::new()
-            } else {
-                format!("; on other backends: {}", others.join("; "))
-            }
-        };
-        let adapter = match options.adapter_name.as_ref().or(env_name.as_ref()) {
+        let found = match options.adapter_name.as_ref().or(env_name.as_ref()) {
             Some(wanted) => {
                 let lower = wanted.to_lowercase();
                 let adapters = instance.enumerate_adapters(backends).await;
@@ -176,9 +197,7 @@ impl Context {
                     .find(|a| a.get_info().name.to_lowercase().contains(&lower))
                     .ok_or_else(|| {
                         if names.is_empty() {
-                            Error::NoAdapter(format!(
-                                "no adapter name contains {wanted:?}{elsewhere}"
-                            ))
+                            Error::NoAdapter(format!("no adapter name contains {wanted:?}"))
                         } else {
                             Error::InvalidOption(format!(
                                 "no adapter name contains {wanted:?} (--adapter or \
@@ -186,11 +205,21 @@ impl Context {
                                 names.join("; ")
                             ))
                         }
-                    })?
+                    })
             }
             None => wgpu::util::initialize_adapter_from_env_or_default(&instance, None)
                 .await
-                .map_err(|e| Error::NoAdapter(format!("{e}{elsewhere}")))?,
+                .map_err(|e| Error::NoAdapter(e.to_string())),
+        };
+        let adapter = match found {
+            Ok(a) => a,
+            Err(Error::NoAdapter(why)) => {
+                return Err(Error::NoAdapter(format!(
+                    "{why}{}",
+                    adapters_elsewhere(backends).await
+                )))
+            }
+            Err(e) => return Err(e),
         };
         let features = adapter.features() & OPTIONAL_FEATURES;
         let (device, queue) = adapter
@@ -202,14 +231,14 @@ impl Context {
             })
             .await
             .map_err(|e| Error::Device(format!("request_device failed: {e}")))?;
-        let uncaptured: Arc<Mutex<Vec<String>>> = Arc::default();
+        let uncaptured: Arc<Mutex<Uncaptured>> = Arc::default();
         let sink = uncaptured.clone();
         // wgpu's default handler panics; a library must not. The crate's own calls run in
         // error scopes, so what lands here is the application's (its calls on `device()`
         // outside a scope): `wait` reports it, and no kernel call fails for it.
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
-            if let Ok(mut v) = sink.lock() {
-                v.push(e.to_string());
+            if let Ok(mut u) = sink.lock() {
+                u.add(e.to_string());
             }
         }));
         // After a loss every call fails with wgpu's "invalid" messages; say the cause instead.
@@ -237,7 +266,7 @@ impl Context {
     fn assemble(
         device: wgpu::Device,
         queue: wgpu::Queue,
-        uncaptured: Arc<Mutex<Vec<String>>>,
+        uncaptured: Arc<Mutex<Uncaptured>>,
         lost: Arc<Mutex<Option<String>>>,
     ) -> Self {
         let info = device.adapter_info();
@@ -369,13 +398,15 @@ impl Context {
             .map_err(|e| Error::Device(format!("mapping {what} failed: {e}")))
     }
 
-    /// Returns (and clears) the first error the device raised outside any error scope.
+    /// Returns (and clears) the first error the device raised outside any error scope since
+    /// the last call, with a count of the later ones.
     fn take_uncaptured(&self) -> Result<()> {
         let mut errors = self.inner.uncaptured.lock().map_err(|_| poisoned())?;
-        let first = errors.drain(..).next();
-        match first {
-            Some(e) => Err(Error::Device(e)),
-            None => Ok(()),
+        let Uncaptured { first, more } = std::mem::take(&mut *errors);
+        match (first, more) {
+            (None, _) => Ok(()),
+            (Some(e), 0) => Err(Error::Device(e)),
+            (Some(e), n) => Err(Error::Device(format!("{e} (and {n} more errors since)"))),
         }
     }
 

@@ -201,6 +201,43 @@ pub fn fold(workgroups: u64, max_per_dim: u32) -> Result<[u32; 3]> {
     Ok([x as u32, y as u32, z as u32])
 }
 
+/// The most bytes a kernel binds at once and the name of the limit that sets it, for errors:
+/// the device's `max_storage_buffer_binding_size`, or 2^31 bytes where the device allows more
+/// (element indices inside a binding stay below 2^31), in whole words (byte masks and f16
+/// ranges are bound rounded up to whole words, which then still fit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BindingCap {
+    /// Bytes, a whole number of words.
+    pub bytes: u64,
+    /// The limit's name.
+    pub limit: &'static str,
+}
+
+impl BindingCap {
+    /// The cap of `ctx`'s device.
+    pub fn of(ctx: &Context) -> Self {
+        let max = ctx.limits().max_storage_buffer_binding_size;
+        if max <= 1 << 31 {
+            max.into()
+        } else {
+            Self {
+                bytes: 1 << 31,
+                limit: "2^31 bytes a binding (the kernels' u32 indices)",
+            }
+        }
+    }
+}
+
+/// A device limit of that many bytes (rounded down to whole words).
+impl From<u64> for BindingCap {
+    fn from(bytes: u64) -> Self {
+        Self {
+            bytes: bytes / 4 * 4,
+            limit: "max_storage_buffer_binding_size",
+        }
+    }
+}
+
 /// Splits `rows` rows of `row_elems` elements into consecutive row ranges such that every
 /// tensor of those rows (elements of at most `max_elem_bytes` bytes) fits in one binding of
 /// `max_binding` bytes and starts at a byte offset that is a multiple of `offset_align` (the
@@ -209,7 +246,7 @@ pub fn binding_chunks(
     rows: u64,
     row_elems: u64,
     max_elem_bytes: u64,
-    max_binding: u64,
+    max_binding: impl Into<BindingCap>,
     offset_align: u64,
 ) -> Result<Vec<Range<u64>>> {
     // Any element size: the widest sets the binding size, one-byte elements the alignment.
@@ -229,14 +266,16 @@ pub fn binding_chunks(
 pub fn row_chunks(
     rows: u64,
     row_bytes: &[u64],
-    max_binding: u64,
+    max_binding: impl Into<BindingCap>,
     offset_align: u64,
 ) -> Result<Vec<Range<u64>>> {
+    let cap = max_binding.into();
+    let max_binding = cap.bytes;
     let widest = row_bytes.iter().copied().max().unwrap_or(0);
     if widest > max_binding {
         return Err(Error::LimitExceeded {
             what: "bytes of one row of a tensor".into(),
-            limit: "max_storage_buffer_binding_size",
+            limit: cap.limit,
             needed: widest,
             max: max_binding,
         });
@@ -254,7 +293,7 @@ pub fn row_chunks(
     if per_chunk == 0 {
         return Err(Error::LimitExceeded {
             what: "bytes of the fewest rows that start aligned".into(),
-            limit: "max_storage_buffer_binding_size",
+            limit: cap.limit,
             needed: step * widest,
             max: max_binding,
         });
@@ -274,9 +313,11 @@ pub fn row_chunks(
 pub fn based_row_chunks(
     rows: u64,
     row_bytes: &[u64],
-    max_binding: u64,
+    max_binding: impl Into<BindingCap>,
     offset_align: u64,
 ) -> Result<Vec<Range<u64>>> {
+    let cap = max_binding.into();
+    let max_binding = cap.bytes;
     let widest = row_bytes.iter().copied().max().unwrap_or(0).max(1);
     // A range of b-byte rows is bound from at most align - gcd(b, align) bytes before its
     // first row (none when rows are whole multiples of the alignment), and still fits.
@@ -288,7 +329,7 @@ pub fn based_row_chunks(
         .unwrap_or(rows);
     if rows * widest <= max_binding || per_chunk == 0 {
         // One binding from offset 0, or rows so wide that only aligned starts fit.
-        return row_chunks(rows, row_bytes, max_binding, offset_align);
+        return row_chunks(rows, row_bytes, cap, offset_align);
     }
     Ok((0..rows)
         .step_by(per_chunk as usize)
@@ -420,6 +461,30 @@ mod tests {
             Err(Error::LimitExceeded { .. })
         ));
         assert_eq!(binding_chunks(3, 1, 4, 1024, 256).unwrap(), vec![0..3]);
+    }
+
+    /// A limit error names the limit that set the cap: the crate's own 2^31 bytes where a
+    /// device allows more (it named the device's, and advised raising it).
+    #[test]
+    fn limit_errors_name_the_cap() {
+        let own = BindingCap {
+            bytes: 1 << 31,
+            limit: "2^31 bytes a binding (the kernels' u32 indices)",
+        };
+        for cap in [own, BindingCap::from(1027)] {
+            match row_chunks(1, &[1 << 32], cap, 256) {
+                Err(Error::LimitExceeded { limit, max, .. }) => {
+                    assert_eq!((limit, max), (cap.limit, cap.bytes))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(BindingCap::from(1027).bytes, 1024);
+        let e = row_chunks(1, &[1 << 32], own, 256).unwrap_err().to_string();
+        assert!(
+            e.ends_with("; split the input into smaller calls"),
+            "no advice to raise a device limit that is not the cap: {e}"
+        );
     }
 
     #[test]

@@ -8,9 +8,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// No GPU adapter could be found or opened.
     #[error(
-        "no GPU adapter found ({0}). Install a Vulkan driver; on Debian/Ubuntu without a GPU, \
-         `apt-get install mesa-vulkan-drivers` provides the lavapipe software device. \
-         WGPU_BACKEND=vulkan|gl|metal|dx12 and WGPU_ADAPTER_NAME=<substring> choose among adapters."
+        "no GPU adapter found ({0}). WGPU_BACKEND=vulkan|gl|metal|dx12 and \
+         WGPU_ADAPTER_NAME=<substring> choose among adapters; with none at all, install a \
+         Vulkan driver: on Debian/Ubuntu without a GPU, `apt-get install mesa-vulkan-drivers` \
+         provides the lavapipe software device."
     )]
     NoAdapter(String),
     /// A tensor has the wrong shape, or shapes do not agree.

@@ -1441,7 +1441,8 @@ fn decoder_within_its_bindings() {
         matches!(&err, Err(Error::InvalidOption(m)) if m.contains("use chunk <= 32,")),
         "{err:?}"
     );
-    // Chunk rows past u64 (C e = 2^64 floats) are past the binding too, not a wrapped 0.
+    // Chunk rows past u64 (C e = 2^64 floats) are past the binding too, not a wrapped 0;
+    // a chunk of 1 does not fit either (4 e bytes), so it is the limit, not the chunk.
     let huge = FlashOptions {
         chunk: 1 << 24,
         ..opts.clone()
@@ -1452,6 +1453,18 @@ fn decoder_within_its_bindings() {
             err,
             Err(Error::LimitExceeded {
                 limit: "max_storage_buffer_binding_size",
+                needed,
+                ..
+            }) if needed >= 1 << 42
+        ),
+        "{err:?}"
+    );
+    // KV sums of s e = 2^64 floats: saturated, not an overflow (a panic in debug builds).
+    let err = FlashDecoder::new(&small, &opts, 1, 256, 1 << 56, false, None).map(|_| ());
+    assert!(
+        matches!(
+            err,
+            Err(Error::LimitExceeded {
                 needed: u64::MAX,
                 ..
             })
@@ -1508,6 +1521,28 @@ fn too_large_a_chunk_names_one_that_fits() {
         .unwrap();
     let err = row_error(&got, &reference(&data.host(), &with(128)).unwrap(), 16);
     assert!(err <= TOL_F32, "one-shot at the chunk named: error {err:e}");
+    // A [C, C] bias is one more binding that grows with C: the same advice, not "split".
+    for (chunk, ok) in [(200, false), (128, true)] {
+        let data = Data::new(1, 300, 8, 16, 5).with_bias(chunk, 8);
+        let bias = small
+            .upload(data.bias.as_deref().unwrap(), [chunk, chunk])
+            .unwrap();
+        let with_bias = FlashInputs {
+            bias: Some(&bias),
+            ..FlashInputs::new(&qq, &kq, &ql, &kl, &v)
+        };
+        let r = small.flash(&with_bias, &with(chunk));
+        if ok {
+            let got = r.unwrap().download().unwrap();
+            let err = row_error(&got, &reference(&data.host(), &with(chunk)).unwrap(), 16);
+            assert!(
+                err <= TOL_F32,
+                "with a bias at the chunk named: error {err:e}"
+            );
+        } else {
+            refused(r.map(|_| ()), 128);
+        }
+    }
     // Decoder of 2 sequences: both chunks' scores fit up to C = 90 (2 x 90^2 floats).
     let data = Data::new(2, 100, 8, 16, 6);
     refused(

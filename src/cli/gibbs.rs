@@ -563,16 +563,13 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         run_gpu(&ctx, &model, &init, [shape[0], shape[1]], clamp_ref, &opts).map_err(|e| {
             match e {
                 // The one remedy in the input's hands: a factorised W.
-                Error::LimitExceeded {
-                    limit: "max_storage_buffer_binding_size",
-                    needed,
-                    max,
-                    ..
-                } if Some(needed) == dense_bytes => usage(format!(
+                Error::LimitExceeded { needed, max, .. } if Some(needed) == dense_bytes => {
+                    usage(format!(
                     "pairwise [V, V] takes {needed} bytes, more than this device binds at once \
                          ({max}); give a factorised W = A B^T as --in pair_a=A.npy --in \
                          pair_b=B.npy ([V, r] each)"
-                )),
+                ))
+                }
                 e => e.into(),
             }
         })?

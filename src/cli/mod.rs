@@ -84,15 +84,15 @@ fractional (HF's truncate: false). For dynamic, original_max is HF's \
 max_position_embeddings. HF's q after transpose(1, 2) is bhsd.
 
 attention: q [b, hq, m, d], k [b, hkv, n, d], v [b, hkv, n, dv] (layout=bhsd; bshd swaps the \
-middle two axes); optional mask, bool (true keeps) or float32 (added), [m|1, n] or \
+middle two axes); optional mask, bool (true keeps) or float (added), [m|1, n] or \
 [b|1, 1|hq, m|1, n] (a 1 broadcasts). scale [1/sqrt(d)], causal [false], softcap [0: off], \
 kv_len [n] (keys are the first kv_len positions of k and v), layout [bhsd]. causal is \
 bottom-right: query i sees key j iff j <= i + n - m (torch's is_causal is top-left; compare \
 with causal_lower_right(m, n)). Out [b, hq, m, dv] (bshd: [b, m, hq, dv]); --out2 lse=FILE \
 gives the log-sum-exp [b, hq, m].
 
-flash: qq, kq, ql, kl [b, n, s], v [b, n, e]; optional gate [b, n, e], bias [C, C] (float32 \
-whatever the others are), key_mask [b, n]. chunk [256], causal [false], attn_fn [relu2] \
+flash: qq, kq, ql, kl [b, n, s], v [b, n, e]; optional gate [b, n, e], bias [C, C] (used \
+as float32 whatever its dtype), key_mask [b, n]. chunk [256], causal [false], attn_fn [relu2] \
 (relu2|laplace), quad_scale [1/chunk], lin_norm [chunk] (chunk|length|prefix), lin_scale \
 (overrides lin_norm), rope [false] with base [10000] and offset [0] for the fused RoPE (half \
 style). lin_norm=chunk (z = 1/C) is the paper's causal code; its non-causal code divides by \
@@ -188,15 +188,24 @@ pub enum CliError {
 impl From<Error> for CliError {
     fn from(e: Error) -> Self {
         match e {
-            // A limit is exceeded by the input (its size, an option): the user's to change,
-            // and told apart from a missing adapter (exit 1).
-            Error::Shape(_)
-            | Error::Dtype(_)
-            | Error::InvalidOption(_)
-            | Error::LimitExceeded { .. } => CliError::Usage(e.to_string()),
+            Error::Shape(_) | Error::Dtype(_) | Error::InvalidOption(_) => {
+                CliError::Usage(e.to_string())
+            }
+            // A size the user's input passes is theirs to change, and told apart from a
+            // missing adapter (exit 1); too few storage buffers per stage is the device's.
+            Error::LimitExceeded { limit, .. }
+                if limit != "max_storage_buffers_per_shader_stage" =>
+            {
+                CliError::Usage(e.to_string())
+            }
             _ => CliError::Failure(e.to_string()),
         }
     }
+}
+
+/// An error of work the CLI chose itself (verify's and bench's cases): the device's, exit 1.
+fn failure(e: Error) -> CliError {
+    CliError::Failure(e.to_string())
 }
 
 fn usage(msg: impl Into<String>) -> CliError {
@@ -390,8 +399,9 @@ fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
 
 fn verify(ctx: &Context, json: bool, quick: bool) -> Result<i32, CliError> {
     let mut checks = Vec::new();
+    // The cases are the CLI's own: any error is the device's (exit 1), not bad input.
     for f in FAMILIES {
-        checks.extend((f.verify)(ctx, quick)?);
+        checks.extend((f.verify)(ctx, quick).map_err(failure)?);
     }
     report::print_checks(ctx, &checks, json);
     Ok(if checks.iter().all(|c| c.passed()) {
@@ -416,7 +426,7 @@ fn bench(ctx: &Context, kernels: &[String], json: bool, quick: bool) -> Result<i
         Ok(b) => b,
         Err(e) => {
             out.finish(Some(&format!("copy: {e}")));
-            return Err(e.into());
+            return Err(failure(e));
         }
     };
     out.rows(&[baseline.row()]);
@@ -430,7 +440,7 @@ fn bench(ctx: &Context, kernels: &[String], json: bool, quick: bool) -> Result<i
             Err(e) => {
                 // The rows measured so far are printed (JSON: with the error) before failing.
                 out.finish(Some(&format!("{}: {e}", f.name)));
-                return Err(e.into());
+                return Err(failure(e));
             }
         }
     }

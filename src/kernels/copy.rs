@@ -2,7 +2,7 @@
 //! memory-bound figure in `seqk bench` and the criterion benches.
 
 use crate::context::Context;
-use crate::dispatch::{binding_chunks, Plan, Step};
+use crate::dispatch::{binding_chunks, BindingCap, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::{Element, GpuTensor};
@@ -50,7 +50,7 @@ pub fn plan(ctx: &Context, src: &wgpu::Buffer, dst: &wgpu::Buffer, bytes: u64) -
         )));
     }
     let limits = ctx.limits();
-    let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31);
+    let max_binding = BindingCap::of(ctx);
     let vec4s = bytes / 16;
     let mut plan = Plan::default();
     // A "row" is one vec4 here.

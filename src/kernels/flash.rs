@@ -560,8 +560,10 @@ impl Segment {
     /// pass fills a GPU when there are few chunks, one when there are many, and never more
     /// than keep the KV scratch within one storage binding.
     fn kv_splits(&self, ctx: &Context, sh: &FlashShape, rope: bool) -> usize {
-        let blocks =
-            self.batches * self.chunks * sh.s.div_ceil(GEMM_BLOCK) * sh.e.div_ceil(GEMM_BLOCK);
+        // Saturating: a decoder's e is not bounded by any tensor's size yet.
+        let blocks = [self.batches, self.chunks, sh.s.div_ceil(GEMM_BLOCK)]
+            .iter()
+            .fold(sh.e.div_ceil(GEMM_BLOCK), |a, &x| a.saturating_mul(x));
         let wanted = KV_BLOCKS_WANTED
             .div_ceil(blocks)
             .min(sh.chunk / KV_SPLIT_MIN_KEYS)
@@ -569,16 +571,21 @@ impl Segment {
         let max = ctx.limits().max_storage_buffer_binding_size;
         (1..=wanted)
             .rev()
-            .find(|&parts| self.kv_floats(sh, rope, parts) * 4 <= max)
+            .find(|&parts| self.kv_floats(sh, rope, parts).saturating_mul(4) <= max)
             .unwrap_or(1)
     }
 
-    /// Floats of the KV scratch: slots in `parts` parts, counts, RoPE table.
+    /// Floats of the KV scratch: slots in `parts` parts, counts, RoPE table (saturating: past
+    /// u64 is past any limit).
     fn kv_floats(&self, sh: &FlashShape, rope: bool, parts: usize) -> u64 {
         let (_, rows) = self.rows(sh);
-        let slots = (self.batches * (self.chunks + 1)) as u64;
+        let slots = (self.batches as u64).saturating_mul(self.chunks as u64 + 1);
         let table = if rope { (rows * sh.s) as u64 } else { 0 };
-        slots * parts as u64 * (sh.s * sh.e) as u64 + slots + table
+        [parts as u64, sh.s as u64, sh.e as u64]
+            .iter()
+            .fold(slots, |a, &x| a.saturating_mul(x))
+            .saturating_add(slots)
+            .saturating_add(table)
     }
 
     /// Floats of the KV scratch and of the score scratch.
@@ -587,7 +594,9 @@ impl Segment {
         let pc = sh.chunk.min(rows) as u64;
         (
             self.kv_floats(sh, rope, self.kv_splits(ctx, sh, rope)),
-            (self.batches * self.chunks) as u64 * pc * pc,
+            [self.chunks as u64, pc, pc]
+                .iter()
+                .fold(self.batches as u64, |a, &x| a.saturating_mul(x)),
         )
     }
 }
@@ -606,8 +615,8 @@ struct Scratch {
 impl Scratch {
     fn new(ctx: &Context, opts: &FlashOptions, sh: &FlashShape, seg: &Segment) -> Result<Self> {
         let (kv, scores) = seg.scratch_floats(ctx, sh, opts.rope.is_some());
-        check_binding(ctx, "the flash KV scratch", kv * 4, 4)?;
-        check_binding(ctx, "the flash score scratch", scores * 4, 4)?;
+        check_binding(ctx, "the flash KV scratch", kv.saturating_mul(4), 4)?;
+        check_binding(ctx, "the flash score scratch", scores.saturating_mul(4), 4)?;
         Ok(Self {
             kv: ctx.scratch(kv * 4)?,
             scores: ctx.scratch(scores * 4)?,
@@ -624,49 +633,54 @@ impl Scratch {
 }
 
 /// Bytes of the largest storage binding of a segment's passes (`elem` bytes per tensor
-/// element; a segment's tensors start up to one alignment before its first row).
+/// element; a segment's tensors start up to one alignment before its first row), the `[C, C]`
+/// f32 bias included when there is one.
 fn largest_binding(
     ctx: &Context,
     opts: &FlashOptions,
     sh: &FlashShape,
     seg: &Segment,
     elem: u64,
+    bias: bool,
 ) -> u64 {
     let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
     let (_, rows) = seg.rows(sh);
     let slack = if *seg == Segment::whole(sh) { 0 } else { align };
     let (kv, scores) = seg.scratch_floats(ctx, sh, opts.rope.is_some());
+    let bias = if bias {
+        (sh.chunk * sh.chunk * 4) as u64
+    } else {
+        0
+    };
     [seg.batches as u64, rows as u64, sh.s.max(sh.e) as u64, elem]
         .iter()
         .fold(1u64, |a, &x| a.saturating_mul(x))
         .saturating_add(slack)
         .max(kv.saturating_mul(4))
         .max(scores.saturating_mul(4))
+        .max(bias)
 }
 
-/// The error for a chunk whose own bindings (`needed` bytes) exceed the device's: it names
-/// the largest chunk that `fits`, since a smaller call cannot help (a call runs as segments
-/// of whole chunks).
-fn chunk_too_large(
-    ctx: &Context,
-    chunk: usize,
-    needed: u64,
-    fits: impl Fn(usize) -> bool,
-) -> Error {
+/// The error for a chunk C whose own bindings (`needed(C)` bytes for a chunk of C) exceed the
+/// device's: it names the largest chunk that fits, since a smaller call cannot help (a call
+/// runs as segments of whole chunks).
+fn chunk_too_large(ctx: &Context, chunk: usize, needed: impl Fn(usize) -> u64) -> Error {
     let max = ctx.limits().max_storage_buffer_binding_size;
-    if chunk == 1 || !fits(1) {
+    if chunk == 1 || needed(1) > max {
+        // Not the chunk's doing: what a chunk of 1 needs is what cannot shrink.
         return Error::LimitExceeded {
-            what: "bytes of one chunk's rows, scores or KV sums".into(),
+            what: "bytes of one chunk's rows, scores or KV sums, at a chunk of 1,".into(),
             limit: "max_storage_buffer_binding_size",
-            needed,
+            needed: needed(1),
             max,
         };
     }
-    let lo = largest_fitting(1, chunk - 1, fits);
+    let lo = largest_fitting(1, chunk - 1, |c| needed(c) <= max);
     Error::option(format!(
-        "flash chunk {chunk} is too large for this device: one chunk's rows, C x C scores and \
-         KV sums need {needed} bytes in one storage binding, and max_storage_buffer_binding_size \
-         is {max}; use chunk <= {lo}, or create the device with a larger limit"
+        "flash chunk {chunk} is too large for this device: one chunk's rows, C x C scores, KV \
+         sums and bias need {} bytes in one storage binding, and max_storage_buffer_binding_size \
+         is {max}; use chunk <= {lo}, or create the device with a larger limit",
+        needed(chunk)
     ))
 }
 
@@ -677,9 +691,10 @@ fn segments(
     opts: &FlashOptions,
     sh: &FlashShape,
     elem: u64,
+    bias: bool,
 ) -> Result<Vec<Segment>> {
     let max = ctx.limits().max_storage_buffer_binding_size;
-    let largest = |sh: &FlashShape, seg: &Segment| largest_binding(ctx, opts, sh, seg, elem);
+    let largest = |sh: &FlashShape, seg: &Segment| largest_binding(ctx, opts, sh, seg, elem, bias);
     let whole = Segment::whole(sh);
     if largest(sh, &whole) <= max {
         return Ok(vec![whole]);
@@ -690,17 +705,16 @@ fn segments(
         chunk: 0,
         chunks,
     };
-    let one = largest(sh, &run(1));
-    if one > max {
-        let fits = |c: usize| {
+    if largest(sh, &run(1)) > max {
+        let needed = |c: usize| {
             let sh = FlashShape {
                 chunk: c,
                 groups: sh.n.div_ceil(c),
                 ..*sh
             };
-            largest(&sh, &run(1)) <= max
+            largest(&sh, &run(1))
         };
-        return Err(chunk_too_large(ctx, sh.chunk, one, fits));
+        return Err(chunk_too_large(ctx, sh.chunk, needed));
     }
     // The most chunks per segment that fit (the largest binding grows with the chunks).
     let lo = largest_fitting(1, sh.groups, |chunks| largest(sh, &run(chunks)) <= max);
@@ -819,12 +833,9 @@ impl Flash {
         read.extend(inputs.key_mask.map(|t| ("key_mask", t.buffer())));
         read.extend(inputs.bias.map(|t| ("bias", t.buffer())));
         check_call_aliasing("flash", &[("out", out.buffer())], &read)?;
-        if let Some(bias) = inputs.bias {
-            check_binding(ctx, "the flash bias", bias.bytes(), 4)?;
-        }
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let elem_bytes = storage.shader_dtype().size() as u64;
-        let segs = segments(ctx, &self.opts, &shape, elem_bytes)?;
+        let segs = segments(ctx, &self.opts, &shape, elem_bytes, inputs.bias.is_some())?;
         let mut plan = Plan::default();
         let mut bind = |t: &GpuTensor<T>| -> Result<wgpu::Buffer> {
             Ok(match storage {
@@ -941,7 +952,7 @@ fn passes(
     let rope = opts.rope.is_some();
     let splits = (1..=seg.kv_splits(ctx, sh, rope))
         .rev()
-        .find(|&p| seg.kv_floats(sh, rope, p) * 4 <= scratch.kv.size())
+        .find(|&p| seg.kv_floats(sh, rope, p).saturating_mul(4) <= scratch.kv.size())
         .unwrap_or(1);
     // Parts of whole staging steps.
     let split_len = opts.chunk.div_ceil(splits).next_multiple_of(GEMM_BK);
@@ -1292,14 +1303,13 @@ impl FlashDecoder {
             )));
         }
         let c = opts.chunk;
-        // Every step binds a whole chunk's rows, scores and KV sums.
+        // Every step binds a whole chunk's rows, scores, KV sums and the bias.
         let needed = |c: usize| {
             let full = Self::chunk_shape(b, c, s, e, c);
-            largest_binding(ctx, opts, &full, &Segment::whole(&full), 4)
+            largest_binding(ctx, opts, &full, &Segment::whole(&full), 4, bias.is_some())
         };
-        let max = ctx.limits().max_storage_buffer_binding_size;
-        if needed(c) > max {
-            return Err(chunk_too_large(ctx, c, needed(c), |c| needed(c) <= max));
+        if needed(c) > ctx.limits().max_storage_buffer_binding_size {
+            return Err(chunk_too_large(ctx, c, needed));
         }
         // The rows' elements must stay addressable by u32 indices (saturating: past u64 is
         // past any limit).

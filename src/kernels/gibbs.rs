@@ -34,7 +34,9 @@ use std::ops::Range;
 
 use crate::context::Context;
 use crate::convert;
-use crate::dispatch::{self, check_call_aliasing, rows_binding, sub_binding as sub, Plan, Step};
+use crate::dispatch::{
+    self, check_call_aliasing, rows_binding, sub_binding as sub, BindingCap, Plan, Step,
+};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::{require_float, shape_elements, DType, Element, GpuTensor};
@@ -429,27 +431,21 @@ fn group_wg(ctx: &Context, work: usize) -> u32 {
         .unwrap_or(64)
 }
 
-/// Largest binding the kernels use (indices stay below 2^31 elements), rounded down to a
-/// whole word: byte masks are bound rounded up to whole words, which then still fit (and a
-/// limit error reports the device's own limit wherever that is whole words).
-fn max_binding(ctx: &Context) -> u64 {
-    ctx.limits().max_storage_buffer_binding_size.min(1 << 31) / 4 * 4
-}
-
 /// Splits `rows` rows into chunks whose per-row tensors (`row_bytes`: bytes per row of each)
 /// fit one binding and start at the device's offset alignment.
 fn row_chunks(ctx: &Context, rows: u64, row_bytes: &[u64]) -> Result<Vec<Range<u64>>> {
     let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
-    dispatch::row_chunks(rows, row_bytes, max_binding(ctx), align)
+    dispatch::row_chunks(rows, row_bytes, BindingCap::of(ctx), align)
 }
 
 /// Checks that `what`, bound whole, fits one storage binding.
 fn check_fits(ctx: &Context, what: &str, bytes: u64) -> Result<()> {
-    let max = max_binding(ctx);
+    let cap = BindingCap::of(ctx);
+    let max = cap.bytes;
     if bytes > max {
         return Err(Error::LimitExceeded {
             what: format!("bytes of {what}"),
-            limit: "max_storage_buffer_binding_size",
+            limit: cap.limit,
             needed: bytes,
             max,
         });
@@ -956,7 +952,8 @@ impl Sampler {
         let source = wide.as_ref().unwrap_or(logits.buffer());
         let align = ctx.limits().min_storage_buffer_offset_alignment as u64;
         let row_bytes = v as u64 * 4;
-        for rows in dispatch::based_row_chunks(b as u64, &[row_bytes], max_binding(ctx), align)? {
+        for rows in dispatch::based_row_chunks(b as u64, &[row_bytes], BindingCap::of(ctx), align)?
+        {
             let n = rows.end - rows.start;
             let (logits_b, logits_base) = rows_binding(source, row_bytes, rows.clone(), align, 4);
             let params = ctx.uniform(&Params {

@@ -42,7 +42,7 @@ use std::f64::consts::PI;
 use std::str::FromStr;
 
 use crate::context::Context;
-use crate::dispatch::{largest_fitting, sub_binding as sub, Plan, Step};
+use crate::dispatch::{largest_fitting, sub_binding as sub, BindingCap, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::{checked_numel, DType, Element, GpuTensor};
@@ -1063,8 +1063,8 @@ impl Rope {
         // too large alone along its tokens (bshd) or heads and then tokens (bhsd): each
         // `Piece` binds the byte ranges its rows touch (aligned down) and gets its own dispatch.
         let limits = ctx.limits();
-        // Element indices inside a binding are u32: stay below 2^31 bytes.
-        let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31);
+        let cap = BindingCap::of(ctx);
+        let max_binding = cap.bytes;
         let align = (limits.min_storage_buffer_offset_alignment as u64).max(16);
         let esize = T::DTYPE.size() as u64;
         let hr = (r / 2) as u64;
@@ -1143,7 +1143,7 @@ impl Rope {
                 if needed > max_binding {
                     return Err(Error::LimitExceeded {
                         what: "bytes of one token's rows of the rope tensors".into(),
-                        limit: "max_storage_buffer_binding_size",
+                        limit: cap.limit,
                         needed,
                         max: max_binding,
                     });

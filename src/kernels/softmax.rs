@@ -21,7 +21,9 @@
 
 use crate::context::Context;
 use crate::convert::{self, Storage};
-use crate::dispatch::{based_row_chunks, check_call_aliasing, rows_binding, Plan, Step};
+use crate::dispatch::{
+    based_row_chunks, check_call_aliasing, rows_binding, BindingCap, Plan, Step,
+};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
 use crate::tensor::{shape_elements, DType, Element, GpuTensor};
@@ -419,10 +421,9 @@ impl Softmax {
             | ((masked as u32) * FLAG_MASK)
             | ((o.causal as u32) * FLAG_CAUSAL)
             | ((o.softmax_plus as u32) * FLAG_PLUS);
-        // Indices inside one binding stay below 2^31 elements. Rounded down to a whole word:
-        // f16 and mask ranges are bound rounded up to whole words, which then still fit (and
-        // a limit error reports the device's own limit wherever that is whole words).
-        let max_binding = limits.max_storage_buffer_binding_size.min(1 << 31) / 4 * 4;
+        // Whole words: f16 and mask ranges are bound rounded up to whole words, which then
+        // still fit.
+        let max_binding = BindingCap::of(ctx);
         let align = limits.min_storage_buffer_offset_alignment as u64;
         let elem_bytes = dtype.size() as u64;
         let mut row_bytes = vec![n * elem_bytes];
