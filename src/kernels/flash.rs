@@ -26,7 +26,8 @@
 //! so that the first pass has enough workgroups (P = 1 once `b G` is large). A call whose
 //! tensors or scratch would not fit one storage binding of the device runs as segments (runs
 //! of chunks of one batch item), the KV sum carried from one to the next; only a single
-//! chunk's rows and KV sum must fit.
+//! chunk's rows, C x C scores, bias and KV sum must each fit (a chunk too large for that is
+//! refused, naming the largest chunk that fits).
 //!
 //! Speed: the work is linear in n, and on a large GPU the time per token is flat once the
 //! passes have many waves of workgroups (`b n / C` chunks times the 64 x 64 blocks of s x e
