@@ -357,26 +357,11 @@ impl Context {
 
     /// Blocks until all submitted work is done.
     fn idle(&self) -> Result<()> {
-        self.wait_for(None)
-    }
-
-    /// Blocks until submission `index` (all submitted work when `None`) is done, waiting in
-    /// short slices: GL holds its context lock through a wait, and other threads' calls give
-    /// up (panic in wgpu) after 6 s without it.
-    fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
-        let slice = wgpu::PollType::Wait {
-            submission_index: index,
-            timeout: Some(std::time::Duration::from_millis(50)),
-        };
-        loop {
-            match self.inner.device.poll(slice.clone()) {
-                Err(wgpu::PollError::Timeout) => continue,
-                done => {
-                    done.map_err(|e| self.wait_failed(e))?;
-                    return self.check_lost();
-                }
-            }
-        }
+        self.inner
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| self.wait_failed(e))?;
+        self.check_lost()
     }
 
     /// The error of a failed wait: a lost device (known on one the crate made) is the cause
@@ -679,7 +664,14 @@ impl Context {
         let index = self.checked("submitting work", || {
             self.inner.queue.submit([encoder.finish()])
         })?;
-        self.wait_for(Some(index))
+        self.inner
+            .device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| self.wait_failed(e))?;
+        self.check_lost()
     }
 
     /// A new command encoder on this device.
