@@ -250,7 +250,7 @@ fn empty_set_value_is_the_default() {
 
 #[test]
 fn verify_and_info_as_json() {
-    let Some(_) = common::gpu() else { return };
+    let Some(ctx) = common::gpu() else { return };
     let o = seqk(&["verify", "--quick", "--json"]);
     assert!(
         o.status.success(),
@@ -271,6 +271,12 @@ fn verify_and_info_as_json() {
             .as_u64()
             .unwrap()
             > 0
+    );
+    // The limit FLASH needs 10 of (and limit errors name) is shown.
+    assert_eq!(
+        v["limits"]["max_storage_buffers_per_shader_stage"].as_u64(),
+        Some(ctx.limits().max_storage_buffers_per_shader_stage as u64),
+        "{v:#}"
     );
 }
 

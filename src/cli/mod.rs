@@ -328,6 +328,10 @@ fn info(ctx: &Context, json: bool) -> Result<i32, CliError> {
         ),
         ("max_buffer_size", l.max_buffer_size),
         (
+            "max_storage_buffers_per_shader_stage",
+            l.max_storage_buffers_per_shader_stage as u64,
+        ),
+        (
             "max_compute_workgroups_per_dimension",
             l.max_compute_workgroups_per_dimension as u64,
         ),
