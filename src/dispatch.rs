@@ -39,7 +39,7 @@ impl Step {
         if storage > max {
             return Err(Error::LimitExceeded {
                 what: format!("storage buffers of {} ({})", variant.family, variant.entry),
-                limit: "max_storage_buffers_per_shader_stage",
+                limit: crate::error::STORAGE_BUFFERS_PER_STAGE,
                 needed: storage,
                 max,
             });

@@ -52,10 +52,14 @@ pub enum Error {
     Device(String),
 }
 
+/// The one limit no smaller input avoids: a pipeline's storage buffers are fixed by the
+/// kernel, so only a device made with more of them can run it.
+pub const STORAGE_BUFFERS_PER_STAGE: &str = "max_storage_buffers_per_shader_stage";
+
 /// What to do about an exceeded limit.
 fn limit_advice(limit: &str) -> String {
     match limit {
-        "max_storage_buffers_per_shader_stage" => {
+        STORAGE_BUFFERS_PER_STAGE => {
             format!("create the device with a larger {limit} (up to what the adapter allows)")
         }
         _ if limit.starts_with("max_") => format!(

@@ -194,7 +194,7 @@ impl From<Error> for CliError {
             // A size the user's input passes is theirs to change, and told apart from a
             // missing adapter (exit 1); too few storage buffers per stage is the device's.
             Error::LimitExceeded { limit, .. }
-                if limit != "max_storage_buffers_per_shader_stage" =>
+                if limit != crate::error::STORAGE_BUFFERS_PER_STAGE =>
             {
                 CliError::Usage(e.to_string())
             }
