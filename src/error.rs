@@ -23,7 +23,9 @@ pub enum Error {
     /// An option has a value outside its domain (temperature <= 0, ...).
     #[error("invalid option: {0}")]
     InvalidOption(String),
-    /// The adapter lacks a feature this call needs.
+    /// The adapter lacks a feature this call needs. No kernel returns it at present: every
+    /// optional feature they use (`SHADER_F16`, `SUBGROUP`, timestamps) has a fallback. It
+    /// is kept so that a kernel without one can say so without a breaking change.
     #[error("unsupported: the adapter lacks {feature}; {hint}")]
     Unsupported {
         /// The wgpu feature (or capability) that is missing.
