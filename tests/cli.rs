@@ -1003,3 +1003,57 @@ fn float64_input_names_the_expected_shape_and_dtype() {
     assert!(!stderr(&seqk(&args)).contains("int64"));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Integer inputs of the wrong dtype or shape are refused naming the input (not the library's
+/// word for it) and its expected shape: gibbs's init, rope's positions.
+#[test]
+fn integer_inputs_name_the_input_and_its_expected_shape() {
+    let d = dir("int-inputs");
+    let p = |f: &str| d.join(f).display().to_string();
+    save(&d.join("u.npy"), &[5, 4], &[0.5f32; 20], npyz::Order::C);
+    save(&d.join("w.npy"), &[4, 4], &[0.5f32; 16], npyz::Order::C);
+    save(&d.join("xf.npy"), &[2, 5], &[0.0f32; 10], npyz::Order::C);
+    save(&d.join("x1.npy"), &[5], &[0i32; 5], npyz::Order::C);
+    save(&d.join("x3.npy"), &[2, 3], &[0i32; 6], npyz::Order::C);
+    let (u, w, out) = (
+        format!("unary={}", p("u.npy")),
+        format!("pairwise={}", p("w.npy")),
+        p("t.npy"),
+    );
+    for (init, needles) in [
+        ("xf.npy", &["input init has dtype float32", "[b, L]"][..]),
+        ("x1.npy", &["input init has shape [5]", "[b, 5]"][..]),
+        ("x3.npy", &["input init has shape [2, 3]", "[b, 5]"][..]),
+    ] {
+        let init = format!("init={}", p(init));
+        let args = [
+            "run", "gibbs", "--cpu", "--in", &u, "--in", &w, "--in", &init, "--out", &out,
+        ];
+        assert_usage_error(&args, needles);
+    }
+    // rope: x [b = 2, s = 3, h = 1, d = 4]; positions of float32.
+    save(
+        &d.join("x.npy"),
+        &[2, 3, 1, 4],
+        &[0.5f32; 24],
+        npyz::Order::C,
+    );
+    save(&d.join("pf.npy"), &[3], &[0.0f32; 3], npyz::Order::C);
+    let (x, pos) = (
+        format!("x={}", p("x.npy")),
+        format!("positions={}", p("pf.npy")),
+    );
+    let args = [
+        "run", "rope", "--cpu", "--in", &x, "--in", &pos, "--out", &out,
+    ];
+    assert_usage_error(
+        &args,
+        &[
+            "input positions has dtype float32",
+            "[3], [1, 3] or [2, 3]",
+            "int32 or int64",
+        ],
+    );
+    assert!(!d.join("t.npy").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}

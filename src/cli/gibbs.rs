@@ -432,7 +432,7 @@ fn ints(a: Array, name: &str, vocab: usize) -> Result<Vec<u32>, CliError> {
         Data::U8(v) => v.into_iter().map(i64::from).collect(),
         other => {
             return Err(usage(format!(
-                "input {name} has dtype {}; expected int32, int64 or uint8 tokens",
+                "input {name} has dtype {}; expected [b, L] int32, int64 or uint8 tokens",
                 other.dtype_name()
             )))
         }
@@ -539,6 +539,21 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         pairwise,
     };
     let shape = init.shape.clone();
+    // init is checked here, by its name: the library's shape errors call it "tokens".
+    let unary_shape = &model.unary_shape;
+    let unary_len = match unary_shape.len() {
+        2 | 3 => Some(unary_shape[unary_shape.len() - 2]),
+        _ => None,
+    };
+    if shape.len() != 2 || unary_len.is_some_and(|l| shape[1] != l) {
+        let expected = match unary_len {
+            Some(l) => format!("[b, {l}], L = {l} being the sites of unary {unary_shape:?}"),
+            None => "[b, L]".to_string(),
+        };
+        return Err(usage(format!(
+            "input init has shape {shape:?}; expected {expected}"
+        )));
+    }
     let clamp_shape = clamp.as_ref().map(|c| c.shape.clone());
     // Shapes first, so a mismatch names the shapes rather than a token.
     model.shape(&shape, clamp_shape.as_deref())?;

@@ -368,6 +368,12 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         RopeLayout::Bshd => (shape[0], shape[1]),
         RopeLayout::Bhsd => (shape[0], shape[2]),
     };
+    // The shapes positions may have: [s], [1, s] or [b, s] ([1, s] once when b = 1).
+    let position_shapes = if b == 1 {
+        format!("[{s}] or [1, {s}]")
+    } else {
+        format!("[{s}], [1, {s}] or [{b}, {s}]")
+    };
     let positions = match positions {
         None => None,
         Some(p) => {
@@ -376,14 +382,14 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
                 Data::I64(v) => v,
                 other => {
                     return Err(usage(format!(
-                        "input positions has dtype {}; expected int32 or int64",
+                        "input positions has dtype {}; expected {position_shapes} int32 or int64",
                         other.dtype_name()
                     )))
                 }
             };
             if p.shape != [s] && p.shape != [1, s] && p.shape != [b, s] {
                 return Err(usage(format!(
-                    "input positions has shape {:?}; expected [{s}], [1, {s}] or [{b}, {s}]",
+                    "input positions has shape {:?}; expected {position_shapes}",
                     p.shape
                 )));
             }
