@@ -79,7 +79,9 @@ low_freq_factor [1], high_freq_factor [4]; dynamic current_len [the largest posi
 mscale multiplies cos and sin itself, what Hugging Face calls attention_factor; it is not a \
 config's rope_scaling[\"mscale\"], which DeepSeek-style configs pair with mscale_all_dim: for \
 those pass mscale = g(factor, mscale) / g(factor, mscale_all_dim), where \
-g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1). truncate=false keeps yarn's correction range \
+g(s, m) = 0.1 m ln(s) + 1 (1 for s <= 1). inverse=true rotates by -theta, the backward \
+pass: the exact inverse for every scaling but yarn, whose mscale multiplies both ways, so \
+there inverse(rope(x)) = mscale^2 x. truncate=false keeps yarn's correction range \
 fractional (HF's truncate: false). For dynamic, original_max is HF's \
 max_position_embeddings. HF's q after transpose(1, 2) is bhsd.
 
