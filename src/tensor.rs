@@ -48,8 +48,8 @@ impl DType {
     }
 }
 
-/// Err unless `T` is f32 or f16, the storage types of the attention families; `what` names
-/// the kernel.
+/// Err unless `T` is f32 or f16, the storage types of the float kernels but RoPE (which also
+/// takes bf16); `what` names the kernel.
 pub(crate) fn require_float<T: Element>(what: &str) -> Result<()> {
     if !matches!(T::DTYPE, DType::F32 | DType::F16) {
         return Err(Error::Dtype(format!(

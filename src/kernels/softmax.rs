@@ -26,7 +26,7 @@ use crate::dispatch::{
 };
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
-use crate::tensor::{shape_elements, DType, Element, GpuTensor};
+use crate::tensor::{require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/softmax.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
@@ -350,12 +350,7 @@ impl Softmax {
         let mut owners = vec![x.context(), y.context()];
         owners.extend(mask.map(|m| m.context()));
         ctx.check_owned(&owners)?;
-        if !matches!(T::DTYPE, DType::F32 | DType::F16) {
-            return Err(Error::Dtype(format!(
-                "softmax takes f32 or f16 tensors, got {}",
-                T::DTYPE.name()
-            )));
-        }
+        require_float::<T>("softmax")?;
         let shape = row_shape(x.shape(), mask.map(|m| m.shape()), &self.opts)?;
         if y.shape() != x.shape() {
             return Err(Error::shape(format!(
