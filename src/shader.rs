@@ -35,6 +35,17 @@ pub const GRID_WGSL: &str = include_str!("../shaders/grid.wgsl");
 /// Register-blocked block products (shaders/gemm.wgsl); see that file for what includers provide.
 pub const GEMM_WGSL: &str = include_str!("../shaders/gemm.wgsl");
 
+/// The workgroup-reduction snippet (`Lanes`, `reduce_max_sum`, `reduce_sum4`): subgroup
+/// operations where the device has them, else shared memory. The two files define the same
+/// names, so a shader includes either one unchanged.
+pub fn reduce_wgsl(subgroups: bool) -> &'static str {
+    if subgroups {
+        include_str!("../shaders/reduce_subgroup.wgsl")
+    } else {
+        include_str!("../shaders/reduce_shared.wgsl")
+    }
+}
+
 /// Concatenates WGSL pieces into one module (headers first).
 pub fn compose(pieces: &[&str]) -> String {
     let mut s = String::new();

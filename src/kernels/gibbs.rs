@@ -38,14 +38,12 @@ use crate::dispatch::{
     self, check_call_aliasing, rows_binding, sub_binding as sub, BindingCap, Plan, Step,
 };
 use crate::error::{Error, Result};
-use crate::shader::{compose, ShaderVariant, GRID_WGSL};
+use crate::shader::{compose, reduce_wgsl, ShaderVariant, GRID_WGSL};
 use crate::tensor::{require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/gibbs.wgsl");
 /// The Philox-4x32-10 snippet (WGSL), shared by every kernel that draws random numbers.
 pub const PHILOX_WGSL: &str = include_str!("../../shaders/philox.wgsl");
-const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
-const REDUCE_SHARED: &str = include_str!("../../shaders/reduce_shared.wgsl");
 
 /// Largest vocabulary: token indices pass through f32 in the workgroup argmax.
 pub const MAX_VOCAB: usize = 1 << 24;
@@ -389,15 +387,10 @@ struct Params {
 }
 
 fn variant(subgroups: bool, entry: &'static str, wg: u32) -> ShaderVariant {
-    let reduce = if subgroups {
-        REDUCE_SUBGROUP
-    } else {
-        REDUCE_SHARED
-    };
     ShaderVariant {
         family: "gibbs",
         variant: if subgroups { "subgroup" } else { "shared" }.into(),
-        source: compose(&[GRID_WGSL, PHILOX_WGSL, reduce, SOURCE]),
+        source: compose(&[GRID_WGSL, PHILOX_WGSL, reduce_wgsl(subgroups), SOURCE]),
         entry,
         constants: vec![("WG".into(), wg as f64)],
     }

@@ -25,12 +25,10 @@ use crate::dispatch::{
     based_row_chunks, check_call_aliasing, rows_binding, BindingCap, Plan, Step,
 };
 use crate::error::{Error, Result};
-use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
+use crate::shader::{compose, elem_header, reduce_wgsl, ShaderVariant, GRID_WGSL};
 use crate::tensor::{require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/softmax.wgsl");
-const REDUCE_SUBGROUP: &str = include_str!("../../shaders/reduce_subgroup.wgsl");
-const REDUCE_SHARED: &str = include_str!("../../shaders/reduce_shared.wgsl");
 
 /// Register-held values per invocation for the short-row path (each a shader variant).
 const ITEM_COUNTS: [u32; 5] = [1, 2, 4, 8, 16];
@@ -203,11 +201,6 @@ fn variant(
     entry: &'static str,
     wg: u32,
 ) -> ShaderVariant {
-    let reduce = if subgroups {
-        REDUCE_SUBGROUP
-    } else {
-        REDUCE_SHARED
-    };
     let items_line = format!("const ITEMS: u32 = {items}u;\n");
     ShaderVariant {
         family: "softmax",
@@ -216,7 +209,13 @@ fn variant(
             dtype.name(),
             if subgroups { "subgroup" } else { "shared" }
         ),
-        source: compose(&[elem_header(dtype), &items_line, GRID_WGSL, reduce, SOURCE]),
+        source: compose(&[
+            elem_header(dtype),
+            &items_line,
+            GRID_WGSL,
+            reduce_wgsl(subgroups),
+            SOURCE,
+        ]),
         entry,
         constants: vec![("WG".into(), wg as f64)],
     }
