@@ -59,8 +59,8 @@ use crate::tensor::{data_binding, require_float, shape_elements, DType, Element,
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
 /// The tile engine snippet (tiles of row-major matrices in workgroup memory and their
-/// products), shared with other families.
-pub const TILES_WGSL: &str = include_str!("../../shaders/tiles.wgsl");
+/// products), shared by exact attention and its matmul.
+const TILES_WGSL: &str = include_str!("../../shaders/tiles.wgsl");
 
 /// Padded head-dimension buckets; each (d, dv) bucket pair is a shader variant.
 const DIMS: [u32; 6] = [32, 64, 96, 128, 192, 256];
@@ -290,7 +290,7 @@ pub struct AttnShape {
     pub dv: usize,
     /// The effective scale.
     pub scale: f32,
-    /// Strides of q, k, v and the output.
+    /// Strides of q.
     pub q: Strides,
     /// Strides of k.
     pub k: Strides,
