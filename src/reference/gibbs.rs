@@ -355,8 +355,15 @@ fn forward(model: &HostModel, c: usize, l: usize, t: f64) -> (Vec<Vec<f64>>, f64
     (alpha, log_z)
 }
 
-/// Exact marginals of chain c's model at temperature t > 0 by forward-backward in log space:
-/// `(P(x_i = v) [L][V], P(x_i = a, x_{i+1} = b) [L-1][V][V])`.
+/// Exact marginals of the first `len` sites of chain c's model at temperature t > 0 by
+/// forward-backward in log space: `(P(x_i = v) [len][V], P(x_i = a, x_{i+1} = b)
+/// [len-1][V][V])`.
+///
+/// # Errors
+///
+/// [`Error::InvalidOption`] if `t` is not finite and > 0; [`Error::Shape`] if the model is
+/// inconsistent ([`HostModel::shape`]), `len` is not in `1..=L`, or c is past the chains of
+/// a per-chain unary.
 #[allow(clippy::type_complexity)]
 pub fn marginals(
     model: &HostModel,
@@ -367,6 +374,19 @@ pub fn marginals(
     if !(t > 0.0 && t.is_finite()) {
         return Err(Error::option(format!(
             "exact marginals need a finite temperature > 0, got {t}"
+        )));
+    }
+    // The model's own chains and length: a shared unary serves any chain c.
+    let (chains, l) = match model.unary_shape[..] {
+        [cb, l, _] => (cb, l),
+        [l, _] => (c.saturating_add(1), l),
+        _ => (1, 0),
+    };
+    model.shape(&[chains, l], None)?;
+    if len == 0 || len > l || c >= chains {
+        return Err(Error::shape(format!(
+            "exact marginals of chain {c} over {len} sites: the model has {chains} chains of \
+             {l} sites (len must be 1..={l})"
         )));
     }
     let v = model.vocab();
@@ -575,4 +595,55 @@ pub fn mh_step(
             ok
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(l: usize, v: usize) -> HostModel {
+        HostModel {
+            unary: vec![0.0; l * v],
+            unary_shape: vec![l, v],
+            pairwise: HostPairwise::Dense(vec![0.0; v * v]),
+        }
+    }
+
+    /// The chain length and chain index are the caller's: out of the model's range they are
+    /// an error (a length of 0 underflowed in the forward pass; past L, c past the chains of
+    /// a per-chain unary, or an inconsistent model read out of bounds).
+    #[test]
+    fn marginals_refuse_lengths_and_chains_outside_the_model() {
+        let m = model(3, 2);
+        for (c, len) in [(0, 0), (0, 4)] {
+            assert!(
+                matches!(marginals(&m, c, len, 1.0), Err(Error::Shape(_))),
+                "c {c}, len {len}"
+            );
+        }
+        let per_chain = HostModel {
+            unary: vec![0.0; 2 * 3 * 2],
+            unary_shape: vec![2, 3, 2],
+            ..m.clone()
+        };
+        assert!(matches!(
+            marginals(&per_chain, 2, 3, 1.0),
+            Err(Error::Shape(_))
+        ));
+        let short = HostModel {
+            unary: vec![0.0; 5],
+            ..m.clone()
+        };
+        assert!(matches!(marginals(&short, 0, 3, 1.0), Err(Error::Shape(_))));
+        // Uniform potentials: every site uniform, every pair uniform.
+        let (single, pairs) = marginals(&per_chain, 1, 3, 1.0).unwrap();
+        assert!(single.iter().flatten().all(|p| (p - 0.5).abs() < 1e-12));
+        assert!(pairs
+            .iter()
+            .flatten()
+            .flatten()
+            .all(|p| (p - 0.25).abs() < 1e-12));
+        let (single, _) = marginals(&m, 0, 2, 1.0).unwrap();
+        assert_eq!(single.len(), 2);
+    }
 }
