@@ -710,7 +710,11 @@ impl UniformSlots {
 }
 
 fn poisoned() -> Error {
-    Error::Device("a thread panicked while holding the pipeline cache".into())
+    Error::Device(
+        "a thread panicked while holding the context's pipeline cache or error records; make a \
+         new Context"
+            .into(),
+    )
 }
 
 #[cfg(test)]
