@@ -3,7 +3,7 @@
 //! Accumulation is f32 either way, so results match the native-f16 path; only bandwidth differs.
 
 use crate::context::Context;
-use crate::dispatch::{binding_chunks, sub_binding, Plan, Step};
+use crate::dispatch::{binding_chunks, sub_binding, BindingCap, Plan, Step};
 use crate::error::Result;
 use crate::shader::{compose, ShaderVariant, GRID_WGSL};
 use crate::tensor::DType;
@@ -90,15 +90,15 @@ fn convert(
     wide: (u32, &wgpu::Buffer),
     len: usize,
 ) -> Result<()> {
-    let limits = ctx.limits();
     let words = (len as u64).div_ceil(2);
-    // A "row" is one packed word: 2 elements, 8 bytes once widened.
+    // A "row" is one packed word: 2 elements, 8 bytes once widened. Capped as every kernel's
+    // bindings are (BindingCap): the element count below and the shader's indices are u32.
     for range in binding_chunks(
         words,
         2,
         4,
-        limits.max_storage_buffer_binding_size,
-        limits.min_storage_buffer_offset_alignment as u64,
+        BindingCap::of(ctx),
+        ctx.limits().min_storage_buffer_offset_alignment as u64,
     )? {
         let elems = (len as u64).min(range.end * 2) - range.start * 2;
         let params = ctx.uniform(&(elems as u32))?;
