@@ -4,7 +4,8 @@
 use seq_kernels::profile::time_passes;
 use seq_kernels::{Context, Plan};
 
-/// GPU time of `iters` runs of `plan` for criterion's `iter_custom` (best sample times iters).
+/// Time of `iters` runs of `plan` recorded into one pass, for criterion's `iter_custom`: GPU
+/// time from timestamps, or wall time on an adapter without them (`Timing::best`).
 pub fn gpu_time(ctx: &Context, plan: &Plan, iters: u64) -> std::time::Duration {
     let t =
         time_passes(ctx, 0, 1, iters as usize, |pass| plan.record(pass)).expect("timing failed");
