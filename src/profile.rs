@@ -35,6 +35,12 @@ impl Timing {
 /// Each sample records `iterations` iterations into a single pass (one submit), so launch
 /// overhead is amortised; `warmup` samples are discarded and the median of `samples` is
 /// returned.
+///
+/// # Errors
+///
+/// - [`Error::InvalidOption`] if `iterations` passes `u32::MAX`.
+/// - [`Error::Device`] if creating the timestamp queries, submitting, waiting or reading the
+///   timestamps fails, or the device is lost.
 pub fn time_passes(
     ctx: &Context,
     warmup: usize,
@@ -43,6 +49,13 @@ pub fn time_passes(
     mut record: impl FnMut(&mut wgpu::ComputePass<'_>),
 ) -> Result<Timing> {
     let iterations = iterations.max(1);
+    // Durations divide by a u32; checked before recording billions of iterations.
+    let per_sample = u32::try_from(iterations).map_err(|_| {
+        Error::option(format!(
+            "time_passes records at most {} iterations per sample, got {iterations}",
+            u32::MAX
+        ))
+    })?;
     let queries = if ctx.has_timestamps() {
         Some(Timestamps::new(ctx)?)
     } else {
@@ -69,10 +82,10 @@ pub fn time_passes(
         ctx.submit_and_wait(encoder)?;
         let elapsed = start.elapsed();
         if i >= warmup {
-            wall.push(elapsed / iterations as u32);
+            wall.push(elapsed / per_sample);
             if let Some(q) = &queries {
                 match q.read(ctx)? {
-                    Some(t) => gpu.push(t / iterations as u32),
+                    Some(t) => gpu.push(t / per_sample),
                     None => gpu_valid = false,
                 }
             }
@@ -151,5 +164,27 @@ impl Timestamps {
         };
         self.readback.unmap();
         Ok(ticks.map(|d| Duration::from_nanos((d as f64 * self.period_ns) as u64)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Per-iteration times divide by the iteration count as a u32: a count past it is an
+    /// error, before any work is recorded (it truncated to 0 and the division panicked).
+    #[test]
+    fn iterations_past_u32_are_an_error() {
+        if crate::context::skip_example_without_adapter() {
+            return;
+        }
+        let ctx = Context::new().unwrap();
+        let too_many = u32::MAX as usize + 1;
+        match time_passes(&ctx, 0, 1, too_many, |_| {}) {
+            Err(Error::InvalidOption(m)) => assert!(m.contains("iterations"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A count within range still times.
+        time_passes(&ctx, 0, 1, 3, |_| {}).unwrap();
     }
 }
