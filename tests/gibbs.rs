@@ -505,7 +505,7 @@ fn final_states_match_exact_marginals() {
         "chromatic GPU sampler rejected: p = {p_gpu:e}"
     );
 
-    let exact = reference::ffbs(&m.host, 0, l, t, c, 77);
+    let exact = reference::ffbs(&m.host, 0, l, t, c, 77).unwrap();
     let p_ffbs = min_pvalue(&exact, l, v, &single, &pairs);
     assert!(p_ffbs > 1e-4, "FFBS rejected: p = {p_ffbs:e}");
 

@@ -355,6 +355,30 @@ fn forward(model: &HostModel, c: usize, l: usize, t: f64) -> (Vec<Vec<f64>>, f64
     (alpha, log_z)
 }
 
+/// The checks of the exact computations on chain c's first `len` sites at temperature t:
+/// `what` names the computation in errors.
+fn check_exact(model: &HostModel, c: usize, len: usize, t: f64, what: &str) -> Result<()> {
+    if !(t > 0.0 && t.is_finite()) {
+        return Err(Error::option(format!(
+            "{what} need a finite temperature > 0, got {t}"
+        )));
+    }
+    // The model's own chains and length: a shared unary serves any chain c.
+    let (chains, l) = match model.unary_shape[..] {
+        [cb, l, _] => (cb, l),
+        [l, _] => (c.saturating_add(1), l),
+        _ => (1, 0),
+    };
+    model.shape(&[chains, l], None)?;
+    if len == 0 || len > l || c >= chains {
+        return Err(Error::shape(format!(
+            "{what} of chain {c} over {len} sites: the model has {chains} chains of {l} sites \
+             (len must be 1..={l})"
+        )));
+    }
+    Ok(())
+}
+
 /// Exact marginals of the first `len` sites of chain c's model at temperature t > 0 by
 /// forward-backward in log space: `(P(x_i = v) [len][V], P(x_i = a, x_{i+1} = b)
 /// [len-1][V][V])`.
@@ -371,24 +395,7 @@ pub fn marginals(
     len: usize,
     t: f64,
 ) -> Result<(Vec<Vec<f64>>, Vec<Vec<Vec<f64>>>)> {
-    if !(t > 0.0 && t.is_finite()) {
-        return Err(Error::option(format!(
-            "exact marginals need a finite temperature > 0, got {t}"
-        )));
-    }
-    // The model's own chains and length: a shared unary serves any chain c.
-    let (chains, l) = match model.unary_shape[..] {
-        [cb, l, _] => (cb, l),
-        [l, _] => (c.saturating_add(1), l),
-        _ => (1, 0),
-    };
-    model.shape(&[chains, l], None)?;
-    if len == 0 || len > l || c >= chains {
-        return Err(Error::shape(format!(
-            "exact marginals of chain {c} over {len} sites: the model has {chains} chains of \
-             {l} sites (len must be 1..={l})"
-        )));
-    }
+    check_exact(model, c, len, t, "exact marginals")?;
     let v = model.vocab();
     let (alpha, log_z) = forward(model, c, len, t);
     let mut beta = vec![vec![0.0; v]; len];
@@ -441,9 +448,28 @@ fn draw_log(logp: &[f64], u: f64) -> u32 {
     (logp.len() - 1) as u32
 }
 
-/// `n` exact joint samples [n, L] of chain c's model at temperature t > 0 by forward
-/// filtering, backward sampling (uniforms from Philox: counter (0, site, sample, 0xffffffff)).
-pub fn ffbs(model: &HostModel, c: usize, len: usize, t: f64, n: usize, seed: u64) -> Vec<u32> {
+/// `n` exact joint samples [n, len] of the first `len` sites of chain c's model at
+/// temperature t > 0 by forward filtering, backward sampling (uniforms from Philox: counter
+/// (0, site, sample, 0xffffffff)).
+///
+/// # Errors
+///
+/// As [`marginals`], and [`Error::InvalidOption`] if `n` passes the 2^32 samples the
+/// counter numbers.
+pub fn ffbs(
+    model: &HostModel,
+    c: usize,
+    len: usize,
+    t: f64,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<u32>> {
+    check_exact(model, c, len, t, "exact samples")?;
+    if n as u64 > 1 << 32 {
+        return Err(Error::option(format!(
+            "exact samples number at most 2^32 samples (a u32 counter), got {n}"
+        )));
+    }
     let v = model.vocab();
     let (alpha, _) = forward(model, c, len, t);
     let key = seed_key(seed);
@@ -460,7 +486,7 @@ pub fn ffbs(model: &HostModel, c: usize, len: usize, t: f64, n: usize, seed: u64
             row[i] = draw_log(&lp, u(i));
         }
     }
-    out
+    Ok(out)
 }
 
 /// The kept set of one row of logits: temperature, then top-k (every tie of the k-th logit
@@ -610,17 +636,30 @@ mod tests {
     }
 
     /// The chain length and chain index are the caller's: out of the model's range they are
-    /// an error (a length of 0 underflowed in the forward pass; past L, c past the chains of
-    /// a per-chain unary, or an inconsistent model read out of bounds).
+    /// an error for marginals and ffbs (a length of 0 underflowed in the forward pass; past
+    /// L, c past the chains of a per-chain unary, or an inconsistent model read out of
+    /// bounds).
     #[test]
-    fn marginals_refuse_lengths_and_chains_outside_the_model() {
+    fn exact_computations_refuse_lengths_and_chains_outside_the_model() {
         let m = model(3, 2);
         for (c, len) in [(0, 0), (0, 4)] {
             assert!(
                 matches!(marginals(&m, c, len, 1.0), Err(Error::Shape(_))),
                 "c {c}, len {len}"
             );
+            assert!(
+                matches!(ffbs(&m, c, len, 1.0, 2, 0), Err(Error::Shape(_))),
+                "ffbs c {c}, len {len}"
+            );
         }
+        assert!(matches!(
+            ffbs(&m, 0, 3, 0.0, 2, 0),
+            Err(Error::InvalidOption(_))
+        ));
+        // Two samples of a uniform chain of 3 sites, each a token below V.
+        let samples = ffbs(&m, 0, 3, 1.0, 2, 0).unwrap();
+        assert_eq!(samples.len(), 6);
+        assert!(samples.iter().all(|&x| x < 2));
         let per_chain = HostModel {
             unary: vec![0.0; 2 * 3 * 2],
             unary_shape: vec![2, 3, 2],
