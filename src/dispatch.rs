@@ -280,7 +280,16 @@ pub fn row_chunks(
             max: max_binding,
         });
     }
-    if rows * widest <= max_binding {
+    // Rows whose bytes pass u64 would need more than 2^33 bindings: refused, not wrapped.
+    let total = rows
+        .checked_mul(widest)
+        .ok_or_else(|| Error::LimitExceeded {
+            what: "bytes of the rows of a tensor".into(),
+            limit: cap.limit,
+            needed: u64::MAX,
+            max: max_binding,
+        })?;
+    if total <= max_binding {
         return Ok(std::iter::once(0..rows).collect());
     }
     // r rows of b bytes start aligned iff r is a multiple of align / gcd(b, align).
@@ -327,8 +336,9 @@ pub fn based_row_chunks(
         .map(|&b| max_binding.saturating_sub(align - gcd(b, align)) / b.max(1))
         .min()
         .unwrap_or(rows);
-    if rows * widest <= max_binding || per_chunk == 0 {
-        // One binding from offset 0, or rows so wide that only aligned starts fit.
+    if rows.checked_mul(widest).is_none_or(|t| t <= max_binding) || per_chunk == 0 {
+        // One binding from offset 0, rows so wide that only aligned starts fit, or so many
+        // that their bytes pass u64 (refused there).
         return row_chunks(rows, row_bytes, cap, offset_align);
     }
     Ok((0..rows)
@@ -515,6 +525,20 @@ mod tests {
             }
             assert!((c.end - c.start) * 96 <= 130 * 96);
         }
+    }
+
+    #[test]
+    fn rows_whose_bytes_pass_u64_are_refused() {
+        let rows = u64::MAX / 2;
+        for split in [row_chunks, based_row_chunks] {
+            match split(rows, &[8], BindingCap::from(1024), 4) {
+                Err(Error::LimitExceeded { needed, .. }) => assert_eq!(needed, u64::MAX),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Rows of a sane size still split.
+        let ok = row_chunks(1 << 20, &[8], BindingCap::from(1 << 20), 4).unwrap();
+        assert_eq!(ok.len(), 8);
     }
 
     #[test]
