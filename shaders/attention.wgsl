@@ -1,10 +1,12 @@
 // Exact attention, FlashAttention-2 style, and the plain matmul of the same tile engine.
 //
-// Prepended by the host: `alias elem = f32|f16;`, `const D/DV/T/WG` lines, shaders/grid.wgsl
-// and shaders/tiles.wgsl. One workgroup per (batch, head, query tile[, key split]); Q is staged
-// once, K and V tiles stream through workgroup memory; each invocation owns one query row of
-// the tile and ACC of its output columns, with the row's running max m, running sum l and the
-// unnormalised accumulator in registers.
+// Prepended by the host: `alias elem = f32|f16;`, `const D/DV/T/WG/SLABS` lines,
+// shaders/grid.wgsl, shaders/tiles.wgsl and shaders/gemm.wgsl. `attention_blocked` (at the
+// end, on gemm.wgsl's block products) serves calls without key splits and more query rows
+// than one tile; `attention` the others, one workgroup per (batch, head, query tile[, key
+// split]): Q is staged once, K and V tiles stream through workgroup memory; each invocation
+// owns one query row of the tile and ACC of its output columns, with the row's running max m,
+// running sum l and the unnormalised accumulator in registers.
 // No infinities are computed: m starts at a finite sentinel, l > 0 says a valid key was seen,
 // exp runs only on valid scores, and a -inf lse is written as a bit pattern.
 
@@ -383,6 +385,253 @@ fn matmul_nn(
         let col = tj * DV + cg + c * C;
         if (row < p.m && col < p.n) {
             out[row * p.o_row + col] = elem(acc[c]);
+        }
+    }
+}
+
+// ---- register-blocked attention: 64 query rows a workgroup, 64 keys a step ----
+// The block products of shaders/gemm.wgsl (GEMM_WG invocations, each a 4 x 4 micro-block):
+// S = Q K^T of a 64 x 64 block, then O += P V, 64 output columns (a slab) at a time. The
+// invocation with rows r0 .. r0 + 3 (r0 = gemm_row) and columns c0 .. c0 + 3 holds those
+// scores and probabilities, and the same rows of its columns of every output slab. Row maxima
+// and sums over a block's 64 keys meet in workgroup memory; the running sum stays a partial
+// per invocation (every invocation of a row scales by the same factor) and is added up once.
+// Used for calls without key splits; `attention` above serves the others.
+
+const SRC_NONE: u32 = 3u;   // stages nothing (zeros)
+const BLOCK_ROWS: u32 = 64u;
+
+var<private> base_q: u32;
+var<private> base_k: u32;
+var<private> base_v: u32;   // of the current key block's first row
+
+// Two uses at different times, so one array (workgroup memory stays under 16 KiB): the P of
+// one depth step as the left factor, laid out as gemm.wgsl's staged rows; and the 16
+// partials of each row (maxima, -inf for no valid score, then sums), row r's partial t at
+// [r * 4 + t / 4][t % 4]. Barriers separate the uses: the block products begin with one.
+var<workgroup> stage_p: array<vec4<f32>, GEMM_BK * GEMM_LD>;
+
+fn part_store(row: u32, t: u32, x: f32) {
+    stage_p[row * 4u + t / 4u][t % 4u] = x;
+}
+
+fn gemm_a(src: u32, m: u32, k: u32) -> f32 {
+    if (src == SRC_Q) {
+        return f32(q[base_q + m * p.q_row + k]);
+    }
+    return 0.0;
+}
+
+fn gemm_b(src: u32, depth: u32, n: u32) -> f32 {
+    if (src == SRC_K) {
+        return f32(k[base_k + n * p.k_row + depth]);
+    }
+    return f32(v[base_v + depth * p.v_row + n]);
+}
+
+// The sum of row r's 16 partials.
+fn row_sum(row: u32) -> f32 {
+    var s = 0.0;
+    for (var t = 0u; t < 4u; t++) {
+        let x = stage_p[row * 4u + t];
+        s += x.x + x.y + x.z + x.w;
+    }
+    return s;
+}
+
+// The maximum of row r's 16 partials, and whether one of them is a score (not -inf).
+fn row_max(row: u32) -> vec2<f32> {
+    var mx = SENTINEL;
+    var any = 0.0;
+    for (var t = 0u; t < 4u; t++) {
+        let x = bitcast<vec4<u32>>(stage_p[row * 4u + t]);
+        for (var c = 0u; c < 4u; c++) {
+            if (x[c] != NEG_INF_BITS) {
+                mx = max(mx, bitcast<f32>(x[c]));
+                any = 1.0;
+            }
+        }
+    }
+    return vec2(mx, any);
+}
+
+// The score of (query i, key j) and whether it is visible, from its dot product.
+fn block_score(bi: u32, h: u32, i: u32, j: u32, dot: f32) -> vec2<f32> {
+    if (visible(bi, h, i, j)) {
+        return vec2(score(dot) + mask_term(bi, h, i, j), 1.0);
+    }
+    return vec2(0.0, 0.0);
+}
+
+@compute @workgroup_size(GEMM_WG)
+fn attention_blocked(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = linear_workgroup(wid, nwg);
+    let qt = g % p.qtiles;
+    let bh = g / p.qtiles;
+    if (bh >= p.bh) {
+        return;
+    }
+    let bi = bh / p.hq;
+    let h = bh % p.hq;
+    let hk = h / p.group;
+    let q0 = qt * BLOCK_ROWS;
+    let ty = lid / 16u;
+    let tx = lid % 16u;
+    let r0 = gemm_row(lid);
+    let c0 = gemm_col(lid);
+    base_q = bi * p.q_batch + h * p.q_head;
+    base_k = bi * p.k_batch + hk * p.k_head;
+    let v_head = bi * p.v_batch + hk * p.v_head;
+
+    var kend = p.n;
+    if (has(FLAG_CAUSAL)) {
+        let lim = i32(q0 + BLOCK_ROWS) + i32(p.n) - i32(p.m);
+        kend = u32(clamp(lim, 0, i32(p.n)));
+    }
+
+    var m_run = vec4(SENTINEL);
+    var seen = vec4<bool>(false);
+    var l_part = vec4(0.0);
+    var o: array<array<vec4<f32>, 4>, SLABS>;
+    for (var sl = 0u; sl < SLABS; sl++) {
+        o[sl] = gemm_zero();
+    }
+    for (var j0 = 0u; j0 < kend; j0 += BLOCK_ROWS) {
+        var s = gemm_zero();
+        gemm_product(&s, SRC_Q, SRC_K, q0, p.m, j0, kend, p.d, false, false, lid);
+
+        // Scores, validity and this invocation's row maxima.
+        var sc: array<vec4<f32>, 4>;
+        var ok: array<vec4<f32>, 4>;
+        var m_loc = vec4(SENTINEL);
+        var any_loc = vec4<bool>(false);
+        // Whether a key of the block is hidden from one of these rows: its p is then 0 and
+        // its value (perhaps junk, a masked cache slot) must not be multiplied in.
+        var hides = has(FLAG_MASK);
+        let kcount = min(BLOCK_ROWS, kend - j0);
+        for (var r = 0u; r < 4u; r++) {
+            let i = q0 + r0 + r;
+            let j = j0 + c0;
+            let a = block_score(bi, h, i, j, s[r].x);
+            let b = block_score(bi, h, i, j + 1u, s[r].y);
+            let c = block_score(bi, h, i, j + 2u, s[r].z);
+            let d = block_score(bi, h, i, j + 3u, s[r].w);
+            sc[r] = vec4(a.x, b.x, c.x, d.x);
+            ok[r] = vec4(a.y, b.y, c.y, d.y);
+            var mx = SENTINEL;
+            var any = false;
+            if (a.y > 0.0) { mx = max(mx, a.x); any = true; }
+            if (b.y > 0.0) { mx = max(mx, b.x); any = true; }
+            if (c.y > 0.0) { mx = max(mx, c.x); any = true; }
+            if (d.y > 0.0) { mx = max(mx, d.x); any = true; }
+            var bits = NEG_INF_BITS;
+            if (any) {
+                bits = bitcast<u32>(mx);
+            }
+            part_store(r0 + r, tx, bitcast<f32>(bits));
+            if (has(FLAG_CAUSAL) && i < p.m && i32(j0 + kcount - 1u) > i32(i) + i32(p.n) - i32(p.m)) {
+                hides = true;
+            }
+        }
+        workgroupBarrier();
+        var alpha = vec4(0.0);
+        for (var r = 0u; r < 4u; r++) {
+            let mx = row_max(r0 + r);
+            let m_new = max(m_run[r], mx.x);
+            if (seen[r]) {
+                alpha[r] = exp(m_run[r] - m_new);
+            }
+            if (mx.y > 0.0) {
+                seen[r] = true;
+                m_run[r] = m_new;
+            }
+        }
+        // Probabilities (0 where hidden, with exp only of valid scores) and partial sums.
+        var pr: array<vec4<f32>, 4>;
+        for (var r = 0u; r < 4u; r++) {
+            let valid = ok[r] > vec4(0.0);
+            let e = exp(select(vec4(0.0), sc[r] - vec4(m_run[r]), valid));
+            pr[r] = select(vec4(0.0), e, valid);
+            l_part[r] = alpha[r] * l_part[r] + pr[r].x + pr[r].y + pr[r].z + pr[r].w;
+        }
+        for (var sl = 0u; sl < SLABS; sl++) {
+            for (var r = 0u; r < 4u; r++) {
+                o[sl][r] *= alpha[r];
+            }
+        }
+
+        // O += P V, a slab of 64 value columns at a time, GEMM_BK keys a step.
+        base_v = v_head + j0 * p.v_row;
+        for (var sl = 0u; sl < SLABS; sl++) {
+            for (var k0 = 0u; k0 < kcount; k0 += GEMM_BK) {
+                workgroupBarrier();
+                // The invocations holding these keys stage P, one key (column) a vec4 of rows.
+                if (c0 >= k0 && c0 < k0 + GEMM_BK) {
+                    let at = (c0 - k0) * GEMM_LD + ty;
+                    stage_p[at] = vec4(pr[0].x, pr[1].x, pr[2].x, pr[3].x);
+                    stage_p[at + GEMM_LD] = vec4(pr[0].y, pr[1].y, pr[2].y, pr[3].y);
+                    stage_p[at + 2u * GEMM_LD] = vec4(pr[0].z, pr[1].z, pr[2].z, pr[3].z);
+                    stage_p[at + 3u * GEMM_LD] = vec4(pr[0].w, pr[1].w, pr[2].w, pr[3].w);
+                }
+                gemm_stage(SRC_NONE, SRC_V, 0u, BLOCK_ROWS, sl * 64u, p.dv, k0, kcount,
+                           false, true, lid);
+                workgroupBarrier();
+                var acc = o[sl];
+                for (var kk = 0u; kk < GEMM_BK; kk++) {
+                    let a = stage_p[kk * GEMM_LD + ty];
+                    let b = gemm_bs[kk * GEMM_LD + tx];
+                    if (hides) {
+                        // p = 0 leaves the sum alone, whatever the value.
+                        acc[0] = select(acc[0], fma(vec4(a.x), b, acc[0]), a.x != 0.0);
+                        acc[1] = select(acc[1], fma(vec4(a.y), b, acc[1]), a.y != 0.0);
+                        acc[2] = select(acc[2], fma(vec4(a.z), b, acc[2]), a.z != 0.0);
+                        acc[3] = select(acc[3], fma(vec4(a.w), b, acc[3]), a.w != 0.0);
+                    } else {
+                        acc[0] = fma(vec4(a.x), b, acc[0]);
+                        acc[1] = fma(vec4(a.y), b, acc[1]);
+                        acc[2] = fma(vec4(a.z), b, acc[2]);
+                        acc[3] = fma(vec4(a.w), b, acc[3]);
+                    }
+                }
+                o[sl] = acc;
+            }
+        }
+    }
+
+    // Row sums: the 16 partials of each row.
+    workgroupBarrier();
+    for (var r = 0u; r < 4u; r++) {
+        part_store(r0 + r, tx, l_part[r]);
+    }
+    workgroupBarrier();
+    for (var r = 0u; r < 4u; r++) {
+        let i = q0 + r0 + r;
+        if (i >= p.m) {
+            continue;
+        }
+        var l = 0.0;
+        if (seen[r]) {
+            l = row_sum(r0 + r);
+        }
+        var inv = 0.0;
+        if (l > 0.0) {
+            inv = 1.0 / l;
+        }
+        let o_base = bi * p.o_batch + h * p.o_head + i * p.o_row;
+        for (var sl = 0u; sl < SLABS; sl++) {
+            let col = sl * 64u + c0;
+            let x = o[sl][r] * inv;
+            if (col < p.dv) { out[o_base + col] = elem(x.x); }
+            if (col + 1u < p.dv) { out[o_base + col + 1u] = elem(x.y); }
+            if (col + 2u < p.dv) { out[o_base + col + 2u] = elem(x.z); }
+            if (col + 3u < p.dv) { out[o_base + col + 3u] = elem(x.w); }
+        }
+        if (has(FLAG_LSE) && tx == 0u) {
+            write_lse(bh * p.m + i, m_run[r], l);
         }
     }
 }

@@ -238,6 +238,30 @@ fn gqa_and_bshd_layout() {
     }
 }
 
+/// The register-blocked kernel (no key splits, more query rows than one tile): query rows
+/// and keys on both sides of its 64-row blocks, several 64-column value slabs (the last one
+/// partial), causal with m < n and m > n, and an additive key mask with a soft cap.
+#[test]
+fn blocked_kernel_across_block_edges() {
+    let Some(ctx) = gpu() else { return };
+    for &(m, n, dv, causal) in &[
+        (63, 65, 96, false),
+        (64, 130, 200, true),
+        (65, 63, 33, true),
+        (129, 64, 64, false),
+    ] {
+        let mut c = Case::new(1, 2, 1, m, n, 48);
+        c.dv = dv;
+        c.opts.causal = causal;
+        check(ctx, &c);
+    }
+    let mut c = Case::new(2, 4, 2, 70, 90, 64);
+    c.mask = Some((vec![2, 1, 1, 90], 0.7));
+    c.additive = true;
+    c.opts.softcap = 5.0;
+    check(ctx, &c);
+}
+
 #[test]
 fn causal_with_m_less_and_greater_than_n() {
     let Some(ctx) = gpu() else { return };

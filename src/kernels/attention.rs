@@ -16,10 +16,15 @@
 //!   key) or additive (f32, added to the soft-capped scores; -inf hides the key).
 //! - Rows without any valid key give zeros and lse = -inf. A hidden key's value is never
 //!   read into a sum, so junk (NaN, inf) in masked slots of a KV cache stays out.
-//! - One workgroup per (batch, head, query tile) streams K and V tiles through workgroup memory
-//!   with the online softmax in registers; key tiles entirely above the causal diagonal are
-//!   never visited. Decode shapes (few queries, many keys) split the keys across workgroups
-//!   and merge the partial (m, l, O) triples in a second pass.
+//! - Calls with more query rows than one tile (prefill): one workgroup of 256 invocations per
+//!   (batch, head, 64 query rows) computes S = Q K^T and O += P V 64 keys at a time with the
+//!   register-blocked block products of `shaders/gemm.wgsl` (each invocation a 4 x 4
+//!   micro-block), the online softmax in registers and row maxima and sums met in workgroup
+//!   memory. Key blocks entirely above the causal diagonal are never visited.
+//! - Fewer query rows, or key splits: one workgroup per (batch, head, query tile) streams K
+//!   and V tiles through workgroup memory (the tile engine). Decode shapes (few queries, many
+//!   keys) split the keys across workgroups and merge the partial (m, l, O) triples in a
+//!   second pass.
 //! - Storage f32 or f16 (native with `SHADER_F16`, else widened to an f32 scratch);
 //!   accumulation f32.
 //!
@@ -54,7 +59,7 @@ use crate::context::Context;
 use crate::convert::{self, Storage};
 use crate::dispatch::{check_binding, check_call_aliasing, sub_binding, Plan, Step};
 use crate::error::{Error, Result};
-use crate::shader::{compose, elem_header, ShaderVariant, GRID_WGSL};
+use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
 use crate::tensor::{data_binding, require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
@@ -67,6 +72,8 @@ const DIMS: [u32; 6] = [32, 64, 96, 128, 192, 256];
 /// Largest head dimension.
 pub const MAX_HEAD_DIM: usize = 256;
 const WG: u32 = 64;
+/// Query rows of a workgroup of the register-blocked kernel (`attention_blocked`).
+const BLOCKED_ROWS: usize = 64;
 
 /// Each named tensor of `len` elements, as the shader binds it (f32 scratch for widened
 /// f16), fits one storage binding and u32 element indices.
@@ -471,12 +478,22 @@ pub(crate) fn tile_rows(d: u32, dv: u32) -> u32 {
 /// The shader variant for a storage type, padded dims and entry point.
 fn variant(dtype: DType, d: u32, dv: u32, entry: &'static str) -> ShaderVariant {
     let t = tile_rows(d, dv);
-    let consts =
-        format!("const D: u32 = {d}u;\nconst DV: u32 = {dv}u;\nconst T: u32 = {t}u;\nconst WG: u32 = {WG}u;\n");
+    let slabs = dv.div_ceil(64);
+    let consts = format!(
+        "const D: u32 = {d}u;\nconst DV: u32 = {dv}u;\nconst T: u32 = {t}u;\nconst WG: u32 = {WG}u;\n\
+         const SLABS: u32 = {slabs}u;\n"
+    );
     ShaderVariant {
         family: "attention",
         variant: format!("{}-d{d}-dv{dv}", dtype.name()),
-        source: compose(&[elem_header(dtype), &consts, GRID_WGSL, TILES_WGSL, SOURCE]),
+        source: compose(&[
+            elem_header(dtype),
+            &consts,
+            GRID_WGSL,
+            TILES_WGSL,
+            GEMM_WGSL,
+            SOURCE,
+        ]),
         entry,
         constants: vec![],
     }
@@ -488,7 +505,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
     for dtype in [DType::F32, DType::F16] {
         for d in DIMS {
             for dv in DIMS {
-                for entry in ["attention", "attention_merge"] {
+                for entry in ["attention", "attention_merge", "attention_blocked"] {
                     out.push(variant(dtype, d, dv, entry));
                 }
             }
@@ -701,7 +718,14 @@ impl Attention {
         let chunk = chunk.min(s.n.div_ceil(t) * t);
         let splits = s.n.div_ceil(chunk);
         let bh = s.b * s.hq;
-        let qtiles = s.m.div_ceil(t);
+        // Without key splits and with more query rows than one tile of the tile engine, the
+        // register-blocked kernel (64 rows a workgroup) does the work.
+        let blocked = splits == 1 && s.m > t;
+        let (entry, qtiles) = if blocked {
+            ("attention_blocked", s.m.div_ceil(BLOCKED_ROWS))
+        } else {
+            ("attention", s.m.div_ceil(t))
+        };
 
         let flags = ((s.causal as u32) * FLAG_CAUSAL)
             | ((mask.is_some() as u32) * FLAG_MASK)
@@ -766,20 +790,23 @@ impl Attention {
         };
         let e = wgpu::Buffer::as_entire_buffer_binding;
         let data = |b, len| data_binding(b, len, dtype);
+        let mut bindings = vec![
+            (0, data(&qb, q.len())),
+            (1, data(&kb, k.len())),
+            (2, data(&vb, v.len())),
+            (3, data(&ob, out.len())),
+            (4, sub_binding(&mask_b, 0, mask_bytes)),
+            (5, e(&params)),
+            (6, sub_binding(&lse_b, 0, lse_bytes)),
+        ];
+        if !blocked {
+            // The key splits' partials (the blocked kernel has no splits).
+            bindings.extend([(7, e(&part_o)), (8, e(&part_ml))]);
+        }
         plan.push(Step::new(
             ctx,
-            &variant(dtype, dp, dvp, "attention"),
-            &[
-                (0, data(&qb, q.len())),
-                (1, data(&kb, k.len())),
-                (2, data(&vb, v.len())),
-                (3, data(&ob, out.len())),
-                (4, sub_binding(&mask_b, 0, mask_bytes)),
-                (5, e(&params)),
-                (6, sub_binding(&lse_b, 0, lse_bytes)),
-                (7, e(&part_o)),
-                (8, e(&part_ml)),
-            ],
+            &variant(dtype, dp, dvp, entry),
+            &bindings,
             (bh * qtiles * splits) as u64,
         )?);
         if splits > 1 {
