@@ -1,5 +1,5 @@
 //! Exact attention throughput on the default adapter (GPU time from timestamp queries, wall
-//! clock without them), causal and not, next to the tile-engine matmul of one head's Q K^T.
+//! clock without them), causal and not, next to the matmul of one head's Q K^T on the same block products.
 //! Criterion reports elements as FLOPs: 4 b h m n d (halved for causal), 2 n n d for matmul.
 
 mod common;

@@ -25,6 +25,7 @@ const FLAG_CAUSAL: u32 = 1u;
 const FLAG_MASK: u32 = 2u;
 const FLAG_LSE: u32 = 4u;
 const FLAG_ADDITIVE: u32 = 8u;   // the mask holds f32 terms (bits), not bytes
+const FLAG_MATMUL_NN: u32 = 16u; // matmul: C = A B rather than A B^T
 // The lowest finite f32: every finite score is at least this, so a row whose scores all lie
 // below -3e38 still finds its maximum (a higher sentinel would read it as fully masked).
 const SENTINEL: f32 = -0x1.fffffep+127f;
@@ -312,8 +313,10 @@ fn attention_merge(
 }
 
 // C = A B^T with A [m, d] (binding q, row stride q_row) and B [n, d] (binding k, row stride
-// k_row), C [m, n] (binding out, row stride o_row): T x T output tiles, depth in chunks of D.
-@compute @workgroup_size(WG)
+// k_row), or with FLAG_MATMUL_NN C = A B with B [d, n] (binding v, row stride v_row); C [m, n]
+// (binding out, row stride o_row). One 64 x 64 block of C a workgroup, on gemm.wgsl's block
+// products, as the register-blocked attention below.
+@compute @workgroup_size(GEMM_WG)
 fn matmul(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -323,68 +326,24 @@ fn matmul(
     if (g >= p.qtiles * p.ntiles) {
         return;
     }
-    let ti = g / p.ntiles;
-    let tj = g % p.ntiles;
-    var acc: array<f32, EPT>;
-    for (var e = 0u; e < EPT; e++) {
-        acc[e] = 0.0;
-    }
-    for (var k0 = 0u; k0 < p.d; k0 += D) {
-        workgroupBarrier();
-        tile_load_a(SRC_Q, k0, p.q_row, ti * T, p.m, p.d - k0, lid);
-        tile_load_b(SRC_K, k0, p.k_row, tj * T, p.n, p.d - k0, lid);
-        workgroupBarrier();
-        for (var e = 0u; e < EPT; e++) {
-            let x = lid + e * WG;
-            if (x < T * T) {
-                acc[e] += tile_dot_ab(x / T, x % T, D);
-            }
-        }
-    }
-    for (var e = 0u; e < EPT; e++) {
-        let x = lid + e * WG;
-        let row = ti * T + x / T;
-        let col = tj * T + x % T;
-        if (x < T * T && row < p.m && col < p.n) {
-            out[row * p.o_row + col] = elem(acc[e]);
-        }
-    }
-}
-
-// C = A B with A [m, d] (binding q) and B [d, n] (binding v, row stride v_row), C [m, n]:
-// output tiles of T rows by DV columns, depth in chunks of T through tile_p and tile_v.
-@compute @workgroup_size(WG)
-fn matmul_nn(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let g = linear_workgroup(wid, nwg);
-    if (g >= p.qtiles * p.ntiles) {
-        return;
-    }
-    let ti = g / p.ntiles;
-    let tj = g % p.ntiles;
-    let r = lid / C;
-    let cg = lid % C;
-    var acc: array<f32, ACC>;
-    for (var c = 0u; c < ACC; c++) {
-        acc[c] = 0.0;
-    }
-    for (var k0 = 0u; k0 < p.d; k0 += T) {
-        workgroupBarrier();
-        tile_load_p(SRC_Q, k0, p.q_row, ti * T, p.m, p.d - k0, lid);
-        tile_load_v(SRC_V, tj * DV, p.v_row, k0, p.d, p.n - tj * DV, lid);
-        workgroupBarrier();
-        for (var c = 0u; c < ACC; c++) {
-            acc[c] += tile_pv(r, cg + c * C);
-        }
-    }
-    let row = ti * T + r;
-    for (var c = 0u; c < ACC; c++) {
-        let col = tj * DV + cg + c * C;
-        if (row < p.m && col < p.n) {
-            out[row * p.o_row + col] = elem(acc[c]);
+    let m0 = (g / p.ntiles) * BLOCK_ROWS;
+    let n0 = (g % p.ntiles) * BLOCK_ROWS;
+    base_q = 0u;
+    base_k = 0u;
+    base_v = 0u;
+    let nn = has(FLAG_MATMUL_NN);
+    var acc = gemm_zero();
+    gemm_product(&acc, SRC_Q, select(SRC_K, SRC_V, nn), m0, p.m, n0, p.n, p.d, false, nn, lid);
+    let row0 = m0 + gemm_row(lid);
+    let col = n0 + gemm_col(lid);
+    for (var r = 0u; r < 4u; r++) {
+        let row = row0 + r;
+        if (row < p.m) {
+            let o = row * p.o_row + col;
+            if (col < p.n) { out[o] = elem(acc[r].x); }
+            if (col + 1u < p.n) { out[o + 1u] = elem(acc[r].y); }
+            if (col + 2u < p.n) { out[o + 2u] = elem(acc[r].z); }
+            if (col + 3u < p.n) { out[o + 3u] = elem(acc[r].w); }
         }
     }
 }

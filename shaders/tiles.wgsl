@@ -1,5 +1,5 @@
 // Tile engine: workgroup-memory tiles of row-major matrices and the small products on them,
-// shared by exact attention and its matmul twin.
+// for exact attention's tile path (few query rows, key splits).
 //
 // The including shader provides, before or after this snippet:
 //   const D: u32     depth of the A and B tiles (columns), padded
@@ -16,12 +16,11 @@
 
 const C: u32 = WG / T;       // invocations per tile row
 const ACC: u32 = DV / C;     // accumulator columns per invocation (columns cg + k*C)
-const EPT: u32 = (T * T + WG - 1u) / WG;   // T x T entries per invocation
 
-var<workgroup> tile_a: array<f32, T * D>;   // [T, D]  e.g. queries, or A of a matmul
-var<workgroup> tile_b: array<f32, T * D>;   // [T, D]  e.g. keys, or B of A B^T
-var<workgroup> tile_v: array<f32, T * DV>;  // [T, DV] e.g. values, or B of A B
-var<workgroup> tile_p: array<f32, T * T>;   // [T, T]  probabilities, or an A chunk of A B
+var<workgroup> tile_a: array<f32, T * D>;   // [T, D]  queries
+var<workgroup> tile_b: array<f32, T * D>;   // [T, D]  keys
+var<workgroup> tile_v: array<f32, T * DV>;  // [T, DV] values
+var<workgroup> tile_p: array<f32, T * T>;   // [T, T]  probabilities
 
 // Element e of a tile `width` wide: (row0 + e / width, e % width) of a matrix with `stride`
 // elements per row starting at `base`, or zero outside `rows` x `cols`.
@@ -51,13 +50,6 @@ fn tile_load_b(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32
 fn tile_load_v(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
     for (var e = lid; e < T * DV; e += WG) {
         tile_v[e] = tile_elem(src, base, stride, row0, rows, cols, e, DV);
-    }
-}
-
-// A [T, T] block of the A matrix into tile_p (the left factor of tile_pv).
-fn tile_load_p(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
-    for (var e = lid; e < T * T; e += WG) {
-        tile_p[e] = tile_elem(src, base, stride, row0, rows, cols, e, T);
     }
 }
 

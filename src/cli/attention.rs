@@ -1,4 +1,5 @@
-//! `seqk` entries of exact attention (and the tile-engine matmul it is benchmarked next to).
+//! `seqk` entries of exact attention (and the matmul it is benchmarked next to, on the same
+//! block products).
 
 use half::f16;
 
@@ -214,8 +215,9 @@ fn run_gpu(
 }
 
 /// Prefill cases (m = n) over n in {512 .. 8192} and d in {64, 128}, causal and not, as
-/// TFLOP/s (4 b h m n d, halved for causal) next to the same tile engine's matmul (one head's
-/// `Q K^T` as an `[n, d] x [d, n]` product); b h n = 65536 in every case, so FLOPs grow with n.
+/// TFLOP/s (4 b h m n d, halved for causal) next to the matmul on the same block products
+/// (one head's `Q K^T` as an `[n, d] x [d, n]` product); b h n = 65536 in every case, so
+/// FLOPs grow with n.
 /// Then decode (m = 1, many keys, split-key path) as GB/s of reading K and V once, next to the
 /// copy kernel: the target is a copy ratio of at least 1 / 1.5.
 /// `quick` (software devices, 0.2-1 GFLOP/s) takes b = 1, h = 2, n in {256, 512} and 1024
@@ -247,7 +249,7 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
     Ok(rows)
 }
 
-/// f32 attention with m = n, causal and not, then the tile-engine matmul of one head's scores.
+/// f32 attention with m = n, causal and not, then the matmul of one head's scores on the same block products.
 fn prefill(
     ctx: &Context,
     baseline: &Baseline,
@@ -297,7 +299,7 @@ fn prefill(
     })?;
     rows.push(BenchRow {
         kernel: "matmul",
-        case: format!("f32 A B^T {r}x{d} . {d}x{n} (tile engine)"),
+        case: format!("f32 A B^T {r}x{d} . {d}x{n} (block products)"),
         timing,
         bytes: None,
         flops: Some(flops),

@@ -1,6 +1,6 @@
 //! Exact attention, `O = softmax(scale * Q K^T [softcap] + mask) V` per (batch, head),
-//! computed FlashAttention-2 style, plus the plain matmul of the same tile engine
-//! (`shaders/tiles.wgsl`).
+//! computed FlashAttention-2 style, plus a plain matmul on the same block products
+//! (`shaders/gemm.wgsl`).
 //!
 //! - Shapes: q `[b, hq, m, d]`, k `[b, hkv, n, d]`, v `[b, hkv, n, dv]`, out `[b, hq, m, dv]`;
 //!   with [`Layout::Bshd`] q `[b, m, hq, d]`, k `[b, n, hkv, d]`, v `[b, n, hkv, dv]`,
@@ -64,7 +64,7 @@ use crate::tensor::{data_binding, require_float, shape_elements, DType, Element,
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
 /// The tile engine snippet (tiles of row-major matrices in workgroup memory and their
-/// products), shared by exact attention and its matmul.
+/// products), for attention's tile path.
 const TILES_WGSL: &str = include_str!("../../shaders/tiles.wgsl");
 
 /// Padded head-dimension buckets; each (d, dv) bucket pair is a shader variant.
@@ -89,6 +89,7 @@ const FLAG_CAUSAL: u32 = 1;
 const FLAG_MASK: u32 = 2;
 const FLAG_LSE: u32 = 4;
 const FLAG_ADDITIVE: u32 = 8;
+const FLAG_MATMUL_NN: u32 = 16;
 
 /// The mask of an attention call, `[m|1, n]` or `[b|1, 1|hq, m|1, n]` (a dimension of 1 is
 /// broadcast).
@@ -510,9 +511,7 @@ pub fn shader_variants() -> Vec<ShaderVariant> {
                 }
             }
         }
-        for entry in ["matmul", "matmul_nn"] {
-            out.push(variant(dtype, 64, 64, entry));
-        }
+        out.push(variant(dtype, 64, 64, "matmul"));
     }
     out
 }
@@ -834,7 +833,8 @@ impl Attention {
 }
 
 /// `C = A B^T` (`transpose_b`, B `[n, k]`) or `C = A B` (B `[k, n]`) for A `[m, k]`, C `[m, n]`,
-/// all row-major, on the attention tile engine: the matmul that attention's FLOP/s are
+/// all row-major, on the block products of the register-blocked attention
+/// (`shaders/gemm.wgsl`, 64 x 64 blocks of C): the matmul that attention's FLOP/s are
 /// compared with. f32 or f16 storage, f32 accumulation.
 ///
 /// # Errors
@@ -901,14 +901,9 @@ pub fn matmul_plan<T: Element>(
         ),
         Storage::Native(_) => (a.buffer().clone(), b.buffer().clone(), c.buffer().clone()),
     };
-    let (dp, dvp) = (64u32, 64u32);
-    let t = tile_rows(dp, dvp) as usize;
-    let ntiles = if transpose_b {
-        n.div_ceil(t)
-    } else {
-        n.div_ceil(dvp as usize)
-    };
-    let qtiles = m.div_ceil(t);
+    // 64 x 64 blocks of C (the block products of the register-blocked attention).
+    let qtiles = m.div_ceil(BLOCKED_ROWS);
+    let ntiles = n.div_ceil(BLOCKED_ROWS);
     let u = |x: usize| x as u32;
     let params = ctx.uniform(&Params {
         m: u(m),
@@ -921,15 +916,15 @@ pub fn matmul_plan<T: Element>(
         qtiles: u(qtiles),
         ntiles: u(ntiles),
         splits: 1,
+        flags: if transpose_b { 0 } else { FLAG_MATMUL_NN },
         ..Default::default()
     })?;
     let dtype = storage.shader_dtype();
     let data = |buf, len| data_binding(buf, len, dtype);
-    let entry = if transpose_b { "matmul" } else { "matmul_nn" };
     plan.push(Step::new(
         ctx,
-        &variant(dtype, dp, dvp, entry),
-        // The tile engine's reader names every source; B fills the unused one.
+        &variant(dtype, 64, 64, "matmul"),
+        // The kernel reads B from k (A B^T) or v (A B); B fills both.
         &[
             (0, data(&ab, a.len())),
             (1, data(&bb, b.len())),
@@ -1005,7 +1000,8 @@ impl Context {
         Ok((out, lse))
     }
 
-    /// `C = A B^T` (`transpose_b`) or `C = A B` on the attention tile engine, into a new tensor.
+    /// `C = A B^T` (`transpose_b`) or `C = A B` on attention's block products, into a new
+    /// tensor.
     ///
     /// # Errors
     ///
