@@ -464,6 +464,11 @@ fn junk_values_of_hidden_keys_never_reach_outputs() {
     let mut c = Case::new(1, 1, 1, 20, 30, 8);
     c.opts.causal = true;
     cases.push((c, 25, (0..15).collect()));
+    // The register-blocked kernel (m above one tile) with a mask: key 70 of 100 hidden from
+    // queries 5 and 40 only.
+    let mut c = Case::new(1, 2, 1, 50, 100, 8);
+    c.mask = Some((vec![50, 100], 1.0));
+    cases.push((c, 70, vec![5, 40]));
     // Decode with split keys (m <= 4, n >= 1024): key 700 hidden from query 1 only.
     let mut c = Case::new(1, 2, 1, 3, 1100, 16);
     c.mask = Some((vec![3, 1100], 1.0));
