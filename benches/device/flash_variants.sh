@@ -15,8 +15,9 @@
 # run (on the GPU machine, with .gl and .dev copied along; about 560 s): for each variant,
 # `seqk verify` and the FLASH GPU tests, then `seqk bench flash --json` twice, the variants
 # interleaved (ABC ABC) and each run in a fresh process (a long-lived process was seen to drift
-# after large allocations); then the torch peers once. Everything lands in $OUT. ROUNDS=0 with
-# OUT set makes a dry run of the rest on any machine.
+# after large allocations); then the torch peers once, and HEAD's `seqk bench attention` beside
+# torch's attention peers. Everything lands in $OUT. ROUNDS=0 with OUT set makes a dry run of
+# the rest on any machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -125,6 +126,12 @@ run() {
     stamp torch
     python3 benches/peers/torch_peers.py --json flash >"$out/torch_flash.json" 2>>"$log" ||
         stamp "torch FAILED"
+    # Exact attention (the register-blocked kernel, untimed on a GPU before) beside SDPA.
+    stamp "attention"
+    "$bin/head/seqk" bench attention --json >"$out/head-bench_attention.json" 2>>"$log" ||
+        stamp "attention bench FAILED"
+    python3 benches/peers/torch_peers.py --json attention >"$out/torch_attention.json" \
+        2>>"$log" || stamp "torch attention FAILED"
     stamp done
 }
 
