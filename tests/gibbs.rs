@@ -636,6 +636,33 @@ fn annealing_tracks_the_best_state() {
     );
 }
 
+/// Of states that score the same, the best state is the first one seen, as the reference's
+/// strict comparison keeps it: on a model where every state scores 0 the chains move, but
+/// the best state stays the initial one.
+#[test]
+fn best_state_keeps_the_first_of_equal_scores() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (16usize, 6usize, 5usize);
+    let m = Model::dense(ctx, vec![0.0; l * v], [l, v], vec![0.0; v * v]);
+    let init = random_tokens(b * l, v, 81);
+    let opts = GibbsOptions {
+        sweeps: 3,
+        seed: 82,
+        track_best: true,
+        ..Default::default()
+    };
+    let (got, best) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+    assert_ne!(got, init, "the chains did not move");
+    let (bt, bs) = best.unwrap();
+    assert!(bs.iter().all(|&s| s == 0.0), "scores {bs:?}");
+    assert_eq!(bt, init, "a later state of equal score replaced the first");
+    let mut want = init.clone();
+    let host = reference::gibbs(&m.host, &mut want, &[b, l], None, &opts)
+        .unwrap()
+        .unwrap();
+    assert_eq!(host.tokens, init, "reference");
+}
+
 /// Same seed, same output: two GPU runs are identical and equal the CPU reference exactly
 /// (so the Vulkan and GL runs of this test produce the same tokens). The hash is printed
 /// for comparison across backends.
