@@ -663,6 +663,61 @@ fn best_state_keeps_the_first_of_equal_scores() {
     assert_eq!(host.tokens, init, "reference");
 }
 
+/// The annealed temperature goes geometrically from `temperature` at the schedule's first
+/// sweep to `anneal_to` at its last, checked against values worked out by hand: the GPU and
+/// the reference take their temperatures from the same `temperature_at`, so comparing them
+/// cannot see a wrong schedule.
+#[test]
+fn annealing_runs_geometrically_from_temperature_to_anneal_to() {
+    let close = |got: f32, want: f32, what: &str| {
+        assert!(
+            (got - want).abs() <= 1e-6 * want,
+            "{what}: temperature {got}, expected {want}"
+        );
+    };
+    // 2 to 1/8 over 5 sweeps: the temperature halves each sweep.
+    let run = GibbsOptions {
+        sweeps: 5,
+        temperature: 2.0,
+        anneal_to: Some(0.125),
+        ..Default::default()
+    };
+    for (s, want) in [2.0f32, 1.0, 0.5, 0.25, 0.125].into_iter().enumerate() {
+        close(
+            run.temperature_at(s as u32),
+            want,
+            &format!("sweep {s} of 5"),
+        );
+    }
+    // Sweeps 3..6 of a 9-sweep schedule from 2 to 1/8: 2 * 2^(-i/2) at sweep i.
+    let part = GibbsOptions {
+        sweeps: 3,
+        schedule: Some((3, 9)),
+        ..run.clone()
+    };
+    for s in 0..3u32 {
+        let want = 2.0 * 2f32.powf(-((3 + s) as f32) / 2.0);
+        close(
+            part.temperature_at(s),
+            want,
+            &format!("sweep {} of 9", 3 + s),
+        );
+    }
+    // The schedule's last sweep is at anneal_to.
+    let last = GibbsOptions {
+        sweeps: 2,
+        schedule: Some((7, 9)),
+        ..run.clone()
+    };
+    close(last.temperature_at(1), 0.125, "sweep 8 of 9");
+    // Without anneal_to the temperature stays.
+    let flat = GibbsOptions {
+        anneal_to: None,
+        ..run
+    };
+    close(flat.temperature_at(4), 2.0, "constant");
+}
+
 /// Same seed, same output: two GPU runs are identical and equal the CPU reference exactly
 /// (so the Vulkan and GL runs of this test produce the same tokens). The hash is printed
 /// for comparison across backends.
