@@ -1699,6 +1699,59 @@ fn mh_step_follows_the_reference_and_accepts_at_the_right_rate() {
     );
 }
 
+/// At T = 0 the MH step accepts iff score(y) >= score(x), ties included; the proposal terms
+/// do not count (here they would reverse every decision if they did). The other MH tests all
+/// run at T = 1.
+#[test]
+fn mh_step_at_zero_temperature_accepts_iff_not_worse() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (6usize, 3usize, 10usize);
+    let x = random_tokens(b * l, v, 101);
+    let y = random_tokens(b * l, v, 102);
+    let sx = [0.0f32, 1.0, -2.0, 3.5, 0.25, -1.0];
+    let sy = [0.5f32, 1.0, -2.5, 3.5, 0.0, 4.0];
+    let accept = [true, true, false, true, false, true];
+    let qf: Vec<f32> = accept
+        .iter()
+        .map(|&a| if a { 50.0 } else { -50.0 })
+        .collect();
+    let qb: Vec<f32> = qf.iter().map(|q| -q).collect();
+    let o = MhOptions {
+        temperature: 0.0,
+        seed: 103,
+        step: 1,
+    };
+    let xt = ctx.upload(&x, [b, l]).unwrap();
+    let sxt = ctx.upload(&sx, [b]).unwrap();
+    let acc = ctx.zeros::<u32>([b]).unwrap();
+    let tensors = MhTensors {
+        x: &xt,
+        y: &ctx.upload(&y, [b, l]).unwrap(),
+        score_x: &sxt,
+        score_y: &ctx.upload(&sy, [b]).unwrap(),
+        log_q_fwd: &ctx.upload(&qf, [b]).unwrap(),
+        log_q_back: &ctx.upload(&qb, [b]).unwrap(),
+        accepted: &acc,
+    };
+    ctx.mh_step(&tensors, v, &o).unwrap();
+    let got: Vec<bool> = acc.download().unwrap().iter().map(|&a| a == 1).collect();
+    assert_eq!(got, accept);
+    let (gx, gsx) = (xt.download().unwrap(), sxt.download().unwrap());
+    for c in 0..b {
+        let r = c * l..(c + 1) * l;
+        let expect = if accept[c] {
+            &y[r.clone()]
+        } else {
+            &x[r.clone()]
+        };
+        assert_eq!(&gx[r], expect, "chain {c}");
+        assert_eq!(gsx[c], if accept[c] { sy[c] } else { sx[c] }, "chain {c}");
+    }
+    let (mut hx, mut hsx) = (x.clone(), sx.to_vec());
+    let want = reference::mh_step(&mut hx, &y, &[b, l], &mut hsx, &sy, &qf, &qb, &o).unwrap();
+    assert_eq!(want, accept, "reference");
+}
+
 // ------------------------------------------------------------------------------ bad input
 
 /// Shapes whose element count overflows usize are shape errors in the reference, which
