@@ -636,6 +636,88 @@ fn annealing_tracks_the_best_state() {
     );
 }
 
+/// Of states that score the same, the best state is the first one seen, as the reference's
+/// strict comparison keeps it: on a model where every state scores 0 the chains move, but
+/// the best state stays the initial one.
+#[test]
+fn best_state_keeps_the_first_of_equal_scores() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (16usize, 6usize, 5usize);
+    let m = Model::dense(ctx, vec![0.0; l * v], [l, v], vec![0.0; v * v]);
+    let init = random_tokens(b * l, v, 81);
+    let opts = GibbsOptions {
+        sweeps: 3,
+        seed: 82,
+        track_best: true,
+        ..Default::default()
+    };
+    let (got, best) = run_gpu(ctx, &m, &init, [b, l], None, &opts);
+    assert_ne!(got, init, "the chains did not move");
+    let (bt, bs) = best.unwrap();
+    assert!(bs.iter().all(|&s| s == 0.0), "scores {bs:?}");
+    assert_eq!(bt, init, "a later state of equal score replaced the first");
+    let mut want = init.clone();
+    let host = reference::gibbs(&m.host, &mut want, &[b, l], None, &opts)
+        .unwrap()
+        .unwrap();
+    assert_eq!(host.tokens, init, "reference");
+}
+
+/// The annealed temperature goes geometrically from `temperature` at the schedule's first
+/// sweep to `anneal_to` at its last, checked against values worked out by hand: the GPU and
+/// the reference take their temperatures from the same `temperature_at`, so comparing them
+/// cannot see a wrong schedule.
+#[test]
+fn annealing_runs_geometrically_from_temperature_to_anneal_to() {
+    let close = |got: f32, want: f32, what: &str| {
+        assert!(
+            (got - want).abs() <= 1e-6 * want,
+            "{what}: temperature {got}, expected {want}"
+        );
+    };
+    // 2 to 1/8 over 5 sweeps: the temperature halves each sweep.
+    let run = GibbsOptions {
+        sweeps: 5,
+        temperature: 2.0,
+        anneal_to: Some(0.125),
+        ..Default::default()
+    };
+    for (s, want) in [2.0f32, 1.0, 0.5, 0.25, 0.125].into_iter().enumerate() {
+        close(
+            run.temperature_at(s as u32),
+            want,
+            &format!("sweep {s} of 5"),
+        );
+    }
+    // Sweeps 3..6 of a 9-sweep schedule from 2 to 1/8: 2 * 2^(-i/2) at sweep i.
+    let part = GibbsOptions {
+        sweeps: 3,
+        schedule: Some((3, 9)),
+        ..run.clone()
+    };
+    for s in 0..3u32 {
+        let want = 2.0 * 2f32.powf(-((3 + s) as f32) / 2.0);
+        close(
+            part.temperature_at(s),
+            want,
+            &format!("sweep {} of 9", 3 + s),
+        );
+    }
+    // The schedule's last sweep is at anneal_to.
+    let last = GibbsOptions {
+        sweeps: 2,
+        schedule: Some((7, 9)),
+        ..run.clone()
+    };
+    close(last.temperature_at(1), 0.125, "sweep 8 of 9");
+    // Without anneal_to the temperature stays.
+    let flat = GibbsOptions {
+        anneal_to: None,
+        ..run
+    };
+    close(flat.temperature_at(4), 2.0, "constant");
+}
+
 /// Same seed, same output: two GPU runs are identical and equal the CPU reference exactly
 /// (so the Vulkan and GL runs of this test produce the same tokens). The hash is printed
 /// for comparison across backends.
@@ -1615,6 +1697,59 @@ fn mh_step_follows_the_reference_and_accepts_at_the_right_rate() {
         (rate - (-1.0f64).exp()).abs() < 0.024,
         "acceptance rate {rate}"
     );
+}
+
+/// At T = 0 the MH step accepts iff score(y) >= score(x), ties included; the proposal terms
+/// do not count (here they would reverse every decision if they did). The other MH tests all
+/// run at T = 1.
+#[test]
+fn mh_step_at_zero_temperature_accepts_iff_not_worse() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l, v) = (6usize, 3usize, 10usize);
+    let x = random_tokens(b * l, v, 101);
+    let y = random_tokens(b * l, v, 102);
+    let sx = [0.0f32, 1.0, -2.0, 3.5, 0.25, -1.0];
+    let sy = [0.5f32, 1.0, -2.5, 3.5, 0.0, 4.0];
+    let accept = [true, true, false, true, false, true];
+    let qf: Vec<f32> = accept
+        .iter()
+        .map(|&a| if a { 50.0 } else { -50.0 })
+        .collect();
+    let qb: Vec<f32> = qf.iter().map(|q| -q).collect();
+    let o = MhOptions {
+        temperature: 0.0,
+        seed: 103,
+        step: 1,
+    };
+    let xt = ctx.upload(&x, [b, l]).unwrap();
+    let sxt = ctx.upload(&sx, [b]).unwrap();
+    let acc = ctx.zeros::<u32>([b]).unwrap();
+    let tensors = MhTensors {
+        x: &xt,
+        y: &ctx.upload(&y, [b, l]).unwrap(),
+        score_x: &sxt,
+        score_y: &ctx.upload(&sy, [b]).unwrap(),
+        log_q_fwd: &ctx.upload(&qf, [b]).unwrap(),
+        log_q_back: &ctx.upload(&qb, [b]).unwrap(),
+        accepted: &acc,
+    };
+    ctx.mh_step(&tensors, v, &o).unwrap();
+    let got: Vec<bool> = acc.download().unwrap().iter().map(|&a| a == 1).collect();
+    assert_eq!(got, accept);
+    let (gx, gsx) = (xt.download().unwrap(), sxt.download().unwrap());
+    for c in 0..b {
+        let r = c * l..(c + 1) * l;
+        let expect = if accept[c] {
+            &y[r.clone()]
+        } else {
+            &x[r.clone()]
+        };
+        assert_eq!(&gx[r], expect, "chain {c}");
+        assert_eq!(gsx[c], if accept[c] { sy[c] } else { sx[c] }, "chain {c}");
+    }
+    let (mut hx, mut hsx) = (x.clone(), sx.to_vec());
+    let want = reference::mh_step(&mut hx, &y, &[b, l], &mut hsx, &sy, &qf, &qb, &o).unwrap();
+    assert_eq!(want, accept, "reference");
 }
 
 // ------------------------------------------------------------------------------ bad input

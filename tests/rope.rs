@@ -771,6 +771,58 @@ fn gpu_bf16_storage_matches_reference() {
     check_16bit::<bf16>(ctx, bf16::from_f32, bf16::to_f32, 4e-3);
 }
 
+/// bf16 outputs round to nearest, ties to even. At position 0 the rotation is the identity
+/// times mscale, so with mscale 1.5 every output is exactly 1.5 x in f32 (no rounding before
+/// the narrowing), and half of the bf16 values of [1, 2) then fall exactly halfway between two
+/// bf16 values. The 4e-3 tolerance of the other bf16 test cannot see the direction of a tie.
+/// Word-pair (half, r % 4 == 0), one-invocation-per-row (half, r % 4 == 2) and interleaved
+/// paths.
+#[test]
+fn gpu_bf16_ties_round_to_even() {
+    let Some(ctx) = gpu() else { return };
+    let values: Vec<f32> = (0..128)
+        .map(|k| 1.0 + k as f32 / 128.0)
+        .flat_map(|x| [x, -x])
+        .collect();
+    let ties = values
+        .iter()
+        .filter(|&&x| (x * 1.5).to_bits() & 0xffff == 0x8000)
+        .count();
+    assert!(ties >= 64, "only {ties} ties");
+    for (d, style) in [
+        (256, RopeStyle::Half),
+        (258, RopeStyle::Half),
+        (256, RopeStyle::Interleaved),
+    ] {
+        let host: Vec<bf16> = (0..d)
+            .map(|i| bf16::from_f32(values[i % values.len()]))
+            .collect();
+        let opts = RopeOptions {
+            style,
+            scaling: RopeScaling::Yarn {
+                factor: 2.0,
+                original_max: 16,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: Some(1.5),
+                truncate: true,
+            },
+            ..Default::default()
+        };
+        let x = ctx.upload(&host, [1, 1, 1, d]).unwrap();
+        let got = ctx.rope(&x, None, &opts).unwrap().download().unwrap();
+        for (i, (g, x)) in got.iter().zip(&host).enumerate() {
+            // half's from_f32 rounds to nearest, ties to even.
+            let want = bf16::from_f32(x.to_f32() * 1.5);
+            assert_eq!(
+                g.to_bits(),
+                want.to_bits(),
+                "d {d} {style:?} element {i}: 1.5 * {x} gave {g}, expected {want}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------- bad input
 
 #[test]
