@@ -273,6 +273,19 @@ fn causal_with_m_less_and_greater_than_n() {
     }
 }
 
+/// A cap a few times the scores (|s / c| up to about 0.1) bends them by c tanh(s / c), which
+/// differs from s by up to about s (s / c)^2 / 3: the shortcut for tiny s / c must not
+/// reach this far. Both kernels: 5 query rows (tile path) and 40 (register-blocked).
+#[test]
+fn moderate_softcap_bends_the_scores() {
+    let Some(ctx) = gpu() else { return };
+    for m in [5, 40] {
+        let mut c = Case::new(1, 2, 1, m, 9, 16);
+        c.opts.softcap = 8.0;
+        check(ctx, &c);
+    }
+}
+
 /// A cap far above the scores leaves them unchanged (c tanh(s / c) = s): s / c used to be
 /// subnormal, flushed to 0, and every score 0.
 #[test]
