@@ -365,14 +365,10 @@ var<private> base_k: u32;
 var<private> base_v: u32;   // of the current key block's first row
 
 // Two uses at different times, so one array (workgroup memory stays under 16 KiB): the P of
-// one depth step as the left factor, laid out as gemm.wgsl's staged rows; and the 16
-// partials of each row (maxima, -inf for no valid score, then sums), row r's partial t at
-// [r * 4 + t / 4][t % 4]. Barriers separate the uses: the block products begin with one.
+// one depth step as the left factor, laid out as gemm.wgsl's staged rows; and the partials of
+// each invocation's four rows (maxima, -inf for no valid score, then sums), invocation
+// (ty, tx)'s at [tx * 16 + ty]. Barriers separate the uses: the block products begin with one.
 var<workgroup> stage_p: array<vec4<f32>, GEMM_BK * GEMM_LD>;
-
-fn part_store(row: u32, t: u32, x: f32) {
-    stage_p[row * 4u + t / 4u][t % 4u] = x;
-}
 
 fn gemm_a(src: u32, m: u32, k: u32) -> f32 {
     if (src == SRC_Q) {
@@ -386,32 +382,6 @@ fn gemm_b(src: u32, depth: u32, n: u32) -> f32 {
         return f32(k[base_k + n * p.k_row + depth]);
     }
     return f32(v[base_v + depth * p.v_row + n]);
-}
-
-// The sum of row r's 16 partials.
-fn row_sum(row: u32) -> f32 {
-    var s = 0.0;
-    for (var t = 0u; t < 4u; t++) {
-        let x = stage_p[row * 4u + t];
-        s += x.x + x.y + x.z + x.w;
-    }
-    return s;
-}
-
-// The maximum of row r's 16 partials, and whether one of them is a score (not -inf).
-fn row_max(row: u32) -> vec2<f32> {
-    var mx = SENTINEL;
-    var any = 0.0;
-    for (var t = 0u; t < 4u; t++) {
-        let x = bitcast<vec4<u32>>(stage_p[row * 4u + t]);
-        for (var c = 0u; c < 4u; c++) {
-            if (x[c] != NEG_INF_BITS) {
-                mx = max(mx, bitcast<f32>(x[c]));
-                any = 1.0;
-            }
-        }
-    }
-    return vec2(mx, any);
 }
 
 // The score of (query i, key j) and whether it is visible, from its dot product.
@@ -471,6 +441,7 @@ fn attention_blocked(
         // Whether a key of the block is hidden from one of these rows: its p is then 0 and
         // its value (perhaps junk, a masked cache slot) must not be multiplied in.
         var hides = has(FLAG_MASK);
+        var pbits = vec4(NEG_INF_BITS);
         let kcount = min(BLOCK_ROWS, kend - j0);
         for (var r = 0u; r < 4u; r++) {
             let i = q0 + r0 + r;
@@ -491,20 +462,28 @@ fn attention_blocked(
             if (any) {
                 bits = bitcast<u32>(mx);
             }
-            part_store(r0 + r, tx, bitcast<f32>(bits));
+            pbits[r] = bits;
             if (has(FLAG_CAUSAL) && i < p.m && i32(j0 + kcount - 1u) > i32(i) + i32(p.n) - i32(p.m)) {
                 hides = true;
             }
         }
+        stage_p[tx * 16u + ty] = bitcast<vec4<f32>>(pbits);
         workgroupBarrier();
+        var mx4 = vec4(SENTINEL);
+        var any4 = vec4<bool>(false);
+        for (var t = 0u; t < 16u; t++) {
+            let x = stage_p[t * 16u + ty];
+            let valid = bitcast<vec4<u32>>(x) != vec4(NEG_INF_BITS);
+            mx4 = max(mx4, select(vec4(SENTINEL), x, valid));
+            any4 = any4 | valid;
+        }
         var alpha = vec4(0.0);
         for (var r = 0u; r < 4u; r++) {
-            let mx = row_max(r0 + r);
-            let m_new = max(m_run[r], mx.x);
+            let m_new = max(m_run[r], mx4[r]);
             if (seen[r]) {
                 alpha[r] = exp(m_run[r] - m_new);
             }
-            if (mx.y > 0.0) {
+            if (any4[r]) {
                 seen[r] = true;
                 m_run[r] = m_new;
             }
@@ -563,10 +542,12 @@ fn attention_blocked(
 
     // Row sums: the 16 partials of each row.
     workgroupBarrier();
-    for (var r = 0u; r < 4u; r++) {
-        part_store(r0 + r, tx, l_part[r]);
-    }
+    stage_p[tx * 16u + ty] = l_part;
     workgroupBarrier();
+    var l4 = vec4(0.0);
+    for (var t = 0u; t < 16u; t++) {
+        l4 += stage_p[t * 16u + ty];
+    }
     for (var r = 0u; r < 4u; r++) {
         let i = q0 + r0 + r;
         if (i >= p.m) {
@@ -574,7 +555,7 @@ fn attention_blocked(
         }
         var l = 0.0;
         if (seen[r]) {
-            l = row_sum(r0 + r);
+            l = l4[r];
         }
         var inv = 0.0;
         if (l > 0.0) {
