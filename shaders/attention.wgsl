@@ -326,8 +326,8 @@ fn matmul(
     if (g >= p.qtiles * p.ntiles) {
         return;
     }
-    let m0 = (g / p.ntiles) * BLOCK_ROWS;
-    let n0 = (g % p.ntiles) * BLOCK_ROWS;
+    let m0 = (g / p.ntiles) * GEMM_BLOCK;
+    let n0 = (g % p.ntiles) * GEMM_BLOCK;
     base_q = 0u;
     base_k = 0u;
     base_v = 0u;
@@ -339,11 +339,7 @@ fn matmul(
     for (var r = 0u; r < 4u; r++) {
         let row = row0 + r;
         if (row < p.m) {
-            let o = row * p.o_row + col;
-            if (col < p.n) { out[o] = elem(acc[r].x); }
-            if (col + 1u < p.n) { out[o + 1u] = elem(acc[r].y); }
-            if (col + 2u < p.n) { out[o + 2u] = elem(acc[r].z); }
-            if (col + 3u < p.n) { out[o + 3u] = elem(acc[r].w); }
+            store4(row * p.o_row, col, p.n, acc[r]);
         }
     }
 }
@@ -358,7 +354,6 @@ fn matmul(
 // Used for calls without key splits; `attention` above serves the others.
 
 const SRC_NONE: u32 = 3u;   // stages nothing (zeros)
-const BLOCK_ROWS: u32 = 64u;
 
 var<private> base_q: u32;
 var<private> base_k: u32;
@@ -384,6 +379,14 @@ fn gemm_b(src: u32, depth: u32, n: u32) -> f32 {
     return f32(v[base_v + depth * p.v_row + n]);
 }
 
+// x into columns col .. col + 3 of the output row at `base`, those below `cols`.
+fn store4(base: u32, col: u32, cols: u32, x: vec4<f32>) {
+    if (col < cols) { out[base + col] = elem(x.x); }
+    if (col + 1u < cols) { out[base + col + 1u] = elem(x.y); }
+    if (col + 2u < cols) { out[base + col + 2u] = elem(x.z); }
+    if (col + 3u < cols) { out[base + col + 3u] = elem(x.w); }
+}
+
 // The score of (query i, key j) and whether it is visible, from its dot product.
 fn block_score(bi: u32, h: u32, i: u32, j: u32, dot: f32) -> vec2<f32> {
     if (visible(bi, h, i, j)) {
@@ -407,7 +410,7 @@ fn attention_blocked(
     let bi = bh / p.hq;
     let h = bh % p.hq;
     let hk = h / p.group;
-    let q0 = qt * BLOCK_ROWS;
+    let q0 = qt * GEMM_BLOCK;
     let ty = lid / 16u;
     let tx = lid % 16u;
     let r0 = gemm_row(lid);
@@ -418,7 +421,7 @@ fn attention_blocked(
 
     var kend = p.n;
     if (has(FLAG_CAUSAL)) {
-        let lim = i32(q0 + BLOCK_ROWS) + i32(p.n) - i32(p.m);
+        let lim = i32(q0 + GEMM_BLOCK) + i32(p.n) - i32(p.m);
         kend = u32(clamp(lim, 0, i32(p.n)));
     }
 
@@ -429,20 +432,18 @@ fn attention_blocked(
     for (var sl = 0u; sl < SLABS; sl++) {
         o[sl] = gemm_zero();
     }
-    for (var j0 = 0u; j0 < kend; j0 += BLOCK_ROWS) {
+    for (var j0 = 0u; j0 < kend; j0 += GEMM_BLOCK) {
         var s = gemm_zero();
         gemm_product(&s, SRC_Q, SRC_K, q0, p.m, j0, kend, p.d, false, false, lid);
 
         // Scores, validity and this invocation's row maxima.
         var sc: array<vec4<f32>, 4>;
         var ok: array<vec4<f32>, 4>;
-        var m_loc = vec4(SENTINEL);
-        var any_loc = vec4<bool>(false);
         // Whether a key of the block is hidden from one of these rows: its p is then 0 and
         // its value (perhaps junk, a masked cache slot) must not be multiplied in.
         var hides = has(FLAG_MASK);
         var pbits = vec4(NEG_INF_BITS);
-        let kcount = min(BLOCK_ROWS, kend - j0);
+        let kcount = min(GEMM_BLOCK, kend - j0);
         for (var r = 0u; r < 4u; r++) {
             let i = q0 + r0 + r;
             let j = j0 + c0;
@@ -515,7 +516,7 @@ fn attention_blocked(
                     stage_p[at + 2u * GEMM_LD] = vec4(pr[0].z, pr[1].z, pr[2].z, pr[3].z);
                     stage_p[at + 3u * GEMM_LD] = vec4(pr[0].w, pr[1].w, pr[2].w, pr[3].w);
                 }
-                gemm_stage(SRC_NONE, SRC_V, 0u, BLOCK_ROWS, sl * 64u, p.dv, k0, kcount,
+                gemm_stage(SRC_NONE, SRC_V, 0u, GEMM_BLOCK, sl * GEMM_BLOCK, p.dv, k0, kcount,
                            false, true, lid);
                 workgroupBarrier();
                 var acc = o[sl];
@@ -563,12 +564,8 @@ fn attention_blocked(
         }
         let o_base = bi * p.o_batch + h * p.o_head + i * p.o_row;
         for (var sl = 0u; sl < SLABS; sl++) {
-            let col = sl * 64u + c0;
-            let x = o[sl][r] * inv;
-            if (col < p.dv) { out[o_base + col] = elem(x.x); }
-            if (col + 1u < p.dv) { out[o_base + col + 1u] = elem(x.y); }
-            if (col + 2u < p.dv) { out[o_base + col + 2u] = elem(x.z); }
-            if (col + 3u < p.dv) { out[o_base + col + 3u] = elem(x.w); }
+            let col = sl * GEMM_BLOCK + c0;
+            store4(o_base, col, p.dv, o[sl][r] * inv);
         }
         if (has(FLAG_LSE) && tx == 0u) {
             write_lse(bh * p.m + i, m_run[r], l);

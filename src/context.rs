@@ -357,9 +357,17 @@ impl Context {
 
     /// Blocks until all submitted work is done.
     fn idle(&self) -> Result<()> {
+        self.wait_for(None)
+    }
+
+    /// Blocks until submission `index` (all submitted work when `None`) is done.
+    fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         self.inner
             .device
-            .poll(wgpu::PollType::wait_indefinitely())
+            .poll(wgpu::PollType::Wait {
+                submission_index: index,
+                timeout: None,
+            })
             .map_err(|e| self.wait_failed(e))?;
         self.check_lost()
     }
@@ -664,14 +672,7 @@ impl Context {
         let index = self.checked("submitting work", || {
             self.inner.queue.submit([encoder.finish()])
         })?;
-        self.inner
-            .device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| self.wait_failed(e))?;
-        self.check_lost()
+        self.wait_for(Some(index))
     }
 
     /// A new command encoder on this device.

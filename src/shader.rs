@@ -34,6 +34,8 @@ pub fn elem_header(dtype: DType) -> &'static str {
 pub const GRID_WGSL: &str = include_str!("../shaders/grid.wgsl");
 /// Register-blocked block products (shaders/gemm.wgsl); see that file for what includers provide.
 pub const GEMM_WGSL: &str = include_str!("../shaders/gemm.wgsl");
+/// Rows and columns of gemm.wgsl's blocks (its `GEMM_BLOCK`): the host's grid unit.
+pub const GEMM_BLOCK: usize = 64;
 
 /// The workgroup-reduction snippet (`Lanes`, `reduce_max_sum`, `reduce_sum4`): subgroup
 /// operations where the device has them, else shared memory. The two files define the same

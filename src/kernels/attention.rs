@@ -59,7 +59,7 @@ use crate::context::Context;
 use crate::convert::{self, Storage};
 use crate::dispatch::{check_binding, check_call_aliasing, sub_binding, Plan, Step};
 use crate::error::{Error, Result};
-use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
+use crate::shader::{compose, elem_header, ShaderVariant, GEMM_BLOCK, GEMM_WGSL, GRID_WGSL};
 use crate::tensor::{data_binding, require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
@@ -72,8 +72,6 @@ const DIMS: [u32; 6] = [32, 64, 96, 128, 192, 256];
 /// Largest head dimension.
 pub const MAX_HEAD_DIM: usize = 256;
 const WG: u32 = 64;
-/// Query rows of a workgroup of the register-blocked kernel (`attention_blocked`).
-const BLOCKED_ROWS: usize = 64;
 
 /// Each named tensor of `len` elements, as the shader binds it (f32 scratch for widened
 /// f16), fits one storage binding and u32 element indices.
@@ -721,7 +719,7 @@ impl Attention {
         // register-blocked kernel (64 rows a workgroup) does the work.
         let blocked = splits == 1 && s.m > t;
         let (entry, qtiles) = if blocked {
-            ("attention_blocked", s.m.div_ceil(BLOCKED_ROWS))
+            ("attention_blocked", s.m.div_ceil(GEMM_BLOCK))
         } else {
             ("attention", s.m.div_ceil(t))
         };
@@ -902,8 +900,8 @@ pub fn matmul_plan<T: Element>(
         Storage::Native(_) => (a.buffer().clone(), b.buffer().clone(), c.buffer().clone()),
     };
     // 64 x 64 blocks of C (the block products of the register-blocked attention).
-    let qtiles = m.div_ceil(BLOCKED_ROWS);
-    let ntiles = n.div_ceil(BLOCKED_ROWS);
+    let qtiles = m.div_ceil(GEMM_BLOCK);
+    let ntiles = n.div_ceil(GEMM_BLOCK);
     let u = |x: usize| x as u32;
     let params = ctx.uniform(&Params {
         m: u(m),

@@ -57,7 +57,7 @@ use crate::dispatch::{
 use crate::error::{Error, Result};
 use crate::kernels::copy;
 use crate::kernels::rope::{cos_sin_table, position_rows, RopeOptions};
-use crate::shader::{compose, elem_header, ShaderVariant, GEMM_WGSL, GRID_WGSL};
+use crate::shader::{compose, elem_header, ShaderVariant, GEMM_BLOCK, GEMM_WGSL, GRID_WGSL};
 use crate::tensor::{data_binding, require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/flash.wgsl");
@@ -65,9 +65,8 @@ const SOURCE: &str = include_str!("../../shaders/flash.wgsl");
 pub const MAX_S: usize = 256;
 /// Largest n: valid-key counts are kept exactly in f32.
 pub const MAX_N: usize = 1 << 24;
-/// Invocations per workgroup and rows (columns) per block of shaders/gemm.wgsl.
+/// Invocations per workgroup of shaders/gemm.wgsl.
 const GEMM_WG: usize = 256;
-const GEMM_BLOCK: usize = 64;
 /// Depth staged per step of shaders/gemm.wgsl.
 const GEMM_BK: usize = 16;
 
