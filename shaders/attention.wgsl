@@ -364,6 +364,10 @@ var<private> base_v: u32;   // of the current key block's first row
 // each invocation's four rows (maxima, -inf for no valid score, then sums), invocation
 // (ty, tx)'s at [tx * 16 + ty]. Barriers separate the uses: the block products begin with one.
 var<workgroup> stage_p: array<vec4<f32>, GEMM_BK * GEMM_LD>;
+// The last key block (counted from 1) with a key hidden from one of the workgroup's rows. It
+// only grows, so it needs no reset between blocks (only at the start: workgroup memory is not
+// zeroed); a block whose number it holds multiplies P V the careful way.
+var<workgroup> hidden_in: atomic<u32>;
 
 fn gemm_a(src: u32, m: u32, k: u32) -> f32 {
     if (src == SRC_Q) {
@@ -432,6 +436,9 @@ fn attention_blocked(
     for (var sl = 0u; sl < SLABS; sl++) {
         o[sl] = gemm_zero();
     }
+    if (lid == 0u) {
+        atomicStore(&hidden_in, 0u); // before the block product's first barrier
+    }
     for (var j0 = 0u; j0 < kend; j0 += GEMM_BLOCK) {
         var s = gemm_zero();
         gemm_product(&s, SRC_Q, SRC_K, q0, p.m, j0, kend, p.d, false, false, lid);
@@ -440,10 +447,12 @@ fn attention_blocked(
         var sc: array<vec4<f32>, 4>;
         var ok: array<vec4<f32>, 4>;
         // Whether a key of the block is hidden from one of these rows: its p is then 0 and
-        // its value (perhaps junk, a masked cache slot) must not be multiplied in.
-        var hides = has(FLAG_MASK);
+        // its value (perhaps junk, a masked cache slot) must not be multiplied in. Keys past
+        // kend are staged as zeros and rows past m are not stored, so neither counts.
+        var hides_mine = false;
         var pbits = vec4(NEG_INF_BITS);
         let kcount = min(GEMM_BLOCK, kend - j0);
+        let in_call = vec4(j0 + c0) + vec4(0u, 1u, 2u, 3u) < vec4(kend);
         for (var r = 0u; r < 4u; r++) {
             let i = q0 + r0 + r;
             let j = j0 + c0;
@@ -454,22 +463,28 @@ fn attention_blocked(
             sc[r] = vec4(a.x, b.x, c.x, d.x);
             ok[r] = vec4(a.y, b.y, c.y, d.y);
             var mx = SENTINEL;
-            var any = false;
-            if (a.y > 0.0) { mx = max(mx, a.x); any = true; }
-            if (b.y > 0.0) { mx = max(mx, b.x); any = true; }
-            if (c.y > 0.0) { mx = max(mx, c.x); any = true; }
-            if (d.y > 0.0) { mx = max(mx, d.x); any = true; }
+            var some = false;
+            if (a.y > 0.0) { mx = max(mx, a.x); some = true; }
+            if (b.y > 0.0) { mx = max(mx, b.x); some = true; }
+            if (c.y > 0.0) { mx = max(mx, c.x); some = true; }
+            if (d.y > 0.0) { mx = max(mx, d.x); some = true; }
             var bits = NEG_INF_BITS;
-            if (any) {
+            if (some) {
                 bits = bitcast<u32>(mx);
             }
             pbits[r] = bits;
-            if (has(FLAG_CAUSAL) && i < p.m && i32(j0 + kcount - 1u) > i32(i) + i32(p.n) - i32(p.m)) {
-                hides = true;
+            if (i < p.m && any(in_call & (ok[r] == vec4(0.0)))) {
+                hides_mine = true;
             }
+        }
+        let block = j0 / GEMM_BLOCK + 1u;
+        if (hides_mine) {
+            atomicMax(&hidden_in, block);
         }
         stage_p[tx * 16u + ty] = bitcast<vec4<f32>>(pbits);
         workgroupBarrier();
+        // The same for every invocation: the whole workgroup takes one path below.
+        let hides = atomicLoad(&hidden_in) == block;
         var mx4 = vec4(SENTINEL);
         var any4 = vec4<bool>(false);
         for (var t = 0u; t < 16u; t++) {

@@ -482,6 +482,11 @@ fn junk_values_of_hidden_keys_never_reach_outputs() {
     let mut c = Case::new(1, 2, 1, 50, 100, 8);
     c.mask = Some((vec![50, 100], 1.0));
     cases.push((c, 70, vec![5, 40]));
+    // The register-blocked kernel, causal with m < n: key 100 of 130 is seen by queries 70..
+    // of 100, in the second of three key blocks.
+    let mut c = Case::new(1, 1, 1, 100, 130, 8);
+    c.opts.causal = true;
+    cases.push((c, 100, (0..70).collect()));
     // Decode with split keys (m <= 4, n >= 1024): key 700 hidden from query 1 only.
     let mut c = Case::new(1, 2, 1, 3, 1100, 16);
     c.mask = Some((vec![3, 1100], 1.0));
