@@ -129,6 +129,13 @@ fn pv_visible(r: u32, col: u32) -> f32 {
     return s;
 }
 
+// (query head, query index) of row `row` of kv head hk's packed rows: the tile path packs
+// the query heads of a GQA group into one tile's rows (row = head in the group * m + index),
+// so that one workgroup reads its keys and values once for all of them.
+fn packed_row(hk: u32, row: u32) -> vec2<u32> {
+    return vec2(hk * p.group + row / p.m, row % p.m);
+}
+
 @compute @workgroup_size(WG)
 fn attention(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -139,28 +146,46 @@ fn attention(
     let split = g % p.splits;
     let rest = g / p.splits;
     let qt = rest % p.qtiles;
-    let bh = rest / p.qtiles;
-    if (bh >= p.bh) {
+    let unit = rest / p.qtiles; // (batch, kv head)
+    let hkv = p.hq / p.group;
+    if (unit >= p.bh / p.group) {
         return;
     }
-    let bi = bh / p.hq;
-    let h = bh % p.hq;
-    let hk = h / p.group;
+    let bi = unit / hkv;
+    let hk = unit % hkv;
+    let rows = p.group * p.m;
     let q0 = qt * T;
     let r = lid / C;
     let cg = lid % C;
-    let i = q0 + r;
+    // This invocation's row (clamped: an invocation past the last row only helps stage).
+    let qi = packed_row(hk, min(q0 + r, rows - 1u));
+    let h = qi.x;
+    let i = qi.y;
 
-    tile_load_a(SRC_Q, bi * p.q_batch + h * p.q_head, p.q_row, q0, p.m, p.d, lid);
+    for (var e = lid; e < T * D; e += WG) {
+        let row = q0 + e / D;
+        let c = e % D;
+        var x = 0.0;
+        if (row < rows && c < p.d) {
+            let at = packed_row(hk, row);
+            x = f32(q[bi * p.q_batch + at.x * p.q_head + at.y * p.q_row + c]);
+        }
+        tile_a[e] = x;
+    }
     let k_base = bi * p.k_batch + hk * p.k_head;
     let v_base = bi * p.v_batch + hk * p.v_head;
 
-    // Keys of this split; under causality none past the tile's last visible key, so the
-    // upper triangle's tiles are never loaded.
+    // Keys of this split; under causality none past the tile's last visible key (of its
+    // latest query index), so the upper triangle's tiles are never loaded.
     let kbegin = split * p.chunk;
     var kend = min(p.n, kbegin + p.chunk);
     if (has(FLAG_CAUSAL)) {
-        let lim = i32(q0 + T) + i32(p.n) - i32(p.m);
+        let last = min(q0 + T, rows) - 1u;
+        var i_last = last % p.m;
+        if (q0 / p.m != last / p.m) {
+            i_last = p.m - 1u; // the tile holds the end of a head's rows
+        }
+        let lim = i32(i_last) + 1 + i32(p.n) - i32(p.m);
         kend = min(kend, u32(clamp(lim, 0, i32(p.n))));
     }
 
@@ -181,8 +206,9 @@ fn attention(
             let cc = e % T;
             var s = 0.0;
             var ok = 0u;
-            if (visible(bi, h, q0 + rr, j0 + cc)) {
-                s = score(tile_dot_ab(rr, cc, p.d)) + mask_term(bi, h, q0 + rr, j0 + cc);
+            let at = packed_row(hk, q0 + rr);
+            if (q0 + rr < rows && visible(bi, at.x, at.y, j0 + cc)) {
+                s = score(tile_dot_ab(rr, cc, p.d)) + mask_term(bi, at.x, at.y, j0 + cc);
                 ok = 1u;
             }
             tile_s[e] = s;
@@ -229,9 +255,10 @@ fn attention(
         }
     }
 
-    if (i >= p.m) {
+    if (q0 + r >= rows) {
         return;
     }
+    let bh = bi * p.hq + h;
     if (p.splits == 1u) {
         var inv = 0.0;
         if (l_run > 0.0) {

@@ -17,7 +17,7 @@
 const C: u32 = WG / T;       // invocations per tile row
 const ACC: u32 = DV / C;     // accumulator columns per invocation (columns cg + k*C)
 
-var<workgroup> tile_a: array<f32, T * D>;   // [T, D]  queries
+var<workgroup> tile_a: array<f32, T * D>;   // [T, D]  queries (staged by the includer)
 var<workgroup> tile_b: array<f32, T * D>;   // [T, D]  keys
 var<workgroup> tile_v: array<f32, T * DV>;  // [T, DV] values
 var<workgroup> tile_p: array<f32, T * T>;   // [T, T]  probabilities
@@ -33,12 +33,6 @@ fn tile_elem(
         return tile_read(src, base + (row0 + r) * stride + c);
     }
     return 0.0;
-}
-
-fn tile_load_a(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {
-    for (var e = lid; e < T * D; e += WG) {
-        tile_a[e] = tile_elem(src, base, stride, row0, rows, cols, e, D);
-    }
 }
 
 fn tile_load_b(src: u32, base: u32, stride: u32, row0: u32, rows: u32, cols: u32, lid: u32) {

@@ -238,6 +238,31 @@ fn gqa_and_bshd_layout() {
     }
 }
 
+/// The tile path packs the query rows of a kv head's GQA group into its tiles (group * m rows,
+/// head-major): tiles holding several heads' rows or ending inside one head's rows, causal
+/// with m < n (a tile's latest query index need not be its last row's), per-head masks with
+/// key splits, bshd, and the blocked kernel beside it (m = 5 above a 4-row tile).
+#[test]
+fn tile_path_packs_gqa_heads_into_tiles() {
+    let Some(ctx) = gpu() else { return };
+    // d 128: tiles of 8 rows; d 256: tiles of 4.
+    for &(hq, hkv, m, d) in &[
+        (8, 2, 3, 128),
+        (6, 1, 3, 256),
+        (4, 4, 2, 128),
+        (6, 2, 5, 256),
+    ] {
+        let n = 21;
+        let mut c = Case::new(2, hq, hkv, m, n, d);
+        c.opts.causal = true;
+        check(ctx, &c);
+        c.mask = Some((vec![2, hq, m, n], 0.6));
+        c.opts.layout = Layout::Bshd;
+        c.opts.key_split = Some(8);
+        check(ctx, &c);
+    }
+}
+
 /// The register-blocked kernel (no key splits, more query rows than one tile): query rows
 /// and keys on both sides of its 64-row blocks, several 64-column value slabs (the last one
 /// partial), causal with m < n and m > n, and an additive key mask with a soft cap.

@@ -21,10 +21,11 @@
 //!   register-blocked block products of `shaders/gemm.wgsl` (each invocation a 4 x 4
 //!   micro-block), the online softmax in registers and row maxima and sums met in workgroup
 //!   memory. Key blocks entirely above the causal diagonal are never visited.
-//! - Fewer query rows, or key splits: one workgroup per (batch, head, query tile) streams K
-//!   and V tiles through workgroup memory (the tile engine). Decode shapes (few queries, many
-//!   keys) split the keys across workgroups and merge the partial (m, l, O) triples in a
-//!   second pass.
+//! - Fewer query rows, or key splits: one workgroup per (batch, kv head, query tile) streams
+//!   K and V tiles through workgroup memory (the tile engine). A tile's rows are the query
+//!   rows of every head of the kv head's GQA group, packed, so K and V are read once for the
+//!   group. Decode shapes (few queries, many keys) split the keys across workgroups and merge
+//!   the partial (m, l, O) triples in a second pass.
 //! - Storage f32 or f16 (native with `SHADER_F16`, else widened to an f32 scratch);
 //!   accumulation f32.
 //!
@@ -718,10 +719,13 @@ impl Attention {
         // Without key splits and with more query rows than one tile of the tile engine, the
         // register-blocked kernel (64 rows a workgroup) does the work.
         let blocked = splits == 1 && s.m > t;
-        let (entry, qtiles) = if blocked {
-            ("attention_blocked", s.m.div_ceil(GEMM_BLOCK))
+        // Workgroups per key split: the blocked kernel takes 64 query rows of one head; the
+        // tile path packs a GQA group's query heads into its tiles' rows (group * m rows per kv
+        // head), so their keys and values are read once.
+        let (entry, qtiles, units) = if blocked {
+            ("attention_blocked", s.m.div_ceil(GEMM_BLOCK), bh)
         } else {
-            ("attention", s.m.div_ceil(t))
+            ("attention", (s.group * s.m).div_ceil(t), s.b * s.hkv)
         };
 
         let flags = ((s.causal as u32) * FLAG_CAUSAL)
@@ -804,7 +808,7 @@ impl Attention {
             ctx,
             &variant(dtype, dp, dvp, entry),
             &bindings,
-            (bh * qtiles * splits) as u64,
+            (units * qtiles * splits) as u64,
         )?);
         if splits > 1 {
             plan.push(Step::new(
