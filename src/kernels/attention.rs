@@ -202,7 +202,8 @@ pub struct AttentionOptions {
     /// Layout of q, k, v and the output.
     pub layout: Layout,
     /// Keys per workgroup when the keys are split across workgroups (rounded up to the tile
-    /// size). `None` chooses: split only for decode shapes (m <= 4, n >= 1024).
+    /// size). `None` chooses: split only for decode shapes (m <= 4, n >= 1024), into about
+    /// 2048 workgroups of at least 256 keys.
     pub key_split: Option<usize>,
     /// Attend to the first `kv_len` positions of k and v only: a preallocated KV cache filled
     /// that far. The call then has n = `kv_len` keys (causal alignment, mask shapes `[..,
@@ -459,6 +460,10 @@ pub fn attention_shape(
     })
 }
 
+/// Workgroups a decode call (split keys) aims at: enough to fill a large GPU (an H100's 132
+/// multiprocessors hold 8 workgroups of 256 invocations each).
+const DECODE_WORKGROUPS: usize = 2048;
+
 /// The padded bucket of a head dimension.
 pub(crate) fn bucket(x: usize) -> u32 {
     DIMS.into_iter()
@@ -710,7 +715,13 @@ impl Attention {
         let chunk = match self.opts.key_split {
             // Clamped first: a huge request (usize::MAX = never split) must not wrap.
             Some(c) => c.min(s.n).div_ceil(t) * t,
-            None if s.m <= 4 && s.n >= 1024 => 256usize.max((s.n.div_ceil(64)).div_ceil(t) * t),
+            // About DECODE_WORKGROUPS workgroups in all (tiles of a kv head's packed rows
+            // times splits), with at least 256 keys each so that the merge stays small.
+            None if s.m <= 4 && s.n >= 1024 => {
+                let tiles = s.b * s.hkv * (s.group * s.m).div_ceil(t);
+                let splits = DECODE_WORKGROUPS.div_ceil(tiles);
+                256usize.max(s.n.div_ceil(splits).div_ceil(t) * t)
+            }
             None => s.n,
         };
         let chunk = chunk.min(s.n.div_ceil(t) * t);
