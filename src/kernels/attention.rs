@@ -56,7 +56,7 @@
 //! ```
 
 use crate::context::Context;
-use crate::convert::{self, Storage};
+use crate::convert::Storage;
 use crate::dispatch::{check_binding, check_call_aliasing, sub_binding, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GEMM_BLOCK, GEMM_WGSL, GRID_WGSL};
@@ -687,20 +687,10 @@ impl Attention {
         }
 
         let mut plan = Plan::default();
-        let (qb, kb, vb, ob) = match storage {
-            Storage::WidenedF16 => (
-                convert::widen(ctx, &mut plan, q.buffer(), q.len())?,
-                convert::widen(ctx, &mut plan, k.buffer(), k.len())?,
-                convert::widen(ctx, &mut plan, v.buffer(), v.len())?,
-                ctx.scratch(out.len() as u64 * 4)?,
-            ),
-            Storage::Native(_) => (
-                q.buffer().clone(),
-                k.buffer().clone(),
-                v.buffer().clone(),
-                out.buffer().clone(),
-            ),
-        };
+        let qb = storage.input(ctx, &mut plan, q.buffer(), q.len())?;
+        let kb = storage.input(ctx, &mut plan, k.buffer(), k.len())?;
+        let vb = storage.input(ctx, &mut plan, v.buffer(), v.len())?;
+        let ob = storage.output(ctx, out.buffer(), out.len())?;
         let dtype = storage.shader_dtype();
         let (dp, dvp) = (bucket(s.d), bucket(s.dv));
         let t = tile_rows(dp, dvp) as usize;
@@ -820,10 +810,8 @@ impl Attention {
                 (bh * s.m) as u64,
             )?);
         }
-        if storage == Storage::WidenedF16 {
-            convert::narrow(ctx, &mut plan, &ob, out.buffer(), out.len())?;
-        }
-        for b in [params, mask_b, lse_b, part_o, part_ml, ob] {
+        storage.finish_output(ctx, &mut plan, ob, out.buffer(), out.len())?;
+        for b in [params, mask_b, lse_b, part_o, part_ml] {
             plan.keep(b);
         }
         Ok(plan)
@@ -891,14 +879,9 @@ pub fn matmul_plan<T: Element>(
         ],
     )?;
     let mut plan = Plan::default();
-    let (ab, bb, cb) = match storage {
-        Storage::WidenedF16 => (
-            convert::widen(ctx, &mut plan, a.buffer(), a.len())?,
-            convert::widen(ctx, &mut plan, b.buffer(), b.len())?,
-            ctx.scratch(c.len() as u64 * 4)?,
-        ),
-        Storage::Native(_) => (a.buffer().clone(), b.buffer().clone(), c.buffer().clone()),
-    };
+    let ab = storage.input(ctx, &mut plan, a.buffer(), a.len())?;
+    let bb = storage.input(ctx, &mut plan, b.buffer(), b.len())?;
+    let cb = storage.output(ctx, c.buffer(), c.len())?;
     // 64 x 64 blocks of C (the block products of the register-blocked attention).
     let qtiles = m.div_ceil(GEMM_BLOCK);
     let ntiles = n.div_ceil(GEMM_BLOCK);
@@ -932,11 +915,8 @@ pub fn matmul_plan<T: Element>(
         ],
         (qtiles * ntiles) as u64,
     )?);
-    if storage == Storage::WidenedF16 {
-        convert::narrow(ctx, &mut plan, &cb, c.buffer(), c.len())?;
-    }
+    storage.finish_output(ctx, &mut plan, cb, c.buffer(), c.len())?;
     plan.keep(params);
-    plan.keep(cb);
     Ok(plan)
 }
 

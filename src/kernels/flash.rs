@@ -50,7 +50,7 @@
 //! ```
 
 use crate::context::Context;
-use crate::convert::{self, Storage};
+use crate::convert::Storage;
 use crate::dispatch::{
     check_binding, check_call_aliasing, largest_fitting, rows_binding, Plan, Step,
 };
@@ -837,12 +837,7 @@ impl Flash {
         let elem_bytes = storage.shader_dtype().size() as u64;
         let segs = segments(ctx, &self.opts, &shape, elem_bytes, inputs.bias.is_some())?;
         let mut plan = Plan::default();
-        let mut bind = |t: &GpuTensor<T>| -> Result<wgpu::Buffer> {
-            Ok(match storage {
-                Storage::WidenedF16 => convert::widen(ctx, &mut plan, t.buffer(), t.len())?,
-                Storage::Native(_) => t.buffer().clone(),
-            })
-        };
+        let mut bind = |t: &GpuTensor<T>| storage.input(ctx, &mut plan, t.buffer(), t.len());
         let bound = Bound {
             qq: bind(inputs.qq)?,
             kq: bind(inputs.kq)?,
@@ -852,10 +847,7 @@ impl Flash {
             gate: inputs.gate.map(&mut bind).transpose()?,
             bias: inputs.bias.map(|b| b.buffer().clone()),
             key_mask: inputs.key_mask.map(|m| m.buffer().clone()),
-            out: match storage {
-                Storage::WidenedF16 => ctx.scratch(out.len() as u64 * 4)?,
-                Storage::Native(_) => out.buffer().clone(),
-            },
+            out: storage.output(ctx, out.buffer(), out.len())?,
         };
         let dtype = storage.shader_dtype();
         let rope_offset = self.opts.rope.map_or(0, |r| r.offset);
@@ -923,10 +915,7 @@ impl Flash {
                 sc.keep_in(&mut plan);
             }
         }
-        if storage == Storage::WidenedF16 {
-            convert::narrow(ctx, &mut plan, &bound.out, out.buffer(), out.len())?;
-        }
-        plan.keep(bound.out);
+        storage.finish_output(ctx, &mut plan, bound.out, out.buffer(), out.len())?;
         Ok(plan)
     }
 }

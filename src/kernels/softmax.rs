@@ -20,7 +20,7 @@
 //! ```
 
 use crate::context::Context;
-use crate::convert::{self, Storage};
+use crate::convert::Storage;
 use crate::dispatch::{
     based_row_chunks, check_call_aliasing, rows_binding, BindingCap, Plan, Step,
 };
@@ -364,13 +364,8 @@ impl Softmax {
         let mut plan = Plan::default();
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let len = x.len();
-        let (xs, ys) = match storage {
-            Storage::WidenedF16 => {
-                let xs = convert::widen(ctx, &mut plan, x.buffer(), len)?;
-                (xs, ctx.scratch(len as u64 * 4)?)
-            }
-            Storage::Native(_) => (x.buffer().clone(), y.buffer().clone()),
-        };
+        let xs = storage.input(ctx, &mut plan, x.buffer(), len)?;
+        let ys = storage.output(ctx, y.buffer(), len)?;
         let dummy = ctx.scratch(16)?;
         let mask_buf = mask
             .map(|m| m.buffer().clone())
@@ -385,10 +380,7 @@ impl Softmax {
             mask.is_some(),
             &dummy,
         )?;
-        if storage == Storage::WidenedF16 {
-            convert::narrow(ctx, &mut plan, &ys, y.buffer(), len)?;
-            plan.keep(ys);
-        }
+        storage.finish_output(ctx, &mut plan, ys, y.buffer(), len)?;
         plan.keep(dummy);
         Ok(plan)
     }
