@@ -49,6 +49,8 @@
 //! # Ok::<(), seq_kernels::Error>(())
 //! ```
 
+use std::str::FromStr;
+
 use crate::context::Context;
 use crate::convert::Storage;
 use crate::dispatch::{
@@ -102,13 +104,10 @@ pub enum AttnFn {
     Laplace,
 }
 
-impl AttnFn {
-    /// Parses `relu2` or `laplace`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidOption`] for any other name.
-    pub fn parse(s: &str) -> Result<Self> {
+/// `relu2` or `laplace`.
+impl FromStr for AttnFn {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "relu2" => Ok(Self::Relu2),
             "laplace" => Ok(Self::Laplace),
@@ -117,6 +116,9 @@ impl AttnFn {
             ))),
         }
     }
+}
+
+impl AttnFn {
     /// The function in f64 (the reference's).
     pub fn apply(self, x: f64) -> f64 {
         match self {
@@ -149,13 +151,10 @@ pub enum LinNorm {
     Prefix,
 }
 
-impl LinNorm {
-    /// Parses `chunk`, `length` or `prefix`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidOption`] for any other name.
-    pub fn parse(s: &str) -> Result<Self> {
+/// `chunk`, `length` or `prefix`.
+impl FromStr for LinNorm {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "chunk" => Ok(Self::Chunk),
             "length" => Ok(Self::Length),
