@@ -57,7 +57,7 @@
 
 use crate::context::Context;
 use crate::convert::Storage;
-use crate::dispatch::{check_binding, check_call_aliasing, sub_binding, Plan, Step};
+use crate::dispatch::{check_binding, check_call_tensors, sub_binding, CallTensor, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GEMM_BLOCK, GEMM_WGSL, GRID_WGSL};
 use crate::tensor::{data_binding, require_float, shape_elements, DType, Element, GpuTensor};
@@ -132,6 +132,12 @@ impl<'a> AttnMask<'a> {
         match self {
             Self::Keep(t) => t.buffer(),
             Self::Add(t) => t.buffer(),
+        }
+    }
+    fn named(&self, name: &'a str) -> CallTensor<'a> {
+        match self {
+            Self::Keep(t) => t.named(name),
+            Self::Add(t) => t.named(name),
         }
     }
     fn bytes(&self) -> u64 {
@@ -635,10 +641,11 @@ impl Attention {
         lse: Option<&GpuTensor<f32>>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
-        let mut owners = vec![q.context(), k.context(), v.context(), out.context()];
-        owners.extend(mask.map(|m| m.context()));
-        owners.extend(lse.map(|l| l.context()));
-        ctx.check_owned(&owners)?;
+        let mut written = vec![out.named("out")];
+        written.extend(lse.map(|l| l.named("lse")));
+        let mut read = vec![q.named("q"), k.named("k"), v.named("v")];
+        read.extend(mask.as_ref().map(|m| m.named("mask")));
+        check_call_tensors(ctx, "attention", &written, &read)?;
         require_float::<T>("attention")?;
         let s = attention_shape(
             q.shape(),
@@ -663,11 +670,6 @@ impl Attention {
                 )));
             }
         }
-        let mut written = vec![("out", out.buffer())];
-        written.extend(lse.map(|l| ("lse", l.buffer())));
-        let mut read = vec![("q", q.buffer()), ("k", k.buffer()), ("v", v.buffer())];
-        read.extend(mask.as_ref().map(|m| ("mask", m.buffer())));
-        check_call_aliasing("attention", &written, &read)?;
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         check_tensors(
             ctx,
@@ -838,7 +840,12 @@ pub fn matmul_plan<T: Element>(
     c: &GpuTensor<T>,
     transpose_b: bool,
 ) -> Result<Plan> {
-    ctx.check_owned(&[a.context(), b.context(), c.context()])?;
+    check_call_tensors(
+        ctx,
+        "matmul",
+        &[c.named("c")],
+        &[a.named("a"), b.named("b")],
+    )?;
     require_float::<T>("matmul")?;
     let (sa, sb) = (a.shape(), b.shape());
     if sa.len() != 2 || sb.len() != 2 {
@@ -863,11 +870,6 @@ pub fn matmul_plan<T: Element>(
             c.shape()
         )));
     }
-    check_call_aliasing(
-        "matmul",
-        &[("c", c.buffer())],
-        &[("a", a.buffer()), ("b", b.buffer())],
-    )?;
     let storage = Storage::for_dtype(ctx, T::DTYPE);
     check_tensors(
         ctx,

@@ -54,7 +54,7 @@ use std::str::FromStr;
 use crate::context::Context;
 use crate::convert::Storage;
 use crate::dispatch::{
-    check_binding, check_call_aliasing, largest_fitting, rows_binding, Plan, Step,
+    check_binding, check_call_tensors, largest_fitting, rows_binding, Plan, Step,
 };
 use crate::error::{Error, Result};
 use crate::kernels::copy;
@@ -804,16 +804,17 @@ impl Flash {
         out: &GpuTensor<T>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
-        let mut owners = vec![out.context()];
-        owners.extend(
-            [inputs.qq, inputs.kq, inputs.ql, inputs.kl, inputs.v]
-                .into_iter()
-                .chain(inputs.gate)
-                .map(|t| t.context()),
-        );
-        owners.extend(inputs.bias.map(|t| t.context()));
-        owners.extend(inputs.key_mask.map(|t| t.context()));
-        ctx.check_owned(&owners)?;
+        let mut read = vec![
+            inputs.qq.named("qq"),
+            inputs.kq.named("kq"),
+            inputs.ql.named("ql"),
+            inputs.kl.named("kl"),
+            inputs.v.named("v"),
+        ];
+        read.extend(inputs.gate.map(|t| t.named("gate")));
+        read.extend(inputs.key_mask.map(|t| t.named("key_mask")));
+        read.extend(inputs.bias.map(|t| t.named("bias")));
+        check_call_tensors(ctx, "flash", &[out.named("out")], &read)?;
         require_float::<T>("flash")?;
         let shape = inputs.shape(&self.opts)?;
         if out.shape() != [shape.b, shape.n, shape.e] {
@@ -823,15 +824,6 @@ impl Flash {
                 [shape.b, shape.n, shape.e]
             )));
         }
-        let ins = [inputs.qq, inputs.kq, inputs.ql, inputs.kl, inputs.v];
-        let mut read: Vec<(&str, &wgpu::Buffer)> = ["qq", "kq", "ql", "kl", "v"]
-            .into_iter()
-            .zip(ins.iter().map(|t| t.buffer()))
-            .collect();
-        read.extend(inputs.gate.map(|t| ("gate", t.buffer())));
-        read.extend(inputs.key_mask.map(|t| ("key_mask", t.buffer())));
-        read.extend(inputs.bias.map(|t| ("bias", t.buffer())));
-        check_call_aliasing("flash", &[("out", out.buffer())], &read)?;
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let elem_bytes = storage.shader_dtype().size() as u64;
         let segs = segments(ctx, &self.opts, &shape, elem_bytes, inputs.bias.is_some())?;
@@ -1475,9 +1467,8 @@ impl FlashDecoder {
                 ))
             }
         }
-        let mut owners: Vec<&Context> = ins.iter().map(|(_, x, _)| x.context()).collect();
-        owners.push(out.context());
-        self.ctx.check_owned(&owners)?;
+        let read: Vec<_> = ins.iter().map(|(n, x, _)| x.named(n)).collect();
+        check_call_tensors(&self.ctx, "flash decoder", &[out.named("out")], &read)?;
         for (name, x, w) in ins.iter().chain([&("out", out, e)]) {
             if x.shape() != [b, t, *w] {
                 return Err(Error::shape(format!(
@@ -1487,9 +1478,6 @@ impl FlashDecoder {
                 )));
             }
         }
-        let read: Vec<(&str, &wgpu::Buffer)> =
-            ins.iter().map(|(n, x, _)| (*n, x.buffer())).collect();
-        check_call_aliasing("flash decoder", &[("out", out.buffer())], &read)?;
         if let Some(m) = block.key_mask {
             if m.len() != b * t {
                 return Err(Error::shape(format!(
