@@ -35,6 +35,44 @@ impl Storage {
             Storage::WidenedF16 => DType::F32,
         }
     }
+    /// The buffer a shader reads for the `len` elements of `buf`: `buf` itself, or an f32
+    /// scratch that a widening appended to `plan` fills.
+    pub fn input(
+        self,
+        ctx: &Context,
+        plan: &mut Plan,
+        buf: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<wgpu::Buffer> {
+        match self {
+            Storage::Native(_) => Ok(buf.clone()),
+            Storage::WidenedF16 => widen(ctx, plan, buf, len),
+        }
+    }
+    /// The buffer a shader writes for the `len` elements of `buf`: `buf` itself, or an f32
+    /// scratch that [`Self::finish_output`] narrows into it.
+    pub fn output(self, ctx: &Context, buf: &wgpu::Buffer, len: usize) -> Result<wgpu::Buffer> {
+        match self {
+            Storage::Native(_) => Ok(buf.clone()),
+            Storage::WidenedF16 => ctx.scratch(len as u64 * 4),
+        }
+    }
+    /// Appends, once the shaders have written `written` (from [`Self::output`]), what brings
+    /// its `len` elements into `dst`: nothing, or a narrowing (the scratch kept with `plan`).
+    pub fn finish_output(
+        self,
+        ctx: &Context,
+        plan: &mut Plan,
+        written: wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<()> {
+        if self == Storage::WidenedF16 {
+            narrow(ctx, plan, &written, dst, len)?;
+            plan.keep(written);
+        }
+        Ok(())
+    }
 }
 
 /// Every variant of the conversion shader.

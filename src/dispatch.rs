@@ -94,23 +94,41 @@ fn check_aliasing(
     Ok(())
 }
 
-/// The tensors of one call, by the names its kernel binds them under: a written one may share
-/// its buffer with no other. Checked on the caller's tensors before anything is built, because
-/// a call whose f16 tensors are widened into f32 scratch binds copies, which the check of each
-/// dispatch cannot see through; so both storages refuse the same calls with the same words.
-pub fn check_call_aliasing(
+/// One tensor of a call: the name its kernel binds it under, its context and its buffer.
+#[derive(Clone, Copy)]
+pub struct CallTensor<'a> {
+    /// The binding's name, for errors.
+    pub name: &'a str,
+    /// The context the tensor belongs to.
+    pub context: &'a Context,
+    /// The tensor's buffer.
+    pub buffer: &'a wgpu::Buffer,
+}
+
+/// The checks every kernel makes on the tensors of a call, before anything is built: each
+/// belongs to `ctx` ([`Context::check_owned`]; first, as buffers of another device may share
+/// ids with this one's), and a written one shares its buffer with no other. Aliasing is checked
+/// here on the caller's tensors because a call whose f16 tensors are widened into f32 scratch
+/// binds copies, which the check of each dispatch cannot see through; so both storages refuse
+/// the same calls with the same words.
+pub fn check_call_tensors(
+    ctx: &Context,
     family: &str,
-    written: &[(&str, &wgpu::Buffer)],
-    read: &[(&str, &wgpu::Buffer)],
+    written: &[CallTensor<'_>],
+    read: &[CallTensor<'_>],
 ) -> Result<()> {
-    for (i, (w, wb)) in written.iter().enumerate() {
-        if let Some((r, _)) = read.iter().find(|(_, b)| b == wb) {
+    let owners: Vec<&Context> = written.iter().chain(read).map(|t| t.context).collect();
+    ctx.check_owned(&owners)?;
+    for (i, w) in written.iter().enumerate() {
+        if let Some(r) = read.iter().find(|r| r.buffer == w.buffer) {
+            let (w, r) = (w.name, r.name);
             return Err(Error::option(format!(
                 "{family}: `{w}` is written but its buffer is also bound as `{r}`, which the \
                  kernel reads; give `{w}` a buffer of its own"
             )));
         }
-        if let Some((o, _)) = written[i + 1..].iter().find(|(_, b)| b == wb) {
+        if let Some(o) = written[i + 1..].iter().find(|o| o.buffer == w.buffer) {
+            let (w, o) = (w.name, o.name);
             return Err(Error::option(format!(
                 "{family}: `{w}` and `{o}` are both written and share a buffer; give each a \
                  buffer of its own"

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use crate::context::Context;
+use crate::dispatch::CallTensor;
 use crate::error::{Error, Result};
 
 /// Element types a tensor can hold.
@@ -291,6 +292,15 @@ impl<T: Element> GpuTensor<T> {
     /// The context the tensor lives in.
     pub fn context(&self) -> &Context {
         &self.ctx
+    }
+    /// The tensor under the name a kernel binds it by, for
+    /// [`check_call_tensors`](crate::dispatch::check_call_tensors).
+    pub(crate) fn named<'a>(&'a self, name: &'a str) -> CallTensor<'a> {
+        CallTensor {
+            name,
+            context: &self.ctx,
+            buffer: &self.buffer,
+        }
     }
     /// Bytes of data (without padding).
     pub fn bytes(&self) -> u64 {

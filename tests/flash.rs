@@ -910,8 +910,8 @@ fn bad_input_is_an_error() {
         None,
         &rope
     )));
-    assert!(AttnFn::parse("softmax").is_err());
-    assert!(LinNorm::parse("total").is_err());
+    assert!("softmax".parse::<AttnFn>().is_err());
+    assert!("total".parse::<LinNorm>().is_err());
 
     let Some(ctx) = gpu() else { return };
     // The decoder refuses what it cannot reproduce, and blocks of the wrong size.

@@ -488,9 +488,9 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let opts = FlashOptions {
         chunk,
         causal: io.set("causal", false)?,
-        attn_fn: AttnFn::parse(&io.set("attn_fn", "relu2".to_string())?)?,
+        attn_fn: io.set::<String>("attn_fn", "relu2".into())?.parse()?,
         quad_scale: io.set_opt("quad_scale")?,
-        lin_norm: LinNorm::parse(&io.set("lin_norm", "chunk".to_string())?)?,
+        lin_norm: io.set::<String>("lin_norm", "chunk".into())?.parse()?,
         lin_scale: io.set_opt("lin_scale")?,
         rope: rope.then(|| {
             let d = FlashRope::default();

@@ -57,8 +57,8 @@
 //! ```
 
 use crate::context::Context;
-use crate::convert::{self, Storage};
-use crate::dispatch::{check_binding, check_call_aliasing, sub_binding, Plan, Step};
+use crate::convert::Storage;
+use crate::dispatch::{check_binding, check_call_tensors, sub_binding, CallTensor, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, ShaderVariant, GEMM_BLOCK, GEMM_WGSL, GRID_WGSL};
 use crate::tensor::{data_binding, require_float, shape_elements, DType, Element, GpuTensor};
@@ -133,6 +133,12 @@ impl<'a> AttnMask<'a> {
         match self {
             Self::Keep(t) => t.buffer(),
             Self::Add(t) => t.buffer(),
+        }
+    }
+    fn named(&self, name: &'a str) -> CallTensor<'a> {
+        match self {
+            Self::Keep(t) => t.named(name),
+            Self::Add(t) => t.named(name),
         }
     }
     fn bytes(&self) -> u64 {
@@ -641,10 +647,11 @@ impl Attention {
         lse: Option<&GpuTensor<f32>>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
-        let mut owners = vec![q.context(), k.context(), v.context(), out.context()];
-        owners.extend(mask.map(|m| m.context()));
-        owners.extend(lse.map(|l| l.context()));
-        ctx.check_owned(&owners)?;
+        let mut written = vec![out.named("out")];
+        written.extend(lse.map(|l| l.named("lse")));
+        let mut read = vec![q.named("q"), k.named("k"), v.named("v")];
+        read.extend(mask.as_ref().map(|m| m.named("mask")));
+        check_call_tensors(ctx, "attention", &written, &read)?;
         require_float::<T>("attention")?;
         let s = attention_shape(
             q.shape(),
@@ -669,11 +676,6 @@ impl Attention {
                 )));
             }
         }
-        let mut written = vec![("out", out.buffer())];
-        written.extend(lse.map(|l| ("lse", l.buffer())));
-        let mut read = vec![("q", q.buffer()), ("k", k.buffer()), ("v", v.buffer())];
-        read.extend(mask.as_ref().map(|m| ("mask", m.buffer())));
-        check_call_aliasing("attention", &written, &read)?;
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         check_tensors(
             ctx,
@@ -693,20 +695,10 @@ impl Attention {
         }
 
         let mut plan = Plan::default();
-        let (qb, kb, vb, ob) = match storage {
-            Storage::WidenedF16 => (
-                convert::widen(ctx, &mut plan, q.buffer(), q.len())?,
-                convert::widen(ctx, &mut plan, k.buffer(), k.len())?,
-                convert::widen(ctx, &mut plan, v.buffer(), v.len())?,
-                ctx.scratch(out.len() as u64 * 4)?,
-            ),
-            Storage::Native(_) => (
-                q.buffer().clone(),
-                k.buffer().clone(),
-                v.buffer().clone(),
-                out.buffer().clone(),
-            ),
-        };
+        let qb = storage.input(ctx, &mut plan, q.buffer(), q.len())?;
+        let kb = storage.input(ctx, &mut plan, k.buffer(), k.len())?;
+        let vb = storage.input(ctx, &mut plan, v.buffer(), v.len())?;
+        let ob = storage.output(ctx, out.buffer(), out.len())?;
         let dtype = storage.shader_dtype();
         let (dp, dvp) = (bucket(s.d), bucket(s.dv));
         let t = tile_rows(dp, dvp) as usize;
@@ -835,10 +827,8 @@ impl Attention {
                 (bh * s.m) as u64,
             )?);
         }
-        if storage == Storage::WidenedF16 {
-            convert::narrow(ctx, &mut plan, &ob, out.buffer(), out.len())?;
-        }
-        for b in [params, mask_b, lse_b, part_o, part_ml, ob] {
+        storage.finish_output(ctx, &mut plan, ob, out.buffer(), out.len())?;
+        for b in [params, mask_b, lse_b, part_o, part_ml] {
             plan.keep(b);
         }
         Ok(plan)
@@ -865,7 +855,12 @@ pub fn matmul_plan<T: Element>(
     c: &GpuTensor<T>,
     transpose_b: bool,
 ) -> Result<Plan> {
-    ctx.check_owned(&[a.context(), b.context(), c.context()])?;
+    check_call_tensors(
+        ctx,
+        "matmul",
+        &[c.named("c")],
+        &[a.named("a"), b.named("b")],
+    )?;
     require_float::<T>("matmul")?;
     let (sa, sb) = (a.shape(), b.shape());
     if sa.len() != 2 || sb.len() != 2 {
@@ -890,11 +885,6 @@ pub fn matmul_plan<T: Element>(
             c.shape()
         )));
     }
-    check_call_aliasing(
-        "matmul",
-        &[("c", c.buffer())],
-        &[("a", a.buffer()), ("b", b.buffer())],
-    )?;
     let storage = Storage::for_dtype(ctx, T::DTYPE);
     check_tensors(
         ctx,
@@ -906,14 +896,9 @@ pub fn matmul_plan<T: Element>(
         ],
     )?;
     let mut plan = Plan::default();
-    let (ab, bb, cb) = match storage {
-        Storage::WidenedF16 => (
-            convert::widen(ctx, &mut plan, a.buffer(), a.len())?,
-            convert::widen(ctx, &mut plan, b.buffer(), b.len())?,
-            ctx.scratch(c.len() as u64 * 4)?,
-        ),
-        Storage::Native(_) => (a.buffer().clone(), b.buffer().clone(), c.buffer().clone()),
-    };
+    let ab = storage.input(ctx, &mut plan, a.buffer(), a.len())?;
+    let bb = storage.input(ctx, &mut plan, b.buffer(), b.len())?;
+    let cb = storage.output(ctx, c.buffer(), c.len())?;
     // 64 x 64 blocks of C (the block products of the register-blocked attention).
     let qtiles = m.div_ceil(GEMM_BLOCK);
     let ntiles = n.div_ceil(GEMM_BLOCK);
@@ -947,11 +932,8 @@ pub fn matmul_plan<T: Element>(
         ],
         (qtiles * ntiles) as u64,
     )?);
-    if storage == Storage::WidenedF16 {
-        convert::narrow(ctx, &mut plan, &cb, c.buffer(), c.len())?;
-    }
+    storage.finish_output(ctx, &mut plan, cb, c.buffer(), c.len())?;
     plan.keep(params);
-    plan.keep(cb);
     Ok(plan)
 }
 

@@ -49,10 +49,12 @@
 //! # Ok::<(), seq_kernels::Error>(())
 //! ```
 
+use std::str::FromStr;
+
 use crate::context::Context;
-use crate::convert::{self, Storage};
+use crate::convert::Storage;
 use crate::dispatch::{
-    check_binding, check_call_aliasing, largest_fitting, rows_binding, Plan, Step,
+    check_binding, check_call_tensors, largest_fitting, rows_binding, Plan, Step,
 };
 use crate::error::{Error, Result};
 use crate::kernels::copy;
@@ -102,13 +104,10 @@ pub enum AttnFn {
     Laplace,
 }
 
-impl AttnFn {
-    /// Parses `relu2` or `laplace`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidOption`] for any other name.
-    pub fn parse(s: &str) -> Result<Self> {
+/// `relu2` or `laplace`.
+impl FromStr for AttnFn {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "relu2" => Ok(Self::Relu2),
             "laplace" => Ok(Self::Laplace),
@@ -117,6 +116,9 @@ impl AttnFn {
             ))),
         }
     }
+}
+
+impl AttnFn {
     /// The function in f64 (the reference's).
     pub fn apply(self, x: f64) -> f64 {
         match self {
@@ -149,13 +151,10 @@ pub enum LinNorm {
     Prefix,
 }
 
-impl LinNorm {
-    /// Parses `chunk`, `length` or `prefix`.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidOption`] for any other name.
-    pub fn parse(s: &str) -> Result<Self> {
+/// `chunk`, `length` or `prefix`.
+impl FromStr for LinNorm {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "chunk" => Ok(Self::Chunk),
             "length" => Ok(Self::Length),
@@ -805,16 +804,17 @@ impl Flash {
         out: &GpuTensor<T>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
-        let mut owners = vec![out.context()];
-        owners.extend(
-            [inputs.qq, inputs.kq, inputs.ql, inputs.kl, inputs.v]
-                .into_iter()
-                .chain(inputs.gate)
-                .map(|t| t.context()),
-        );
-        owners.extend(inputs.bias.map(|t| t.context()));
-        owners.extend(inputs.key_mask.map(|t| t.context()));
-        ctx.check_owned(&owners)?;
+        let mut read = vec![
+            inputs.qq.named("qq"),
+            inputs.kq.named("kq"),
+            inputs.ql.named("ql"),
+            inputs.kl.named("kl"),
+            inputs.v.named("v"),
+        ];
+        read.extend(inputs.gate.map(|t| t.named("gate")));
+        read.extend(inputs.key_mask.map(|t| t.named("key_mask")));
+        read.extend(inputs.bias.map(|t| t.named("bias")));
+        check_call_tensors(ctx, "flash", &[out.named("out")], &read)?;
         require_float::<T>("flash")?;
         let shape = inputs.shape(&self.opts)?;
         if out.shape() != [shape.b, shape.n, shape.e] {
@@ -824,25 +824,11 @@ impl Flash {
                 [shape.b, shape.n, shape.e]
             )));
         }
-        let ins = [inputs.qq, inputs.kq, inputs.ql, inputs.kl, inputs.v];
-        let mut read: Vec<(&str, &wgpu::Buffer)> = ["qq", "kq", "ql", "kl", "v"]
-            .into_iter()
-            .zip(ins.iter().map(|t| t.buffer()))
-            .collect();
-        read.extend(inputs.gate.map(|t| ("gate", t.buffer())));
-        read.extend(inputs.key_mask.map(|t| ("key_mask", t.buffer())));
-        read.extend(inputs.bias.map(|t| ("bias", t.buffer())));
-        check_call_aliasing("flash", &[("out", out.buffer())], &read)?;
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let elem_bytes = storage.shader_dtype().size() as u64;
         let segs = segments(ctx, &self.opts, &shape, elem_bytes, inputs.bias.is_some())?;
         let mut plan = Plan::default();
-        let mut bind = |t: &GpuTensor<T>| -> Result<wgpu::Buffer> {
-            Ok(match storage {
-                Storage::WidenedF16 => convert::widen(ctx, &mut plan, t.buffer(), t.len())?,
-                Storage::Native(_) => t.buffer().clone(),
-            })
-        };
+        let mut bind = |t: &GpuTensor<T>| storage.input(ctx, &mut plan, t.buffer(), t.len());
         let bound = Bound {
             qq: bind(inputs.qq)?,
             kq: bind(inputs.kq)?,
@@ -852,10 +838,7 @@ impl Flash {
             gate: inputs.gate.map(&mut bind).transpose()?,
             bias: inputs.bias.map(|b| b.buffer().clone()),
             key_mask: inputs.key_mask.map(|m| m.buffer().clone()),
-            out: match storage {
-                Storage::WidenedF16 => ctx.scratch(out.len() as u64 * 4)?,
-                Storage::Native(_) => out.buffer().clone(),
-            },
+            out: storage.output(ctx, out.buffer(), out.len())?,
         };
         let dtype = storage.shader_dtype();
         let rope_offset = self.opts.rope.map_or(0, |r| r.offset);
@@ -923,10 +906,7 @@ impl Flash {
                 sc.keep_in(&mut plan);
             }
         }
-        if storage == Storage::WidenedF16 {
-            convert::narrow(ctx, &mut plan, &bound.out, out.buffer(), out.len())?;
-        }
-        plan.keep(bound.out);
+        storage.finish_output(ctx, &mut plan, bound.out, out.buffer(), out.len())?;
         Ok(plan)
     }
 }
@@ -1487,9 +1467,8 @@ impl FlashDecoder {
                 ))
             }
         }
-        let mut owners: Vec<&Context> = ins.iter().map(|(_, x, _)| x.context()).collect();
-        owners.push(out.context());
-        self.ctx.check_owned(&owners)?;
+        let read: Vec<_> = ins.iter().map(|(n, x, _)| x.named(n)).collect();
+        check_call_tensors(&self.ctx, "flash decoder", &[out.named("out")], &read)?;
         for (name, x, w) in ins.iter().chain([&("out", out, e)]) {
             if x.shape() != [b, t, *w] {
                 return Err(Error::shape(format!(
@@ -1499,9 +1478,6 @@ impl FlashDecoder {
                 )));
             }
         }
-        let read: Vec<(&str, &wgpu::Buffer)> =
-            ins.iter().map(|(n, x, _)| (*n, x.buffer())).collect();
-        check_call_aliasing("flash decoder", &[("out", out.buffer())], &read)?;
         if let Some(m) = block.key_mask {
             if m.len() != b * t {
                 return Err(Error::shape(format!(

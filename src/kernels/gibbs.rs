@@ -35,7 +35,7 @@ use std::ops::Range;
 use crate::context::Context;
 use crate::convert;
 use crate::dispatch::{
-    self, check_call_aliasing, rows_binding, sub_binding as sub, BindingCap, Plan, Step,
+    self, check_call_tensors, rows_binding, sub_binding as sub, BindingCap, Plan, Step,
 };
 use crate::error::{Error, Result};
 use crate::shader::{compose, reduce_wgsl, ShaderVariant, GRID_WGSL};
@@ -538,16 +538,17 @@ impl Gibbs {
         best: Option<BestState<'_, T>>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
-        let mut owners = vec![model.unary.context(), tokens.context()];
-        match model.pairwise {
-            Pairwise::Dense(w) => owners.push(w.context()),
-            Pairwise::Factored { a, b } => owners.extend([a.context(), b.context()]),
-        }
-        owners.extend(clamp.map(|c| c.context()));
+        let mut written = vec![tokens.named("tokens")];
         if let Some((bt, bs)) = best {
-            owners.extend([bt.context(), bs.context()]);
+            written.extend([bt.named("best_tokens"), bs.named("best_score")]);
         }
-        ctx.check_owned(&owners)?;
+        let mut read = vec![model.unary.named("unary")];
+        match model.pairwise {
+            Pairwise::Dense(w) => read.push(w.named("pairwise")),
+            Pairwise::Factored { a, b } => read.extend([a.named("pair_a"), b.named("pair_b")]),
+        }
+        read.extend(clamp.map(|c| c.named("clamp")));
+        check_call_tensors(ctx, "gibbs", &written, &read)?;
         token_dtype::<T>("gibbs")?;
         let s = chain_shape(
             model.unary.shape(),
@@ -566,19 +567,6 @@ impl Gibbs {
                 )));
             }
         }
-        let mut written = vec![("tokens", tokens.buffer())];
-        if let Some((bt, bs)) = best {
-            written.extend([("best_tokens", bt.buffer()), ("best_score", bs.buffer())]);
-        }
-        let mut read = vec![("unary", model.unary.buffer())];
-        match model.pairwise {
-            Pairwise::Dense(w) => read.push(("pairwise", w.buffer())),
-            Pairwise::Factored { a, b } => {
-                read.extend([("pair_a", a.buffer()), ("pair_b", b.buffer())])
-            }
-        }
-        read.extend(clamp.map(|c| ("clamp", c.buffer())));
-        check_call_aliasing("gibbs", &written, &read)?;
         let (b, l, v, r) = (s.chains as u64, s.len as u64, s.vocab as u64, s.rank as u64);
         // Tensors shared by all chains must fit one binding.
         if !s.unary_per_chain {
@@ -911,7 +899,12 @@ impl Sampler {
         out: &GpuTensor<T>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
-        ctx.check_owned(&[logits.context(), out.context()])?;
+        check_call_tensors(
+            ctx,
+            "sample",
+            &[out.named("out")],
+            &[logits.named("logits")],
+        )?;
         require_float::<L>("sampling logits")?;
         token_dtype::<T>("sampled")?;
         let (b, v) = logits_shape(logits.shape())?;
@@ -922,11 +915,6 @@ impl Sampler {
                 out.shape()
             )));
         }
-        check_call_aliasing(
-            "sample",
-            &[("out", out.buffer())],
-            &[("logits", logits.buffer())],
-        )?;
         let (seed_lo, seed_hi) = seed_words(self.opts.seed);
         let wg = group_wg(ctx, v.div_ceil(4));
         let sv = variant(ctx.has_subgroups(), "sample_logits", wg);
@@ -1101,15 +1089,21 @@ impl Metropolis {
     ///   (`max_storage_buffer_binding_size`, of which at most 2^31 bytes are used).
     pub fn plan<T: Element>(&self, t: &MhTensors<'_, T>) -> Result<Plan> {
         let ctx = &self.ctx;
-        ctx.check_owned(&[
-            t.x.context(),
-            t.y.context(),
-            t.score_x.context(),
-            t.score_y.context(),
-            t.log_q_fwd.context(),
-            t.log_q_back.context(),
-            t.accepted.context(),
-        ])?;
+        check_call_tensors(
+            ctx,
+            "MH",
+            &[
+                t.x.named("x"),
+                t.score_x.named("score_x"),
+                t.accepted.named("accepted"),
+            ],
+            &[
+                t.y.named("y"),
+                t.score_y.named("score_y"),
+                t.log_q_fwd.named("log_q_fwd"),
+                t.log_q_back.named("log_q_back"),
+            ],
+        )?;
         token_dtype::<T>("MH")?;
         let (b, l) = mh_shape(
             t.x.shape(),
@@ -1120,20 +1114,6 @@ impl Metropolis {
                 t.log_q_fwd.shape(),
                 t.log_q_back.shape(),
                 t.accepted.shape(),
-            ],
-        )?;
-        check_call_aliasing(
-            "MH",
-            &[
-                ("x", t.x.buffer()),
-                ("score_x", t.score_x.buffer()),
-                ("accepted", t.accepted.buffer()),
-            ],
-            &[
-                ("y", t.y.buffer()),
-                ("score_y", t.score_y.buffer()),
-                ("log_q_fwd", t.log_q_fwd.buffer()),
-                ("log_q_back", t.log_q_back.buffer()),
             ],
         )?;
         check_fits(ctx, "the tokens [b, L]", (b * l * 4) as u64)?;

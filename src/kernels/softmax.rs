@@ -20,10 +20,8 @@
 //! ```
 
 use crate::context::Context;
-use crate::convert::{self, Storage};
-use crate::dispatch::{
-    based_row_chunks, check_call_aliasing, rows_binding, BindingCap, Plan, Step,
-};
+use crate::convert::Storage;
+use crate::dispatch::{based_row_chunks, check_call_tensors, rows_binding, BindingCap, Plan, Step};
 use crate::error::{Error, Result};
 use crate::shader::{compose, elem_header, reduce_wgsl, ShaderVariant, GRID_WGSL};
 use crate::tensor::{require_float, shape_elements, DType, Element, GpuTensor};
@@ -346,9 +344,9 @@ impl Softmax {
         y: &GpuTensor<T>,
     ) -> Result<Plan> {
         let ctx = &self.ctx;
-        let mut owners = vec![x.context(), y.context()];
-        owners.extend(mask.map(|m| m.context()));
-        ctx.check_owned(&owners)?;
+        let mut read = vec![x.named("x")];
+        read.extend(mask.map(|m| m.named("mask")));
+        check_call_tensors(ctx, "softmax", &[y.named("y")], &read)?;
         require_float::<T>("softmax")?;
         let shape = row_shape(x.shape(), mask.map(|m| m.shape()), &self.opts)?;
         if y.shape() != x.shape() {
@@ -358,19 +356,11 @@ impl Softmax {
                 x.shape()
             )));
         }
-        let mut read = vec![("x", x.buffer())];
-        read.extend(mask.map(|m| ("mask", m.buffer())));
-        check_call_aliasing("softmax", &[("y", y.buffer())], &read)?;
         let mut plan = Plan::default();
         let storage = Storage::for_dtype(ctx, T::DTYPE);
         let len = x.len();
-        let (xs, ys) = match storage {
-            Storage::WidenedF16 => {
-                let xs = convert::widen(ctx, &mut plan, x.buffer(), len)?;
-                (xs, ctx.scratch(len as u64 * 4)?)
-            }
-            Storage::Native(_) => (x.buffer().clone(), y.buffer().clone()),
-        };
+        let xs = storage.input(ctx, &mut plan, x.buffer(), len)?;
+        let ys = storage.output(ctx, y.buffer(), len)?;
         let dummy = ctx.scratch(16)?;
         let mask_buf = mask
             .map(|m| m.buffer().clone())
@@ -385,10 +375,7 @@ impl Softmax {
             mask.is_some(),
             &dummy,
         )?;
-        if storage == Storage::WidenedF16 {
-            convert::narrow(ctx, &mut plan, &ys, y.buffer(), len)?;
-            plan.keep(ys);
-        }
+        storage.finish_output(ctx, &mut plan, ys, y.buffer(), len)?;
         plan.keep(dummy);
         Ok(plan)
     }
