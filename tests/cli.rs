@@ -537,6 +537,33 @@ fn repeated_names_exit_2() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// `--in`, `--set` and `--out2` with nothing before the `=` are errors quoting the argument,
+/// not an input, option or output with an empty name.
+#[test]
+fn empty_names_exit_2() {
+    let d = dir("empty-names");
+    let p = |f: &str| d.join(f).display().to_string();
+    save(&d.join("a.npy"), &[2, 3], &[1.0f32; 6], npyz::Order::C);
+    let (xa, out) = (format!("x={}", p("a.npy")), p("o.npy"));
+    let softmax = ["run", "softmax", "--cpu", "--out", &out];
+    let bare = format!("={}", p("a.npy"));
+    assert_usage_error(
+        &[&softmax[..], &["--in", &bare]].concat(),
+        &["--in expects NAME=VALUE", "\"="],
+    );
+    assert_usage_error(
+        &[&softmax[..], &["--in", &xa, "--set", "=0.5"]].concat(),
+        &["--set expects NAME=VALUE", "\"=0.5\""],
+    );
+    let bare_out = format!("={}", p("b.npy"));
+    assert_usage_error(
+        &[&softmax[..], &["--in", &xa, "--out2", &bare_out]].concat(),
+        &["--out2 expects NAME=VALUE"],
+    );
+    assert!(!d.join("o.npy").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// Empty and 0-d arrays are errors naming the input and its expected shape.
 #[test]
 fn empty_and_scalar_inputs_exit_2_naming_the_input() {

@@ -871,6 +871,13 @@ fn bad_options_are_errors() {
         rotary_dim: Some(0),
         ..Default::default()
     })));
+    // An odd head dim with rotary_dim unset: the error names the head dim, not a rotary_dim
+    // the caller never gave.
+    let odd = reference::rope(&[0.0; 5], [1, 1, 1, 5], None, &Default::default());
+    assert!(
+        matches!(&odd, Err(Error::InvalidOption(m)) if m.contains("head dim d = 5") && !m.contains("got 5")),
+        "{odd:?}"
+    );
     assert!(opt(bad(RopeOptions {
         base: 0.0,
         ..Default::default()

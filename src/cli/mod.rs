@@ -540,6 +540,7 @@ impl RunIo {
         let pair = |s: &String, what: &str| -> Result<(String, String), CliError> {
             s.split_once('=')
                 .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+                .filter(|(k, _)| !k.is_empty())
                 .ok_or_else(|| usage(format!("{what} expects NAME=VALUE, got {s:?}")))
         };
         // NAME=VALUE pairs by name; a name given twice is an error, not "the last one wins".

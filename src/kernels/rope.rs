@@ -365,9 +365,16 @@ impl RopeOptions {
     pub fn validate(&self, d: usize) -> Result<usize> {
         let r = self.rotary_dim.unwrap_or(d);
         if r == 0 || !r.is_multiple_of(2) || r > d {
-            return Err(Error::option(format!(
-                "rope rotary_dim must be even, at least 2 and at most d = {d}, got {r}"
-            )));
+            return Err(Error::option(match self.rotary_dim {
+                Some(r) => {
+                    format!("rope rotary_dim must be even, at least 2 and at most d = {d}, got {r}")
+                }
+                None => format!(
+                    "rope rotates the whole head dim d = {d} when rotary_dim is unset, so d \
+                     must be even and at least 2; set rotary_dim (even, from 2 to d) to \
+                     rotate part of each head"
+                ),
+            }));
         }
         if !(self.base > 0.0 && self.base.is_finite()) {
             return Err(Error::option(format!(
