@@ -350,6 +350,15 @@ fn bench_softmax_quick_as_json() {
     }
 }
 
+/// `bench copy` times the copy baseline alone (the README lists copy among the kernels).
+#[test]
+fn bench_copy_is_the_baseline_alone() {
+    let Some(_) = common::gpu() else { return };
+    let (v, rows) = bench_json("copy");
+    assert_eq!(rows.len(), 1, "{v:#}");
+    assert!(rows[0]["gbps"].as_f64().is_some_and(|x| x > 0.0), "{v:#}");
+}
+
 /// `bench sample` (a KERNEL of `seqk bench`) times the sampler alone: the copy row, then sample
 /// rows only, each GPU row beside its CPU reference row.
 #[test]
