@@ -1,12 +1,11 @@
-// Exact attention, FlashAttention-2 style, and the plain matmul of the same tile engine.
+// Exact attention, FlashAttention-2 style, and a plain matmul on the same block products.
 //
-// Prepended by the host: `alias elem = f32|f16;`, `const D/DV/T/WG/SLABS` lines,
-// shaders/grid.wgsl, shaders/tiles.wgsl and shaders/gemm.wgsl. `attention_blocked` (at the
-// end, on gemm.wgsl's block products) serves calls without key splits and more query rows
-// than one tile; `attention` the others, one workgroup per (batch, head, query tile[, key
-// split]): Q is staged once, K and V tiles stream through workgroup memory; each invocation
-// owns one query row of the tile and ACC of its output columns, with the row's running max m,
-// running sum l and the unnormalised accumulator in registers.
+// Prepended by the host: `alias elem = f32|f16;`, `const D/DV/ROWS/WG/SLABS` lines,
+// shaders/grid.wgsl and shaders/gemm.wgsl. `attention_blocked` (at the end, on gemm.wgsl's
+// block products) serves calls without key splits and more query rows than ROWS;
+// `attention` the others (decode, few rows, key splits): one workgroup per (batch, kv head,
+// ROWS packed query rows[, key split]), each query row with its running max m, running sum l
+// and unnormalised accumulator in registers.
 // No infinities are computed: m starts at a finite sentinel, l > 0 says a valid key was seen,
 // exp runs only on valid scores, and a -inf lse is written as a bit pattern.
 
@@ -41,20 +40,9 @@ const NEG_INF_BITS: u32 = 0xff800000u;
 @group(0) @binding(7) var<storage, read_write> part_o: array<f32>;  // [bh, m, splits, dv]
 @group(0) @binding(8) var<storage, read_write> part_ml: array<vec2<f32>>; // [bh, m, splits] (m, l)
 
-var<workgroup> tile_s: array<f32, T * T>;  // scores of the current key tile
-var<workgroup> tile_f: array<u32, T * T>;  // 1 where the score is valid
-
 const SRC_Q: u32 = 0u;
 const SRC_K: u32 = 1u;
 const SRC_V: u32 = 2u;
-
-fn tile_read(src: u32, i: u32) -> f32 {
-    switch src {
-        case SRC_Q: { return f32(q[i]); }
-        case SRC_K: { return f32(k[i]); }
-        default: { return f32(v[i]); }
-    }
-}
 
 fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
@@ -117,18 +105,6 @@ fn write_lse(row: u32, m_run: f32, l_run: f32) {
     }
 }
 
-// (P V)[r, col] over the keys row r may see. A hidden key's p = 0 is not enough: 0 times a
-// non-finite value (junk in a masked slot of a KV cache) is NaN.
-fn pv_visible(r: u32, col: u32) -> f32 {
-    var s = 0.0;
-    for (var j = 0u; j < T; j++) {
-        if (tile_f[r * T + j] != 0u) {
-            s = fma(tile_p[r * T + j], tile_v[j * DV + col], s);
-        }
-    }
-    return s;
-}
-
 // (query head, query index) of row `row` of kv head hk's packed rows: the tile path packs
 // the query heads of a GQA group into one tile's rows (row = head in the group * m + index),
 // so that one workgroup reads its keys and values once for all of them.
@@ -136,7 +112,37 @@ fn packed_row(hk: u32, row: u32) -> vec2<u32> {
     return vec2(hk * p.group + row / p.m, row % p.m);
 }
 
-@compute @workgroup_size(WG)
+// Keys of a split [kbegin, kend) that a tile of packed rows q0 .. q0 + tile_rows may see:
+// under causality none past the tile's latest query index's last visible key, so the upper
+// triangle is never read.
+fn tile_key_end(q0: u32, tile_rows: u32, rows: u32, kend: u32) -> u32 {
+    if (!has(FLAG_CAUSAL)) {
+        return kend;
+    }
+    let last = min(q0 + tile_rows, rows) - 1u;
+    var i_last = last % p.m;
+    if (q0 / p.m != last / p.m) {
+        i_last = p.m - 1u; // the tile holds the end of a head's rows
+    }
+    let lim = i32(i_last) + 1 + i32(p.n) - i32(p.m);
+    return min(kend, u32(clamp(lim, 0, i32(p.n))));
+}
+
+// The few-rows path: one workgroup of ROWS_WG invocations per (batch, kv head, tile of ROWS
+// packed rows[, key split]). The tile's queries are staged once; each block of ROWS_KB keys is
+// scored by all invocations at once (each key's row of K read straight from memory, ROWS_PAIRS
+// rows of it an invocation), then each row's ROWS_PER_ROW invocations fold the block into
+// their row's online softmax and their ROWS_COLS output columns.
+const ROWS_WG: u32 = 256u;
+const ROWS_KB: u32 = 64u;
+const ROWS_PAIRS: u32 = ROWS * ROWS_KB / ROWS_WG;
+const ROWS_PER_ROW: u32 = ROWS_WG / ROWS;
+const ROWS_COLS: u32 = DV / ROWS_PER_ROW;
+
+var<workgroup> rows_q: array<f32, ROWS * D>;             // the tile's queries
+var<workgroup> rows_s: array<u32, ROWS * ROWS_KB>;       // score bits; NEG_INF_BITS: hidden
+
+@compute @workgroup_size(ROWS_WG)
 fn attention(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -154,15 +160,9 @@ fn attention(
     let bi = unit / hkv;
     let hk = unit % hkv;
     let rows = p.group * p.m;
-    let q0 = qt * T;
-    let r = lid / C;
-    let cg = lid % C;
-    // This invocation's row (clamped: an invocation past the last row only helps stage).
-    let qi = packed_row(hk, min(q0 + r, rows - 1u));
-    let h = qi.x;
-    let i = qi.y;
+    let q0 = qt * ROWS;
 
-    for (var e = lid; e < T * D; e += WG) {
+    for (var e = lid; e < ROWS * D; e += ROWS_WG) {
         let row = q0 + e / D;
         let c = e % D;
         var x = 0.0;
@@ -170,94 +170,98 @@ fn attention(
             let at = packed_row(hk, row);
             x = f32(q[bi * p.q_batch + at.x * p.q_head + at.y * p.q_row + c]);
         }
-        tile_a[e] = x;
+        rows_q[e] = x;
     }
     let k_base = bi * p.k_batch + hk * p.k_head;
     let v_base = bi * p.v_batch + hk * p.v_head;
-
-    // Keys of this split; under causality none past the tile's last visible key (of its
-    // latest query index), so the upper triangle's tiles are never loaded.
     let kbegin = split * p.chunk;
-    var kend = min(p.n, kbegin + p.chunk);
-    if (has(FLAG_CAUSAL)) {
-        let last = min(q0 + T, rows) - 1u;
-        var i_last = last % p.m;
-        if (q0 / p.m != last / p.m) {
-            i_last = p.m - 1u; // the tile holds the end of a head's rows
-        }
-        let lim = i32(i_last) + 1 + i32(p.n) - i32(p.m);
-        kend = min(kend, u32(clamp(lim, 0, i32(p.n))));
-    }
+    let kend = tile_key_end(q0, ROWS, rows, min(p.n, kbegin + p.chunk));
 
+    // Scoring: key sj of a block, tile rows sr, sr + ROWS_WG / ROWS_KB, ...
+    let sj = lid % ROWS_KB;
+    let sr = lid / ROWS_KB;
+    // Folding: tile row fr, output columns fc, fc + ROWS_PER_ROW, ... (clamped to the row's
+    // last column; the copies are never stored).
+    let fr = lid / ROWS_PER_ROW;
+    let fc = lid % ROWS_PER_ROW;
     var m_run = SENTINEL;
     var l_run = 0.0;
-    var acc: array<f32, ACC>;
-    for (var c = 0u; c < ACC; c++) {
-        acc[c] = 0.0;
+    var acc: array<f32, ROWS_COLS>;
+    for (var t = 0u; t < ROWS_COLS; t++) {
+        acc[t] = 0.0;
     }
-    for (var j0 = kbegin; j0 < kend; j0 += T) {
-        // The previous tile's readers are done (and tile_a is visible on the first pass).
+    for (var j0 = kbegin; j0 < kend; j0 += ROWS_KB) {
+        // The previous block's readers are done (and the queries visible on the first pass).
         workgroupBarrier();
-        tile_load_b(SRC_K, k_base, p.k_row, j0, p.n, p.d, lid);
-        tile_load_v(SRC_V, v_base, p.v_row, j0, p.n, p.dv, lid);
-        workgroupBarrier();
-        for (var e = lid; e < T * T; e += WG) {
-            let rr = e / T;
-            let cc = e % T;
-            var s = 0.0;
-            var ok = 0u;
-            let at = packed_row(hk, q0 + rr);
-            if (q0 + rr < rows && visible(bi, at.x, at.y, j0 + cc)) {
-                s = score(tile_dot_ab(rr, cc, p.d)) + mask_term(bi, at.x, at.y, j0 + cc);
-                ok = 1u;
+        let j = j0 + sj;
+        let k_row = k_base + min(j, kend - 1u) * p.k_row;
+        var dots: array<f32, ROWS_PAIRS>;
+        for (var t = 0u; t < ROWS_PAIRS; t++) {
+            dots[t] = 0.0;
+        }
+        for (var c = 0u; c < p.d; c++) {
+            let kc = f32(k[k_row + c]);
+            for (var t = 0u; t < ROWS_PAIRS; t++) {
+                let r = sr + t * (ROWS_WG / ROWS_KB);
+                // Rows past the last (a tile of a small group) are not scored.
+                if (q0 + r < rows) {
+                    dots[t] = fma(rows_q[r * D + c], kc, dots[t]);
+                }
             }
-            tile_s[e] = s;
-            tile_f[e] = ok;
+        }
+        for (var t = 0u; t < ROWS_PAIRS; t++) {
+            let r = sr + t * (ROWS_WG / ROWS_KB);
+            var bits = NEG_INF_BITS;
+            if (j < kend && q0 + r < rows) {
+                let at = packed_row(hk, q0 + r);
+                if (visible(bi, at.x, at.y, j)) {
+                    bits = bitcast<u32>(score(dots[t]) + mask_term(bi, at.x, at.y, j));
+                }
+            }
+            rows_s[r * ROWS_KB + sj] = bits;
         }
         workgroupBarrier();
-        // Row max over the valid scores (each invocation of the row, redundantly), and
-        // whether the row sees every real key of the tile.
+
+        let kcount = min(ROWS_KB, kend - j0);
         var m_new = m_run;
-        var sees_all = true;
-        for (var c = 0u; c < T; c++) {
-            if (tile_f[r * T + c] != 0u) {
-                m_new = max(m_new, tile_s[r * T + c]);
-            } else if (j0 + c < p.n) {
-                sees_all = false;
+        for (var c = 0u; c < kcount; c++) {
+            let b = rows_s[fr * ROWS_KB + c];
+            if (b != NEG_INF_BITS) {
+                m_new = max(m_new, bitcast<f32>(b));
             }
         }
-        for (var c = cg; c < T; c += C) {
-            var pr = 0.0;
-            if (tile_f[r * T + c] != 0u) {
-                pr = exp(tile_s[r * T + c] - m_new);
-            }
-            tile_p[r * T + c] = pr;
-        }
-        workgroupBarrier();
         var alpha = 0.0;
         if (l_run > 0.0) {
             alpha = exp(m_run - m_new);
         }
-        var rowsum = 0.0;
-        for (var c = 0u; c < T; c++) {
-            rowsum += tile_p[r * T + c];
+        l_run *= alpha;
+        for (var t = 0u; t < ROWS_COLS; t++) {
+            acc[t] *= alpha;
         }
-        l_run = alpha * l_run + rowsum;
-        m_run = m_new;
-        for (var c = 0u; c < ACC; c++) {
-            var pv: f32;
-            if (sees_all) {
-                pv = tile_pv(r, cg + c * C);
-            } else {
-                pv = pv_visible(r, cg + c * C);
+        let v_block = v_base + j0 * p.v_row;
+        for (var c = 0u; c < kcount; c++) {
+            let b = rows_s[fr * ROWS_KB + c];
+            // A hidden key's value is never read into the sum: junk (NaN, inf) in a masked
+            // cache slot stays out.
+            if (b != NEG_INF_BITS) {
+                let pj = exp(bitcast<f32>(b) - m_new);
+                l_run += pj;
+                let v_row = v_block + c * p.v_row;
+                for (var t = 0u; t < ROWS_COLS; t++) {
+                    let col = min(fc + t * ROWS_PER_ROW, p.dv - 1u);
+                    acc[t] = fma(pj, f32(v[v_row + col]), acc[t]);
+                }
             }
-            acc[c] = fma(alpha, acc[c], pv);
         }
+        m_run = m_new;
     }
 
-    if (q0 + r >= rows) {
+    if (q0 + fr >= rows) {
         return;
     }
+    let at = packed_row(hk, q0 + fr);
+    let h = at.x;
+    let i = at.y;
     let bh = bi * p.hq + h;
     if (p.splits == 1u) {
         var inv = 0.0;
@@ -265,24 +269,24 @@ fn attention(
             inv = 1.0 / l_run;
         }
         let o_base = bi * p.o_batch + h * p.o_head + i * p.o_row;
-        for (var c = 0u; c < ACC; c++) {
-            let col = cg + c * C;
+        for (var t = 0u; t < ROWS_COLS; t++) {
+            let col = fc + t * ROWS_PER_ROW;
             if (col < p.dv) {
-                out[o_base + col] = elem(acc[c] * inv);
+                out[o_base + col] = elem(acc[t] * inv);
             }
         }
-        if (has(FLAG_LSE) && cg == 0u) {
+        if (has(FLAG_LSE) && fc == 0u) {
             write_lse(bh * p.m + i, m_run, l_run);
         }
     } else {
         let pi = (bh * p.m + i) * p.splits + split;
-        for (var c = 0u; c < ACC; c++) {
-            let col = cg + c * C;
+        for (var t = 0u; t < ROWS_COLS; t++) {
+            let col = fc + t * ROWS_PER_ROW;
             if (col < p.dv) {
-                part_o[pi * p.dv + col] = acc[c];
+                part_o[pi * p.dv + col] = acc[t];
             }
         }
-        if (cg == 0u) {
+        if (fc == 0u) {
             part_ml[pi] = vec2<f32>(m_run, l_run);
         }
     }

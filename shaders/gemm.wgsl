@@ -1,8 +1,8 @@
 // Register-blocked block products: a workgroup of GEMM_WG invocations computes a 64 x 64 block
 // of a product A B. The depth is staged GEMM_BK at a time through workgroup memory, and each
 // invocation keeps a 4 x 4 micro-block in registers, so each vec4 read from workgroup memory
-// feeds 16 multiply-adds rather than one (the tile engine's dot products read two values per
-// multiply-add).
+// feeds 16 multiply-adds rather than one (a dot product of two staged rows reads two values
+// per multiply-add).
 //
 // The including shader provides
 //   fn gemm_a(src: u32, m: u32, k: u32) -> f32    element (m, k) of a left factor

@@ -21,11 +21,12 @@
 //!   register-blocked block products of `shaders/gemm.wgsl` (each invocation a 4 x 4
 //!   micro-block), the online softmax in registers and row maxima and sums met in workgroup
 //!   memory. Key blocks entirely above the causal diagonal are never visited.
-//! - Fewer query rows, or key splits: one workgroup per (batch, kv head, query tile) streams
-//!   K and V tiles through workgroup memory (the tile engine). A tile's rows are the query
-//!   rows of every head of the kv head's GQA group, packed, so K and V are read once for the
-//!   group. Decode shapes (few queries, many keys) split the keys across workgroups and merge
-//!   the partial (m, l, O) triples in a second pass.
+//! - Fewer query rows, or key splits: one workgroup of 256 invocations per (batch, kv head,
+//!   tile of 16 query rows, 8 for d > 128) scores 64 keys at a time, all at once, and folds
+//!   them into each row's online softmax. A tile's rows are the query rows of every head of
+//!   the kv head's GQA group, packed, so K and V are read once for the group. Decode shapes
+//!   (few queries, many keys) split the keys across workgroups and merge the partial
+//!   (m, l, O) triples in a second pass.
 //! - Storage f32 or f16 (native with `SHADER_F16`, else widened to an f32 scratch);
 //!   accumulation f32.
 //!
@@ -64,14 +65,12 @@ use crate::shader::{compose, elem_header, ShaderVariant, GEMM_BLOCK, GEMM_WGSL, 
 use crate::tensor::{data_binding, require_float, shape_elements, DType, Element, GpuTensor};
 
 const SOURCE: &str = include_str!("../../shaders/attention.wgsl");
-/// The tile engine snippet (tiles of row-major matrices in workgroup memory and their
-/// products), for attention's tile path.
-const TILES_WGSL: &str = include_str!("../../shaders/tiles.wgsl");
 
 /// Padded head-dimension buckets; each (d, dv) bucket pair is a shader variant.
 const DIMS: [u32; 6] = [32, 64, 96, 128, 192, 256];
 /// Largest head dimension.
 pub const MAX_HEAD_DIM: usize = 256;
+/// Invocations of a workgroup of the split merge.
 const WG: u32 = 64;
 
 /// Each named tensor of `len` elements, as the shader binds it (f32 scratch for widened
@@ -207,8 +206,8 @@ pub struct AttentionOptions {
     pub softcap: f32,
     /// Layout of q, k, v and the output.
     pub layout: Layout,
-    /// Keys per workgroup when the keys are split across workgroups (rounded up to the tile
-    /// size). `None` chooses: split only for decode shapes (m <= 4, n >= 1024), into about
+    /// Keys per workgroup when the keys are split across workgroups (rounded up to a multiple
+    /// of 16, of 8 for d > 128). `None` chooses: split only for decode shapes (m <= 4, n >= 1024), into about
     /// 2048 workgroups of at least 256 keys.
     pub key_split: Option<usize>,
     /// Attend to the first `kv_len` positions of k and v only: a preallocated KV cache filled
@@ -477,34 +476,29 @@ pub(crate) fn bucket(x: usize) -> u32 {
         .unwrap_or(DIMS[DIMS.len() - 1])
 }
 
-/// Tile rows for a (d, dv) bucket pair: workgroup memory stays under 16 KiB.
-pub(crate) fn tile_rows(d: u32, dv: u32) -> u32 {
-    match d.max(dv) {
-        0..=64 => 16,
-        65..=128 => 8,
-        _ => 4,
+/// Packed query rows a workgroup of the few-rows path takes, for a head-dim bucket d: its
+/// queries (rows x d) and one block's scores (rows x 64) stay within 16 KiB of workgroup
+/// memory.
+fn tile_rows(d: u32) -> u32 {
+    if d <= 128 {
+        16
+    } else {
+        8
     }
 }
 
 /// The shader variant for a storage type, padded dims and entry point.
 fn variant(dtype: DType, d: u32, dv: u32, entry: &'static str) -> ShaderVariant {
-    let t = tile_rows(d, dv);
+    let rows = tile_rows(d);
     let slabs = dv.div_ceil(64);
     let consts = format!(
-        "const D: u32 = {d}u;\nconst DV: u32 = {dv}u;\nconst T: u32 = {t}u;\nconst WG: u32 = {WG}u;\n\
-         const SLABS: u32 = {slabs}u;\n"
+        "const D: u32 = {d}u;\nconst DV: u32 = {dv}u;\nconst ROWS: u32 = {rows}u;\n\
+         const WG: u32 = {WG}u;\nconst SLABS: u32 = {slabs}u;\n"
     );
     ShaderVariant {
         family: "attention",
         variant: format!("{}-d{d}-dv{dv}", dtype.name()),
-        source: compose(&[
-            elem_header(dtype),
-            &consts,
-            GRID_WGSL,
-            TILES_WGSL,
-            GEMM_WGSL,
-            SOURCE,
-        ]),
+        source: compose(&[elem_header(dtype), &consts, GRID_WGSL, GEMM_WGSL, SOURCE]),
         entry,
         constants: vec![],
     }
@@ -701,7 +695,7 @@ impl Attention {
         let ob = storage.output(ctx, out.buffer(), out.len())?;
         let dtype = storage.shader_dtype();
         let (dp, dvp) = (bucket(s.d), bucket(s.dv));
-        let t = tile_rows(dp, dvp) as usize;
+        let t = tile_rows(dp) as usize;
 
         // Key splits: decode shapes (few queries, many keys) or on request.
         let chunk = match self.opts.key_split {
@@ -719,12 +713,12 @@ impl Attention {
         let chunk = chunk.min(s.n.div_ceil(t) * t);
         let splits = s.n.div_ceil(chunk);
         let bh = s.b * s.hq;
-        // Without key splits and with more query rows than one tile of the tile engine, the
+        // Without key splits and with more query rows than one tile of the few-rows path, the
         // register-blocked kernel (64 rows a workgroup) does the work.
         let blocked = splits == 1 && s.m > t;
         // Workgroups per key split: the blocked kernel takes 64 query rows of one head; the
-        // tile path packs a GQA group's query heads into its tiles' rows (group * m rows per kv
-        // head), so their keys and values are read once.
+        // few-rows path packs a GQA group's query heads into its tiles' rows (group * m rows
+        // per kv head), so their keys and values are read once.
         let (entry, qtiles, units) = if blocked {
             ("attention_blocked", s.m.div_ceil(GEMM_BLOCK), bh)
         } else {
