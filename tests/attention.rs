@@ -261,6 +261,13 @@ fn tile_path_packs_gqa_heads_into_tiles() {
         c.opts.key_split = Some(8);
         check(ctx, &c);
     }
+    // Tiles of 4 over two heads' 7 rows, causal with n - m = 15: a row's last key opens a
+    // key tile (keys 16.. of a split, 20 the last of index 5), so a limit one key short drops
+    // a whole tile.
+    let mut c = Case::new(1, 2, 1, 7, 22, 256);
+    c.opts.causal = true;
+    c.opts.key_split = Some(8);
+    check(ctx, &c);
 }
 
 /// The register-blocked kernel (no key splits, more query rows than one tile): query rows
@@ -512,6 +519,16 @@ fn junk_values_of_hidden_keys_never_reach_outputs() {
     let mut c = Case::new(1, 1, 1, 100, 130, 8);
     c.opts.causal = true;
     cases.push((c, 100, (0..70).collect()));
+    // The register-blocked kernel with a key block (keys 64..) of one key hidden from every
+    // query: no query sees a key of that block.
+    let mut c = Case::new(1, 1, 1, 65, 65, 8);
+    c.mask = Some((vec![65, 65], 1.0));
+    cases.push((c, 64, (0..65).collect()));
+    // The register-blocked kernel, causal with m > n: key 99 of 100 is seen by query 129 of
+    // 130 only, and hidden from query 128, the other row (index >= n) of the last block.
+    let mut c = Case::new(1, 1, 1, 130, 100, 8);
+    c.opts.causal = true;
+    cases.push((c, 99, (0..129).collect()));
     // Decode with split keys (m <= 4, n >= 1024): key 700 hidden from query 1 only.
     let mut c = Case::new(1, 2, 1, 3, 1100, 16);
     c.mask = Some((vec![3, 1100], 1.0));
@@ -742,6 +759,11 @@ fn f16_storage() {
         c.opts.causal = causal;
         check(ctx, &c);
     }
+    // Values of another width than the keys (each widened by its own length).
+    let mut c = Case::new(1, 4, 2, 5, 20, 40);
+    c.dv = 24;
+    c.half = true;
+    check(ctx, &c);
 }
 
 #[test]
@@ -956,6 +978,29 @@ fn matmul_matches_reference() {
             let err = row_error(&c, &want, n);
             assert!(err < 1e-5, "{m}x{k}x{n} transpose_b={tr}: {err:e}");
         }
+        // f16 storage (widened where the device lacks SHADER_F16) against the f64 product of
+        // the f16-rounded inputs.
+        let h = |x: &[f32]| x.iter().map(|&a| f16::from_f32(a)).collect::<Vec<_>>();
+        let (ha, hbt) = (h(&a), h(&bt));
+        let want: Vec<f64> = (0..m * n)
+            .map(|x| {
+                (0..k)
+                    .map(|e| ha[(x / n) * k + e].to_f64() * hbt[(x % n) * k + e].to_f64())
+                    .sum()
+            })
+            .collect();
+        let ga = ctx.upload(&ha, [m, k]).unwrap();
+        let gbt = ctx.upload(&hbt, [n, k]).unwrap();
+        let c: Vec<f32> = ctx
+            .matmul(&ga, &gbt, true)
+            .unwrap()
+            .download()
+            .unwrap()
+            .iter()
+            .map(|a| a.to_f32())
+            .collect();
+        let err = row_error(&c, &want, n);
+        assert!(err <= TOL_F16, "f16 {m}x{k}x{n}: {err:e}");
     }
 }
 

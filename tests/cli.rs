@@ -359,6 +359,16 @@ fn bench_copy_is_the_baseline_alone() {
     assert!(rows[0]["gbps"].as_f64().is_some_and(|x| x > 0.0), "{v:#}");
 }
 
+/// An unknown bench kernel is a usage error listing the known ones, copy among them.
+#[test]
+fn bench_unknown_kernel_lists_copy() {
+    let Some(_) = common::gpu() else { return };
+    assert_usage_error(
+        &["bench", "nope"],
+        &["unknown kernel \"nope\"", "known: copy, "],
+    );
+}
+
 /// `bench sample` (a KERNEL of `seqk bench`) times the sampler alone: the copy row, then sample
 /// rows only, each GPU row beside its CPU reference row.
 #[test]
@@ -563,6 +573,11 @@ fn empty_names_exit_2() {
     assert_usage_error(
         &[&softmax[..], &["--in", &xa, "--set", "=0.5"]].concat(),
         &["--set expects NAME=VALUE", "\"=0.5\""],
+    );
+    // A NAME of spaces alone is empty too.
+    assert_usage_error(
+        &[&softmax[..], &["--in", &xa, "--set", " =0.5"]].concat(),
+        &["--set expects NAME=VALUE", "\" =0.5\""],
     );
     let bare_out = format!("={}", p("b.npy"));
     assert_usage_error(

@@ -251,6 +251,43 @@ fn tensors_of_another_context_are_refused() {
     assert!((y[3] - 0.6439).abs() < 1e-3, "{y:?}");
 }
 
+/// Every tensor of a call is checked for its context, the optional ones and the outputs too:
+/// a mask, a Gibbs clamp, the matmul's output.
+#[test]
+fn optional_tensors_of_another_context_are_refused() {
+    let Some(a) = gpu() else { return };
+    let b = &limited_device(|_| {});
+    let refused = |r: Result<seq_kernels::Plan, Error>| matches!(r, Err(Error::InvalidOption(m)) if m.contains("another Context"));
+    let keep = a.upload_mask(&[true; 16], [4, 4]).unwrap();
+    let x = b.zeros::<f32>([4, 4]).unwrap();
+    let y = b.zeros::<f32>([4, 4]).unwrap();
+    let softmax = seq_kernels::Softmax::new(b, &Default::default()).unwrap();
+    assert!(refused(softmax.plan(&x, Some(&keep), &y)));
+    let q = b.zeros::<f32>([1, 1, 4, 8]).unwrap();
+    let o = b.zeros::<f32>([1, 1, 4, 8]).unwrap();
+    let att = seq_kernels::Attention::new(b, &Default::default()).unwrap();
+    let mask = Some(seq_kernels::AttnMask::from(&keep));
+    assert!(refused(att.plan(&q, &q, &q, mask, &o, None)));
+    let c = a.zeros::<f32>([4, 4]).unwrap();
+    assert!(refused(seq_kernels::kernels::attention::matmul_plan(
+        b, &x, &y, &c, true
+    )));
+    let unary = b.zeros::<f32>([3, 4]).unwrap();
+    let w = b.zeros::<f32>([4, 4]).unwrap();
+    let model = seq_kernels::ChainModel {
+        unary: &unary,
+        pairwise: seq_kernels::Pairwise::Dense(&w),
+    };
+    let init = b.zeros::<u32>([2, 3]).unwrap();
+    let clamp = a.upload_mask(&[false; 6], [2, 3]).unwrap();
+    let r = b.gibbs(&model, &init, Some(&clamp), &Default::default());
+    assert!(
+        matches!(&r, Err(Error::InvalidOption(m)) if m.contains("another Context")),
+        "{:?}",
+        r.err()
+    );
+}
+
 /// A device with fewer storage buffers per shader stage than a kernel binds (wgpu's default
 /// limits allow 8, downlevel ones 4): `LimitExceeded` naming the limit, before any pipeline.
 #[test]
