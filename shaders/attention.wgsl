@@ -136,6 +136,7 @@ fn tile_key_end(q0: u32, tile_rows: u32, rows: u32, kend: u32) -> u32 {
 const ROWS_WG: u32 = 256u;
 const ROWS_KB: u32 = 64u;
 const ROWS_PAIRS: u32 = ROWS * ROWS_KB / ROWS_WG;
+const ROWS_APART: u32 = ROWS_WG / ROWS_KB; // tile rows between an invocation's scores
 const ROWS_PER_ROW: u32 = ROWS_WG / ROWS;
 const ROWS_COLS: u32 = DV / ROWS_PER_ROW;
 
@@ -177,7 +178,7 @@ fn attention(
     let kbegin = split * p.chunk;
     let kend = tile_key_end(q0, ROWS, rows, min(p.n, kbegin + p.chunk));
 
-    // Scoring: key sj of a block, tile rows sr, sr + ROWS_WG / ROWS_KB, ...
+    // Scoring: key sj of a block, tile rows sr, sr + ROWS_APART, ...
     let sj = lid % ROWS_KB;
     let sr = lid / ROWS_KB;
     // Folding: tile row fr, output columns fc, fc + ROWS_PER_ROW, ... (clamped to the row's
@@ -202,7 +203,7 @@ fn attention(
         for (var c = 0u; c < p.d; c++) {
             let kc = f32(k[k_row + c]);
             for (var t = 0u; t < ROWS_PAIRS; t++) {
-                let r = sr + t * (ROWS_WG / ROWS_KB);
+                let r = sr + t * ROWS_APART;
                 // Rows past the last (a tile of a small group) are not scored.
                 if (q0 + r < rows) {
                     dots[t] = fma(rows_q[r * D + c], kc, dots[t]);
@@ -210,7 +211,7 @@ fn attention(
             }
         }
         for (var t = 0u; t < ROWS_PAIRS; t++) {
-            let r = sr + t * (ROWS_WG / ROWS_KB);
+            let r = sr + t * ROWS_APART;
             var bits = NEG_INF_BITS;
             if (j < kend && q0 + r < rows) {
                 let at = packed_row(hk, q0 + r);

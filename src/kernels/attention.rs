@@ -207,8 +207,8 @@ pub struct AttentionOptions {
     /// Layout of q, k, v and the output.
     pub layout: Layout,
     /// Keys per workgroup when the keys are split across workgroups (rounded up to a multiple
-    /// of 16, of 8 for d > 128). `None` chooses: split only for decode shapes (m <= 4, n >= 1024), into about
-    /// 2048 workgroups of at least 256 keys.
+    /// of 16, of 8 for d > 128). `None` chooses: split only for decode shapes (m <= 4,
+    /// n >= 1024), into about 2048 workgroups of at least 256 keys.
     pub key_split: Option<usize>,
     /// Attend to the first `kv_len` positions of k and v only: a preallocated KV cache filled
     /// that far. The call then has n = `kv_len` keys (causal alignment, mask shapes `[..,
