@@ -6,6 +6,8 @@
 // `attention` the others (decode, few rows, key splits): one workgroup per (batch, kv head,
 // ROWS packed query rows[, key split]), each query row with its running max m, running sum l
 // and unnormalised accumulator in registers.
+// A ragged batch (FLAG_KV_LENS) gives each batch its own keys, batch_keys(bi): every key
+// limit, the causal alignment included, is the batch's, so no workgroup reads past them.
 // No infinities are computed: m starts at a finite sentinel, l > 0 says a valid key was seen,
 // exp runs only on valid scores, and a -inf lse is written as a bit pattern.
 
@@ -25,6 +27,7 @@ const FLAG_MASK: u32 = 2u;
 const FLAG_LSE: u32 = 4u;
 const FLAG_ADDITIVE: u32 = 8u;   // the mask holds f32 terms (bits), not bytes
 const FLAG_MATMUL_NN: u32 = 16u; // matmul: C = A B rather than A B^T
+const FLAG_KV_LENS: u32 = 32u;   // kv_lens holds each batch's keys (else every batch has p.n)
 // The lowest finite f32: every finite score is at least this, so a row whose scores all lie
 // below -3e38 still finds its maximum (a higher sentinel would read it as fully masked).
 const SENTINEL: f32 = -0x1.fffffep+127f;
@@ -39,6 +42,10 @@ const NEG_INF_BITS: u32 = 0xff800000u;
 @group(0) @binding(6) var<storage, read_write> lse: array<u32>;     // f32 bits, [b, hq, m]
 @group(0) @binding(7) var<storage, read_write> part_o: array<f32>;  // [bh, m, splits, dv]
 @group(0) @binding(8) var<storage, read_write> part_ml: array<vec2<f32>>; // [bh, m, splits] (m, l)
+// Each batch's keys (a ragged batch), four to a vec4 (a uniform array's stride is 16 bytes):
+// a uniform, as the attention entry points already bind 8 storage buffers (wgpu's default
+// limit). 16 KiB, the least max_uniform_buffer_binding_size of any device: 4096 batches.
+@group(0) @binding(9) var<uniform> kv_lens: array<vec4<u32>, 1024>;
 
 const SRC_Q: u32 = 0u;
 const SRC_K: u32 = 1u;
@@ -48,18 +55,27 @@ fn has(flag: u32) -> bool {
     return (p.flags & flag) != 0u;
 }
 
+// Keys of batch bi: its first n_b positions of k and v. Every limit on keys below is this
+// batch's, so a workgroup neither reads nor scores a key past it.
+fn batch_keys(bi: u32) -> u32 {
+    if (has(FLAG_KV_LENS)) {
+        return kv_lens[bi / 4u][bi % 4u];
+    }
+    return p.n;
+}
+
 fn mask_index(bi: u32, h: u32, i: u32, j: u32) -> u32 {
     return bi * p.mask_batch + h * p.mask_head + i * p.mask_row + j;
 }
 
-// Whether query i of (batch bi, head h) may attend key j. An additive -inf is compared as
-// bits, so no infinity enters the arithmetic.
-fn visible(bi: u32, h: u32, i: u32, j: u32) -> bool {
-    if (i >= p.m || j >= p.n) {
+// Whether query i of (batch bi with nb keys, head h) may attend key j. An additive -inf is
+// compared as bits, so no infinity enters the arithmetic.
+fn visible(bi: u32, nb: u32, h: u32, i: u32, j: u32) -> bool {
+    if (i >= p.m || j >= nb) {
         return false;
     }
-    // Bottom-right causal alignment: j <= i + (n - m).
-    if (has(FLAG_CAUSAL) && i32(j) > i32(i) + i32(p.n) - i32(p.m)) {
+    // Bottom-right causal alignment against the batch's keys: j <= i + (nb - m).
+    if (has(FLAG_CAUSAL) && i32(j) > i32(i) + i32(nb) - i32(p.m)) {
         return false;
     }
     if (has(FLAG_MASK)) {
@@ -112,10 +128,10 @@ fn packed_row(hk: u32, row: u32) -> vec2<u32> {
     return vec2(hk * p.group + row / p.m, row % p.m);
 }
 
-// Keys of a split [kbegin, kend) that a tile of packed rows q0 .. q0 + tile_rows may see:
-// under causality none past the tile's latest query index's last visible key, so the upper
-// triangle is never read.
-fn tile_key_end(q0: u32, tile_rows: u32, rows: u32, kend: u32) -> u32 {
+// Keys of a split [kbegin, kend) that a tile of packed rows q0 .. q0 + tile_rows of a batch of
+// nb keys may see: under causality none past the tile's latest query index's last visible
+// key, so the upper triangle is never read.
+fn tile_key_end(q0: u32, tile_rows: u32, rows: u32, nb: u32, kend: u32) -> u32 {
     if (!has(FLAG_CAUSAL)) {
         return kend;
     }
@@ -124,8 +140,8 @@ fn tile_key_end(q0: u32, tile_rows: u32, rows: u32, kend: u32) -> u32 {
     if (q0 / p.m != last / p.m) {
         i_last = p.m - 1u; // the tile holds the end of a head's rows
     }
-    let lim = i32(i_last) + 1 + i32(p.n) - i32(p.m);
-    return min(kend, u32(clamp(lim, 0, i32(p.n))));
+    let lim = i32(i_last) + 1 + i32(nb) - i32(p.m);
+    return min(kend, u32(clamp(lim, 0, i32(nb))));
 }
 
 // The few-rows path: one workgroup of ROWS_WG invocations per (batch, kv head, tile of ROWS
@@ -175,8 +191,11 @@ fn attention(
     }
     let k_base = bi * p.k_batch + hk * p.k_head;
     let v_base = bi * p.v_batch + hk * p.v_head;
+    // Splits are sized by the longest batch: one wholly past this batch's keys visits no key
+    // and leaves a partial with l = 0, which the merge skips.
+    let nb = batch_keys(bi);
     let kbegin = split * p.chunk;
-    let kend = tile_key_end(q0, ROWS, rows, min(p.n, kbegin + p.chunk));
+    let kend = tile_key_end(q0, ROWS, rows, nb, min(nb, kbegin + p.chunk));
 
     // Scoring: key sj of a block, tile rows sr, sr + ROWS_APART, ...
     let sj = lid % ROWS_KB;
@@ -215,7 +234,7 @@ fn attention(
             var bits = NEG_INF_BITS;
             if (j < kend && q0 + r < rows) {
                 let at = packed_row(hk, q0 + r);
-                if (visible(bi, at.x, at.y, j)) {
+                if (visible(bi, nb, at.x, at.y, j)) {
                     bits = bitcast<u32>(score(dots[t]) + mask_term(bi, at.x, at.y, j));
                 }
             }
@@ -423,9 +442,10 @@ fn store4(base: u32, col: u32, cols: u32, x: vec4<f32>) {
     if (col + 3u < cols) { out[base + col + 3u] = elem(x.w); }
 }
 
-// The score of (query i, key j) and whether it is visible, from its dot product.
-fn block_score(bi: u32, h: u32, i: u32, j: u32, dot: f32) -> vec2<f32> {
-    if (visible(bi, h, i, j)) {
+// The score of (query i, key j) of a batch of nb keys and whether it is visible, from its dot
+// product.
+fn block_score(bi: u32, nb: u32, h: u32, i: u32, j: u32, dot: f32) -> vec2<f32> {
+    if (visible(bi, nb, h, i, j)) {
         return vec2(score(dot) + mask_term(bi, h, i, j), 1.0);
     }
     return vec2(0.0, 0.0);
@@ -455,10 +475,12 @@ fn attention_blocked(
     base_k = bi * p.k_batch + hk * p.k_head;
     let v_head = bi * p.v_batch + hk * p.v_head;
 
-    var kend = p.n;
+    // This batch's keys: blocks past them are never visited.
+    let nb = batch_keys(bi);
+    var kend = nb;
     if (has(FLAG_CAUSAL)) {
-        let lim = i32(q0 + GEMM_BLOCK) + i32(p.n) - i32(p.m);
-        kend = u32(clamp(lim, 0, i32(p.n)));
+        let lim = i32(q0 + GEMM_BLOCK) + i32(nb) - i32(p.m);
+        kend = u32(clamp(lim, 0, i32(nb)));
     }
 
     var m_run = vec4(SENTINEL);
@@ -488,10 +510,10 @@ fn attention_blocked(
         for (var r = 0u; r < 4u; r++) {
             let i = q0 + r0 + r;
             let j = j0 + c0;
-            let a = block_score(bi, h, i, j, s[r].x);
-            let b = block_score(bi, h, i, j + 1u, s[r].y);
-            let c = block_score(bi, h, i, j + 2u, s[r].z);
-            let d = block_score(bi, h, i, j + 3u, s[r].w);
+            let a = block_score(bi, nb, h, i, j, s[r].x);
+            let b = block_score(bi, nb, h, i, j + 1u, s[r].y);
+            let c = block_score(bi, nb, h, i, j + 2u, s[r].z);
+            let d = block_score(bi, nb, h, i, j + 3u, s[r].w);
             sc[r] = vec4(a.x, b.x, c.x, d.x);
             ok[r] = vec4(a.y, b.y, c.y, d.y);
             var mx = SENTINEL;

@@ -172,9 +172,13 @@ fn check(ctx: &Context, c: &Case) {
 
 fn check_data(ctx: &Context, c: &Case, x: &Data) {
     let (o, l) = run_gpu(ctx, c, x);
-    let want = run_ref(c, x);
+    assert_close(c, &o, &l, &run_ref(c, x));
+}
+
+/// GPU output and lse against the reference's, within the case's tolerance.
+fn assert_close(c: &Case, o: &[f32], l: &[f32], want: &reference::AttentionOutput) {
     let tol = if c.half { TOL_F16 } else { TOL_F32 };
-    let err = row_error(&o, &want.out, c.dv);
+    let err = row_error(o, &want.out, c.dv);
     assert!(err <= tol, "{c:?}: output error {err:e} > {tol:e}");
     // lse = m + log l: f32 rounding of O(10) values; -inf must match exactly.
     for (g, w) in l.iter().zip(&want.lse) {
@@ -865,6 +869,414 @@ fn kv_len_reads_the_filled_prefix_of_a_cache() {
     }
 }
 
+/// A ragged batch: batch i of a KV cache of `n` positions filled to `kv_lens[i]`, NaN behind
+/// (in k and v: a key read into a sum would show). Each batch's output and lse equal that batch
+/// alone with `kv_len` = its length: bit for bit where both calls take the same kernel and the
+/// same key splits (`exact`), else within the tolerance (the ragged call's splits follow the
+/// longest length); the GPU matches the reference, and the reference of the ragged call equals
+/// the reference of each batch alone exactly. Lengths 1, odd and prime, one batch at full
+/// length; GQA and MQA; causal with m = 1 and m > 1 (rows that see no key: zeros, lse -inf);
+/// boolean and additive masks; f32 and f16; bhsd and bshd; no, forced and auto key splits;
+/// the few-rows and the register-blocked kernel.
+#[test]
+fn kv_lens_give_each_batch_its_own_keys() {
+    let Some(ctx) = gpu() else { return };
+    type MaskShape = fn(usize, usize, usize, usize) -> Vec<usize>;
+    struct Ragged {
+        layout: Layout,
+        hq: usize,
+        hkv: usize,
+        m: usize,
+        n: usize,
+        lens: Vec<usize>,
+        causal: bool,
+        /// Mask shape from (b, hq, m, n), and whether it is additive.
+        mask: Option<(MaskShape, bool)>,
+        half: bool,
+        split: Option<usize>,
+        /// Both calls take the same kernel and key splits.
+        exact: bool,
+    }
+    let cases = [
+        // Decode, GQA, few-rows kernel without splits.
+        Ragged {
+            layout: Layout::Bhsd,
+            hq: 4,
+            hkv: 2,
+            m: 1,
+            n: 40,
+            lens: vec![1, 7, 40, 13],
+            causal: true,
+            mask: None,
+            half: false,
+            split: None,
+            exact: true,
+        },
+        // MQA, causal m = 3 (batch 1 of one key: rows 0 and 1 see nothing), a per-batch
+        // boolean mask, f16, forced splits of 16 keys (splits past a batch's length).
+        Ragged {
+            layout: Layout::Bshd,
+            hq: 4,
+            hkv: 1,
+            m: 3,
+            n: 37,
+            lens: vec![37, 1, 23],
+            causal: true,
+            mask: Some((|b, _, m, n| vec![b, 1, m, n], false)),
+            half: true,
+            split: Some(16),
+            exact: true,
+        },
+        // Prefill on the register-blocked kernel, causal with m > n_i for two batches.
+        Ragged {
+            layout: Layout::Bhsd,
+            hq: 2,
+            hkv: 2,
+            m: 70,
+            n: 129,
+            lens: vec![1, 61, 129],
+            causal: false,
+            mask: None,
+            half: false,
+            split: None,
+            exact: true,
+        },
+        Ragged {
+            layout: Layout::Bshd,
+            hq: 2,
+            hkv: 1,
+            m: 70,
+            n: 129,
+            lens: vec![129, 61, 1],
+            causal: true,
+            mask: Some((|_, hq, m, n| vec![1, hq, m, n], true)),
+            half: false,
+            split: None,
+            exact: true,
+        },
+        // Auto key splits, sized by the longest batch (so other splits than alone), with an
+        // additive mask broadcast over batches.
+        Ragged {
+            layout: Layout::Bhsd,
+            hq: 4,
+            hkv: 2,
+            m: 2,
+            n: 1100,
+            lens: vec![1030, 257, 3],
+            causal: false,
+            mask: Some((|_, _, m, n| vec![m, n], true)),
+            half: false,
+            split: None,
+            exact: false,
+        },
+        // Forced splits with more query rows than a tile: alone, the batch of 3 keys has one
+        // split and takes the register-blocked kernel.
+        Ragged {
+            layout: Layout::Bshd,
+            hq: 6,
+            hkv: 3,
+            m: 20,
+            n: 50,
+            lens: vec![50, 3, 29],
+            causal: true,
+            mask: None,
+            half: true,
+            split: Some(16),
+            exact: false,
+        },
+    ];
+    for r in cases {
+        let b = r.lens.len();
+        let d = 16;
+        let mut c = Case::new(b, r.hq, r.hkv, r.m, r.n, d);
+        c.opts.layout = r.layout;
+        c.opts.causal = r.causal;
+        c.opts.key_split = r.split;
+        c.opts.kv_lens = Some(r.lens.clone());
+        c.half = r.half;
+        if let Some((shape, additive)) = r.mask {
+            c.mask = Some((shape(b, r.hq, r.m, r.n), 0.7));
+            c.additive = additive;
+        }
+        let name = format!(
+            "{:?} h{}/{} m {} n {} kv_lens {:?} causal {} mask {:?} half {} split {:?}",
+            r.layout,
+            r.hq,
+            r.hkv,
+            r.m,
+            r.n,
+            r.lens,
+            r.causal,
+            c.mask.as_ref().map(|m| &m.0),
+            r.half,
+            r.split
+        );
+        let mut x = data(&c);
+        // NaN past each batch's length, in k and v.
+        let [_, ks, _] = c.shapes();
+        let strides = |dim: usize| match r.layout {
+            Layout::Bhsd => [r.hkv * r.n * dim, r.n * dim, dim],
+            Layout::Bshd => [r.n * r.hkv * dim, dim, r.hkv * dim],
+        };
+        assert_eq!(ks.iter().product::<usize>(), x.k.len());
+        for (bb, &len) in r.lens.iter().enumerate() {
+            for h in 0..r.hkv {
+                for j in len..r.n {
+                    for (t, dim) in [(&mut x.k, c.d), (&mut x.v, c.dv)] {
+                        let [sb, sh, sj] = strides(dim);
+                        let at = bb * sb + h * sh + j * sj;
+                        t[at..at + dim].fill(f32::NAN);
+                    }
+                }
+            }
+        }
+        let (o, l) = run_gpu(ctx, &c, &x);
+        assert!(
+            o.iter().chain(&l).all(|a| !a.is_nan()),
+            "{name}: a NaN past a batch's length reached the output"
+        );
+        let want = run_ref(&c, &x);
+        assert_close(&c, &o, &l, &want);
+
+        // Each batch alone, as the prefix of its cache with kv_len.
+        let (qn, kn, vn) = (r.hq * r.m * d, r.hkv * r.n * d, r.hkv * r.n * c.dv);
+        let (on, ln) = (r.hq * r.m * c.dv, r.hq * r.m);
+        for (bb, &len) in r.lens.iter().enumerate() {
+            let mut one = c.clone();
+            one.b = 1;
+            one.opts.kv_lens = None;
+            one.opts.kv_len = Some(len);
+            let mut y = Data {
+                q: x.q[bb * qn..(bb + 1) * qn].to_vec(),
+                k: x.k[bb * kn..(bb + 1) * kn].to_vec(),
+                v: x.v[bb * vn..(bb + 1) * vn].to_vec(),
+                mask: None,
+                terms: None,
+            };
+            // The batch's mask (boolean and additive alike), cut to the first `len` keys: a
+            // kv_len call's mask is [.., kv_len].
+            if let (Some((shape, p)), Some(keep)) = (&c.mask, &x.mask) {
+                let (s, kept) = cut_mask(shape, keep, bb, r.n, len);
+                y.mask = Some(kept);
+                y.terms = x.terms.as_ref().map(|t| cut_mask(shape, t, bb, r.n, len).1);
+                one.mask = Some((s, *p));
+            }
+            let (o1, l1) = run_gpu(ctx, &one, &y);
+            let (got_o, got_l) = (&o[bb * on..(bb + 1) * on], &l[bb * ln..(bb + 1) * ln]);
+            let at = format!("{name}: batch {bb} of {len} keys");
+            if r.exact {
+                let bits = |v: &[f32]| v.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(got_o), bits(&o1), "{at}: output");
+                assert_eq!(bits(got_l), bits(&l1), "{at}: lse");
+            } else {
+                let w1 = reference::AttentionOutput {
+                    out: o1.iter().map(|&a| a as f64).collect(),
+                    lse: l1.iter().map(|&a| a as f64).collect(),
+                };
+                assert_close(&one, got_o, got_l, &w1);
+            }
+            let r1 = run_ref(&one, &y);
+            assert_eq!(
+                (
+                    &want.out[bb * on..(bb + 1) * on],
+                    &want.lse[bb * ln..(bb + 1) * ln]
+                ),
+                (r1.out.as_slice(), r1.lse.as_slice()),
+                "{at}: reference"
+            );
+        }
+    }
+}
+
+/// Batch `bb`'s part of a mask of `shape` (all of it where batches share it), each row of `n`
+/// keys cut to the first `len`, and its shape.
+fn cut_mask<T: Copy>(
+    shape: &[usize],
+    vals: &[T],
+    bb: usize,
+    n: usize,
+    len: usize,
+) -> (Vec<usize>, Vec<T>) {
+    let mut s = shape.to_vec();
+    let part = if s.len() == 4 && s[0] > 1 {
+        let per = vals.len() / s[0];
+        s[0] = 1;
+        &vals[bb * per..(bb + 1) * per]
+    } else {
+        vals
+    };
+    *s.last_mut().unwrap() = len;
+    let cut = part
+        .chunks(n)
+        .flat_map(|row| &row[..len])
+        .copied()
+        .collect();
+    (s, cut)
+}
+
+/// The reference with kv_lens against attention written out per batch (bhsd, GQA, causal or
+/// not): batch i's softmax over its first kv_lens[i] keys, query j seeing key l iff
+/// `l <= j + kv_lens[i] - m` under causality, zeros and lse -inf where no key is seen.
+#[test]
+fn reference_kv_lens_equals_naive_per_batch_attention() {
+    let (b, hq, hkv, m, n, d) = (3, 4, 2, 5, 11, 6);
+    let lens = [11, 2, 7];
+    let q = random(b * hq * m * d, 31, -1.0, 1.0);
+    let k = random(b * hkv * n * d, 32, -1.0, 1.0);
+    let v = random(b * hkv * n * d, 33, -1.0, 1.0);
+    for causal in [false, true] {
+        let opts = AttentionOptions {
+            causal,
+            kv_lens: Some(lens.to_vec()),
+            ..Default::default()
+        };
+        let got = reference::attention(
+            (&q, &[b, hq, m, d]),
+            (&k, &[b, hkv, n, d]),
+            (&v, &[b, hkv, n, d]),
+            None,
+            &opts,
+        )
+        .unwrap();
+        // The default scale, 1/sqrt(d), as the f32 the options hold.
+        let scale = (1.0 / (d as f32).sqrt()) as f64;
+        let mut empty_rows = 0;
+        for bi in 0..b {
+            for h in 0..hq {
+                let hk = h / (hq / hkv);
+                for i in 0..m {
+                    let row = (bi * hq + h) * m + i;
+                    let seen: Vec<usize> = (0..lens[bi])
+                        .filter(|&j| !causal || j + m <= i + lens[bi])
+                        .collect();
+                    let s: Vec<f64> = seen
+                        .iter()
+                        .map(|&j| {
+                            scale
+                                * (0..d)
+                                    .map(|c| {
+                                        q[row * d + c] as f64
+                                            * k[((bi * hkv + hk) * n + j) * d + c] as f64
+                                    })
+                                    .sum::<f64>()
+                        })
+                        .collect();
+                    let o = &got.out[row * d..(row + 1) * d];
+                    if seen.is_empty() {
+                        empty_rows += 1;
+                        assert!(o.iter().all(|&a| a == 0.0), "row {row}: zeros");
+                        assert_eq!(got.lse[row], f64::NEG_INFINITY, "row {row}: lse");
+                        continue;
+                    }
+                    let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let sum: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                    assert!(
+                        (got.lse[row] - (mx + sum.ln())).abs() < 1e-12,
+                        "row {row}: lse"
+                    );
+                    for c in 0..d {
+                        let want: f64 = seen
+                            .iter()
+                            .zip(&s)
+                            .map(|(&j, x)| {
+                                (x - mx).exp() / sum * v[((bi * hkv + hk) * n + j) * d + c] as f64
+                            })
+                            .sum();
+                        assert!((o[c] - want).abs() < 1e-12, "row {row} col {c}");
+                    }
+                }
+            }
+        }
+        // Causal: batch 1 (2 keys, 5 queries) has rows 0..3 without a key, in every head.
+        assert_eq!(empty_rows, if causal { 3 * hq } else { 0 });
+    }
+}
+
+/// kv_lens that do not fit the call: clear errors naming the values, on the GPU and in the
+/// reference alike.
+#[test]
+fn kv_lens_bad_input_is_an_error() {
+    let q = [3, 2, 1, 8];
+    let kv = [3, 1, 6, 8];
+    let opts = |lens: &[usize]| AttentionOptions {
+        kv_lens: Some(lens.to_vec()),
+        ..Default::default()
+    };
+    assert!(attention_shape(&q, &kv, &kv, None, &opts(&[1, 6, 3])).is_ok());
+    let err = |o: &AttentionOptions, mask: Option<&[usize]>| {
+        attention_shape(&q, &kv, &kv, mask, o)
+            .map(|_| ())
+            .unwrap_err()
+    };
+    let has = |e: Error, s: &str| e.to_string().contains(s);
+    let e = err(&opts(&[1, 0, 3]), None);
+    assert!(matches!(e, Error::InvalidOption(_)) && has(e, "kv_lens[1] is 0"));
+    let e = err(&opts(&[1, 7, 3]), None);
+    assert!(matches!(e, Error::Shape(_)) && has(e, "kv_lens[1] = 7 is more than the 6"));
+    let e = err(&opts(&[1, 6]), None);
+    assert!(
+        matches!(e, Error::Shape(_)) && has(e, "kv_lens has 2 lengths ([1, 6]) for a batch of 3")
+    );
+    let e = err(&opts(&[]), None);
+    assert!(matches!(e, Error::InvalidOption(_)) && has(e, "kv_lens is empty"));
+    let both = AttentionOptions {
+        kv_len: Some(4),
+        ..opts(&[1, 2, 3])
+    };
+    let e = err(&both, None);
+    assert!(matches!(e, Error::InvalidOption(_)) && has(e, "exclusive"));
+    // The mask keeps k's positions as its last axis, not the longest length.
+    assert!(attention_shape(&q, &kv, &kv, Some(&[1, 6]), &opts(&[1, 5, 3])).is_ok());
+    let e = err(&opts(&[1, 5, 3]), Some(&[1, 5]));
+    assert!(matches!(e, Error::Shape(_)));
+    // The reference refuses the same way.
+    let z = vec![0.0f32; 3 * 6 * 8];
+    let r = reference::attention(
+        (&z[..3 * 2 * 8], &q),
+        (&z, &kv),
+        (&z, &kv),
+        None,
+        &opts(&[1, 6]),
+    );
+    assert!(matches!(r, Err(Error::Shape(_))));
+
+    let Some(ctx) = gpu() else { return };
+    let (qt, kt) = (ctx.zeros::<f32>(q).unwrap(), ctx.zeros::<f32>(kv).unwrap());
+    for lens in [&[1, 0, 3][..], &[1, 7, 3], &[1, 6]] {
+        assert!(
+            ctx.attention(&qt, &kt, &kt, None, &opts(lens)).is_err(),
+            "{lens:?}"
+        );
+        // A 0 is refused with the options; the others with the shapes.
+        assert_eq!(Attention::new(ctx, &opts(lens)).is_err(), lens.contains(&0));
+    }
+    // More batches than the lengths' uniform holds.
+    let big = seq_kernels::kernels::attention::MAX_KV_LENS + 1;
+    let qb = ctx.zeros::<f32>([big, 1, 1, 4]).unwrap();
+    let r = ctx.attention(&qb, &qb, &qb, None, &opts(&vec![1; big]));
+    assert!(
+        matches!(r, Err(Error::LimitExceeded { needed, max, .. }) if needed == big as u64 && max == big as u64 - 1),
+        "{:?}",
+        r.err()
+    );
+    // A device whose uniform bindings cannot hold the lengths' 16 KiB: a limit error, for
+    // every attention call (the kernels declare the binding).
+    let small = common::limited_device(|l| l.max_uniform_buffer_binding_size = 4096);
+    let t = small.zeros::<f32>([1, 1, 2, 8]).unwrap();
+    let r = small.attention(&t, &t, &t, None, &AttentionOptions::default());
+    assert!(
+        matches!(
+            &r,
+            Err(Error::LimitExceeded {
+                limit: "max_uniform_buffer_binding_size",
+                ..
+            })
+        ),
+        "{:?}",
+        r.err()
+    );
+}
+
 #[test]
 fn equals_naive_attention_for_random_tile_sizes() {
     let Some(ctx) = gpu() else { return };
@@ -1231,5 +1643,98 @@ fn seqk_run_attention_matches_cpu() {
     let msg = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(2), "{msg}");
     assert!(msg.contains("v [1, 2, 8, 8]"), "{msg}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `seqk run attention --set kv_lens=3,7,5`: a ragged batch on .npy files, GPU against
+/// `--cpu`, each batch equal to its prefix alone with `kv_len`; a list that does not parse,
+/// or of another count than the batch, is a one-line usage error (exit code 2).
+#[cfg(feature = "cli")]
+#[test]
+fn seqk_run_attention_kv_lens() {
+    use common::{load_npy, save_npy};
+    let Some(_) = gpu() else { return };
+    let dir = common::scratch_dir("attention-kv-lens");
+    let (b, hq, hkv, n, d) = (3usize, 4usize, 2usize, 7usize, 8usize);
+    let q = random(b * hq * d, 41, -1.0, 1.0);
+    let mut k = random(b * hkv * n * d, 42, -1.0, 1.0);
+    let mut v = random(b * hkv * n * d, 43, -1.0, 1.0);
+    let lens = [3usize, 7, 5];
+    // NaN past each batch's length: never read.
+    for (bb, &len) in lens.iter().enumerate() {
+        for h in 0..hkv {
+            let row = (bb * hkv + h) * n;
+            k[(row + len) * d..(row + n) * d].fill(f32::NAN);
+            v[(row + len) * d..(row + n) * d].fill(f32::NAN);
+        }
+    }
+    let p = |f: &str| dir.join(f).display().to_string();
+    let u = |x: usize| x as u64;
+    save_npy(&dir.join("q.npy"), &[u(b), u(hq), 1, u(d)], &q);
+    save_npy(&dir.join("k.npy"), &[u(b), u(hkv), u(n), u(d)], &k);
+    save_npy(&dir.join("v.npy"), &[u(b), u(hkv), u(n), u(d)], &v);
+    let run = |prefix: &str, set: &str, cpu: bool| {
+        let (qa, ka, va) = (
+            format!("q={}", p(&format!("{prefix}q.npy"))),
+            format!("k={}", p(&format!("{prefix}k.npy"))),
+            format!("v={}", p(&format!("{prefix}v.npy"))),
+        );
+        let out = p(&format!("{prefix}o{cpu}.npy"));
+        let mut args = vec!["run", "attention", "--in", &qa, "--in", &ka, "--in", &va];
+        args.extend(["--out", &out, "--set", set, "--set", "causal=true"]);
+        if cpu {
+            args.push("--cpu");
+        }
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_seqk"))
+            .args(&args)
+            .output()
+            .unwrap();
+        (o, out)
+    };
+    let mut outs = Vec::new();
+    for cpu in [false, true] {
+        let (o, out) = run("", "kv_lens=3,7,5", cpu);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (shape, y) = load_npy::<f32>(std::path::Path::new(&out));
+        assert_eq!(shape, vec![u(b), u(hq), 1, u(d)]);
+        assert!(y.iter().all(|a| a.is_finite()), "cpu {cpu}: {y:?}");
+        outs.push(y);
+    }
+    let want: Vec<f64> = outs[1].iter().map(|&x| x as f64).collect();
+    // The f32-storage tolerance (the CPU side is the f64 reference rounded to f32).
+    assert!(row_error(&outs[0], &want, d) <= TOL_F32);
+    // Batch 1 alone with kv_len = 7: the same rows.
+    let (qn, kn) = (hq * d, hkv * n * d);
+    save_npy(&dir.join("1q.npy"), &[1, u(hq), 1, u(d)], &q[qn..2 * qn]);
+    save_npy(
+        &dir.join("1k.npy"),
+        &[1, u(hkv), u(n), u(d)],
+        &k[kn..2 * kn],
+    );
+    save_npy(
+        &dir.join("1v.npy"),
+        &[1, u(hkv), u(n), u(d)],
+        &v[kn..2 * kn],
+    );
+    let (o, out) = run("1", "kv_len=7", false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        load_npy::<f32>(std::path::Path::new(&out)).1,
+        &outs[0][qn..2 * qn]
+    );
+    for (set, says) in [
+        ("kv_lens=3,x,5", "cannot parse \"x\""),
+        ("kv_lens=3,7", "kv_lens has 2 lengths"),
+        ("kv_lens=3,0,5", "kv_lens[1] is 0"),
+        ("kv_lens=3,8,5", "kv_lens[1] = 8 is more than the 7"),
+    ] {
+        let (o, _) = run("", set, true);
+        let msg = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{set}: {msg}");
+        assert!(
+            msg.contains(says) && msg.lines().count() == 1,
+            "{set}: {msg}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

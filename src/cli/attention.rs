@@ -349,8 +349,24 @@ const MASK_SHAPE: &str = "[m|1, n] or [b|1, 1|hq, m|1, n]";
 const MASK_EXPECTED: &str =
     "[m|1, n] or [b|1, 1|hq, m|1, n] bool (or uint8; true = keep), or float32 or float16 (added to the scores)";
 
+/// `--set kv_lens=3,7,5`: one length per batch, comma-separated.
+fn parse_lens(v: &str) -> Result<Vec<usize>, CliError> {
+    v.split(',')
+        .map(|x| {
+            x.trim().parse().map_err(|_| {
+                usage(format!(
+                    "--set kv_lens={v}: cannot parse {:?} as a length; expected one per batch, \
+                     comma-separated (kv_lens=3,7,5)",
+                    x.trim()
+                ))
+            })
+        })
+        .collect()
+}
+
 /// `seqk run attention --in q=Q.npy --in k=K.npy --in v=V.npy [--in mask=M.npy] --out O.npy
-/// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=.. kv_len=.. layout=bhsd|bshd]`
+/// [--out2 lse=L.npy] [--set scale=.. causal=.. softcap=.. kv_len=.. kv_lens=N,N,..
+/// layout=bhsd|bshd]`
 pub fn run(io: &mut RunIo) -> Result<(), CliError> {
     let layout: Layout = io.set::<String>("layout", "bhsd".into())?.parse()?;
     // The tensors' axes in the layout's order, for messages.
@@ -367,6 +383,10 @@ pub fn run(io: &mut RunIo) -> Result<(), CliError> {
         causal: io.set("causal", false)?,
         softcap: io.set("softcap", 0.0)?,
         kv_len: io.set_opt("kv_len")?,
+        kv_lens: io
+            .set_opt::<String>("kv_lens")?
+            .map(|v| parse_lens(&v))
+            .transpose()?,
         layout,
         ..Default::default()
     };

@@ -88,9 +88,11 @@ max_position_embeddings. HF's q after transpose(1, 2) is bhsd.
 attention: q [b, hq, m, d], k [b, hkv, n, d], v [b, hkv, n, dv] (layout=bhsd; bshd swaps the \
 middle two axes); optional mask, bool (true keeps) or float (added), [m|1, n] or \
 [b|1, 1|hq, m|1, n] (a 1 broadcasts). scale [1/sqrt(d)], causal [false], softcap [0: off], \
-kv_len [n] (keys are the first kv_len positions of k and v), layout [bhsd]. causal is \
-bottom-right: query i sees key j iff j <= i + n - m (torch's is_causal is top-left; compare \
-with causal_lower_right(m, n)). Out [b, hq, m, dv] (bshd: [b, m, hq, dv]); --out2 lse=FILE \
+kv_len [n] (keys are the first kv_len positions of k and v), kv_lens [off] (a ragged \
+batch, one length per batch, comma-separated: kv_lens=3,7,5 gives batch i the first \
+kv_lens[i] positions; not with kv_len; the mask stays [.., n]), layout [bhsd]. causal is \
+bottom-right: query i sees key j iff j <= i + n - m, with n batch i's length under kv_lens \
+(torch's is_causal is top-left; compare with causal_lower_right(m, n)). Out [b, hq, m, dv] (bshd: [b, m, hq, dv]); --out2 lse=FILE \
 gives the log-sum-exp [b, hq, m].
 
 flash: qq, kq, ql, kl [b, n, s], v [b, n, e]; optional gate [b, n, e], bias [C, C] (used \

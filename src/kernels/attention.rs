@@ -10,7 +10,9 @@
 //!   key j iff `j <= i + (n - m)`; PyTorch SDPA's `is_causal` is top-left aligned when m != n),
 //!   `softcap` c (`S = c tanh(S / c)`, 0 = off), `kv_len` (decode against a preallocated KV
 //!   cache: only its first `kv_len` positions are keys, and only they are read, so a step
-//!   costs what the filled part does, except where f16 is widened; see the option).
+//!   costs what the filled part does, except where f16 is widened; see the option), and
+//!   `kv_lens` for a ragged batch (batch i's keys are its first `kv_lens[i]` positions, causal
+//!   alignment per batch; each workgroup reads and scores its own batch's keys only).
 //! - Mask [`AttnMask`], `[m|1, n]` or `[b|1, 1|hq, m|1, n]` (1 = the same for every batch,
 //!   head or query: `[b, 1, 1, n]` is a key-padding mask): boolean (a nonzero byte keeps the
 //!   key) or additive (f32, added to the soft-capped scores; -inf hides the key).
@@ -50,8 +52,14 @@
 //! let q1 = ctx.upload(&vec![0.1f32; b * h * d], [b, h, 1, d])?;
 //! let step = AttentionOptions { kv_len: Some(4), causal: true, ..Default::default() };
 //! let o1 = ctx.attention(&q1, &k, &v, None, &step)?;
+//! // A ragged batch of 3 sequences in a cache of 7 positions, filled to 3, 7 and 5.
+//! let q3 = ctx.upload(&vec![0.1f32; 3 * h * d], [3, h, 1, d])?;
+//! let k3 = ctx.upload(&vec![0.2f32; 3 * h * n * d], [3, h, n, d])?;
+//! let v3 = ctx.upload(&vec![0.3f32; 3 * h * n * d], [3, h, n, d])?;
+//! let ragged = AttentionOptions { kv_lens: Some(vec![3, 7, 5]), causal: true, ..Default::default() };
+//! let o3 = ctx.attention(&q3, &k3, &v3, None, &ragged)?;
 //! // Every value is 0.3, and attention weights sum to 1: so is every output.
-//! for o in [o, o1] {
+//! for o in [o, o1, o3] {
 //!     assert!(o.download()?.iter().all(|&y| (y - 0.3).abs() < 1e-6));
 //! }
 //! # Ok::<(), seq_kernels::Error>(())
@@ -88,6 +96,13 @@ const FLAG_MASK: u32 = 2;
 const FLAG_LSE: u32 = 4;
 const FLAG_ADDITIVE: u32 = 8;
 const FLAG_MATMUL_NN: u32 = 16;
+const FLAG_KV_LENS: u32 = 32;
+
+/// Most batches of a call with [`AttentionOptions::kv_lens`]: the lengths travel in a uniform
+/// binding of 16 KiB (the least `max_uniform_buffer_binding_size` any wgpu device has).
+pub const MAX_KV_LENS: usize = 4096;
+/// Bytes of the lengths' uniform binding (`kv_lens` in shaders/attention.wgsl).
+const KV_LENS_BYTES: u64 = MAX_KV_LENS as u64 * 4;
 
 /// The mask of an attention call, `[m|1, n]` or `[b|1, 1|hq, m|1, n]` (a dimension of 1 is
 /// broadcast).
@@ -208,7 +223,8 @@ pub struct AttentionOptions {
     pub layout: Layout,
     /// Keys per workgroup when the keys are split across workgroups (rounded up to a multiple
     /// of 16, of 8 for d > 128). `None` chooses: split only for decode shapes (m <= 4,
-    /// n >= 1024), into about 2048 workgroups of at least 256 keys.
+    /// n >= 1024; with `kv_lens`, n is the longest length), into about 2048 workgroups of at
+    /// least 256 keys.
     pub key_split: Option<usize>,
     /// Attend to the first `kv_len` positions of k and v only: a preallocated KV cache filled
     /// that far. The call then has n = `kv_len` keys (causal alignment, mask shapes `[..,
@@ -217,6 +233,23 @@ pub struct AttentionOptions {
     /// and on devices without `SHADER_F16` f16 k and v are widened whole every call.
     /// `None`: all of k's positions.
     pub kv_len: Option<usize>,
+    /// A ragged batch: batch `i` attends to the first `kv_lens[i]` positions of its k and v
+    /// only (flash-attn's `cache_seqlens`: batched decode over a preallocated KV cache, each
+    /// sequence filled to its own length). One length per batch, each in 1..= k's positions;
+    /// not together with `kv_len` (set one or the other). With it, batch i has
+    /// `n_i = kv_lens[i]` keys: causal alignment is per batch (query j of m sees key l iff
+    /// `l <= j + (n_i - m)`), keys at or past `n_i` are hidden, and a query that sees no key
+    /// gives zeros and lse -inf. Masks keep k's positions as their last axis (`[.., n]`).
+    ///
+    /// What it skips and costs: each workgroup reads and scores only its batch's `n_i` keys,
+    /// so the work is that of the filled parts, not b times the longest; the positions past
+    /// `n_i` are never read into a sum. Key splits are sized by the longest length, so
+    /// decode launches the longest length's workgroups for every batch and those wholly past
+    /// a batch's length return at once (a partial with no key, which the merge skips). The
+    /// lengths travel in a 16 KiB uniform buffer (at most [`MAX_KV_LENS`] batches), and k and
+    /// v are bound (and, without `SHADER_F16`, widened from f16) whole, as with `kv_len`.
+    /// `None`: every batch has n keys.
+    pub kv_lens: Option<Vec<usize>>,
 }
 
 impl AttentionOptions {
@@ -225,7 +258,9 @@ impl AttentionOptions {
     /// # Errors
     ///
     /// [`Error::InvalidOption`] if `scale` is given and not finite, `softcap` is not finite
-    /// and >= 0, or `key_split` or `kv_len` is `Some(0)`.
+    /// and >= 0, `key_split` or `kv_len` is `Some(0)`, `kv_lens` is empty or holds a 0, or
+    /// both `kv_len` and `kv_lens` are set. (Their count against the batch and their values
+    /// against k's positions are checked with the shapes.)
     pub fn validate(&self) -> Result<()> {
         if let Some(s) = self.scale {
             if !s.is_finite() {
@@ -245,6 +280,25 @@ impl AttentionOptions {
         }
         if self.kv_len == Some(0) {
             return Err(Error::option("attention kv_len must be at least 1"));
+        }
+        if let Some(lens) = &self.kv_lens {
+            if let Some(n) = self.kv_len {
+                return Err(Error::option(format!(
+                    "attention kv_len ({n}) and kv_lens ({lens:?}) are exclusive: set kv_lens \
+                     alone (a length per batch) or kv_len alone (one for every batch)"
+                )));
+            }
+            if lens.is_empty() {
+                return Err(Error::option(
+                    "attention kv_lens is empty; give one length per batch",
+                ));
+            }
+            if let Some(i) = lens.iter().position(|&l| l == 0) {
+                return Err(Error::option(format!(
+                    "attention kv_lens[{i}] is 0 (kv_lens {lens:?}); every length must be at \
+                     least 1"
+                )));
+            }
         }
         Ok(())
     }
@@ -283,7 +337,7 @@ impl Strides {
 }
 
 /// The geometry of an attention call, checked once for the GPU and the CPU reference.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AttnShape {
     /// Batch.
     pub b: usize,
@@ -295,8 +349,11 @@ pub struct AttnShape {
     pub group: usize,
     /// Queries.
     pub m: usize,
-    /// Keys.
+    /// Positions of k and v the call spans: `kv_len`, else k's positions. The mask's last
+    /// axis; each batch's keys are a prefix of them, [`AttnShape::keys`].
     pub n: usize,
+    /// Keys of each batch (`kv_lens`, each at most n); `None`: n for every batch.
+    pub kv_lens: Option<Vec<usize>>,
     /// Head dimension of q and k.
     pub d: usize,
     /// Head dimension of v and the output.
@@ -329,9 +386,19 @@ impl AttnShape {
             Layout::Bshd => vec![self.b, self.m, self.hq, self.dv],
         }
     }
+    /// Keys of batch `b`: the first `keys(b)` positions of its k and v.
+    pub fn keys(&self, b: usize) -> usize {
+        self.kv_lens.as_ref().map_or(self.n, |l| l[b])
+    }
+    /// Keys of the longest batch.
+    pub fn max_keys(&self) -> usize {
+        self.kv_lens
+            .as_ref()
+            .map_or(self.n, |l| l.iter().copied().max().unwrap_or(0))
+    }
     /// What the mask adds to the score of query i and key j of (batch b, head h), or `None`
-    /// where the key is hidden from the query (causality, a false boolean, an additive -inf).
-    /// `mask` is laid out as the validated mask shape.
+    /// where the key is hidden from the query (past the batch's keys, causality, a false
+    /// boolean, an additive -inf). `mask` is laid out as the validated mask shape.
     pub fn mask_term(
         &self,
         b: usize,
@@ -340,7 +407,9 @@ impl AttnShape {
         j: usize,
         mask: Option<HostMask<'_>>,
     ) -> Option<f64> {
-        if self.causal && j as i64 > i as i64 + self.n as i64 - self.m as i64 {
+        // Bottom-right causal alignment against the batch's own keys.
+        let n = self.keys(b);
+        if j >= n || (self.causal && j as i64 > i as i64 + n as i64 - self.m as i64) {
             return None;
         }
         let e = b * self.mask_batch + h * self.mask_head + i * self.mask_row + j;
@@ -406,6 +475,21 @@ pub fn attention_shape(
             "attention kv_len {n} is more than the {cache} positions k {k:?} holds"
         )));
     }
+    if let Some(lens) = &opts.kv_lens {
+        if lens.len() != b {
+            return Err(Error::shape(format!(
+                "attention kv_lens has {} lengths ({lens:?}) for a batch of {b}; give one per \
+                 batch",
+                lens.len()
+            )));
+        }
+        if let Some(i) = lens.iter().position(|&l| l > cache) {
+            return Err(Error::shape(format!(
+                "attention kv_lens[{i}] = {} is more than the {cache} positions k {k:?} holds",
+                lens[i]
+            )));
+        }
+    }
     if hq % hkv != 0 {
         return Err(Error::shape(format!(
             "attention query heads {hq} must be a multiple of the kv heads {hkv}"
@@ -451,6 +535,7 @@ pub fn attention_shape(
         group: hq / hkv,
         m,
         n,
+        kv_lens: opts.kv_lens.clone(),
         d,
         dv,
         scale,
@@ -623,14 +708,17 @@ impl Attention {
     /// kernel](crate::kernels#errors-common-to-every-kernel):
     /// - [`Error::Dtype`] unless `T` is f32 or f16.
     /// - [`Error::Shape`] if q, k or v is not 4-D; if their batch sizes differ; if k's head
-    ///   dim is not q's, or v's heads and length are not k's; if `kv_len` is more than k's
-    ///   positions; if q's heads are not a multiple of k's; if d or dv passes
+    ///   dim is not q's, or v's heads and length are not k's; if `kv_len`, or a length of
+    ///   `kv_lens`, is more than k's positions; if `kv_lens` does not hold one length per
+    ///   batch; if q's heads are not a multiple of k's; if d or dv passes
     ///   [`MAX_HEAD_DIM`]; if the mask is not `[m|1, n]` or `[b|1, 1|hq, m|1, n]`; or if `out`
     ///   or `lse` does not have the shape the call gives it.
     /// - [`Error::InvalidOption`] for the options, as [`AttentionOptions::validate`].
     /// - [`Error::LimitExceeded`] if q, k, v, `out` (each f32 where f16 is widened), the mask,
     ///   `lse` or the key splits' partial results do not fit one storage binding
-    ///   (`max_storage_buffer_binding_size`) or pass `u32::MAX` elements.
+    ///   (`max_storage_buffer_binding_size`) or pass `u32::MAX` elements; if `kv_lens` has
+    ///   more than [`MAX_KV_LENS`] lengths; or if the device's
+    ///   `max_uniform_buffer_binding_size` is under the 16 KiB of the lengths' binding.
     pub fn plan<T: Element>(
         &self,
         q: &GpuTensor<T>,
@@ -687,6 +775,7 @@ impl Attention {
         if let Some(l) = lse {
             check_binding(ctx, "the attention lse", l.bytes(), 4)?;
         }
+        let lens = kv_lens_uniform(ctx, s.kv_lens.as_deref())?;
 
         let mut plan = Plan::default();
         let qb = storage.input(ctx, &mut plan, q.buffer(), q.len())?;
@@ -696,22 +785,25 @@ impl Attention {
         let dtype = storage.shader_dtype();
         let (dp, dvp) = (bucket(s.d), bucket(s.dv));
         let t = tile_rows(dp) as usize;
+        // The longest batch's keys (n without kv_lens): the grid is sized by it, and each
+        // workgroup stops at its own batch's keys.
+        let n = s.max_keys();
 
         // Key splits: decode shapes (few queries, many keys) or on request.
         let chunk = match self.opts.key_split {
             // Clamped first: a huge request (usize::MAX = never split) must not wrap.
-            Some(c) => c.min(s.n).div_ceil(t) * t,
+            Some(c) => c.min(n).div_ceil(t) * t,
             // About DECODE_WORKGROUPS workgroups in all (tiles of a kv head's packed rows
             // times splits), with at least 256 keys each so that the merge stays small.
-            None if s.m <= 4 && s.n >= 1024 => {
+            None if s.m <= 4 && n >= 1024 => {
                 let tiles = s.b * s.hkv * (s.group * s.m).div_ceil(t);
                 let splits = DECODE_WORKGROUPS.div_ceil(tiles);
-                256usize.max(s.n.div_ceil(splits).div_ceil(t) * t)
+                256usize.max(n.div_ceil(splits).div_ceil(t) * t)
             }
-            None => s.n,
+            None => n,
         };
-        let chunk = chunk.min(s.n.div_ceil(t) * t);
-        let splits = s.n.div_ceil(chunk);
+        let chunk = chunk.min(n.div_ceil(t) * t);
+        let splits = n.div_ceil(chunk);
         let bh = s.b * s.hq;
         // Without key splits and with more query rows than one tile of the few-rows path, the
         // register-blocked kernel (64 rows a workgroup) does the work.
@@ -728,11 +820,12 @@ impl Attention {
         let flags = ((s.causal as u32) * FLAG_CAUSAL)
             | ((mask.is_some() as u32) * FLAG_MASK)
             | ((matches!(mask, Some(AttnMask::Add(_))) as u32) * FLAG_ADDITIVE)
-            | ((lse.is_some() as u32) * FLAG_LSE);
+            | ((lse.is_some() as u32) * FLAG_LSE)
+            | ((s.kv_lens.is_some() as u32) * FLAG_KV_LENS);
         let u = |x: usize| x as u32;
         let params = ctx.uniform(&Params {
             m: u(s.m),
-            n: u(s.n),
+            n: u(n),
             d: u(s.d),
             dv: u(s.dv),
             hq: u(s.hq),
@@ -796,6 +889,7 @@ impl Attention {
             (4, sub_binding(&mask_b, 0, mask_bytes)),
             (5, e(&params)),
             (6, sub_binding(&lse_b, 0, lse_bytes)),
+            (9, e(&lens)),
         ];
         if !blocked {
             // The key splits' partials (the blocked kernel has no splits).
@@ -822,11 +916,55 @@ impl Attention {
             )?);
         }
         storage.finish_output(ctx, &mut plan, ob, out.buffer(), out.len())?;
-        for b in [params, mask_b, lse_b, part_o, part_ml] {
+        for b in [params, mask_b, lse_b, part_o, part_ml, lens] {
             plan.keep(b);
         }
         Ok(plan)
     }
+}
+
+/// The uniform buffer of binding 9 (`kv_lens`): each batch's keys, or, without kv_lens, a
+/// buffer the kernels do not read (FLAG_KV_LENS off), left unwritten.
+///
+/// Why a uniform: the attention entry points already bind 8 storage buffers, wgpu's default
+/// `max_storage_buffers_per_shader_stage`, while uniform bindings are plenty (12 by default).
+/// A uniform array has a fixed size, so the buffer is always [`MAX_KV_LENS`] lengths (16 KiB,
+/// the least `max_uniform_buffer_binding_size` of any wgpu device), and a ragged call of more
+/// batches is refused rather than split: a batch of thousands of sequences can be made into
+/// several calls by the caller as cheaply, and one dispatch keeps the ragged batch one grid.
+fn kv_lens_uniform(ctx: &Context, lens: Option<&[usize]>) -> Result<wgpu::Buffer> {
+    let max = ctx.limits().max_uniform_buffer_binding_size;
+    if max < KV_LENS_BYTES {
+        return Err(Error::LimitExceeded {
+            what: "bytes of attention's kv_lens uniform binding".into(),
+            limit: "max_uniform_buffer_binding_size",
+            needed: KV_LENS_BYTES,
+            max,
+        });
+    }
+    let Some(lens) = lens else {
+        return ctx.checked("allocating attention's kv_lens uniform", || {
+            ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("attention kv_lens (unused)"),
+                size: KV_LENS_BYTES,
+                usage: wgpu::BufferUsages::UNIFORM,
+                mapped_at_creation: false,
+            })
+        });
+    };
+    if lens.len() > MAX_KV_LENS {
+        return Err(Error::LimitExceeded {
+            what: "batches of an attention call with kv_lens".into(),
+            limit: "the kv_lens uniform (16 KiB of lengths)",
+            needed: lens.len() as u64,
+            max: MAX_KV_LENS as u64,
+        });
+    }
+    let mut words = [0u32; MAX_KV_LENS];
+    for (w, &l) in words.iter_mut().zip(lens) {
+        *w = l as u32;
+    }
+    ctx.uniform(&words)
 }
 
 /// `C = A B^T` (`transpose_b`, B `[n, k]`) or `C = A B` (B `[k, n]`) for A `[m, k]`, C `[m, n]`,

@@ -37,7 +37,7 @@ pub fn attention(
     }
     let s = attention_shape(q.1, k.1, v.1, mask.map(|m| m.1), opts)?;
     let AttnShape {
-        b, hq, m, n, d, dv, ..
+        b, hq, m, d, dv, ..
     } = s;
     let scale = s.scale as f64;
     let cap = opts.softcap as f64;
@@ -47,9 +47,10 @@ pub fn attention(
         for h in 0..hq {
             let hk = h / s.group;
             for i in 0..m {
-                // Scores of the keys row i may see.
+                // Scores of the keys row i may see: of its batch's keys (kv_lens), those the
+                // mask and causality leave.
                 let mut scores: Vec<(usize, f64)> = Vec::new();
-                for j in 0..n {
+                for j in 0..s.keys(bi) {
                     let Some(term) = s.mask_term(bi, h, i, j, mask.map(|m| m.0)) else {
                         continue;
                     };
