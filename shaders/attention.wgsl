@@ -44,7 +44,8 @@ const NEG_INF_BITS: u32 = 0xff800000u;
 @group(0) @binding(8) var<storage, read_write> part_ml: array<vec2<f32>>; // [bh, m, splits] (m, l)
 // Each batch's keys (a ragged batch), four to a vec4 (a uniform array's stride is 16 bytes):
 // a uniform, as the attention entry points already bind 8 storage buffers (wgpu's default
-// limit). 16 KiB, the least max_uniform_buffer_binding_size of any device: 4096 batches.
+// limit). 16 KiB, the least max_uniform_buffer_binding_size of wgpu's limit sets: 4096
+// batches.
 @group(0) @binding(9) var<uniform> kv_lens: array<vec4<u32>, 1024>;
 
 const SRC_Q: u32 = 0u;

@@ -86,6 +86,16 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
             mask: Masking::Off,
             half: true,
         },
+        // A ragged batch: NaN past each batch's length must stay out.
+        Case {
+            dims: [3, 4, 2, 2, 45, 64, 64],
+            opts: AttentionOptions {
+                kv_lens: Some(vec![45, 1, 29]),
+                ..causal.clone()
+            },
+            mask: Masking::Keep,
+            half: false,
+        },
     ];
     if !quick {
         cases.extend([
@@ -116,6 +126,15 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
         if c.half {
             for x in vals.iter_mut().flatten() {
                 *x = f16::from_f32(*x).to_f32();
+            }
+        }
+        // Positions past a batch's kv_lens hold NaN (k and v are [b, hkv, n, ..]).
+        for (bb, &len) in c.opts.kv_lens.iter().flatten().enumerate() {
+            for (t, dim) in [(1, dk), (2, dv)] {
+                for h in 0..hkv {
+                    let row = (bb * hkv + h) * n;
+                    vals[t][(row + len) * dim..(row + n) * dim].fill(f32::NAN);
+                }
             }
         }
         let u = random_values(m * n, seed + 9, 0.0, 1.0);
@@ -153,6 +172,11 @@ pub fn verify(ctx: &Context, quick: bool) -> Result<Vec<Check>, Error> {
             false,
         )?;
         let mut case = format!("b{b} h{hq}/{hkv} m{m} n{n} d{dk} dv{dv}");
+        if let Some(lens) = &c.opts.kv_lens {
+            // As `--set` writes them.
+            let lens: Vec<String> = lens.iter().map(|l| l.to_string()).collect();
+            case.push_str(&format!(" kv_lens={}", lens.join(",")));
+        }
         if c.opts.causal {
             case.push_str(" causal");
         }

@@ -99,7 +99,8 @@ const FLAG_MATMUL_NN: u32 = 16;
 const FLAG_KV_LENS: u32 = 32;
 
 /// Most batches of a call with [`AttentionOptions::kv_lens`]: the lengths travel in a uniform
-/// binding of 16 KiB (the least `max_uniform_buffer_binding_size` any wgpu device has).
+/// binding of 16 KiB (the least `max_uniform_buffer_binding_size` of wgpu's limit sets, the
+/// WebGL2 downlevel one).
 pub const MAX_KV_LENS: usize = 4096;
 /// Bytes of the lengths' uniform binding (`kv_lens` in shaders/attention.wgsl).
 const KV_LENS_BYTES: u64 = MAX_KV_LENS as u64 * 4;
@@ -929,7 +930,7 @@ impl Attention {
 /// Why a uniform: the attention entry points already bind 8 storage buffers, wgpu's default
 /// `max_storage_buffers_per_shader_stage`, while uniform bindings are plenty (12 by default).
 /// A uniform array has a fixed size, so the buffer is always [`MAX_KV_LENS`] lengths (16 KiB,
-/// the least `max_uniform_buffer_binding_size` of any wgpu device), and a ragged call of more
+/// the least `max_uniform_buffer_binding_size` of wgpu's limit sets), and a ragged call of more
 /// batches is refused rather than split: a batch of thousands of sequences can be made into
 /// several calls by the caller as cheaply, and one dispatch keeps the ragged batch one grid.
 fn kv_lens_uniform(ctx: &Context, lens: Option<&[usize]>) -> Result<wgpu::Buffer> {
