@@ -927,7 +927,8 @@ fn kv_lens_give_each_batch_its_own_keys() {
             split: Some(16),
             exact: true,
         },
-        // Prefill on the register-blocked kernel, causal with m > n_i for two batches.
+        // Prefill on the register-blocked kernel, m > n_i for two batches: not causal, then
+        // causal with a per-head mask.
         Ragged {
             layout: Layout::Bhsd,
             hq: 2,
