@@ -129,6 +129,23 @@ def attention_rows(dev, quick):
         nbytes = (k.numel() + v.numel()) * k.element_size()
         case = f"torch sdpa decode {name} b{bq} h{hq}/{hkv} m1 n{n} d{d}"
         rows.append({"kernel": "attention", "case": case, "ms": ms, "gbps": nbytes / ms / 1e6})
+    # The ragged batch of `seqk bench attention` (kv_lens: 8 sequences in a cache of 4096
+    # filled to 512 .. 4096; quick, 4 in a cache of 1024 filled to 640 .. 32) as SDPA takes it:
+    # a key-padding mask over the whole cache. GB/s of the filled keys' K and V, as seqk counts.
+    n = 1024 if quick else 4096
+    lens = [640, 256, 96, 32] if quick else [512 * i for i in range(1, 9)]
+    bq = len(lens)
+    q = torch.empty(bq, hq, 1, d, device=dev, dtype=torch.float16).uniform_(-1, 1)
+    k, v = (torch.empty(bq, hkv, n, d, device=dev, dtype=torch.float16).uniform_(-1, 1) for _ in range(2))
+    keep = torch.arange(n, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]
+    keep = keep[:, None, None, :]
+    try:
+        ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True))
+        nbytes = 2 * sum(lens) * hkv * d * k.element_size()
+        case = f"torch sdpa decode f16 ragged b{bq} h{hq}/{hkv} m1 n{min(lens)}..{max(lens)} d{d} (key-padding mask)"
+        rows.append({"kernel": "attention", "case": case, "ms": ms, "gbps": nbytes / ms / 1e6})
+    except TypeError:
+        pass  # no enable_gqa: said above
     return rows
 
 

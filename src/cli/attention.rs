@@ -243,7 +243,8 @@ fn run_gpu(
 /// (one head's `Q K^T` as an `[n, d] x [d, n]` product); b h n = 65536 in every case, so
 /// FLOPs grow with n.
 /// Then decode (m = 1, many keys, split-key path) as GB/s of reading K and V once, next to the
-/// copy kernel: the target is a copy ratio of at least 1 / 1.5.
+/// copy kernel: the target is a copy ratio of at least 1 / 1.5; and decode of a ragged batch
+/// (`kv_lens`), as GB/s of its sequences' filled keys.
 /// `quick` (software devices, 0.2-1 GFLOP/s) takes b = 1, h = 2, n in {256, 512} and 1024
 /// decode keys, one call per timed submit.
 pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<BenchRow>, Error> {
@@ -268,8 +269,17 @@ pub fn bench(ctx: &Context, quick: bool, baseline: &Baseline) -> Result<Vec<Benc
         }
     }
     let n = if quick { 1024 } else { 32768 };
-    rows.push(decode::<f16>(ctx, baseline, n, "f16", quick)?);
-    rows.push(decode::<f32>(ctx, baseline, n, "f32", quick)?);
+    rows.push(decode::<f16>(ctx, baseline, n, None, "f16", quick)?);
+    rows.push(decode::<f32>(ctx, baseline, n, None, "f32", quick)?);
+    // A ragged batch: 8 sequences in a cache of 4096 positions filled to 512, 1024, .., 4096
+    // (18432 keys; the cache's k, widened to f32 where f16 is not native, is 128 MiB, a common
+    // storage binding limit); quick, 4 in a cache of 1024 filled to 1024 keys in all.
+    let (n, lens): (usize, Vec<usize>) = if quick {
+        (1024, vec![640, 256, 96, 32])
+    } else {
+        (4096, (1..=8).map(|i| 512 * i).collect())
+    };
+    rows.push(decode::<f16>(ctx, baseline, n, Some(lens), "f16", quick)?);
     Ok(rows)
 }
 
@@ -333,33 +343,42 @@ fn prefill(
     Ok(rows)
 }
 
-/// Decode: one query per head (b = 1, hq = 32, hkv = 8, d = 128) over `n` keys, keys split
-/// across workgroups (the default for m <= 4, n >= 1024). Bytes are K and V read once, so the
-/// copy ratio is (time to read K and V at copy bandwidth) / (decode time). Values are zeros:
+/// Decode: one query per head (hq = 32, hkv = 8, d = 128) over a cache of `n` positions, keys
+/// split across workgroups (the default for m <= 4, n >= 1024): b = 1 over all n, or a ragged
+/// batch with `kv_lens` (one sequence per length). Bytes are the keys' K and V read once, so the
+/// copy ratio is (time to read them at copy bandwidth) / (decode time). Values are zeros:
 /// nothing in the kernel's time depends on them.
 fn decode<T: Element>(
     ctx: &Context,
     baseline: &Baseline,
     n: usize,
+    kv_lens: Option<Vec<usize>>,
     name: &str,
     quick: bool,
 ) -> Result<BenchRow, Error> {
-    let (b, hq, hkv, d) = (1, 32, 8, 128);
+    let (hq, hkv, d) = (32, 8, 128);
+    let b = kv_lens.as_ref().map_or(1, Vec::len);
+    let keys: usize = kv_lens.as_ref().map_or(n, |l| l.iter().sum());
+    let case = match &kv_lens {
+        None => format!("decode {name} b{b} h{hq}/{hkv} m1 n{n} d{d}"),
+        Some(l) => {
+            let (lo, hi) = (l.iter().min().unwrap_or(&0), l.iter().max().unwrap_or(&0));
+            format!("decode {name} ragged b{b} h{hq}/{hkv} m1 n{lo}..{hi} d{d}")
+        }
+    };
     let q = ctx.zeros::<T>([b, hq, 1, d])?;
     let k = ctx.zeros::<T>([b, hkv, n, d])?;
     let v = ctx.zeros::<T>([b, hkv, n, d])?;
     let o = ctx.zeros::<T>([b, hq, 1, d])?;
-    let plan =
-        Attention::new(ctx, &AttentionOptions::default())?.plan(&q, &k, &v, None, &o, None)?;
-    let bytes = k.bytes() + v.bytes();
+    let opts = AttentionOptions {
+        kv_lens,
+        ..Default::default()
+    };
+    let plan = Attention::new(ctx, &opts)?.plan(&q, &k, &v, None, &o, None)?;
+    let bytes = (2 * keys * hkv * d * std::mem::size_of::<T>()) as u64;
     let calls = quick_calls(quick, iterations(bytes));
     let timing = time_passes(ctx, WARMUP, SAMPLES, calls, |pass| plan.record(pass))?;
-    Ok(baseline.memory(
-        "attention",
-        format!("decode {name} b{b} h{hq}/{hkv} m1 n{n} d{d}"),
-        timing,
-        bytes as f64,
-    ))
+    Ok(baseline.memory("attention", case, timing, bytes as f64))
 }
 
 /// Calls per timed submit: about a GFLOP, at most 16 (one with `quick`).
