@@ -1525,6 +1525,43 @@ fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
     }
 }
 
+/// Top-p's masses are workgroup sums over every lane: here all the probability sits on the
+/// tokens of the workgroup's last lanes (v % 256 >= 248, the last subgroup wherever subgroups
+/// have 8 lanes or more; V = 4096 takes 256 lanes), with distinct logits -0.05 j, so p = 0.5
+/// keeps their top 14 of 128. Every draw must lie in the kept set and equal the reference.
+#[test]
+fn top_p_mass_held_by_the_last_lanes() {
+    let Some(ctx) = gpu() else { return };
+    let (b, v) = (64usize, 4096usize);
+    let mut row = vec![-30.0f32; v];
+    let hot: Vec<usize> = (0..v).filter(|t| t % 256 >= 248).collect();
+    for (j, &t) in hot.iter().enumerate() {
+        row[t] = -0.05 * j as f32;
+    }
+    let logits: Vec<f32> = (0..b).flat_map(|_| row.iter().copied()).collect();
+    let o = SampleOptions {
+        top_p: 0.5,
+        seed: 21,
+        ..Default::default()
+    };
+    let kept = reference::kept_tokens(&row, &o);
+    assert_eq!(kept.iter().filter(|&&k| k).count(), 14);
+    let got = ctx
+        .sample_logits(&ctx.upload(&logits, [b, v]).unwrap(), &o)
+        .unwrap()
+        .download()
+        .unwrap();
+    let want = reference::sample_logits(&logits, &[b, v], &o).unwrap();
+    for r in 0..b {
+        assert!(
+            kept[got[r] as usize],
+            "row {r}: token {} is not kept",
+            got[r]
+        );
+    }
+    assert_eq!(got, want);
+}
+
 /// Top-p keeps the smallest set reaching p (as Hugging Face's samplers;
 /// within the 2^-14 of `SampleOptions::top_p_goal`): of logits tied at its threshold,
 /// only as many as the goal needs, lowest indices first; top-k keeps every tie of its k-th
