@@ -454,6 +454,8 @@ mod tests {
             (70000, 65535),
             (10, 3),
             (27, 3),
+            (7, 3),
+            (65535 * 2 + 1, 65535),
         ] {
             let [x, y, z] = fold(n, max).unwrap();
             let cap = x as u64 * y as u64 * z as u64;
@@ -465,6 +467,10 @@ mod tests {
             );
             if z == 1 {
                 assert!(cap - n < x as u64, "{n} {max}: {x} {y} {z}");
+            }
+            // z only once x and y are full: up to max^2 workgroups fit in x and y.
+            if n <= max as u64 * max as u64 {
+                assert_eq!(z, 1, "{n} {max}: {x} {y} {z}");
             }
         }
         assert!(matches!(fold(28, 3), Err(Error::LimitExceeded { .. })));

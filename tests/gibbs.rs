@@ -172,6 +172,31 @@ fn philox_known_answers_on_the_cpu() {
     }
 }
 
+/// The reference's uniform and Gumbel draw from a 32-bit word, as the spec writes them:
+/// U = ((r >> 8) + 0.5) 2^-24 (the low 8 bits unused), g = -log(-log U), so g spans
+/// [-2.8524, 17.3287] (the spec's [-2.9, 17.4]).
+#[test]
+fn uniform_and_gumbel_of_a_word_follow_the_spec() {
+    let two24 = (1u64 << 24) as f64;
+    for (r, m) in [
+        (0u32, 0u32),
+        (0xff, 0),
+        (0x100, 1),
+        (0x8000_0000, 1 << 23),
+        (u32::MAX, 0xff_ffff),
+    ] {
+        let u = (m as f64 + 0.5) / two24;
+        assert_eq!(reference::uniform(r), u, "r = {r:#x}");
+        let g = -(-u.ln()).ln();
+        assert!(
+            (reference::gumbel(r) - g).abs() <= 1e-15 * g.abs().max(1.0),
+            "r = {r:#x}"
+        );
+    }
+    assert!((reference::gumbel(0) + 2.852_36).abs() < 1e-5);
+    assert!((reference::gumbel(u32::MAX) - 17.328_68).abs() < 1e-5);
+}
+
 #[test]
 fn philox_known_answers_on_the_gpu() {
     let Some(ctx) = gpu() else { return };
@@ -1500,6 +1525,43 @@ fn signed_zeros_tie_at_the_top_k_and_top_p_threshold() {
     }
 }
 
+/// Top-p's masses are workgroup sums over every lane: here all the probability sits on the
+/// tokens of the workgroup's last lanes (v % 256 >= 248, the last subgroup wherever subgroups
+/// have 8 lanes or more; V = 4096 takes 256 lanes), with distinct logits -0.05 j, so p = 0.5
+/// keeps their top 14 of 128. Every draw must lie in the kept set and equal the reference.
+#[test]
+fn top_p_mass_held_by_the_last_lanes() {
+    let Some(ctx) = gpu() else { return };
+    let (b, v) = (64usize, 4096usize);
+    let mut row = vec![-30.0f32; v];
+    let hot: Vec<usize> = (0..v).filter(|t| t % 256 >= 248).collect();
+    for (j, &t) in hot.iter().enumerate() {
+        row[t] = -0.05 * j as f32;
+    }
+    let logits: Vec<f32> = (0..b).flat_map(|_| row.iter().copied()).collect();
+    let o = SampleOptions {
+        top_p: 0.5,
+        seed: 21,
+        ..Default::default()
+    };
+    let kept = reference::kept_tokens(&row, &o);
+    assert_eq!(kept.iter().filter(|&&k| k).count(), 14);
+    let got = ctx
+        .sample_logits(&ctx.upload(&logits, [b, v]).unwrap(), &o)
+        .unwrap()
+        .download()
+        .unwrap();
+    let want = reference::sample_logits(&logits, &[b, v], &o).unwrap();
+    for r in 0..b {
+        assert!(
+            kept[got[r] as usize],
+            "row {r}: token {} is not kept",
+            got[r]
+        );
+    }
+    assert_eq!(got, want);
+}
+
 /// Top-p keeps the smallest set reaching p (as Hugging Face's samplers;
 /// within the 2^-14 of `SampleOptions::top_p_goal`): of logits tied at its threshold,
 /// only as many as the goal needs, lowest indices first; top-k keeps every tie of its k-th
@@ -1697,6 +1759,65 @@ fn mh_step_follows_the_reference_and_accepts_at_the_right_rate() {
         (rate - (-1.0f64).exp()).abs() < 0.024,
         "acceptance rate {rate}"
     );
+}
+
+/// The MH step's uniform: accepting iff log U < delta with U = ((r >> 8) + 0.5) 2^-24 from
+/// Philox word 0 of counter (0, 0xffffffff, chain, step), resolved to 1e-4 of log U. Each chain's
+/// delta sits 1e-4 of |log U| above (even chains: accepted) or below (odd: refused) its own
+/// log U, over 8192 chains: both branches of the device's -log U (U below 1/2, and 1 - U with
+/// its series near 1), and a chain of seed 15 whose r >> 8 is 4, where the half step in U
+/// moves log U by 10%. The other MH tests' random deltas rarely come this close.
+#[test]
+fn mh_step_resolves_log_u_at_every_scale() {
+    let Some(ctx) = gpu() else { return };
+    let (b, l) = (8192usize, 1usize);
+    let o = MhOptions {
+        seed: 15,
+        step: 0,
+        ..Default::default()
+    };
+    let key = reference::seed_key(o.seed);
+    let r: Vec<u32> = (0..b as u32)
+        .map(|c| reference::philox4x32_10([0, u32::MAX, c, o.step], key)[0])
+        .collect();
+    // The extremes this seed reaches: U of 4.5 * 2^-24, and 1 - U of 7367.5 * 2^-24.
+    assert_eq!(r.iter().map(|&r| r >> 8).min(), Some(4));
+    assert_eq!(r.iter().map(|&r| r >> 8).max(), Some(0xff_ffff - 7367));
+    let target: Vec<f32> = (0..b)
+        .map(|c| {
+            let log_u = reference::uniform(r[c]).ln();
+            (log_u * if c % 2 == 0 { 1.0 - 1e-4 } else { 1.0 + 1e-4 }) as f32
+        })
+        .collect();
+    // delta = (score_y - score_x) / T + log q(x <- y) - log q(y <- x) = target exactly.
+    let zeros = vec![0.0f32; b];
+    let x = vec![0u32; b * l];
+    let y = vec![1u32; b * l];
+    let acc = ctx.zeros::<u32>([b]).unwrap();
+    let tensors = MhTensors {
+        x: &ctx.upload(&x, [b, l]).unwrap(),
+        y: &ctx.upload(&y, [b, l]).unwrap(),
+        score_x: &ctx.upload(&zeros, [b]).unwrap(),
+        score_y: &ctx.upload(&zeros, [b]).unwrap(),
+        log_q_fwd: &ctx.upload(&zeros, [b]).unwrap(),
+        log_q_back: &ctx.upload(&target, [b]).unwrap(),
+        accepted: &acc,
+    };
+    ctx.mh_step(&tensors, 2, &o).unwrap();
+    let got: Vec<bool> = acc.download().unwrap().iter().map(|&a| a == 1).collect();
+    let (mut hx, mut hsx) = (x.clone(), zeros.clone());
+    let want =
+        reference::mh_step(&mut hx, &y, &[b, l], &mut hsx, &zeros, &zeros, &target, &o).unwrap();
+    for c in 0..b {
+        assert_eq!(want[c], c % 2 == 0, "reference, chain {c}");
+        assert_eq!(
+            got[c],
+            want[c],
+            "chain {c}: log U = {}, delta = {}",
+            reference::uniform(r[c]).ln(),
+            target[c]
+        );
+    }
 }
 
 /// At T = 0 the MH step accepts iff score(y) >= score(x), ties included; the proposal terms

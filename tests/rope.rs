@@ -156,6 +156,69 @@ fn theta_check_values() {
     assert!((t[1] - want).abs() < 1e-15, "{} {want}", t[1]);
 }
 
+/// YaRN's frequencies from the spec's formulas, written out here, where the check values do
+/// not reach: lo clamped at 0 (L < 2 pi beta_fast), hi clamped at r - 1 (a small base), and
+/// lo == hi (hi moved by 0.001, so theta_0 stays and every other frequency is divided by s).
+/// And dynamic scaling below its original length is no scaling: l = max(current length, L).
+#[test]
+fn yarn_and_dynamic_frequencies_at_the_ends_of_their_ranges() {
+    use std::f64::consts::PI;
+    let s = 4.0f64;
+    for (r, base, big_l, range) in [
+        (128usize, 1e4f64, 2048usize, (16.0, 41.0)),
+        (128, 1e4, 100, (0.0, 20.0)),
+        (64, 10.0, 1000, (22.0, 63.0)),
+        (16, 1e4, 4, (0.0, 0.001)),
+    ] {
+        let rf = r as f64;
+        let corr = |x: f64| rf * (big_l as f64 / (2.0 * PI * x)).ln() / (2.0 * base.ln());
+        let lo = corr(32.0).floor().max(0.0);
+        let mut hi = corr(1.0).ceil().min(rf - 1.0);
+        if lo == hi {
+            hi += 0.001;
+        }
+        assert_eq!(
+            (lo, hi),
+            range,
+            "r {r} base {base} L {big_l}: the case's range"
+        );
+        assert_eq!(yarn_range(r, base, big_l, 32.0, 1.0, true), range);
+        let opts = RopeOptions {
+            base,
+            scaling: RopeScaling::named("yarn", Some(s), Some(big_l)).unwrap(),
+            ..Default::default()
+        };
+        let (got, mscale) = opts.frequencies(r, 1).unwrap();
+        assert_eq!(mscale, 0.1 * s.ln() + 1.0);
+        for (i, g) in got.iter().enumerate() {
+            let theta = base.powf(-2.0 * i as f64 / rf);
+            let ramp = ((i as f64 - lo) / (hi - lo)).clamp(0.0, 1.0);
+            let want = theta * (1.0 - ramp) + theta / s * ramp;
+            // The same formula up to the rounding of a few operations.
+            assert!(
+                (g - want).abs() <= 1e-14 * theta,
+                "r {r} base {base} L {big_l}: theta'_{i} = {g}, expected {want}"
+            );
+        }
+    }
+    let plain = RopeOptions::default().frequencies(64, 1).unwrap();
+    let dynamic = RopeOptions {
+        scaling: RopeScaling::Dynamic {
+            factor: 4.0,
+            original_max: 2048,
+            current_len: None,
+        },
+        ..Default::default()
+    };
+    for current in [1, 100, 2048] {
+        assert_eq!(
+            dynamic.frequencies(64, current).unwrap(),
+            plain,
+            "length {current}"
+        );
+    }
+}
+
 const X4: [f64; 4] = [1.0, 2.0, 3.0, 4.0];
 const VECTORS: [(u64, RopeStyle, [f64; 4]); 4] = [
     (
@@ -720,6 +783,8 @@ fn check_16bit<T: Element>(
         (80, Some(40), RopeStyle::Interleaved, true),
         (20, Some(8), RopeStyle::Half, true),
         (2, None, RopeStyle::Interleaved, false),
+        // Word pairs and the pass-through words after them, out of place.
+        (20, Some(8), RopeStyle::Half, false),
     ];
     for (i, (d, rotary_dim, style, in_place)) in cases.into_iter().enumerate() {
         let (b, s, h) = (2, 11, 3);

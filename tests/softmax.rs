@@ -725,3 +725,89 @@ fn row_past_the_binding_limit_reports_the_device_limit() {
     let sum: f32 = y.download().unwrap().iter().sum();
     assert!((sum - 1.0).abs() <= 1e-5, "{sum}");
 }
+
+/// softmax_plus on causal rows without a mask takes each long row's valid count from its
+/// causal band, so from its query index; in a binding chunk that starts inside an [m, n]
+/// matrix (rows 13.. of 5-row matrices here) that index counts from the chunk's first row.
+#[test]
+fn causal_softmax_plus_long_rows_split_across_bindings() {
+    let Some(_) = gpu() else { return };
+    // 80000-byte rows in 1 MiB bindings: 13 rows a chunk, the second starting at query 3.
+    let ctx = &small_bindings(1 << 20);
+    let opts = SoftmaxOptions {
+        causal: true,
+        softmax_plus: true,
+        ..Default::default()
+    };
+    check(ctx, &[3, 5, 20000], None, &opts, 24);
+}
+
+/// On a device that allows 4 workgroups a grid dimension every path's grid is folded into y
+/// and z, and the shaders recover the linear workgroup index from all three (on real devices
+/// z is used only past 65535^2 workgroups). Thread rows: 37 workgroups; workgroup rows: 50;
+/// long rows: 36 tiles; the f16 widening and narrowing where f16 is packed: 18.
+#[test]
+fn grids_folded_into_z_on_a_device_of_four_workgroups_a_dimension() {
+    let Some(_) = gpu() else { return };
+    let ctx = &common::limited_device(|l| l.max_compute_workgroups_per_dimension = 4);
+    let log = SoftmaxOptions {
+        log: true,
+        ..Default::default()
+    };
+    let plus = SoftmaxOptions {
+        softmax_plus: true,
+        ..Default::default()
+    };
+    for (shape, masked, opts) in [
+        (vec![37 * 64 - 5, 3], false, SoftmaxOptions::default()),
+        (vec![50, 40], true, log),
+        (vec![2, 70001], true, plus),
+    ] {
+        let len: usize = shape.iter().product();
+        let mask = random_mask(len, 25, 0.8);
+        check(ctx, &shape, masked.then_some(&mask[..]), &opts, 26);
+    }
+    check_f16(ctx, &[1, 9000], &SoftmaxOptions::default(), 27);
+    // Past 4^3 workgroups a dispatch cannot be folded: refused, naming the limit.
+    let x = ctx.upload(&vec![0.0f32; 65 * 64], [65 * 64, 1]).unwrap();
+    match ctx.softmax(&x, &SoftmaxOptions::default()) {
+        Err(Error::LimitExceeded { limit, .. }) => {
+            assert!(
+                limit.contains("max_compute_workgroups_per_dimension"),
+                "{limit}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Each row's maximum comes from its own logits only: rows alternately near 0 and near 1000
+/// (rows of 3 and 5 take one invocation each, 40 a workgroup each), where a neighbour's
+/// logit in the maximum would underflow every exp of the row to 0 / 0.
+#[test]
+fn rows_far_apart_in_scale_keep_their_own_maximum() {
+    let Some(ctx) = gpu() else { return };
+    let rows = 7;
+    for n in [3usize, 5, 40] {
+        let noise = random(rows * n, n as u64, -1.0, 1.0);
+        let x: Vec<f32> = (0..rows * n)
+            .map(|e| ((e / n) % 2) as f32 * 1000.0 + noise[e])
+            .collect();
+        for opts in [
+            SoftmaxOptions::default(),
+            SoftmaxOptions {
+                log: true,
+                ..Default::default()
+            },
+        ] {
+            let got = run(ctx, &x, &[rows, n], None, &opts);
+            let want = reference::softmax(&x, &[rows, n], None, &opts).unwrap();
+            // Softmax: 1e-6 of the row scale; log-softmax: 1e-6 of the largest logit, 1000.
+            let err = row_error(&got, &want, n);
+            assert!(
+                err <= 1e-6,
+                "n {n} {opts:?}: relative error {err:e}, {got:?}"
+            );
+        }
+    }
+}
