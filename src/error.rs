@@ -54,14 +54,18 @@ pub enum Error {
     Device(String),
 }
 
-/// The one limit no smaller input avoids: a pipeline's storage buffers are fixed by the
+/// A limit no smaller input avoids: a pipeline's storage buffers are fixed by the
 /// kernel, so only a device made with more of them can run it.
 pub const STORAGE_BUFFERS_PER_STAGE: &str = "max_storage_buffers_per_shader_stage";
+
+/// A limit a kernel's fixed-size uniform binding needs whatever its input (a uniform array
+/// has a size fixed in the shader), so smaller calls cannot avoid it either.
+pub const UNIFORM_BINDING_SIZE: &str = "max_uniform_buffer_binding_size";
 
 /// What to do about an exceeded limit.
 fn limit_advice(limit: &str) -> String {
     match limit {
-        STORAGE_BUFFERS_PER_STAGE => {
+        STORAGE_BUFFERS_PER_STAGE | UNIFORM_BINDING_SIZE => {
             format!("create the device with a larger {limit} (up to what the adapter allows)")
         }
         _ if limit.starts_with("max_") => format!(

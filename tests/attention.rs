@@ -1229,7 +1229,7 @@ fn kv_lens_bad_input_is_an_error() {
     // The mask keeps k's positions as its last axis, not the longest length.
     assert!(attention_shape(&q, &kv, &kv, Some(&[1, 6]), &opts(&[1, 5, 3])).is_ok());
     let e = err(&opts(&[1, 5, 3]), Some(&[1, 5]));
-    assert!(matches!(e, Error::Shape(_)));
+    assert!(matches!(e, Error::Shape(_)) && has(e, "with kv_lens, n is k's positions"));
     // The reference refuses the same way.
     let z = vec![0.0f32; 3 * 6 * 8];
     let r = reference::attention(
@@ -1261,7 +1261,8 @@ fn kv_lens_bad_input_is_an_error() {
         r.err()
     );
     // A device whose uniform bindings cannot hold the lengths' 16 KiB: a limit error, for
-    // every attention call (the kernels declare the binding).
+    // every attention call (the kernels declare the binding), whose advice is a larger limit
+    // (smaller calls bind the same 16 KiB).
     let small = common::limited_device(|l| l.max_uniform_buffer_binding_size = 4096);
     let t = small.zeros::<f32>([1, 1, 2, 8]).unwrap();
     let r = small.attention(&t, &t, &t, None, &AttentionOptions::default());
@@ -1275,6 +1276,11 @@ fn kv_lens_bad_input_is_an_error() {
         ),
         "{:?}",
         r.err()
+    );
+    let msg = r.unwrap_err().to_string();
+    assert!(
+        !msg.contains("split") && msg.contains("create the device with a larger"),
+        "{msg}"
     );
 }
 

@@ -241,14 +241,19 @@ pub struct AttentionOptions {
     /// `n_i = kv_lens[i]` keys: causal alignment is per batch (query j of m sees key l iff
     /// `l <= j + (n_i - m)`), keys at or past `n_i` are hidden, and a query that sees no key
     /// gives zeros and lse -inf. Masks keep k's positions as their last axis (`[.., n]`).
+    /// m is the same for every batch: in a chunked prefill where a sequence brings fewer new
+    /// tokens than m, put them in its last rows (bottom-right alignment) and ignore the
+    /// outputs of the rows before them.
     ///
     /// What it skips and costs: each workgroup reads and scores only its batch's `n_i` keys,
-    /// so the work is that of the filled parts, not b times the longest; the positions past
-    /// `n_i` are never read into a sum. Key splits are sized by the longest length, so
-    /// decode launches the longest length's workgroups for every batch and those wholly past
-    /// a batch's length return at once (a partial with no key, which the merge skips). The
-    /// lengths travel in a 16 KiB uniform buffer (at most [`MAX_KV_LENS`] batches), and k and
-    /// v are bound (and, without `SHADER_F16`, widened from f16) whole, as with `kv_len`.
+    /// so the scoring work is that of the filled parts, not b times the longest; the
+    /// positions past `n_i` are never read into a sum. Key splits are sized by the longest
+    /// length, so decode launches the longest length's workgroups for every batch: those
+    /// wholly past a batch's length score nothing but still load their query tile and write
+    /// an empty partial, and the merge reads every split's partial. The lengths are fixed when
+    /// the plan is made (like `kv_len`), so a decode loop whose lengths grow makes a plan per
+    /// step. They travel in a 16 KiB uniform buffer (at most [`MAX_KV_LENS`] batches), and k
+    /// and v are bound (and, without `SHADER_F16`, widened from f16) whole, as with `kv_len`.
     /// `None`: every batch has n keys.
     pub kv_lens: Option<Vec<usize>>,
 }
@@ -505,9 +510,14 @@ pub fn attention_shape(
         None => (0, 0, 0),
         Some(ms) => {
             let bad = || {
+                let keys = if opts.kv_lens.is_some() {
+                    " (with kv_lens, n is k's positions, not a batch's length)"
+                } else {
+                    ""
+                };
                 Error::shape(format!(
                     "attention mask shape {ms:?} must be [m|1, n] = [{m}|1, {n}] or \
-                     [b|1, 1|hq, m|1, n] with b = {b}, hq = {hq}"
+                     [b|1, 1|hq, m|1, n] with b = {b}, hq = {hq}{keys}"
                 ))
             };
             // A dimension of 1 is the same for every batch, head or query (stride 0).
@@ -938,7 +948,7 @@ fn kv_lens_uniform(ctx: &Context, lens: Option<&[usize]>) -> Result<wgpu::Buffer
     if max < KV_LENS_BYTES {
         return Err(Error::LimitExceeded {
             what: "bytes of attention's kv_lens uniform binding".into(),
-            limit: "max_uniform_buffer_binding_size",
+            limit: crate::error::UNIFORM_BINDING_SIZE,
             needed: KV_LENS_BYTES,
             max,
         });
