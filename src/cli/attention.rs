@@ -375,7 +375,7 @@ fn decode<T: Element>(
         ..Default::default()
     };
     let plan = Attention::new(ctx, &opts)?.plan(&q, &k, &v, None, &o, None)?;
-    let bytes = (2 * keys * hkv * d * std::mem::size_of::<T>()) as u64;
+    let bytes = (2 * keys * hkv * d * T::DTYPE.size()) as u64;
     let calls = quick_calls(quick, iterations(bytes));
     let timing = time_passes(ctx, WARMUP, SAMPLES, calls, |pass| plan.record(pass))?;
     Ok(baseline.memory("attention", case, timing, bytes as f64))

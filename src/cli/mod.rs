@@ -92,8 +92,8 @@ kv_len [n] (keys are the first kv_len positions of k and v), kv_lens [off] (a ra
 batch, one length per batch, comma-separated: kv_lens=3,7,5 gives batch i the first \
 kv_lens[i] positions; not with kv_len; the mask stays [.., n]), layout [bhsd]. causal is \
 bottom-right: query i sees key j iff j <= i + n - m, with n batch i's length under kv_lens \
-(torch's is_causal is top-left; compare with causal_lower_right(m, n)). Out [b, hq, m, dv] (bshd: [b, m, hq, dv]); --out2 lse=FILE \
-gives the log-sum-exp [b, hq, m].
+(torch's is_causal is top-left; compare with causal_lower_right(m, n)). Out [b, hq, m, dv] \
+(bshd: [b, m, hq, dv]); --out2 lse=FILE gives the log-sum-exp [b, hq, m].
 
 flash: qq, kq, ql, kl [b, n, s], v [b, n, e]; optional gate [b, n, e], bias [C, C] (used \
 as float32 whatever its dtype), key_mask [b, n]. chunk [256], causal [false], attn_fn [relu2] \
